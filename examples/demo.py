@@ -1,0 +1,1 @@
+"""Demo placeholder until the zoo lands: build a tiny model and inspect it."""

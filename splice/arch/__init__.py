@@ -1,0 +1,302 @@
+"""Architecture specs as data: one JSON per ``model_type`` names every tensor of a model.
+
+A spec knows the embedding, final norm and head (tied or not), the per-layer template
+``model.layers.{i}.<kind>`` with its kinds grouped as attention / mlp / norms (/ router), the
+expert template for MoE (``block_sparse_moe.experts.{e}.<kind>``) and the config keys that change
+when the layer or expert count changes. Surgery and data-flow merges only ever need
+``spec.parse(name)`` and ``spec.rename(name, layer=j)``.
+
+Unknown model types fall back to :meth:`ArchSpec.infer`, which finds the ``…layers.{i}.…``
+pattern in the tensor names and warns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from splice.errors import SpliceError
+
+SPEC_DIR = Path(__file__).parent
+GLOBAL_GROUPS = ("embed", "final_norm", "head")
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """What a tensor name means: its group, layer, expert and layer-relative kind.
+
+    ``kind`` is the name with the layer (and expert) prefix removed, e.g. ``self_attn.q_proj.weight``
+    or ``w1.weight`` for an expert tensor; for global tensors it is the full name.
+    """
+
+    group: str  # embed | head | final_norm | attention | mlp | norms | router | experts | other
+    kind: str
+    layer: int | None = None
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """MoE experts inside a layer: ``prefix`` holds ``{e}``; ``tensors`` are per-expert kinds."""
+
+    prefix: str
+    tensors: tuple[str, ...]
+    dense_equivalent: dict[str, str] = field(default_factory=dict)
+    dense_model_type: str | None = None
+
+
+def _template_regex(template: str, placeholder: str) -> re.Pattern[str]:
+    before, after = template.split(placeholder)
+    return re.compile(f"^{re.escape(before)}(\\d+){re.escape(after)}(.*)$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Names and config keys of one architecture (see the module docstring)."""
+
+    model_type: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    layer_prefix: str
+    layer_tensors: dict[str, tuple[str, ...]]
+    architectures: tuple[str, ...] = ()
+    optional_layer_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    experts: ExpertSpec | None = None
+    residual_writers: tuple[str, ...] = ()
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    tied_default: bool = False
+    embed_scale: str | None = None
+    norm: dict[str, Any] = field(default_factory=lambda: {"kind": "rms", "offset": 0.0})
+    config_keys: dict[str, Any] = field(default_factory=dict)
+    inferred: bool = False
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], inferred: bool = False) -> ArchSpec:
+        experts = d.get("experts")
+        return cls(
+            model_type=d["model_type"],
+            architectures=tuple(d.get("architectures", ())),
+            embed=d["embed"],
+            final_norm=d["final_norm"],
+            lm_head=d["lm_head"],
+            layer_prefix=d["layer_prefix"],
+            layer_tensors={k: tuple(v) for k, v in d["layer_tensors"].items()},
+            optional_layer_tensors={
+                k: tuple(v) for k, v in d.get("optional_layer_tensors", {}).items()
+            },
+            experts=ExpertSpec(
+                prefix=experts["prefix"],
+                tensors=tuple(experts["tensors"]),
+                dense_equivalent=dict(experts.get("dense_equivalent", {})),
+                dense_model_type=experts.get("dense_model_type"),
+            )
+            if experts
+            else None,
+            residual_writers=tuple(d.get("residual_writers", ())),
+            fused={k: tuple(v) for k, v in d.get("fused", {}).items()},
+            tied_default=bool(d.get("tied_default", False)),
+            embed_scale=d.get("embed_scale"),
+            norm=dict(d.get("norm", {"kind": "rms", "offset": 0.0})),
+            config_keys=dict(d.get("config_keys", {})),
+            inferred=inferred,
+        )
+
+    @staticmethod
+    def known() -> list[str]:
+        """Model types with a spec file."""
+        return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
+
+    @staticmethod
+    def load(model_type: str) -> ArchSpec:
+        """The spec for a known ``model_type`` (``SpliceError`` if there is none)."""
+        return _load_spec(model_type)
+
+    @staticmethod
+    def for_model(config: dict[str, Any], names: Iterable[str] = ()) -> ArchSpec:
+        """Spec for a model's config; unknown types are inferred from ``names`` with a warning."""
+        model_type = config.get("model_type")
+        if model_type in ArchSpec.known():
+            return _load_spec(model_type)
+        spec = ArchSpec.infer(str(model_type), list(names))
+        warnings.warn(
+            f"no spec for model_type {model_type!r}; inferred layers "
+            f"{spec.layer_prefix!r} from tensor names (known: {', '.join(ArchSpec.known())})",
+            stacklevel=2,
+        )
+        return spec
+
+    @staticmethod
+    def infer(model_type: str, names: list[str]) -> ArchSpec:
+        """Guess a spec from tensor names: the most common ``<prefix>.<digits>.`` is the layer."""
+        pattern = re.compile(r"^(.*?\b(?:layers|layer|h|blocks|block))\.(\d+)\.(.+)$")
+        prefixes = Counter(m.group(1) for n in names if (m := pattern.match(n)))
+        if not prefixes:
+            raise SpliceError(
+                f"unknown architecture {model_type!r}: no spec and no per-layer tensor names "
+                f"like '<...>.layers.N.<...>' to infer one from (known: "
+                f"{', '.join(ArchSpec.known())})"
+            )
+        prefix = prefixes.most_common(1)[0][0]
+        layer_prefix = f"{prefix}.{{i}}."
+        kinds: dict[str, list[str]] = {"attention": [], "mlp": [], "norms": [], "other": []}
+        seen: set[str] = set()
+        rx = _template_regex(layer_prefix, "{i}")
+        for n in names:
+            m = rx.match(n)
+            if not m or m.group(2) in seen:
+                continue
+            kind = m.group(2)
+            seen.add(kind)
+            low = kind.lower()
+            if "norm" in low or re.search(r"(^|\.)ln", low):
+                kinds["norms"].append(kind)
+            elif "attn" in low or "attention" in low:
+                kinds["attention"].append(kind)
+            elif "mlp" in low or "ffn" in low or "fc" in low or "feed_forward" in low:
+                kinds["mlp"].append(kind)
+            else:
+                kinds["other"].append(kind)
+        globals_ = [n for n in names if not rx.match(n)]
+        embed = next((n for n in globals_ if "embed" in n or "wte" in n), "")
+        head = next((n for n in globals_ if "lm_head" in n), "lm_head.weight")
+        norm = next((n for n in globals_ if "norm" in n or "ln_f" in n), "")
+        return ArchSpec(
+            model_type=model_type,
+            embed=embed,
+            final_norm=norm,
+            lm_head=head,
+            layer_prefix=layer_prefix,
+            layer_tensors={k: tuple(v) for k, v in kinds.items() if v},
+            inferred=True,
+        )
+
+    # ---- names ----------------------------------------------------------------------------
+    @property
+    def _layer_rx(self) -> re.Pattern[str]:
+        return _compiled(self.layer_prefix, "{i}")
+
+    def _kind_groups(self) -> dict[str, str]:
+        groups: dict[str, str] = {}
+        for table in (self.layer_tensors, self.optional_layer_tensors):
+            for group, kinds in table.items():
+                for kind in kinds:
+                    groups[kind] = group
+        return groups
+
+    def parse(self, name: str) -> TensorName:
+        """Classify a tensor name (see :class:`TensorName`)."""
+        if name == self.embed:
+            return TensorName("embed", name)
+        if name == self.lm_head:
+            return TensorName("head", name)
+        if name == self.final_norm:
+            return TensorName("final_norm", name)
+        m = self._layer_rx.match(name)
+        if not m:
+            return TensorName("other", name)
+        layer, kind = int(m.group(1)), m.group(2)
+        if self.experts is not None:
+            e = _compiled(self.experts.prefix, "{e}").match(kind)
+            if e:
+                return TensorName("experts", e.group(2), layer, int(e.group(1)))
+        return TensorName(self._kind_groups().get(kind, "other"), kind, layer)
+
+    def layer_of(self, name: str) -> int | None:
+        """Layer index of a per-layer tensor, ``None`` for embeddings, head and final norm."""
+        m = self._layer_rx.match(name)
+        return int(m.group(1)) if m else None
+
+    def layer_name(self, layer: int, kind: str, expert: int | None = None) -> str:
+        """Full name of ``kind`` in ``layer`` (and ``expert`` for expert kinds)."""
+        prefix = self.layer_prefix.replace("{i}", str(layer))
+        if expert is not None:
+            if self.experts is None:
+                raise ValueError(f"{self.model_type} has no experts")
+            prefix += self.experts.prefix.replace("{e}", str(expert))
+        return prefix + kind
+
+    def rename(self, name: str, layer: int | None = None, expert: int | None = None) -> str:
+        """The same tensor moved to another layer and/or expert: ``rename(n, layer=j)``."""
+        t = self.parse(name)
+        if t.layer is None:
+            if layer is not None or expert is not None:
+                raise ValueError(f"{name!r} is not a per-layer tensor")
+            return name
+        new_layer = t.layer if layer is None else layer
+        if t.group == "experts":
+            return self.layer_name(new_layer, t.kind, t.expert if expert is None else expert)
+        if expert is not None:
+            raise ValueError(f"{name!r} is not an expert tensor")
+        return self.layer_name(new_layer, t.kind)
+
+    def required_layer_kinds(self) -> list[str]:
+        """Layer-relative kinds every layer must have (experts excluded)."""
+        return [k for kinds in self.layer_tensors.values() for k in kinds]
+
+    # ---- config ---------------------------------------------------------------------------
+    @property
+    def num_layers_key(self) -> str:
+        return self.config_keys.get("num_layers", "num_hidden_layers")
+
+    def num_layers(self, config: dict[str, Any]) -> int | None:
+        value = config.get(self.num_layers_key)
+        return int(value) if value is not None else None
+
+    def num_experts(self, config: dict[str, Any]) -> int | None:
+        key = self.config_keys.get("num_experts")
+        return int(config[key]) if key and config.get(key) is not None else None
+
+    def is_tied(self, config: dict[str, Any], names: Iterable[str] | None = None) -> bool:
+        """Whether the head shares the embedding matrix (no ``lm_head`` tensor is stored)."""
+        if names is not None:
+            return self.lm_head not in set(names)
+        return bool(config.get("tie_word_embeddings", self.tied_default))
+
+    def config_with_layers(self, config: dict[str, Any], sources: list[int]) -> dict[str, Any]:
+        """Config for a model whose layer j is the source model's layer ``sources[j]``.
+
+        Updates the layer count and every per-layer list (e.g. ``layer_types``).
+        """
+        out = dict(config)
+        n_old = self.num_layers(config)
+        out[self.num_layers_key] = len(sources)
+        for key in self.config_keys.get("per_layer", []):
+            value = config.get(key)
+            if isinstance(value, list) and n_old is not None and len(value) == n_old:
+                out[key] = [value[s] for s in sources]
+        return out
+
+    def config_with_experts(
+        self, config: dict[str, Any], num_experts: int | None, per_token: int | None = None
+    ) -> dict[str, Any]:
+        """Config with a new expert count (``None``: the experts were collapsed to a dense MLP)."""
+        out = dict(config)
+        for role, value in (("num_experts", num_experts), ("experts_per_token", per_token)):
+            key = self.config_keys.get(role)
+            if key and value is not None:
+                out[key] = value
+        return out
+
+
+@cache
+def _compiled(template: str, placeholder: str) -> re.Pattern[str]:
+    return _template_regex(template, placeholder)
+
+
+@cache
+def _load_spec(model_type: str) -> ArchSpec:
+    path = SPEC_DIR / f"{model_type}.json"
+    if not path.is_file():
+        raise SpliceError(
+            f"unknown architecture {model_type!r}; known: {', '.join(ArchSpec.known())}"
+        )
+    return ArchSpec.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,166 @@
+"""``splice <verb>``: a thin command line over the public functions.
+
+Verbs are found through the ``splice.commands`` entry-point group (see pyproject.toml), so each
+subpackage declares its own verbs and the core imports none of them. An entry point names a
+function ``add(subparsers)`` that adds one subparser and sets ``func`` to a handler
+``(args) -> int | None``. Only the verb being run is imported.
+
+Any :class:`SpliceError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any, NoReturn
+
+from splice.errors import SpliceError
+
+GROUP = "splice.commands"
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _verbs() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """The full parser, or one with just the verb ``only`` loaded (faster start)."""
+    from splice import __version__
+
+    parser = Parser(
+        prog="splice",
+        description="Model merging and layer surgery for LLMs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"splice {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    sub.required = True
+    verbs = _verbs()
+    for name in sorted(verbs) if only is None or only not in verbs else [only]:
+        verbs[name].load()(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``splice`` script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        args = build_parser(first).parse_args(argv)
+        return int(args.func(args) or 0)
+    except SpliceError as e:
+        print(f"splice: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splice: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `splice inspect M | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+# ---- shared options ---------------------------------------------------------------------------
+def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """``OUT``-writing verbs share these: shard size, overwrite, dtype, progress."""
+    p.add_argument(
+        "--max-shard-size", default="2GB", help="cap on each safetensors shard (default 2GB)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    if dtype:
+        p.add_argument("--dtype", help="output dtype: bfloat16, float16, float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Verbs that open models share these safety switches."""
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled pytorch_model*.bin weights (loaded with weights_only=True)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model's own Python code to run (only where transformers needs it)",
+    )
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# ---- core verbs -------------------------------------------------------------------------------
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's architecture, layers, experts, parameters and shards",
+        description="Read a model's headers (no tensor data) and print its layout.",
+    )
+    p.add_argument("model", help="model folder or hub id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all-layers", action="store_true", help="one table per layer")
+    add_model_options(p)
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    import warnings
+
+    from splice.checkpoint import open_checkpoint
+    from splice.summary import format_summary, summarize
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = open_checkpoint(args.model, allow_pickle=args.allow_pickle)
+        ckpt.validate()
+        summary = summarize(ckpt)
+    for w in caught:
+        print(f"splice: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        print_json(summary.to_dict())
+    else:
+        print(format_summary(summary, all_layers=args.all_layers))
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="re-shard and/or re-type a checkpoint",
+        description="Copy MODEL to OUT with new shards and optionally a new dtype, streaming.",
+    )
+    p.add_argument("model", help="model folder or hub id")
+    p.add_argument("out", help="output folder (written atomically)")
+    add_output_options(p)
+    add_model_options(p)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from splice.convert import convert
+
+    out = convert(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        show_progress=not args.no_progress,
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Re-shard and/or re-type a checkpoint through the streaming reader and writer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from splice.card import model_card
+from splice.checkpoint import open_checkpoint
+from splice.dtypes import config_with_dtype, dtype_name
+from splice.progress import progress
+from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, check_target
+
+
+def convert(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    show_progress: bool = False,
+) -> Path:
+    """Copy ``source`` to ``out`` with new shards and optionally a new dtype.
+
+    Tensors whose dtype does not change are copied byte for byte (kernel copy); others are
+    loaded one at a time and cast. Integer tensors keep their dtype. Returns the output folder.
+    """
+    check_target(out, overwrite)
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+    ckpt.validate()
+    target = dtype_name(dtype) if dtype else None
+
+    def out_dtype(d: str) -> str:
+        floating = d.startswith(("float", "bfloat"))
+        return target if target and floating else d
+
+    specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
+    config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
+    with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as w:
+        for spec in progress(specs, "convert", enabled=show_progress, unit="tensor"):
+            w.copy(spec.name, ckpt)
+        w.write_config(config)
+        w.copy_tokenizer(ckpt)
+        what = f"converted to {target}" if target else "re-sharded"
+        w.write_card(
+            model_card(
+                f"{Path(out).name}: {what}",
+                [str(source)],
+                details=f"`splice convert` {what}, shards of at most {max_shard_size}.",
+            )
+        )
+    return Path(out)

@@ -1,0 +1,14 @@
+"""The one exception type that means "the user gave us something wrong".
+
+Anything raised as :class:`SpliceError` reaches the CLI as a single line on stderr and exit
+code 2; every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SpliceError(Exception):
+    """Bad input: a missing folder, an unknown name, a corrupt file, a recipe that cannot run.
+
+    The message is one line that names the problem and, where possible, the fix.
+    """
