@@ -141,7 +141,7 @@ class CheckpointWriter:
                 pwrite_all(fd, memoryview(header), 0)
                 end = offsets[-1] + shard[-1].nbytes if shard else len(header)
                 os.ftruncate(fd, end)
-                for spec, off in zip(shard, offsets, strict=False):
+                for spec, off in zip(shard, offsets, strict=True):
                     self.slots[spec.name] = _Slot(k, off, spec)
         except BaseException:
             self.abort()
