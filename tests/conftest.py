@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny checkpoints of every supported architecture, saved by transformers.
+
+Checkpoints are written by ``transformers``' own ``save_pretrained`` (an independent writer), some
+in several shards, so splice's reader and writer are always checked against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "mixtral"]
+
+# extra config per model type, on top of the common tiny shape
+EXTRA: dict[str, dict] = {
+    "llama": {"tie_word_embeddings": False},
+    "mistral": {},
+    "qwen2": {},
+    "gemma": {"head_dim": 8},
+    "phi3": {"pad_token_id": 0},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+def make_tiny(
+    path: Path,
+    model_type: str = "llama",
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    vocab: int = 96,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Save a randomly initialised tiny model of ``model_type`` with transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden + 8,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **EXTRA[model_type],
+        **overrides,
+    }
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms start at exactly 1 (or 0): perturb so they carry information
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kw)
+    make_tokenizer(vocab).save_pretrained(path)
+    return path
+
+
+def make_tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` made-up words (w0, w1, ...) with special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint per architecture; llama and mixtral are sharded."""
+    root = tmp_path_factory.mktemp("tiny")
+    shards = {"llama": "20KB", "mixtral": "40KB"}
+    return {
+        mt: make_tiny(root / mt, mt, max_shard_size=shards.get(mt), seed=i)
+        for i, mt in enumerate(ARCHS)
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
