@@ -8,6 +8,7 @@ from pathlib import Path
 from splice.card import model_card
 from splice.checkpoint import open_checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
+from splice.parallel import bounded_map
 from splice.progress import progress
 from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, check_target
 
@@ -21,6 +22,7 @@ def convert(
     overwrite: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = False,
+    workers: int = 2,
 ) -> Path:
     """Copy ``source`` to ``out`` with new shards and optionally a new dtype.
 
@@ -39,8 +41,14 @@ def convert(
     specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
     config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
     with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as w:
-        for spec in progress(specs, "convert", enabled=show_progress, unit="tensor"):
-            w.copy(spec.name, ckpt)
+        tasks = bounded_map(
+            lambda spec: w.copy(spec.name, ckpt),
+            specs,
+            cost=lambda spec: 3 * max(spec.nbytes, ckpt[spec.name].nbytes),
+            workers=workers,
+        )
+        for _ in progress(tasks, "convert", enabled=show_progress, total=len(specs), unit="tensor"):
+            pass
         w.write_config(config)
         w.copy_tokenizer(ckpt)
         what = f"converted to {target}" if target else "re-sharded"
