@@ -1,1 +1,9 @@
-"""Merge methods: pure tensor functions, registered by name."""
+"""Merge methods: pure tensor functions, registered by name in ``METHODS``.
+
+Each family lives in its own module, imported here explicitly so that registration happens on
+``import splice.merge.methods``.
+"""
+
+from splice.merge.methods.base import METHODS, REQUIRED, MergeMethod, merge_method
+
+__all__ = ["METHODS", "REQUIRED", "MergeMethod", "merge_method"]

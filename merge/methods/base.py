@@ -1,0 +1,111 @@
+"""What a merge method is: a registered pure function on the tensors of one name.
+
+A method receives the tensors of one parameter name from the recipe's models (same shape, all
+in the computation dtype, on the computation device), the base model's tensor (or ``None``),
+and its validated parameters as keyword arguments, and returns the merged tensor. No I/O, no
+device or dtype handling, no globals: the executor owns those.
+
+Which models are in ``tensors`` (as in mergekit): for a method that uses a base
+(``base="required"`` or ``"optional"`` with a base given), the models other than the base, in
+recipe order, and the base separately; for a method with ``base="none"``, every model listed in
+the recipe (the base model too, if it is listed) and ``base=None``.
+
+Parameters come in two kinds, declared by the decorator:
+
+* per-model parameters (``weight``, ``density``, ...) arrive as a ``list[float]`` aligned with
+  ``tensors``; ``per_model`` maps each name to its default (``None``: the recipe must give it);
+* global parameters (``t``, ``normalize``, ``lambda_``, ...) are the function's other
+  keyword-only arguments, with the function's defaults (no default: required). A recipe key that
+  is a Python keyword is spelled with a trailing underscore in Python (``lambda`` ->
+  ``lambda_``).
+
+Stochastic methods (DARE, DELLA) also receive ``generator``, a ``torch.Generator`` seeded from the
+recipe seed and the tensor name, so a merge is reproducible whatever the order or threads.
+
+Example::
+
+    @merge_method("linear", per_model={"weight": None})
+    def linear(tensors, base, *, weight, normalize=True):
+        ...
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from splice.registry import Registry
+
+REQUIRED = inspect.Parameter.empty
+BaseUse = Literal["required", "optional", "none"]
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method and what it accepts (see the module docstring)."""
+
+    name: str
+    fn: MethodFn
+    base: BaseUse
+    per_model: dict[str, float | None]
+    global_params: dict[str, Any]  # name (recipe spelling) -> default, or REQUIRED
+    stochastic: bool = False
+    doc: str = field(default="", repr=False)
+
+    def __call__(
+        self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any
+    ) -> torch.Tensor:
+        return self.fn(list(tensors), base, **params)
+
+    def python_name(self, key: str) -> str:
+        """Keyword-argument spelling of a recipe parameter (``lambda`` -> ``lambda_``)."""
+        return f"{key}_" if key in ("lambda",) else key
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def merge_method(
+    name: str,
+    *,
+    base: BaseUse = "optional",
+    per_model: dict[str, float | None] | None = None,
+    stochastic: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as merge method ``name``; global parameters come from its signature."""
+    per_model = dict(per_model or {})
+
+    def register(fn: MethodFn) -> MethodFn:
+        sig = inspect.signature(fn)
+        globals_: dict[str, Any] = {}
+        for p in sig.parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in per_model:
+                continue
+            if p.name == "generator":
+                continue
+            globals_[p.name.rstrip("_")] = p.default
+        missing = [k for k in per_model if k not in sig.parameters]
+        if missing:
+            raise TypeError(f"{fn.__name__}: per-model parameter {missing[0]!r} not in signature")
+        if stochastic and "generator" not in sig.parameters:
+            raise TypeError(f"{fn.__name__}: stochastic methods take a `generator` argument")
+        METHODS.register(name)(
+            MergeMethod(
+                name=name,
+                fn=fn,
+                base=base,
+                per_model=per_model,
+                global_params=globals_,
+                stochastic=stochastic,
+                doc=(fn.__doc__ or "").strip(),
+            )
+        )
+        return fn
+
+    return register
