@@ -1,0 +1,362 @@
+"""Results as data: :class:`SimilarityMatrix` and :class:`SimilarityReport`.
+
+A report holds long-form ``records`` (one dict per tensor/layer and metric, with the null
+baselines in fields whose names contain ``baseline``), labelled ``matrices`` (layers × layers,
+layers × kinds, experts × experts, ...), ``recommendations`` and ``meta`` (models, device,
+timings). ``.to_frame()`` gives pandas, ``.plot()`` a matplotlib Figure, ``.save(dir)`` writes
+``report.json``, ``records.csv``, one CSV per matrix and PNG figures. pandas and matplotlib are
+imported only inside those methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+#: metrics where lower means more similar (distances); heatmaps flip their colour map
+DISTANCES = ("frobenius", "frobenius_rel", "angular_distance", "block_influence")
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe value: NaN/inf become None, numpy scalars become Python numbers."""
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+@dataclass
+class SimilarityMatrix:
+    """A labelled matrix ``values[rows, cols]`` of one metric, with its null baseline.
+
+    ``baseline_gaussian`` is the mean of the metric between the row tensors and Gaussian
+    matrices of their shapes and norms (None where not computed).
+    """
+
+    title: str
+    metric: str
+    values: np.ndarray
+    rows: list[str]
+    cols: list[str]
+    row_name: str = "layer"
+    col_name: str = "layer"
+    baseline_gaussian: float | None = None
+    panel: bool = True  # drawn by SimilarityReport.plot (False: data only, e.g. one per layer)
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.values.shape != (len(self.rows), len(self.cols)):
+            raise ValueError(
+                f"{self.title}: values {self.values.shape} vs {len(self.rows)}×{len(self.cols)} labels"
+            )
+
+    def to_frame(self) -> pd.DataFrame:
+        """``DataFrame`` indexed by ``rows`` with one column per ``cols`` label."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.values, index=self.rows, columns=self.cols)
+        frame.index.name, frame.columns.name = self.row_name, self.col_name
+        return frame
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "title": self.title,
+                "metric": self.metric,
+                "rows": self.rows,
+                "cols": self.cols,
+                "row_name": self.row_name,
+                "col_name": self.col_name,
+                "values": self.values.tolist(),
+                "baseline_gaussian": self.baseline_gaussian,
+                "panel": self.panel,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SimilarityMatrix:
+        values = np.array(
+            [[np.nan if v is None else v for v in row] for row in d["values"]], dtype=np.float64
+        ).reshape(len(d["rows"]), len(d["cols"]))
+        return cls(
+            d["title"],
+            d["metric"],
+            values,
+            list(d["rows"]),
+            list(d["cols"]),
+            d.get("row_name", "layer"),
+            d.get("col_name", "layer"),
+            d.get("baseline_gaussian"),
+            d.get("panel", True),
+        )
+
+    def plot(self, ax: Any = None, *, annotate: bool | None = None) -> Figure:
+        """Heatmap of the matrix (returns the Figure; draws on ``ax`` when given)."""
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            size = (min(2 + 0.35 * len(self.cols), 14), min(1.5 + 0.3 * len(self.rows), 12))
+            fig, ax = plt.subplots(figsize=size, layout="constrained")
+        else:
+            fig = ax.figure
+        cmap = "viridis_r" if self.metric in DISTANCES else "viridis"
+        im = ax.imshow(np.ma.masked_invalid(self.values), cmap=cmap, aspect="auto")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(self.cols)), self.cols, rotation=90 if len(self.cols) > 6 else 0)
+        ax.set_yticks(range(len(self.rows)), self.rows)
+        ax.set_xlabel(self.col_name)
+        ax.set_ylabel(self.row_name)
+        title = self.title
+        if self.baseline_gaussian is not None:
+            title += f"\n(Gaussian baseline {self.baseline_gaussian:.3g})"
+        ax.set_title(title, fontsize=9)
+        if annotate or (annotate is None and self.values.size <= 64):
+            for (i, j), v in np.ndenumerate(self.values):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        return fig
+
+
+@dataclass
+class SimilarityReport:
+    """Results of one analysis (``weights``, ``within``, ``experts`` or ``activations``)."""
+
+    analysis: str
+    models: list[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    matrices: dict[str, SimilarityMatrix] = field(default_factory=dict)
+    recommendations: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- access ---------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """The long-form records as a ``DataFrame`` (one row per tensor/layer and metric)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records)
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(r["metric"] for r in self.records))
+
+    def values(self, metric: str, **where: Any) -> list[dict[str, Any]]:
+        """Records of ``metric`` whose fields equal ``where`` (e.g. ``kind="mlp.up_proj.weight"``)."""
+        return [
+            r
+            for r in self.records
+            if r["metric"] == metric and all(r.get(k) == v for k, v in where.items())
+        ]
+
+    # ---- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "analysis": self.analysis,
+                "models": self.models,
+                "meta": self.meta,
+                "recommendations": self.recommendations,
+                "records": self.records,
+                "matrices": {k: m.to_dict() for k, m in self.matrices.items()},
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SimilarityReport:
+        return cls(
+            d["analysis"],
+            list(d["models"]),
+            list(d.get("records", [])),
+            {k: SimilarityMatrix.from_dict(m) for k, m in d.get("matrices", {}).items()},
+            dict(d.get("recommendations", {})),
+            dict(d.get("meta", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> SimilarityReport:
+        """Read a report saved by :meth:`save` (its folder or its ``report.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def save(self, out: str | Path, *, figures: bool = True) -> list[Path]:
+        """Write ``report.json``, ``records.csv``, ``matrices/*.csv`` and ``*.png`` into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "report.json", out / "records.csv"]
+        written[0].write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        _write_csv(written[1], self.records)
+        if self.matrices:
+            (out / "matrices").mkdir(exist_ok=True)
+        for key, m in self.matrices.items():
+            path = out / "matrices" / f"{_slug(key)}.csv"
+            header = [m.row_name + "\\" + m.col_name, *m.cols]
+            rows = [
+                [label, *(_fmt(v) for v in row)]
+                for label, row in zip(m.rows, m.values, strict=True)
+            ]
+            path.write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
+            written.append(path)
+        if figures:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+
+            for metric in self.plot_metrics():
+                fig = self.plot(metric)
+                path = out / f"{_slug(self.analysis + '_' + metric)}.png"
+                fig.savefig(path, dpi=90)
+                plt.close(fig)
+                written.append(path)
+        return written
+
+    # ---- figures --------------------------------------------------------------------------
+    def plot_metrics(self) -> list[str]:
+        """Metrics :meth:`plot` can draw (one figure each)."""
+        panels = [m.metric for m in self.matrices.values() if m.panel]
+        lines = [
+            m
+            for m in self.metrics()
+            if m not in panels and any(r.get("layer") is not None for r in self.values(m))
+        ]
+        return list(dict.fromkeys(panels + lines))
+
+    def plot(self, metric: str | None = None, *, max_panels: int = 12) -> Figure:
+        """A Figure for ``metric`` (default: the first): heatmaps of its matrices, or lines.
+
+        Matrices of the metric are drawn as heatmaps side by side (at most ``max_panels``);
+        activation reports add the per-layer lines (input/output cosine, block influence).
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        metric = metric or self.plot_metrics()[0]
+        mats = [m for m in self.matrices.values() if m.metric == metric and m.panel]
+        mats = mats[:max_panels]
+        if not mats:
+            return self._line_plot(metric)
+        cols = min(len(mats), 3)
+        rows = math.ceil(len(mats) / cols)
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(5.2 * cols, 4.2 * rows), layout="constrained", squeeze=False
+        )
+        for ax, m in zip(axes.flat, mats, strict=False):
+            m.plot(ax=ax)
+        for ax in list(axes.flat)[len(mats) :]:
+            ax.set_visible(False)
+        fig.suptitle(f"{self.analysis}: {metric} — {' vs '.join(self.models)}", fontsize=10)
+        return fig
+
+    def _line_plot(self, metric: str) -> Figure:
+        """One line per ``kind`` (or a single line) of ``metric`` against the layer index."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in self.values(metric):
+            if r.get("layer") is not None:
+                groups.setdefault(str(r.get("kind", metric)), []).append(r)
+        for label, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["layer"])
+            ax.plot([r["layer"] for r in rs], [r["value"] for r in rs], marker=".", label=label)
+            base = [r.get("baseline_gaussian") for r in rs]
+            if all(b is not None for b in base):
+                ax.plot([r["layer"] for r in rs], base, ls="--", lw=0.8, color="grey")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{self.analysis}: {metric} — {' vs '.join(self.models)}", fontsize=10)
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
+        return fig
+
+    # ---- text -----------------------------------------------------------------------------
+    def summary(self, max_rows: int = 40) -> str:
+        """A short plain-text table: mean of each metric per kind, with its Gaussian baseline."""
+        lines = [f"{self.analysis}: {' vs '.join(self.models)}"]
+        metrics = self.metrics()
+        if self.records and "kind" in self.records[0]:
+            groups = list(dict.fromkeys((r["kind"], r.get("against")) for r in self.records))
+            label = {g: g[0] + (f" vs {g[1]}" if g[1] else "") for g in groups}
+            width = max(len(k) for k in [*label.values(), "kind"])
+            lines.append(f"{'kind':<{width}}  " + "  ".join(f"{m:>22}" for m in metrics))
+            for kind, against in groups[:max_rows]:
+                cells = []
+                for m in metrics:
+                    rs = self.values(m, kind=kind, against=against)
+                    v = _mean(r["value"] for r in rs)
+                    b = _mean(r.get("baseline_gaussian") for r in rs)
+                    cells.append(f"{_fmt(v):>10} (null {_fmt(b):>5})")
+                lines.append(
+                    f"{label[kind, against]:<{width}}  " + "  ".join(f"{c:>22}" for c in cells)
+                )
+            if len(groups) > max_rows:
+                lines.append(f"... {len(groups) - max_rows} more kinds in records.csv")
+        elif self.records:
+            lines.append("layer  " + "  ".join(f"{m:>18}" for m in metrics))
+            layers = sorted({r["layer"] for r in self.records if r.get("layer") is not None})
+            for layer in layers[:max_rows]:
+                cells = [
+                    _fmt(_mean(r["value"] for r in self.values(m, layer=layer))) for m in metrics
+                ]
+                lines.append(f"{layer:>5}  " + "  ".join(f"{c:>18}" for c in cells))
+        for key, value in self.recommendations.items():
+            short_list = isinstance(value, list) and 0 < len(value) <= 8
+            if isinstance(value, (str, int, float)) or (
+                short_list and all(isinstance(v, (int, list)) for v in value)
+            ):
+                lines.append(f"{key}: {value}")
+        if "seconds" in self.meta:
+            lines.append(f"time: {self.meta['seconds']:.1f} s")
+        return "\n".join(lines)
+
+
+def _mean(values: Any) -> float:
+    vs = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vs) / len(vs) if vs else float("nan")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else str(v)
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    import csv
+
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
