@@ -1,0 +1,166 @@
+"""``splice analyze weights|experts|activations``: thin wrappers over splice.analysis.
+
+Each verb calls one public function, saves the report into ``--out`` (JSON, CSV, PNG) and
+prints its summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from splice.cli import Parser, add_model_options
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    """Register ``splice analyze`` and its three sub-verbs."""
+    p = sub.add_parser(
+        "analyze",
+        help="per-layer similarities (weights, MoE experts, activations) with null baselines",
+        description="Compare weights across models, across layers, or MoE experts against a "
+        "dense model; or measure layer redundancy on calibration text. Every number comes with "
+        "a null baseline (a Gaussian matrix of the same shape and norm; an unrelated layer).",
+    )
+    verbs = p.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=Parser)
+    verbs.required = True
+
+    w = verbs.add_parser(
+        "weights",
+        help="A vs B layer by layer, or (one model) every layer vs every layer",
+        description="With two models: per-tensor metrics between A and B (same architecture). "
+        "With one: a layers × layers matrix per tensor kind, and exact duplicate layers.",
+    )
+    w.add_argument("model", help="model folder (A)")
+    w.add_argument("other", nargs="?", help="second model folder (B), same architecture")
+    _common(w)
+    w.add_argument("--kinds", help="comma-separated tensor kinds to compare (default: all)")
+    w.set_defaults(func=_run_weights)
+
+    e = verbs.add_parser(
+        "experts",
+        help="each MoE expert vs the dense MLP at its layer, and expert vs expert",
+        description="Compare every expert of every layer of MOE with DENSE's MLP at the same "
+        "layer (if given) and with the other experts of its layer.",
+    )
+    e.add_argument("moe", help="MoE model folder (e.g. Mixtral)")
+    e.add_argument("dense", nargs="?", help="dense model folder the experts may come from")
+    _common(e)
+    e.set_defaults(func=_run_experts)
+
+    a = verbs.add_parser(
+        "activations",
+        help="layer input/output cosine, block influence, angular distance on calibration text",
+        description="Run MODEL on calibration text and report, per layer, the input/output "
+        "hidden-state cosine (first token excluded), ShortGPT's block influence, and Gromov "
+        "et al.'s angular distance between layers l and l+n on the last token, with the block "
+        "to prune for each n and the range to duplicate for depth up-scaling.",
+    )
+    a.add_argument("model", help="model folder")
+    a.add_argument(
+        "--calibration",
+        required=True,
+        help="a text file, 'lm-eval:TASK' (an lm-eval task's documents), or 'zoo'",
+    )
+    a.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    a.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    a.add_argument("--max-samples", type=int, default=64, help="windows to run (default 64)")
+    a.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    _common(a, metrics=False)
+    add_model_options(a)
+    a.set_defaults(func=_run_activations)
+
+
+def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
+    p.add_argument("--out", help="folder for report.json, records.csv, matrices/ and PNGs")
+    if metrics:
+        from splice.analysis.metrics import DEFAULT_METRICS, METRICS
+
+        p.add_argument(
+            "--metrics",
+            help=f"comma-separated from {', '.join(METRICS.names())}, or 'all' "
+            f"(default: {','.join(DEFAULT_METRICS)})",
+        )
+        p.add_argument(
+            "--no-baselines", action="store_true", help="skip the null baselines (faster)"
+        )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-figures", action="store_true", help="write no PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _setup(args: argparse.Namespace) -> str:
+    import torch
+
+    from splice.activations import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def _finish(report: Any, args: argparse.Namespace) -> None:
+    if args.out:
+        report.save(args.out, figures=not args.no_figures)
+    print(report.summary())
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def _run_weights(args: argparse.Namespace) -> None:
+    from splice.analysis.weights import compare_layers, compare_models
+
+    device = _setup(args)
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else None
+    common = dict(
+        metrics=args.metrics,
+        device=device,
+        baselines=not args.no_baselines,
+        kinds=kinds,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    if args.other:
+        report = compare_models(args.model, args.other, **common)
+    else:
+        report = compare_layers(args.model, **common)
+    _finish(report, args)
+
+
+def _run_experts(args: argparse.Namespace) -> None:
+    from splice.analysis.weights import compare_experts
+
+    device = _setup(args)
+    report = compare_experts(
+        args.moe,
+        args.dense,
+        metrics=args.metrics,
+        device=device,
+        baselines=not args.no_baselines,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    _finish(report, args)
+
+
+def _run_activations(args: argparse.Namespace) -> None:
+    from splice.analysis.activations import analyze_activations
+    from splice.errors import SpliceError
+
+    for flag in ("seq_len", "max_samples", "batch_size"):
+        if getattr(args, flag) < 1 or (flag == "seq_len" and args.seq_len < 2):
+            raise SpliceError(f"--{flag.replace('_', '-')} must be at least 2 (seq-len) or 1")
+    device = _setup(args)
+    report = analyze_activations(
+        args.model,
+        args.calibration,
+        seq_len=args.seq_len,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        include_path=args.include_path,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    _finish(report, args)
