@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,19 +74,18 @@ def calibration_text(source: str | os.PathLike[str], *, include_path: str | None
 def _lm_eval_text(task: str, include_path: str | None) -> str:
     """Documents of an lm-eval task (its evaluation split), each prompt plus its target."""
     try:
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise SpliceError("lm-eval:TASK needs lm-eval (pip install 'splice[eval]')") from None
     try:
         manager = TaskManager(include_path=include_path)
-        tasks = get_task_dict([task], manager)
+        tasks = manager.load([task])["tasks"]
     except Exception as e:  # lm-eval raises many types for unknown tasks / missing datasets
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpliceError(f"lm-eval task {task!r} cannot be loaded ({first})") from None
     texts = []
-    for t in _leaf_tasks(tasks):
-        docs = t.eval_docs
-        for doc in docs:
+    for t in tasks.values():
+        for doc in t.eval_docs:
             prompt = t.doc_to_text(doc)
             target = t.doc_to_target(doc)
             if isinstance(target, int) and hasattr(t, "doc_to_choice"):
@@ -95,14 +93,6 @@ def _lm_eval_text(task: str, include_path: str | None) -> str:
                 target = choices[target] if isinstance(choices, list) else ""
             texts.append(f"{prompt}{t.config.target_delimiter}{target}".strip())
     return "\n\n".join(texts)
-
-
-def _leaf_tasks(d: Any) -> Iterator[Any]:
-    for v in d.values():
-        if isinstance(v, dict):
-            yield from _leaf_tasks(v)
-        else:
-            yield v
 
 
 def _zoo_text() -> str:

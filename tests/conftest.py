@@ -101,3 +101,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def analysis_zoo(tmp_path_factory) -> Path:
+    """A zoo-shaped folder (base, math, lang, moe, corpus.txt) for the analysis tests.
+
+    Tiny random stand-ins until ``splice.zoo`` lands; then this should return the real zoo.
+    """
+    from analysis_helpers import fake_zoo
+
+    return fake_zoo(tmp_path_factory.mktemp("zoo"), make_tiny)
