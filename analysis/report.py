@@ -112,15 +112,10 @@ class SimilarityMatrix:
 
     def plot(self, ax: Any = None, *, annotate: bool | None = None) -> Figure:
         """Heatmap of the matrix (returns the Figure; draws on ``ax`` when given)."""
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         if ax is None:
             size = (min(2 + 0.35 * len(self.cols), 14), min(1.5 + 0.3 * len(self.rows), 12))
-            fig, ax = plt.subplots(figsize=size, layout="constrained")
+            fig = _figure(size)
+            ax = fig.subplots()
         else:
             fig = ax.figure
         cmap = "viridis_r" if self.metric in DISTANCES else "viridis"
@@ -221,16 +216,9 @@ class SimilarityReport:
             path.write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
             written.append(path)
         if figures:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-
             for metric in self.plot_metrics():
-                fig = self.plot(metric)
                 path = out / f"{_slug(self.analysis + '_' + metric)}.png"
-                fig.savefig(path, dpi=90)
-                plt.close(fig)
+                self.plot(metric).savefig(path, dpi=90)
                 written.append(path)
         return written
 
@@ -251,11 +239,6 @@ class SimilarityReport:
         Matrices of the metric are drawn as heatmaps side by side (at most ``max_panels``);
         activation reports add the per-layer lines (input/output cosine, block influence).
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         metric = metric or self.plot_metrics()[0]
         mats = [m for m in self.matrices.values() if m.metric == metric and m.panel]
         mats = mats[:max_panels]
@@ -263,9 +246,8 @@ class SimilarityReport:
             return self._line_plot(metric)
         cols = min(len(mats), 3)
         rows = math.ceil(len(mats) / cols)
-        fig, axes = plt.subplots(
-            rows, cols, figsize=(5.2 * cols, 4.2 * rows), layout="constrained", squeeze=False
-        )
+        fig = _figure((5.2 * cols, 4.2 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, m in zip(axes.flat, mats, strict=False):
             m.plot(ax=ax)
         for ax in list(axes.flat)[len(mats) :]:
@@ -275,9 +257,8 @@ class SimilarityReport:
 
     def _line_plot(self, metric: str) -> Figure:
         """One line per ``kind`` (or a single line) of ``metric`` against the layer index."""
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        fig = _figure((7, 4))
+        ax = fig.subplots()
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in self.values(metric):
             if r.get("layer") is not None:
@@ -334,6 +315,13 @@ class SimilarityReport:
         if "seconds" in self.meta:
             lines.append(f"time: {self.meta['seconds']:.1f} s")
         return "\n".join(lines)
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    """A matplotlib Figure outside pyplot: no global state, no GUI backend, shown once in Jupyter."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
 
 
 def _mean(values: Any) -> float:
