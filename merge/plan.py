@@ -303,7 +303,7 @@ def plan_merge(
     if recipe.merge_method == "moe":
         from splice.merge.moe import plan_moe
 
-        return plan_moe(recipe, models=models, allow_pickle=allow_pickle)
+        return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed)
     method = None
     if recipe.merge_method not in ("passthrough", "layer_path"):
         method = METHODS.get(recipe.merge_method)

@@ -7,12 +7,11 @@ plumbing (which tensors and parameters reach a method) against hand computations
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import make_tiny
+from conftest import logits, make_tiny
 from test_checkpoint import reference_tensors
 
 from splice import SpliceError
@@ -33,39 +32,6 @@ if "_test_weighted_delta" not in METHODS:
         if tensors[0].dim() == 2:
             raise RuntimeError("boom")
         return tensors[0]
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    """A base and two 'fine-tunes' (base + small deltas), tiny llama, float32."""
-    root = tmp_path_factory.mktemp("trio")
-    base = make_tiny(root / "base", "llama", seed=0)
-    out = {"base": base}
-    for i, name in enumerate(["ft1", "ft2"], start=1):
-        dst = root / name
-        shutil.copytree(base, dst)
-        sd = reference_tensors(dst)
-        g = torch.Generator().manual_seed(i)
-        from safetensors.torch import save_file
-
-        save_file(
-            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
-            dst / "model.safetensors",
-            metadata={"format": "pt"},
-        )
-        out[name] = dst
-    return out
-
-
-def logits(folder_or_model, ids=None, **config) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = folder_or_model
-    if not isinstance(model, torch.nn.Module):
-        model = AutoModelForCausalLM.from_pretrained(folder_or_model, dtype=torch.float32, **config)
-    ids = ids if ids is not None else (torch.arange(5, 30).reshape(1, -1) % 90 + 4)
-    with torch.no_grad():
-        return model.eval()(ids).logits
 
 
 # ---- parameters ---------------------------------------------------------------------------------
