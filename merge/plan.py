@@ -316,9 +316,10 @@ def plan_merge(
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
     problems.raise_if_any()
+    tokenizer_from = _tokenizer_donor(recipe, donor, ckpts)
 
     if recipe.layer_path:
-        return _plan_layer_path(recipe, ckpts, donor, out_dtype)
+        return _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
 
     slices = _slices(recipe, ckpts)
     ctx = _Context(
@@ -385,23 +386,48 @@ def plan_merge(
     config["tie_word_embeddings"] = donor_ckpt.tied
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
-    return MergePlan(recipe, dict(ckpts), tasks, config, _tokenizer_donor(recipe, donor))
+    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)
 
 
-def _tokenizer_donor(recipe: Recipe, donor: str) -> str | None:
+def _vocab(ckpt: Checkpoint) -> dict[str, int] | None:
+    """Token -> id from the model's tokenizer.json (with added tokens), or None if absent."""
+    path = ckpt.path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+
+
+def _tokenizer_donor(recipe: Recipe, donor: str, models: Mapping[str, Checkpoint]) -> str | None:
+    """Which model's tokenizer files the output gets.
+
+    ``base`` (and no setting): the donor's. A model reference: that model's. ``union``: the
+    donor's, provided every model has the same vocabulary (the union then is that vocabulary);
+    merging different vocabularies is refused with a clear message rather than done wrong.
+    """
     source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
     if source in (None, "base"):
         return donor
     if source == "union":
-        raise SpliceError(
-            "tokenizer_source: union is not supported yet; use base or a model whose tokenizer "
-            "all models share"
-        )
+        reference = _vocab(models[donor])
+        for ref, ckpt in models.items():
+            if _vocab(ckpt) != reference:
+                raise SpliceError(
+                    f"tokenizer_source union: {ref} and {donor} have different vocabularies; "
+                    "splice cannot merge different vocabularies yet (use tokenizer_source: base "
+                    "if the extra tokens do not matter)"
+                )
+        return donor
     return source
 
 
 def _plan_layer_path(
-    recipe: Recipe, ckpts: Mapping[str, Checkpoint], donor: str, out_dtype: str | None
+    recipe: Recipe,
+    ckpts: Mapping[str, Checkpoint],
+    donor: str,
+    out_dtype: str | None,
+    tokenizer_from: str | None,
 ) -> MergePlan:
     refs = []
     for step in recipe.layer_path or []:
@@ -412,4 +438,4 @@ def _plan_layer_path(
     config = plan.config(ckpts, donor)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
-    return MergePlan(recipe, dict(ckpts), tasks, config, _tokenizer_donor(recipe, donor))
+    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)
