@@ -29,3 +29,22 @@ def test_analysis_notebook_runs(analysis_zoo, tmp_path):
         str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs
     )
     assert "prune" in text and "baseline_gaussian" in text
+
+
+def test_demo_analysis_step(analysis_zoo, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", NOTEBOOK.parent / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.analysis_step(analysis_zoo, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {
+        "base-vs-math",
+        "base-vs-lang",
+        "base-layers",
+        "base-activations",
+        "moe-experts-vs-base",
+    }
+    assert all((tmp_path / n / "report.json").is_file() for n in names)
+    assert "== moe-experts-vs-base ==" in capsys.readouterr().out
