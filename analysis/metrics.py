@@ -44,6 +44,8 @@ class Metric:
 
     ``higher_is_similar`` is False for distances (Frobenius). ``small_features`` marks metrics
     whose features are small vectors (spectra), cheap to cache per tensor.
+    ``scale_invariant``: ``compare(fa, c * fb) == compare(fa, fb)`` for c > 0.
+    ``other_layer_baseline``: False where the unrelated-layer null costs too much (CKA).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Metric:
     small_features: bool = False
     scale_invariant: bool = True
     symmetric: bool = True
+    other_layer_baseline: bool = True
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """The metric between two tensors ``a``, ``b`` of one shape."""
@@ -74,6 +77,7 @@ def metric(
     small_features: bool = False,
     scale_invariant: bool = True,
     symmetric: bool = True,
+    other_layer_baseline: bool = True,
 ) -> Callable[[Callable[[Any, Any], float]], Callable[[Any, Any], float]]:
     """Decorator: register ``compare`` as metric ``name`` with its ``features`` function."""
 
@@ -89,6 +93,7 @@ def metric(
                 small_features,
                 scale_invariant,
                 symmetric,
+                other_layer_baseline,
             )
         )
         return compare
@@ -165,11 +170,12 @@ def cka_features(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``[out, in]`` -> (X ``[in, out]`` centred over examples, ``‖XᵀX‖_F``) for linear CKA.
 
     Examples are the input axis (columns), features are the rows (output units), so CKA is
-    invariant to rotations and permutations of the output units and to scale.
+    invariant to rotations and permutations of the output units and to scale. Products run in
+    float32 (float64 when given float64): CKA is reported to 4 digits, and they dominate its cost.
     """
     import torch
 
-    x = t.to(torch.float64).T
+    x = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).T
     x = x - x.mean(0, keepdim=True)
     return x, float(torch.linalg.matrix_norm(_self_product(x)))
 
@@ -240,6 +246,7 @@ def _frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
     "relative Frobenius distance ‖A − B‖_F / ‖A‖_F",
     features=flat,
     higher_is_similar=False,
+    scale_invariant=False,
     symmetric=False,
 )
 def _frobenius_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -255,6 +262,7 @@ def _frobenius_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "linear CKA (input axis as examples, output units as features; matrices only)",
     features=cka_features,
     applies=is_matrix,
+    other_layer_baseline=False,
 )
 def _cka(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
     return linear_cka(a, b)
@@ -275,31 +283,65 @@ def gaussian_like(shape: Shape, seed: int = 0) -> torch.Tensor:
 
 
 class Baseline:
-    """Metric values against the Gaussian null for tensors, caching spectra per shape.
+    """Metric values against the Gaussian null, with the Gaussian's features cached per shape.
 
-    ``baseline(m, a, fa)`` is ``m`` between ``a`` (features ``fa``) and a Gaussian matrix of
-    ``a``'s shape and Frobenius norm. For scale-invariant metrics with small features the
-    Gaussian's features are computed once per shape.
+    The baseline of ``m`` for ``a`` is ``m`` between ``a`` and a Gaussian matrix of ``a``'s
+    shape and Frobenius norm. Metrics blind to the second tensor's scale compare against the
+    unit Gaussian's features, kept per shape while they fit in ``cache_bytes``; the others
+    share one scaled Gaussian per call of :meth:`values`.
     """
 
-    def __init__(self, seed: int = 0, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        cache_bytes: int = 256 * 2**20,
+    ) -> None:
         self.seed = seed
         self.device = device
-        self._features: dict[tuple[str, Shape], Any] = {}
+        self.cache_bytes = cache_bytes
+        self._cached = 0
+        self._features: dict[tuple[Callable[..., Any], Shape], Any] = {}
 
     def gaussian(self, a: torch.Tensor) -> torch.Tensor:
-        """``[*a.shape]``: a Gaussian tensor with ``a``'s shape and Frobenius norm."""
+        """``[*a.shape]``: a Gaussian tensor with ``a``'s shape and Frobenius norm (float64)."""
         import torch
 
         g = gaussian_like(tuple(a.shape), self.seed).to(self.device or a.device)
         return g.to(torch.float64) * float(torch.linalg.vector_norm(a.to(torch.float64)))
 
-    def __call__(self, m: Metric, a: torch.Tensor, fa: Any) -> float:
+    def values(
+        self, ms: list[Metric], a: torch.Tensor, features: dict[Callable[..., Any], Any]
+    ) -> dict[str, float]:
+        """``{metric: baseline}`` for tensor ``a``; ``features`` maps ``m.features`` to a's."""
         shape = tuple(a.shape)
-        if m.scale_invariant and m.small_features:
-            key = (m.name, shape)
-            if key not in self._features:
-                g = gaussian_like(shape, self.seed).to(self.device or a.device)
-                self._features[key] = m.features(g)
-            return m.compare(fa, self._features[key])
-        return m.compare(fa, m.features(self.gaussian(a)))
+        scaled: dict[Callable[..., Any], Any] = {}
+        gauss: torch.Tensor | None = None
+        out = {}
+        for m in ms:
+            fa = features[m.features]
+            if m.scale_invariant:
+                fg = self._features.get((m.features, shape))
+                if fg is None:
+                    fg = m.features(gaussian_like(shape, self.seed).to(self.device or a.device))
+                    size = _nbytes(fg)
+                    if self._cached + size <= self.cache_bytes:
+                        self._features[(m.features, shape)] = fg
+                        self._cached += size
+            else:
+                if m.features not in scaled:
+                    gauss = self.gaussian(a) if gauss is None else gauss
+                    scaled[m.features] = m.features(gauss)
+                fg = scaled[m.features]
+            out[m.name] = m.compare(fa, fg)
+        return out
+
+    def __call__(self, m: Metric, a: torch.Tensor, fa: Any) -> float:
+        """The baseline of one metric for ``a`` (features ``fa``)."""
+        return self.values([m], a, {m.features: fa})[m.name]
+
+
+def _nbytes(f: Any) -> int:
+    if isinstance(f, (tuple, list)):
+        return sum(_nbytes(x) for x in f)
+    return int(f.numel() * f.element_size()) if hasattr(f, "element_size") else 64

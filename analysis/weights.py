@@ -70,30 +70,40 @@ def _metric_values(
     b: torch.Tensor,
     baseline: Baseline | None,
     timer: _Timer,
-    cache: dict[tuple[str, str], Any] | None = None,
+    cache: dict[tuple[Any, str], Any] | None = None,
     keys: tuple[str, str] = ("", ""),
 ) -> dict[str, tuple[float, float | None]]:
-    """``{metric: (value(a, b), gaussian baseline of a)}`` for the metrics that apply."""
-    out: dict[str, tuple[float, float | None]] = {}
+    """``{metric: (value(a, b), gaussian baseline of a)}`` for the metrics that apply.
+
+    Metrics with one ``features`` function (cosine and both Frobenius: the flattened tensor)
+    share each tensor's features; ``cache`` memoises small ones under ``(features, key)``.
+    """
     shape = tuple(a.shape)
-    for m in metrics:
-        if not m.applies(shape):
-            continue
+    todo = [m for m in metrics if m.applies(shape)]
+    fa: dict[Any, Any] = {}
+    fb: dict[Any, Any] = {}
+    values: dict[str, float] = {}
+    for m in todo:
         t = time.perf_counter()
-        fa = _features(m, a, cache, keys[0])
-        fb = _features(m, b, cache, keys[1])
-        value = m.compare(fa, fb)
-        base = baseline(m, a, fa) if baseline is not None else None
+        if m.features not in fa:
+            fa[m.features] = _features(m, a, cache, keys[0])
+        if m.features not in fb:
+            fb[m.features] = _features(m, b, cache, keys[1])
+        values[m.name] = m.compare(fa[m.features], fb[m.features])
         timer.add(m.name, t)
-        out[m.name] = (value, base)
-    return out
+    bases: dict[str, float] = {}
+    if baseline is not None:
+        t = time.perf_counter()
+        bases = baseline.values(todo, a, fa)
+        timer.add("baseline_gaussian", t)
+    return {name: (v, bases.get(name)) for name, v in values.items()}
 
 
 def _features(m: Metric, t: torch.Tensor, cache: dict | None, key: str) -> Any:
-    """``m.features(t)``, memoised in ``cache`` under ``(metric, key)`` for small features."""
+    """``m.features(t)``, memoised in ``cache`` under ``(features, key)`` for small features."""
     if cache is None or not key or not m.small_features:
         return m.features(t)
-    k = (m.name, key)
+    k = (m.features, key)
     if k not in cache:
         cache[k] = m.features(t)
     return cache[k]
@@ -170,7 +180,7 @@ def compare_models(
             for name in ca.tensors
             if ca.arch.parse(name).layer is None and name in cb.tensors
         ]
-    cache: dict[tuple[str, str], Any] = {}
+    cache: dict[tuple[Any, str], Any] = {}
     for kind, layer, name in progress(jobs, "compare", enabled=show_progress):
         ta, tb = ca.load(name, device=device), cb.load(name, device=device)
         values = _metric_values(ms, ta, tb, base, timer, cache, (f"A:{name}", f"B:{name}"))
@@ -216,7 +226,7 @@ def _other_layer_baselines(
     ms: list[Metric],
     by_kind: dict[str, dict[int, str]],
     records: list[dict[str, Any]],
-    cache: dict[tuple[str, str], Any],
+    cache: dict[tuple[Any, str], Any],
     device: str,
     timer: _Timer,
     show_progress: bool,
@@ -224,6 +234,7 @@ def _other_layer_baselines(
     """Fill ``baseline_other_layer``: A's layer i vs B's layer ``(i + L//2) % L``.
 
     Spectra come from the cache filled by the main pass; flattened metrics reload both tensors.
+    Metrics with ``other_layer_baseline=False`` (CKA) are skipped (left None).
     """
     index = {(r["tensor"], r["metric"]): r for r in records}
     jobs = []
@@ -233,22 +244,22 @@ def _other_layer_baselines(
             j = other_layer(i, order)
             if j is not None:
                 jobs.append((name, layers[j]))
-    big = [m for m in ms if not m.small_features]
-    small = [m for m in ms if m.small_features]
+    big = [m for m in ms if not m.small_features and m.other_layer_baseline]
+    small = [m for m in ms if m.small_features and m.other_layer_baseline]
     for name_a, name_b in progress(jobs, "baselines", enabled=show_progress):
         shape = tuple(ca.tensors[name_a].shape)
+        t = time.perf_counter()
         for m in small:
-            if m.applies(shape) and (m.name, f"A:{name_a}") in cache:
-                t = time.perf_counter()
-                value = m.compare(cache[(m.name, f"A:{name_a}")], cache[(m.name, f"B:{name_b}")])
-                timer.add(m.name, t)
-                index[(name_a, m.name)]["baseline_other_layer"] = value
+            fa, fb = cache.get((m.features, f"A:{name_a}")), cache.get((m.features, f"B:{name_b}"))
+            if m.applies(shape) and fa is not None and fb is not None:
+                index[(name_a, m.name)]["baseline_other_layer"] = m.compare(fa, fb)
         todo = [m for m in big if m.applies(shape)]
         if todo:
             ta, tb = ca.load(name_a, device=device), cb.load(name_b, device=device)
-            for m, (value, _) in _metric_values(todo, ta, tb, None, timer).items():
+            for m, (value, _) in _metric_values(todo, ta, tb, None, _Timer()).items():
                 index[(name_a, m)]["baseline_other_layer"] = value
             del ta, tb
+        timer.add("baseline_other_layer", t)
 
 
 def _layers_by_kinds(
@@ -485,7 +496,7 @@ def compare_experts(
     base = Baseline(device=device) if baselines else None
     records: list[dict[str, Any]] = []
     matrices: dict[str, SimilarityMatrix] = {}
-    dense_cache: dict[tuple[str, str], Any] = {}
+    dense_cache: dict[tuple[Any, str], Any] = {}
     layers_of_kind: dict[str, list[int]] = {}
     for layer, kind in experts:
         layers_of_kind.setdefault(kind, []).append(layer)
@@ -503,7 +514,13 @@ def compare_experts(
                 vals = _metric_values(applicable, t, dt, base, timer, dense_cache, ("", dname))
                 others = (
                     _metric_values(
-                        applicable, t, other, None, timer, dense_cache, ("", dense_names[(j, kind)])
+                        [m for m in applicable if m.other_layer_baseline],
+                        t,
+                        other,
+                        None,
+                        _Timer(),
+                        dense_cache,
+                        ("", dense_names[(j, kind)]),
                     )
                     if other is not None
                     else {}

@@ -107,7 +107,8 @@ def test_cka_matches_hsic_reference(shape):
 @pytest.mark.parametrize("name", ["cosine", "svd_cosine", "eig_cosine", "cka"])
 def test_identical_is_one(name):
     a = T(rng.standard_normal((9, 9)).astype(np.float32))
-    assert METRICS.get(name)(a, a.clone()) == pytest.approx(1.0, abs=1e-9)
+    tol = 1e-6 if name == "cka" else 1e-9  # CKA's products run in float32 for float32 input
+    assert METRICS.get(name)(a, a.clone()) == pytest.approx(1.0, abs=tol)
 
 
 @pytest.mark.parametrize("name", ["frobenius", "frobenius_rel"])

@@ -111,7 +111,8 @@ def test_identical_models(tiny_models):
         if r["metric"].startswith("frobenius"):
             assert r["value"] == 0.0, r
         else:
-            assert r["value"] == pytest.approx(1.0, abs=1e-9), r
+            tol = 1e-6 if r["metric"] == "cka" else 1e-9  # CKA's products run in float32
+            assert r["value"] == pytest.approx(1.0, abs=tol), r
         # the baselines are far from it
         if r["metric"] in ("cosine", "frobenius_rel") and r["tensor"].endswith("weight"):
             assert abs(r["baseline_gaussian"] - (0 if r["metric"] == "cosine" else 1.41)) < 0.2
