@@ -52,6 +52,9 @@ def analyze_activations(
     text = calibration_text(calibration, include_path=include_path)
     ckpt = open_checkpoint(model)
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=trust_remote_code)
+    max_pos = ckpt.config.get("max_position_embeddings")
+    if max_pos and seq_len > max_pos:
+        raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
     ids = token_windows(tokenizer, text, seq_len, max_samples)
     lm = load_causal_lm(ckpt.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     stats = layer_statistics(

@@ -283,7 +283,7 @@ def _layers_by_kinds(
         [short(k) for k in kinds],
         "layer",
         "kind",
-        float(np.mean(gauss)) if gauss else None,
+        float(np.nanmean(gauss)) if gauss else None,
     )
 
 
@@ -338,7 +338,7 @@ def compare_layers(
                 values,
                 labels,
                 labels,
-                baseline_gaussian=float(np.mean(gauss)) if gauss else None,
+                baseline_gaussian=float(np.nanmean(gauss)) if gauss else None,
             )
             for p in range(len(order) - 1):
                 records.append(
@@ -391,10 +391,18 @@ def _pairwise(
     """
     t0 = time.perf_counter()
     n = len(tensors)
-    small = [m.features(t) for t in tensors] if m.small_features else None
+    small = (
+        [m.features(t) if m.applies(tuple(t.shape)) else None for t in tensors]
+        if m.small_features
+        else None
+    )
     values = np.full((n, n), np.nan)
     gauss: list[float] = []
     for i in range(n):
+        if not m.applies(tuple(tensors[i].shape)):
+            if base is not None:
+                gauss.append(float("nan"))
+            continue
         fi = small[i] if small is not None else m.features(tensors[i])
         if base is not None:
             gauss.append(base(m, tensors[i], fi))
@@ -402,6 +410,8 @@ def _pairwise(
             if m.symmetric and j < i:
                 values[i, j] = values[j, i]
                 continue
+            if tensors[i].shape != tensors[j].shape:
+                continue  # e.g. a layer with another width: no comparison (NaN)
             fj = small[j] if small is not None else (fi if j == i else m.features(tensors[j]))
             values[i, j] = m.compare(fi, fj)
     timer.add(m.name, t0)
@@ -551,7 +561,7 @@ def compare_experts(
                 labels,
                 "expert",
                 "expert",
-                float(np.mean(gauss)) if gauss else None,
+                float(np.nanmean(gauss)) if gauss else None,
                 panel=False,
             )
             off = ~np.eye(len(ids), dtype=bool)
@@ -617,7 +627,7 @@ def _expert_panels(
                     [f"e{e}" for e in experts],
                     "layer",
                     "expert",
-                    float(np.mean(gauss)) if gauss else None,
+                    float(np.nanmean(gauss)) if gauss else None,
                 )
             mats = [per_layer.get(f"L{i}/{short(kind)}/{m.name}") for i in layers]
             mats = [x for x in mats if x is not None]
@@ -631,6 +641,6 @@ def _expert_panels(
                     mats[0].cols,
                     "expert",
                     "expert",
-                    float(np.mean(gauss)) if gauss else None,
+                    float(np.nanmean(gauss)) if gauss else None,
                 )
     return out

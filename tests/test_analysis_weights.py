@@ -220,6 +220,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_inputs_one_line_exit_2(tiny_models, moe, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
+    text = tmp_path / "text.txt"
+    text.write_text("w1 w2 w3\n")
     cases = {
         "different architectures": (
             ["analyze", "weights", str(tiny_models["llama"]), str(tiny_models["qwen2"])],
@@ -240,6 +242,11 @@ def test_bad_inputs_one_line_exit_2(tiny_models, moe, tmp_path, capsys):
         "missing calibration file": (
             ["analyze", "activations", str(tiny_models["llama"]), "--calibration", "nope.txt"],
             "no such calibration file",
+        ),
+        "window longer than the model's positions": (
+            ["analyze", "activations", str(tiny_models["llama"]), "--calibration", str(text)]
+            + ["--seq-len", "100"],
+            "exceeds the model's 64 positions",
         ),
         "unknown metric": (
             ["analyze", "weights", str(tiny_models["llama"]), "--metrics", "cosine,bogus"],
