@@ -12,18 +12,18 @@ its spectra can be computed once per shape.
 
 Registered metrics (``METRICS.names()``):
 
-- ``cosine``: cosine of the flattened tensors (float64).
+- ``cosine``: cosine of the flattened tensors (accumulated in float64, block by block).
 - ``svd_cosine``: cosine of the singular-value spectra (descending), matrices only.
 - ``eig_cosine``: cosine of the eigenvalue-modulus spectra (descending), square matrices only.
 - ``frobenius``: ``‖a − b‖_F``.
 - ``frobenius_rel``: ``‖a − b‖_F / ‖a‖_F`` (relative to the first tensor).
-- ``cka``: linear CKA with the input axis (columns) as examples and rows as features.
+- ``cka``: linear CKA with the smaller axis as examples and the longer one as features.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,39 +119,86 @@ def is_square(shape: Shape) -> bool:
     return is_matrix(shape) and shape[0] == shape[1]
 
 
+#: elements converted to float64 at a time by the flattened metrics and Gram matrices
+BLOCK = 1 << 22
+
+
 def flat(t: torch.Tensor) -> torch.Tensor:
-    """``[*shape] -> [n]`` float64 (exact for bf16/fp16/fp32 inputs)."""
+    """``[*shape] -> [n]``, a view in the tensor's own dtype (metrics upcast block by block)."""
+    return t.reshape(-1)
+
+
+def _blocks(*vs: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Float64 copies of ``BLOCK``-element slices of equal-length vectors, one slice at a time."""
     import torch
 
-    return t.reshape(-1).to(torch.float64)
+    n = vs[0].numel()
+    for i in range(0, n, BLOCK):
+        yield tuple(v[i : i + BLOCK].to(torch.float64) for v in vs)
 
 
 def cosine_of(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of two vectors ``[n]``, ``[n]`` in float64.
+    """Cosine of two vectors ``[n]``, ``[n]``, accumulated in float64.
 
     Zero vectors have no direction: two zero vectors give 1 (identical), one gives 0.
     """
-    import torch
-
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    dot = na = nb = 0.0
+    for x, y in _blocks(a, b):
+        dot += float(x @ y)
+        na += float(x @ x)
+        nb += float(y @ y)
     if na == 0 or nb == 0:
         return 1.0 if na == nb else 0.0
-    return float(a @ b / (na * nb))
+    return dot / (na**0.5 * nb**0.5)
+
+
+def norm_of(v: torch.Tensor) -> float:
+    """``‖v‖`` of a vector ``[n]``, accumulated in float64."""
+    return sum(float(x @ x) for (x,) in _blocks(v)) ** 0.5
+
+
+def distance_of(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``(‖a − b‖, ‖a‖)`` of two vectors ``[n]``, accumulated in float64."""
+    diff = na = 0.0
+    for x, y in _blocks(a, b):
+        d = x - y
+        diff += float(d @ d)
+        na += float(x @ x)
+    return diff**0.5, na**0.5
+
+
+def gram(t: torch.Tensor, dtype: torch.dtype, center: bool = False) -> torch.Tensor:
+    """Gram matrix of the smaller side of ``[m, n]``: ``tᵀt`` ``[n, n]`` if n ≤ m else ``t tᵀ``.
+
+    Accumulated over blocks of the longer side in ``dtype``. ``center`` subtracts, from each
+    vector along the longer side, its mean over the smaller side first (CKA's centring with the
+    smaller side as examples).
+    """
+    import torch
+
+    m, n = t.shape
+    tall = n <= m
+    k = n if tall else m
+    out = torch.zeros(k, k, dtype=dtype, device=t.device)
+    step = max(1, BLOCK // k)
+    for i in range(0, m if tall else n, step):
+        c = (t[i : i + step] if tall else t[:, i : i + step]).to(dtype)
+        if center:
+            c = c - c.mean(1 if tall else 0, keepdim=True)
+        out += c.T @ c if tall else c @ c.T
+    return out
 
 
 def singular_values(t: torch.Tensor) -> torch.Tensor:
     """Singular values ``[min(m, n)]``, descending, of a matrix ``[m, n]``.
 
     Computed as the square roots of the eigenvalues of the float64 Gram matrix of the smaller
-    side (``t tᵀ`` or ``tᵀ t``): 3-5x faster than ``svdvals`` on CPU, and accurate to about
-    1e-8 of the largest singular value, far below what a spectrum cosine can see.
+    side (:func:`gram`): 3-5x faster than ``svdvals`` on CPU, and accurate to about 1e-8 of the
+    largest singular value, far below what a spectrum cosine can see.
     """
     import torch
 
-    x = t.to(torch.float64)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    ev = torch.linalg.eigvalsh(gram)
+    ev = torch.linalg.eigvalsh(gram(t, torch.float64))
     return ev.clamp_min(0).sqrt().flip(0)
 
 
@@ -166,42 +213,29 @@ def eigenvalue_moduli(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvals(t.to(dtype)).abs().to(torch.float64).sort(descending=True).values
 
 
-def cka_features(t: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``[out, in]`` -> (X ``[in, out]`` centred over examples, ``‖XᵀX‖_F``) for linear CKA.
+def cka_features(t: torch.Tensor) -> torch.Tensor:
+    """``[m, n]`` -> the centred Gram matrix ``K`` ``[k, k]``, k = min(m, n), for linear CKA.
 
-    Examples are the input axis (columns), features are the rows (output units), so CKA is
-    invariant to rotations and permutations of the output units and to scale. Products run in
-    float32 (float64 when given float64): CKA is reported to 4 digits, and they dominate its cost.
+    Examples are the smaller axis (the input axis of a square matrix), features the longer one:
+    for MLP matrices the examples are the residual-stream axis and the features the MLP's
+    neurons, so CKA is blind to permuting or rotating neurons (and to scale). ``K = Xc Xcᵀ`` with
+    ``X`` ``[examples, features]`` centred over examples; float32 (float64 when given float64).
     """
     import torch
 
-    x = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).T
-    x = x - x.mean(0, keepdim=True)
-    return x, float(torch.linalg.matrix_norm(_self_product(x)))
+    return gram(t, torch.float64 if t.dtype == torch.float64 else torch.float32, center=True)
 
 
-def _self_product(x: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` ``[p, p]`` or ``XXᵀ`` ``[n, n]``, whichever is smaller (equal Frobenius norms)."""
-    return x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+def linear_cka(ka: torch.Tensor, kb: torch.Tensor) -> float:
+    """``⟨Ka, Kb⟩_F / (‖Ka‖_F ‖Kb‖_F)`` on centred Gram matrices (:func:`cka_features`).
 
-
-def linear_cka(fa: tuple[torch.Tensor, float], fb: tuple[torch.Tensor, float]) -> float:
-    """``‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on :func:`cka_features` outputs (same example count)."""
-    import torch
-
-    (x, nx), (y, ny) = fa, fb
-    if nx == 0 or ny == 0:  # a constant matrix has no centred structure
-        return 1.0 if nx == ny else 0.0
-    cross = y.T @ x if max(x.shape[1], y.shape[1]) <= x.shape[0] else None
-    if cross is None:  # fewer examples than features: use the example Gram matrices
-        num = float(((x @ x.T) * (y @ y.T)).sum())
-    else:
-        num = float(torch.linalg.matrix_norm(cross) ** 2)
-    return num / (nx * ny)
+    Equals ``‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` for the centred ``X``, ``Y``; accumulated in float64.
+    """
+    return cosine_of(ka.reshape(-1), kb.reshape(-1))
 
 
 # ---- registered metrics ------------------------------------------------------------------------
-@metric("cosine", "cosine of the flattened weights", features=flat)
+@metric("cosine", "cosine of the flattened weights (float64)", features=flat)
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return cosine_of(a, b)
 
@@ -236,9 +270,7 @@ def _eig_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     scale_invariant=False,
 )
 def _frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
-    import torch
-
-    return float(torch.linalg.vector_norm(a - b))
+    return distance_of(a, b)[0]
 
 
 @metric(
@@ -250,21 +282,18 @@ def _frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
     symmetric=False,
 )
 def _frobenius_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    import torch
-
-    na = float(torch.linalg.vector_norm(a))
-    diff = float(torch.linalg.vector_norm(a - b))
+    diff, na = distance_of(a, b)
     return diff / na if na > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 @metric(
     "cka",
-    "linear CKA (input axis as examples, output units as features; matrices only)",
+    "linear CKA (smaller axis as examples, longer axis as features; matrices only)",
     features=cka_features,
     applies=is_matrix,
     other_layer_baseline=False,
 )
-def _cka(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
+def _cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return linear_cka(a, b)
 
 
@@ -279,7 +308,7 @@ def gaussian_like(shape: Shape, seed: int = 0) -> torch.Tensor:
 
     g = torch.Generator().manual_seed(zlib.crc32(repr((tuple(shape), seed)).encode()))
     t = torch.randn(tuple(shape), generator=g)
-    return t / torch.linalg.vector_norm(t)
+    return t.div_(torch.linalg.vector_norm(t))
 
 
 class Baseline:
@@ -304,11 +333,9 @@ class Baseline:
         self._features: dict[tuple[Callable[..., Any], Shape], Any] = {}
 
     def gaussian(self, a: torch.Tensor) -> torch.Tensor:
-        """``[*a.shape]``: a Gaussian tensor with ``a``'s shape and Frobenius norm (float64)."""
-        import torch
-
+        """``[*a.shape]``: a Gaussian tensor with ``a``'s shape and Frobenius norm (float32)."""
         g = gaussian_like(tuple(a.shape), self.seed).to(self.device or a.device)
-        return g.to(torch.float64) * float(torch.linalg.vector_norm(a.to(torch.float64)))
+        return g.mul_(norm_of(a.reshape(-1)))
 
     def values(
         self, ms: list[Metric], a: torch.Tensor, features: dict[Callable[..., Any], Any]
@@ -324,7 +351,7 @@ class Baseline:
                 fg = self._features.get((m.features, shape))
                 if fg is None:
                     fg = m.features(gaussian_like(shape, self.seed).to(self.device or a.device))
-                    size = _nbytes(fg)
+                    size = nbytes_of(fg)
                     if self._cached + size <= self.cache_bytes:
                         self._features[(m.features, shape)] = fg
                         self._cached += size
@@ -341,7 +368,7 @@ class Baseline:
         return self.values([m], a, {m.features: fa})[m.name]
 
 
-def _nbytes(f: Any) -> int:
+def nbytes_of(f: Any) -> int:
     if isinstance(f, (tuple, list)):
-        return sum(_nbytes(x) for x in f)
+        return sum(nbytes_of(x) for x in f)
     return int(f.numel() * f.element_size()) if hasattr(f, "element_size") else 64

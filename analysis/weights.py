@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splice.analysis.metrics import Baseline, Metric, resolve_metrics
+from splice.analysis.metrics import Baseline, Metric, flat, nbytes_of, resolve_metrics
 from splice.analysis.report import SimilarityMatrix, SimilarityReport
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
@@ -383,27 +383,35 @@ def torch_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _pairwise(
-    m: Metric, tensors: list[torch.Tensor], base: Baseline | None, timer: _Timer
+    m: Metric,
+    tensors: list[torch.Tensor],
+    base: Baseline | None,
+    timer: _Timer,
+    budget: int = 512 * 2**20,
 ) -> tuple[np.ndarray, list[float]]:
     """``[n, n]`` metric matrix over ``tensors`` and each tensor's Gaussian baseline ``[n]``.
 
-    Small features (spectra) are computed once per tensor; flattened ones per row and column.
+    Each tensor's features are computed once and kept (flattened features are views; spectra
+    are small) unless they would pass ``budget`` bytes, then once per row and per column.
     """
     t0 = time.perf_counter()
     n = len(tensors)
-    small = (
-        [m.features(t) if m.applies(tuple(t.shape)) else None for t in tensors]
-        if m.small_features
-        else None
-    )
+    fits = [m.applies(tuple(t.shape)) for t in tensors]
+    keep = m.small_features or m.features is flat
+    feats: list[Any] = [None] * n
+    if not keep and any(fits):
+        first = m.features(tensors[fits.index(True)])
+        keep = n * nbytes_of(first) <= budget
+    if keep:
+        feats = [m.features(t) if ok else None for t, ok in zip(tensors, fits, strict=True)]
     values = np.full((n, n), np.nan)
     gauss: list[float] = []
     for i in range(n):
-        if not m.applies(tuple(tensors[i].shape)):
+        if not fits[i]:
             if base is not None:
                 gauss.append(float("nan"))
             continue
-        fi = small[i] if small is not None else m.features(tensors[i])
+        fi = feats[i] if keep else m.features(tensors[i])
         if base is not None:
             gauss.append(base(m, tensors[i], fi))
         for j in range(n):
@@ -412,7 +420,7 @@ def _pairwise(
                 continue
             if tensors[i].shape != tensors[j].shape:
                 continue  # e.g. a layer with another width: no comparison (NaN)
-            fj = small[j] if small is not None else (fi if j == i else m.features(tensors[j]))
+            fj = feats[j] if keep else (fi if j == i else m.features(tensors[j]))
             values[i, j] = m.compare(fi, fj)
     timer.add(m.name, t0)
     return values, gauss

@@ -20,8 +20,10 @@ def np_cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def np_cka(wa: np.ndarray, wb: np.ndarray) -> float:
-    """Linear CKA via HSIC with the centering matrix H; examples are the columns of W."""
-    x, y = wa.T.astype(np.float64), wb.T.astype(np.float64)
+    """Linear CKA via HSIC with the centering matrix H; examples are W's smaller axis."""
+    tall = wa.shape[1] <= wa.shape[0]
+    x, y = (wa.T, wb.T) if tall else (wa, wb)
+    x, y = x.astype(np.float64), y.astype(np.float64)
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
     k, l_ = x @ x.T, y @ y.T
@@ -93,14 +95,15 @@ def test_eig_cosine_known_eigenvalues():
     assert not METRICS.get("svd_cosine").applies((30,))
 
 
-@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])  # more and fewer examples than features
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)])  # tall, wide, square
 def test_cka_matches_hsic_reference(shape):
     a = rng.standard_normal(shape)
     b = a @ np.diag(rng.uniform(0.5, 2, shape[1])) + 0.7 * rng.standard_normal(shape)
     m = METRICS.get("cka")
     assert m(T(a), T(b)) == pytest.approx(np_cka(a, b), rel=1e-10)
-    # invariant to rotating the output units and to scale
-    rot = orthogonal(shape[0]) @ a * 3.0
+    # invariant to rotating the features (the longer axis; the rows of a square matrix) and scale
+    tall = shape[1] <= shape[0]
+    rot = orthogonal(shape[0]) @ a * 3.0 if tall else a @ orthogonal(shape[1]) * 3.0
     assert m(T(a), T(rot)) == pytest.approx(1.0, abs=1e-10)
 
 
@@ -123,13 +126,18 @@ def test_gaussian_baseline():
     assert torch.equal(g, gaussian_like((64, 32)))  # fixed per shape
     a = T(rng.standard_normal((64, 32)) * 0.02 + 0.01)
     base = Baseline()
-    gauss = base.gaussian(a)
-    assert float(torch.linalg.vector_norm(gauss)) == pytest.approx(
-        float(torch.linalg.vector_norm(a))
-    )
-    for name in ("cosine", "svd_cosine", "frobenius", "frobenius_rel"):
-        m = METRICS.get(name)
-        assert base(m, a, m.features(a)) == pytest.approx(m(a, gauss), rel=1e-9)
+    for x in (a, 7 * a + 1, a):  # per-shape caches must not leak one tensor's norm into another
+        gauss = base.gaussian(x)
+        norm = float(torch.linalg.vector_norm(x))
+        assert float(torch.linalg.vector_norm(gauss)) == pytest.approx(norm, rel=1e-6)
+        ms = [m for n in METRICS.names() if (m := METRICS.get(n)).applies(tuple(x.shape))]
+        assert len(ms) == 5  # all but eig_cosine
+        for m in ms:
+            name = m.name
+            expected = m(x, gauss)
+            assert base(m, x, m.features(x)) == pytest.approx(expected, rel=1e-6, abs=1e-6), name
+        together = base.values(ms, x, {m.features: m.features(x) for m in ms})
+        assert together == {m.name: base(m, x, m.features(x)) for m in ms}
     cos = base(METRICS.get("cosine"), a, METRICS.get("cosine").features(a))
     assert abs(cos) < 5 / math.sqrt(a.numel())
     rel = METRICS.get("frobenius_rel")

@@ -222,6 +222,7 @@ def test_bad_inputs_one_line_exit_2(tiny_models, moe, tmp_path, capsys):
     empty.write_text("  \n")
     text = tmp_path / "text.txt"
     text.write_text("w1 w2 w3\n")
+    act = ["analyze", "activations", str(tiny_models["llama"])]
     cases = {
         "different architectures": (
             ["analyze", "weights", str(tiny_models["llama"]), str(tiny_models["qwen2"])],
@@ -244,8 +245,7 @@ def test_bad_inputs_one_line_exit_2(tiny_models, moe, tmp_path, capsys):
             "no such calibration file",
         ),
         "window longer than the model's positions": (
-            ["analyze", "activations", str(tiny_models["llama"]), "--calibration", str(text)]
-            + ["--seq-len", "100"],
+            [*act, "--seq-len", "100", "--calibration", str(text)],
             "exceeds the model's 64 positions",
         ),
         "unknown metric": (
