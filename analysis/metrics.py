@@ -361,6 +361,7 @@ class Baseline:
                     scaled[m.features] = m.features(gauss)
                 fg = scaled[m.features]
             out[m.name] = m.compare(fa, fg)
+            del fg  # an uncached unit Gaussian is freed before the next one is drawn
         return out
 
     def __call__(self, m: Metric, a: torch.Tensor, fa: Any) -> float:
