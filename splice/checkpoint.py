@@ -155,12 +155,20 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """Architecture spec for this model (inferred, with a warning, if the type is unknown)."""
         return ArchSpec.for_model(self.config, self.tensors)
 
+    @cached_property
+    def layer_index(self) -> dict[int, list[str]]:
+        """``{layer: [tensor names]}`` for every per-layer tensor, layers in order."""
+        index: dict[int, list[str]] = {}
+        for name in self.tensors:
+            layer = self.arch.layer_of(name)
+            if layer is not None:
+                index.setdefault(layer, []).append(name)
+        return dict(sorted(index.items()))
+
     @property
     def num_layers(self) -> int:
         """Layers present in the weights (not just claimed by the config)."""
-        layers = {self.arch.layer_of(n) for n in self.tensors}
-        layers.discard(None)
-        return len(layers)
+        return len(self.layer_index)
 
     @property
     def tied(self) -> bool:

@@ -59,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(first).parse_args(argv)
         return int(args.func(args) or 0)
-    except SpliceError as e:
-        print(f"splice: error: {e}", file=sys.stderr)
+    except SpliceError as e:  # one line per problem
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"splice: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("splice: interrupted", file=sys.stderr)

@@ -101,3 +101,41 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory):
+    """A base and two 'fine-tunes' (base + small deltas), tiny llama, float32."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("trio")
+    base = make_tiny(root / "base", "llama", seed=0)
+    out = {"base": base}
+    for i, name in enumerate(["ft1", "ft2"], start=1):
+        dst = root / name
+        shutil.copytree(base, dst)
+        sd = load_file(dst / "model.safetensors")
+        g = torch.Generator().manual_seed(i)
+        save_file(
+            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+            dst / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        out[name] = dst
+    return out
+
+
+def logits(folder_or_model, ids=None, **config):
+    """Logits of a model (or a folder, loaded in float32) on a fixed id sequence."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = folder_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_model, dtype=torch.float32, **config)
+    ids = ids if ids is not None else (torch.arange(5, 30).reshape(1, -1) % 90 + 4)
+    with torch.no_grad():
+        return model.eval()(ids).logits

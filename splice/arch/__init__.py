@@ -238,6 +238,19 @@ class ArchSpec:
             raise ValueError(f"{name!r} is not an expert tensor")
         return self.layer_name(new_layer, t.kind)
 
+    def is_residual_writer(self, name: str) -> bool:
+        """True for tensors that write into the residual stream (``o_proj``, ``down_proj``, ...).
+
+        Scaling the stream by ``w`` before a layer equals dividing these tensors (weights and
+        biases) of that layer and all later ones by ``w``, because RMSNorm is scale-invariant.
+        """
+        t = self.parse(name)
+        if t.layer is None:
+            return False
+        kind = t.kind if t.expert is None else self.experts.prefix + t.kind  # type: ignore[union-attr]
+        module = kind.rsplit(".", 1)[0]
+        return module in self.residual_writers
+
     def required_layer_kinds(self) -> list[str]:
         """Layer-relative kinds every layer must have (experts excluded)."""
         return [k for kinds in self.layer_tensors.values() for k in kinds]

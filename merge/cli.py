@@ -1,0 +1,59 @@
+"""``splice merge RECIPE OUT``: run a mergekit-style YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+from splice.cli import add_model_options, add_output_options
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge models as a YAML recipe says (mergekit recipes run unchanged)",
+        description="Merge models from a YAML recipe, streaming tensor by tensor into OUT.",
+    )
+    p.add_argument("recipe", help="YAML recipe (mergekit schema, plus layer_path and seed)")
+    p.add_argument("out", nargs="?", help="output folder (written atomically)")
+    p.add_argument("--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, help="torch threads for the arithmetic")
+    p.add_argument("--workers", type=int, default=2, help="tensors in flight (default 2)")
+    p.add_argument("--memory", default="1GiB", help="cap on bytes held by tensors in flight")
+    p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the recipe's)")
+    p.add_argument(
+        "--allow-crimes", action="store_true", help="merge models of different architectures"
+    )
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    add_output_options(p, dtype=False)
+    add_model_options(p)
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    from splice.dtypes import parse_size
+    from splice.errors import SpliceError
+    from splice.merge.run import MergeOptions, plan, run
+
+    opts = MergeOptions(
+        device=args.device,
+        threads=args.threads,
+        workers=args.workers,
+        memory_budget=parse_size(args.memory),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
+        allow_crimes=args.allow_crimes,
+        seed=args.seed,
+    )
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpliceError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.dry_run:
+        print(plan(args.recipe, opts).describe())
+        return
+    if not args.out:
+        raise SpliceError("give an output folder OUT (or --dry-run)")
+    print(f"wrote {run(args.recipe, args.out, opts)}")

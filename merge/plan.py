@@ -1,0 +1,441 @@
+"""From a recipe to a list of tensor tasks, checked against the models before any data is read.
+
+``plan_merge(recipe, options)`` opens every referenced model lazily (headers only), normalizes the
+recipe to output slices (a ``models`` recipe is one slice over all layers, with the base model
+added if it is not listed, as mergekit does), and builds one ``TensorTask`` per output tensor:
+
+* embeddings use the first slice's sources, the final norm and head the last slice's (``t = 0``);
+* layer ``i`` of a slice of ``n`` layers resolves gradients at ``t = i / (n - 1)``;
+* ``passthrough`` copies its single source (times an optional ``scale``);
+* other methods get the non-base sources in recipe order and the base separately.
+
+Every problem found (unknown method, missing base, layer range out of bounds, architecture or
+shape mismatch, missing parameter) is collected and raised as one ``SpliceError`` with a line each.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from splice.arch import ArchSpec
+from splice.checkpoint import Checkpoint, open_checkpoint
+from splice.dtypes import config_with_dtype, dtype_name
+from splice.errors import SpliceError
+from splice.execute import Source, TensorTask
+from splice.layerplan import LayerPlan, LayerRef
+from splice.merge.methods import METHODS, REQUIRED, MergeMethod
+from splice.merge.params import MISSING, coerce, resolve
+from splice.merge.recipe import Params, Recipe
+
+
+@dataclass
+class MergePlan:
+    """Everything needed to run a merge: tasks, models, output config, tokenizer donor."""
+
+    recipe: Recipe
+    models: dict[str, Checkpoint]
+    tasks: list[TensorTask]
+    config: dict[str, Any]
+    tokenizer_from: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A readable table of the plan (``splice merge --dry-run``)."""
+        lines = [f"{len(self.tasks)} tensors, {self.config.get('num_hidden_layers')} layers"]
+        for t in self.tasks:
+            lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _SliceSrc:
+    model: str
+    start: int
+    end: int
+    params: Params | None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_SliceSrc, ...]
+    base: str | None
+    params: Params | None
+
+
+class _Problems:
+    """Collects validation problems; raises them together."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            shown = self.lines[:12]
+            if len(self.lines) > 12:
+                shown.append(f"... and {len(self.lines) - 12} more problems")
+            raise SpliceError("\n".join(shown))
+
+
+def open_models(
+    recipe: Recipe, *, allow_pickle: bool = False, models: Mapping[str, Checkpoint] | None = None
+) -> dict[str, Checkpoint]:
+    """Open every model the recipe references (lazy: headers only); reuse ``models`` if given."""
+    out: dict[str, Checkpoint] = {}
+    problems = _Problems()
+    for ref in recipe.referenced_models():
+        if models is not None and ref in models:
+            out[ref] = models[ref]
+            continue
+        try:
+            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+        except SpliceError as e:
+            problems.add(f"model {ref}: {e}" if ref not in str(e) else str(e))
+    problems.raise_if_any()
+    return out
+
+
+def _check_architectures(
+    models: Mapping[str, Checkpoint], donor: str, allow_crimes: bool, problems: _Problems
+) -> None:
+    arch = models[donor].config.get("architectures")
+    mtype = models[donor].config.get("model_type")
+    for ref, ckpt in models.items():
+        other = (ckpt.config.get("model_type"), ckpt.config.get("architectures"))
+        if other != (mtype, arch) and not allow_crimes:
+            problems.add(
+                f"architecture mismatch: {ref} is {other[0]} {other[1]}, {donor} is {mtype} "
+                f"{arch} (pass --allow-crimes to merge them anyway)"
+            )
+
+
+def _slices(recipe: Recipe, models: Mapping[str, Checkpoint]) -> list[_Slice]:
+    if recipe.models:
+        sources = [
+            _SliceSrc(m.model, 0, models[m.model].num_layers, m.parameters) for m in recipe.models
+        ]
+        base = recipe.base_model
+        if base and base not in [m.model for m in recipe.models]:
+            sources.append(_SliceSrc(base, 0, models[base].num_layers, None))
+        return [_Slice(tuple(sources), base, None)]
+    return [
+        _Slice(
+            tuple(_SliceSrc(s.model, *s.layer_range, s.parameters) for s in sl.sources),
+            sl.base_model or recipe.base_model,
+            sl.parameters,
+        )
+        for sl in recipe.slices or []
+    ]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed for one tensor's generator: stable across runs, threads and orders."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@dataclass
+class _Context:
+    recipe: Recipe
+    method: MergeMethod | None  # None: passthrough
+    models: Mapping[str, Checkpoint]
+    compute_dtype: str
+    out_dtype: str | None
+    seed: int
+    problems: _Problems
+
+
+def _params(
+    ctx: _Context,
+    slc: _Slice,
+    inputs: list[tuple[_SliceSrc, str]],
+    out_name: str,
+    t: float,
+) -> dict[str, Any]:
+    """Resolved keyword arguments for the method on one tensor (globals and per-model lists)."""
+    method = ctx.method
+    assert method is not None
+    kwargs: dict[str, Any] = {}
+    for key, default in method.global_params.items():
+        value = resolve(key, (slc.params, ctx.recipe.parameters), out_name, t)
+        if value is MISSING:
+            if default is REQUIRED:
+                ctx.problems.add(f"{method.name}: parameter {key!r} is required ({out_name})")
+                continue
+            value = default
+        kwargs[method.python_name(key)] = coerce(value, default, f"{key} for {out_name}")
+    for key, default in method.per_model.items():
+        values = []
+        for src, in_name in inputs:
+            value = resolve(key, (src.params, slc.params, ctx.recipe.parameters), in_name, t)
+            if value is MISSING:
+                if default is None:
+                    ctx.problems.add(
+                        f"{method.name}: parameter {key!r} is required for model {src.model} "
+                        f"({in_name})"
+                    )
+                    value = 0.0
+                else:
+                    value = default
+            values.append(coerce(value, 1.0, f"{key} for {src.model}"))
+        kwargs[key] = values
+    return kwargs
+
+
+def _merge_task(
+    ctx: _Context,
+    slc: _Slice,
+    out_name: str,
+    inputs: list[tuple[_SliceSrc, str]],
+    t: float,
+) -> TensorTask | None:
+    """The task for one output tensor from the slice's sources (``inputs``: source, name)."""
+    problems, models = ctx.problems, ctx.models
+    shapes = {}
+    for src, name in inputs:
+        info = models[src.model].tensors.get(name)
+        if info is None:
+            problems.add(f"{src.model} has no tensor {name!r} (needed for {out_name})")
+            return None
+        shapes[f"{src.model}:{name}"] = info.shape
+    if len(set(shapes.values())) > 1:
+        desc = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        problems.add(f"shape mismatch for {out_name}: {desc}")
+        return None
+    shape = next(iter(shapes.values()))
+    first = models[inputs[0][0].model][inputs[0][1]]
+    out_dtype = ctx.out_dtype or first.dtype
+    if ctx.method is None:  # passthrough
+        if len(inputs) != 1:
+            problems.add(f"passthrough takes one source per slice, got {len(inputs)} ({out_name})")
+            return None
+        src, name = inputs[0]
+        scale = resolve("scale", (src.params, slc.params, ctx.recipe.parameters), name, t)
+        scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {name}")
+        return TensorTask(
+            name=out_name,
+            shape=shape,
+            dtype=out_dtype,
+            sources=(Source(src.model, name),),
+            scale=scale,
+            load_dtype=ctx.compute_dtype if scale != 1.0 or out_dtype != first.dtype else None,
+            label=f"{src.model}:{name}" + (f" x{scale:g}" if scale != 1.0 else ""),
+        )
+    method = ctx.method
+    base_pair = None
+    others = inputs
+    if method.base != "none" and slc.base is not None:
+        base_pairs = [p for p in inputs if p[0].model == slc.base]
+        if not base_pairs:
+            problems.add(f"{method.name}: base model {slc.base} is not among the slice's sources")
+            return None
+        base_pair = base_pairs[0]
+        others = [p for p in inputs if p[0].model != slc.base]
+    elif method.base == "required":
+        problems.add(f"{method.name} needs a base_model")
+        return None
+    if not others:
+        problems.add(f"{method.name}: no models to merge besides the base ({out_name})")
+        return None
+    kwargs = _params(ctx, slc, others, out_name, t)
+    if method.stochastic:
+        kwargs["__seed__"] = tensor_seed(ctx.seed, out_name)
+    srcs = tuple(Source(s.model, n) for s, n in others)
+    if base_pair is not None:
+        srcs = (Source(base_pair[0].model, base_pair[1]), *srcs)
+    return TensorTask(
+        name=out_name,
+        shape=shape,
+        dtype=out_dtype,
+        sources=srcs,
+        compute=_MethodCall(method, kwargs, base_pair is not None),
+        load_dtype=ctx.compute_dtype,
+        label=f"{method.name}({', '.join(s.model for s, _ in others)}"
+        + (f"; base {base_pair[0].model})" if base_pair else ")"),
+    )
+
+
+@dataclass(frozen=True)
+class _MethodCall:
+    """``compute`` for a merge task: calls the method with its resolved parameters."""
+
+    method: MergeMethod
+    kwargs: dict[str, Any]
+    has_base: bool
+
+    def __call__(self, tensors: list[Any]) -> Any:
+        import torch
+
+        kwargs = dict(self.kwargs)
+        seed = kwargs.pop("__seed__", None)
+        if seed is not None:
+            kwargs["generator"] = torch.Generator(device=tensors[0].device).manual_seed(seed)
+        base = tensors[0] if self.has_base else None
+        others = tensors[1:] if self.has_base else tensors
+        return self.method(others, base, **kwargs)
+
+
+def _name_in(ckpt: Checkpoint, spec: ArchSpec, role: str) -> str:
+    """The model's tensor for a global role; a tied head reads the embedding."""
+    if role == "head" and ckpt.tied:
+        return ckpt.arch.embed
+    return {
+        "embed": ckpt.arch.embed,
+        "final_norm": ckpt.arch.final_norm,
+        "head": ckpt.arch.lm_head,
+    }[role]
+
+
+def plan_merge(
+    recipe: Recipe,
+    *,
+    models: Mapping[str, Checkpoint] | None = None,
+    allow_pickle: bool = False,
+    allow_crimes: bool = False,
+    seed: int | None = None,
+) -> MergePlan:
+    """Validate ``recipe`` against its models and build the tasks (no tensor data is read)."""
+    if recipe.merge_method == "moe":
+        from splice.merge.moe import plan_moe
+
+        return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed)
+    method = None
+    if recipe.merge_method not in ("passthrough", "layer_path"):
+        method = METHODS.get(recipe.merge_method)
+    ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
+    problems = _Problems()
+    donor = recipe.base_model or recipe.referenced_models()[0]
+    _check_architectures(ckpts, donor, allow_crimes, problems)
+    compute_dtype = dtype_name(recipe.dtype) if recipe.dtype else "float32"
+    out_dtype = (
+        dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    )
+    problems.raise_if_any()
+    tokenizer_from = _tokenizer_donor(recipe, donor, ckpts)
+
+    if recipe.layer_path:
+        return _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
+
+    slices = _slices(recipe, ckpts)
+    ctx = _Context(
+        recipe,
+        method,
+        ckpts,
+        compute_dtype,
+        out_dtype,
+        seed if seed is not None else (recipe.seed or 0),
+        problems,
+    )
+    if method is not None and method.base == "required" and not all(s.base for s in slices):
+        problems.add(f"{method.name} needs a base_model")
+        problems.raise_if_any()
+    for i, slc in enumerate(slices):
+        lengths = set()
+        for src in slc.sources:
+            n = ckpts[src.model].num_layers
+            if src.end > n:
+                problems.add(
+                    f"slice {i}: layer_range [{src.start}, {src.end}] is out of bounds for "
+                    f"{src.model}, which has {n} layers"
+                )
+            lengths.add(src.end - src.start)
+        if len(lengths) > 1:
+            problems.add(f"slice {i}: sources span different numbers of layers {sorted(lengths)}")
+    problems.raise_if_any()
+
+    donor_ckpt = ckpts[donor]
+    spec = donor_ckpt.arch
+    tasks: list[TensorTask] = []
+
+    def global_task(role: str, slc: _Slice, out_name: str) -> None:
+        inputs = [(s, _name_in(ckpts[s.model], spec, role)) for s in slc.sources]
+        task = _merge_task(ctx, slc, out_name, inputs, 0.0)
+        if task is not None:
+            tasks.append(task)
+
+    global_task("embed", slices[0], spec.embed)
+    out_layer = 0
+    layer_sources: list[LayerRef] = []
+    for slc in slices:
+        n = slc.sources[0].end - slc.sources[0].start
+        for idx in range(n):
+            t = idx / (n - 1) if n > 1 else 1.0
+            first = slc.sources[0]
+            first_ckpt = ckpts[first.model]
+            layer_sources.append(LayerRef(first.model, first.start + idx))
+            for name in first_ckpt.layer_index.get(first.start + idx, []):
+                inputs = [
+                    (s, ckpts[s.model].arch.rename(name, layer=s.start + idx)) for s in slc.sources
+                ]
+                out_name = spec.rename(name, layer=out_layer)
+                task = _merge_task(ctx, slc, out_name, inputs, t)
+                if task is not None:
+                    tasks.append(task)
+            out_layer += 1
+    global_task("final_norm", slices[-1], spec.final_norm)
+    if not donor_ckpt.tied:
+        global_task("head", slices[-1], spec.lm_head)
+    problems.raise_if_any()
+
+    config = LayerPlan(tuple(layer_sources), donor, donor).config(ckpts, donor)
+    config["tie_word_embeddings"] = donor_ckpt.tied
+    if out_dtype:
+        config = config_with_dtype(config, out_dtype)
+    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)
+
+
+def _vocab(ckpt: Checkpoint) -> dict[str, int] | None:
+    """Token -> id from the model's tokenizer.json (with added tokens), or None if absent."""
+    path = ckpt.path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+
+
+def _tokenizer_donor(recipe: Recipe, donor: str, models: Mapping[str, Checkpoint]) -> str | None:
+    """Which model's tokenizer files the output gets.
+
+    ``base`` (and no setting): the donor's. A model reference: that model's. ``union``: the
+    donor's, provided every model has the same vocabulary (the union then is that vocabulary);
+    merging different vocabularies is refused with a clear message rather than done wrong.
+    """
+    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    if source in (None, "base"):
+        return donor
+    if source == "union":
+        reference = _vocab(models[donor])
+        for ref, ckpt in models.items():
+            if _vocab(ckpt) != reference:
+                raise SpliceError(
+                    f"tokenizer_source union: {ref} and {donor} have different vocabularies; "
+                    "splice cannot merge different vocabularies yet (use tokenizer_source: base "
+                    "if the extra tokens do not matter)"
+                )
+        return donor
+    return source
+
+
+def _plan_layer_path(
+    recipe: Recipe,
+    ckpts: Mapping[str, Checkpoint],
+    donor: str,
+    out_dtype: str | None,
+    tokenizer_from: str | None,
+) -> MergePlan:
+    refs = []
+    for step in recipe.layer_path or []:
+        for k, layer in enumerate(step.layers):
+            refs.append(LayerRef(step.model, layer, step.scale if k == 0 else 1.0))
+    plan = LayerPlan(tuple(refs), donor, donor)
+    tasks = plan.tasks(ckpts, dtype=out_dtype)
+    config = plan.config(ckpts, donor)
+    if out_dtype:
+        config = config_with_dtype(config, out_dtype)
+    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)

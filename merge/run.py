@@ -1,0 +1,102 @@
+"""Run a merge: to a checkpoint folder (``run``) or into a live module (``merge_into``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splice.card import model_card
+from splice.checkpoint import Checkpoint
+from splice.execute import ExecOptions, execute, execute_into
+from splice.merge.plan import MergePlan, plan_merge
+from splice.merge.recipe import Recipe
+from splice.writer import check_target
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class MergeOptions(ExecOptions):
+    """Execution options plus the safety switches and the seed for stochastic methods."""
+
+    allow_pickle: bool = False
+    allow_crimes: bool = False
+    seed: int | None = None
+
+
+def load_recipe(recipe: Recipe | str | os.PathLike[str] | dict) -> Recipe:
+    """A ``Recipe`` from a Recipe, a dict, a YAML file path or YAML text."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_yaml(recipe)
+
+
+def plan(
+    recipe: Recipe | str | os.PathLike[str] | dict,
+    options: MergeOptions | None = None,
+    models: Mapping[str, Checkpoint] | None = None,
+) -> MergePlan:
+    """Validate and plan a merge without reading any tensor data."""
+    opts = options or MergeOptions()
+    return plan_merge(
+        load_recipe(recipe),
+        models=models,
+        allow_pickle=opts.allow_pickle,
+        allow_crimes=opts.allow_crimes,
+        seed=opts.seed,
+    )
+
+
+def run(
+    recipe: Recipe | str | os.PathLike[str] | dict,
+    out: str | os.PathLike[str],
+    options: MergeOptions | None = None,
+) -> Path:
+    """Merge as the recipe says and write the model to ``out`` (atomically). Returns ``out``."""
+    opts = options or MergeOptions()
+    check_target(out, opts.overwrite)
+    p = plan(recipe, opts)
+    r = p.recipe
+    card = model_card(
+        f"{Path(out).name}: {r.merge_method} merge",
+        r.referenced_models(),
+        recipe=r.to_yaml(),
+        details=f"Merged with splice using the `{r.merge_method}` method.",
+        tags=["merge", r.merge_method],
+    )
+    extra = {}
+    if r.chat_template:
+        extra["chat_template.jinja"] = r.chat_template
+    return execute(
+        p.tasks,
+        p.models,
+        out,
+        config=p.config,
+        tokenizer_from=p.models[p.tokenizer_from] if p.tokenizer_from else None,
+        card=card,
+        extra_files=extra,
+        options=opts,
+    )
+
+
+def merge_into(
+    module: torch.nn.Module,
+    recipe: Recipe | str | os.PathLike[str] | dict,
+    models: Mapping[str, Checkpoint] | None = None,
+    options: MergeOptions | None = None,
+) -> MergePlan:
+    """Merge into ``module``'s parameters in place (no disk writes); returns the plan used.
+
+    ``models`` maps the recipe's model references to open checkpoints, so that repeated calls
+    (evolve) reuse them. The module must have the output's architecture and layer count.
+    """
+    opts = options or MergeOptions(show_progress=False)
+    p = plan(recipe, opts, models)
+    execute_into(p.tasks, p.models, module, options=opts)
+    return p
