@@ -75,22 +75,19 @@ def generalized_task_arithmetic(
     if not tensors:
         return base.clone()
     deltas = torch.stack([x - base for x in tensors])  # [n, ...], in base's dtype
-    for i in range(len(tensors)):
-        d = deltas[i]
+    for i, d in enumerate(deltas):
         if sparsifier == "magnitude":
-            d = sparsify.magnitude(d, density[i], rescale=rescale)
+            deltas[i] = sparsify.magnitude(d, density[i], rescale=rescale)
         elif sparsifier == "magnitude_outliers":
             assert gamma is not None
-            d = sparsify.magnitude_outliers(d, density[i], gamma=gamma[i], rescale=rescale)
+            deltas[i] = sparsify.magnitude_outliers(d, density[i], gamma=gamma[i], rescale=rescale)
         elif sparsifier == "random":
-            d = sparsify.random(d, density[i], rescale=rescale, generator=generator)
+            deltas[i] = sparsify.random(d, density[i], rescale=rescale, generator=generator)
         elif sparsifier == "della":
             assert epsilon is not None
-            d = sparsify.della(
+            deltas[i] = sparsify.della(
                 d, density[i], epsilon=epsilon[i], rescale=rescale, generator=generator
             )
-        if d is not deltas[i]:
-            deltas[i] = d
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device)
     w = w.view(-1, *([1] * base.dim()))  # [n, 1, ...]
     deltas *= w
