@@ -582,3 +582,30 @@ def test_sign_agreement_vs_mergekit():
     d[:, :3] = 0  # zero deltas and zero sums
     for method in ("sum", "count"):
         assert torch.equal(sign_agreement(d, method), get_mask(d, method=method))
+
+
+# ---------------------------------------------------------------- chunked rank selection
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("lo,hi", [(0, 500), (123, 1000), (250, 700), (999, 1000), (0, 1)])
+def test_chunked_rank_window_matches_a_stable_sort(monkeypatch, dtype, lo, hi):
+    """Radix selection over many chunks == zeroing by a stable argsort of |x| (ties by index)."""
+    monkeypatch.setattr(sp, "CHUNK", 37)  # many chunks, ties spanning chunk borders
+    x = rand(1000, seed=3, scale=0.01).to(dtype)
+    x[::7] = x[3]  # many exact ties in magnitude...
+    x[1::11] = -x[3]  # ...and of both signs
+    x[5::13] = 0
+    order = torch.argsort(x.abs().double(), stable=True)
+    expected = x.clone()
+    expected[order[:lo]] = 0
+    expected[order[hi:]] = 0
+    got = sp.zero_outside_ranks_(x.clone(), lo, hi)
+    assert torch.equal(got, expected)
+
+
+def test_chunked_ties_equal_unchunked(monkeypatch):
+    tensors, base = inputs("ties", dtype=torch.bfloat16, shape=(64, 48))
+    whole = run_case("ties", tensors, base)
+    monkeypatch.setattr(sp, "CHUNK", 100)
+    assert torch.equal(run_case("ties", tensors, base), whole)

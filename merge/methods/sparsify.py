@@ -25,6 +25,9 @@ import torch
 RESCALE_EPS = 1e-7
 
 
+CHUNK = 1 << 22  # elements per pass chunk: temporaries stay small on any tensor size
+
+
 def rescale_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``kept · ‖x‖₁ / ‖kept‖₁`` in ``x``'s dtype; ``kept`` as is when either norm is ~0."""
     before, after = x.abs().sum(), kept.abs().sum()
@@ -38,40 +41,123 @@ def _finish(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
     return rescale_l1(x, kept) if rescale else kept
 
 
-def _magnitudes(x: torch.Tensor) -> torch.Tensor:
-    """``|x|`` flattened, in float32 (float64 kept): exact, and sortable on every device."""
-    return x.detach().abs().reshape(-1).to(torch.promote_types(x.dtype, torch.float32))
+# ---- exact rank selection on |x|, in passes over chunks ---------------------------------------
+# For IEEE floats the bit pattern with the sign bit cleared, read as an integer, orders |x|
+# exactly; selecting the k-th key with a radix pass of 16-bit digits (bincount) is linear and
+# needs no sorted copy. Ranks are ascending |x| with ties broken by flat position.
+
+_KEY_TYPES = {
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+}
 
 
-def _smallest(w: torch.Tensor, r: int) -> torch.Tensor:
-    """Bool mask of the ``r`` smallest entries of 1-D ``w``, ties going to the lower index."""
-    keep = torch.zeros_like(w, dtype=torch.bool)
-    if r <= 0:
-        return keep
-    if r >= w.numel():
-        return keep.fill_(True)
-    v = torch.kthvalue(w, r).values  # O(n) selection instead of a full sort
-    keep = w < v
-    need = r - int(keep.sum())
-    keep[torch.nonzero(w == v).squeeze(1)[:need]] = True
-    return keep
+def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
+    return [flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
 
 
-def rank_window(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Bool mask (shape of ``x``) of entries whose ascending ``|x|`` rank is in ``[lo, hi)``."""
-    w = _magnitudes(x)
-    return (_smallest(w, hi) & ~_smallest(w, lo)).reshape(x.shape)
+def _keys(chunk: torch.Tensor) -> torch.Tensor:
+    """Order keys of ``|chunk|`` (int16 or int32)."""
+    itype, mask = _KEY_TYPES[chunk.dtype]
+    return chunk.view(itype) & mask
+
+
+def _select(flat: torch.Tensor, rank: int) -> tuple[int, int]:
+    """Key of the entry with 0-based ascending rank ``rank`` and how many keys are smaller."""
+    wide = _KEY_TYPES[flat.dtype][0] == torch.int32
+    below, prefix = 0, 0
+    for shift in (16, 0) if wide else (0,):
+        counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+        for chunk in _chunks(flat):
+            key = _keys(chunk)
+            if wide and shift == 0:  # only keys under the chosen top digit
+                key = key[(key >> 16) == (prefix >> 16)] & 0xFFFF
+            elif wide:
+                key = key >> 16
+            counts += torch.bincount(key.reshape(-1), minlength=1 << 16)
+        cum = counts.cumsum(0)
+        digit = int(torch.searchsorted(cum, rank - below, right=True))
+        if digit > 0:
+            below += int(cum[digit - 1])
+        prefix |= digit << shift
+    return prefix, below
+
+
+class _Ranks:
+    """Chunk by chunk, in order: which entries have ascending rank below ``rank``."""
+
+    def __init__(self, flat: torch.Tensor, rank: int) -> None:
+        self.kth, smaller = _select(flat, rank)  # 0 < rank < numel
+        self.ties_left = rank - smaller  # entries equal to the cut key that still rank below
+
+    def below(self, key: torch.Tensor) -> torch.Tensor:
+        """Bool mask for the next chunk's keys (chunks must come in flat order)."""
+        mask = key < self.kth
+        if self.ties_left > 0:
+            ties = torch.nonzero(key == self.kth).squeeze(1)[: self.ties_left]
+            mask[ties] = True
+            self.ties_left -= ties.numel()
+        return mask
+
+
+def zero_outside_ranks_(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """In place: zero the entries of ``x`` whose ascending ``|x|`` rank is not in ``[lo, hi)``."""
+    flat = x.view(-1)
+    if x.dtype not in _KEY_TYPES:  # float64 and others: one sorted pass
+        order = torch.argsort(flat.abs(), stable=True)
+        flat[order[:lo]] = 0
+        flat[order[hi:]] = 0
+        return x
+    low = _Ranks(flat, lo) if lo > 0 else None
+    high = _Ranks(flat, hi) if hi < flat.numel() else None
+    for chunk in _chunks(flat):
+        key = _keys(chunk)
+        if low is not None:
+            chunk.masked_fill_(low.below(key), 0)
+        if high is not None:
+            chunk.masked_fill_(~high.below(key), 0)
+    return x
+
+
+def magnitude_(x: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+    """In place :func:`magnitude` (``x`` is overwritten and returned)."""
+    n = x.numel()
+    if density >= 1:
+        return x
+    if density <= 0 or n == 0:
+        return x.zero_()
+    k = max(1, int(density * n))
+    return _sparsified_(x, n - k, n, rescale)
+
+
+def magnitude_outliers_(
+    x: torch.Tensor, density: float, *, gamma: float = 0.01, rescale: bool = False
+) -> torch.Tensor:
+    """In place :func:`magnitude_outliers` (``x`` is overwritten and returned)."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    keep_n, top_n = int(density * n), int(gamma * n)
+    bottom_n = max(0, n - keep_n - top_n)
+    return _sparsified_(x, bottom_n, bottom_n + keep_n, rescale)
+
+
+def _sparsified_(x: torch.Tensor, lo: int, hi: int, rescale: bool) -> torch.Tensor:
+    before = x.abs().sum() if rescale else None
+    zero_outside_ranks_(x, lo, hi)
+    if before is not None:
+        after = x.abs().sum()
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            x.mul_(before / after)
+    return x
 
 
 def magnitude(x: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
     """Keep the ``max(1, int(density·n))`` entries of largest magnitude (TIES trimming)."""
     if density >= 1:
         return x
-    n = x.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(x)
-    k = max(1, int(density * n))
-    return _finish(x, rank_window(x, n - k, n), rescale)
+    return magnitude_(x.clone(), density, rescale=rescale)
 
 
 def magnitude_outliers(
@@ -83,10 +169,7 @@ def magnitude_outliers(
     """
     if density >= 1:
         return x
-    n = x.numel()
-    keep_n, top_n = int(density * n), int(gamma * n)
-    bottom_n = max(0, n - keep_n - top_n)
-    return _finish(x, rank_window(x, bottom_n, bottom_n + keep_n), rescale)
+    return magnitude_outliers_(x.clone(), density, gamma=gamma, rescale=rescale)
 
 
 def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None):

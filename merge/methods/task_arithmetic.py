@@ -42,11 +42,61 @@ def sign_agreement(
     ``Σ_i sign(deltas[i])`` (``count``); a zero total elects ``+``. Zero deltas never agree.
     ``int8_mask`` holds the sign tensors in int8 instead of the deltas' dtype (memory only).
     """
-    dtype = torch.int8 if int8_mask else deltas.dtype
-    signs = deltas.sign().to(dtype)
-    total = deltas.sum(dim=0) if method == "sum" else signs.sum(dim=0)
-    elected = torch.where(total >= 0, 1, -1).to(dtype)
-    return signs == elected
+    positive = elected_positive(list(deltas), method, int8_mask=int8_mask)
+    return torch.stack([agrees(d, positive) for d in deltas])
+
+
+def elected_positive(
+    deltas: list[torch.Tensor], method: Consensus = "sum", *, int8_mask: bool = False
+) -> torch.Tensor:
+    """Bool ``[...]``: where the elected sign is ``+`` (the vote's total is >= 0).
+
+    The total is accumulated in float32 (as a stacked sum would be) one delta at a time, so no
+    ``[n, ...]`` stack is ever held.
+    """
+    dtype = deltas[0].dtype
+    if method == "sum" and len(deltas) <= 2:  # one rounding in the input dtype
+        total = deltas[0] + deltas[1] if len(deltas) == 2 else deltas[0]
+        return total >= 0
+    total = torch.zeros(deltas[0].shape, dtype=torch.float32, device=deltas[0].device)
+    for d in deltas:
+        if method == "sum":
+            total += d
+        else:
+            total += d.sign().to(torch.int8 if int8_mask else dtype)
+    if method == "sum" and dtype != torch.float32:
+        total = total.to(dtype)  # the stacked sum's single rounding
+    return total >= 0
+
+
+def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Bool: ``delta``'s sign is the elected one (zeros never agree)."""
+    return torch.where(positive, delta > 0, delta < 0)
+
+
+def _sparsify(
+    d: torch.Tensor,
+    i: int,
+    sparsifier: Sparsifier | None,
+    density: list[float],
+    rescale: bool,
+    gamma: list[float] | None,
+    epsilon: list[float] | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if sparsifier == "magnitude":
+        return sparsify.magnitude_(d, density[i], rescale=rescale)
+    if sparsifier == "magnitude_outliers":
+        assert gamma is not None
+        return sparsify.magnitude_outliers_(d, density[i], gamma=gamma[i], rescale=rescale)
+    if sparsifier == "random":
+        return sparsify.random(d, density[i], rescale=rescale, generator=generator)
+    if sparsifier == "della":
+        assert epsilon is not None
+        return sparsify.della(
+            d, density[i], epsilon=epsilon[i], rescale=rescale, generator=generator
+        )
+    return d
 
 
 def generalized_task_arithmetic(
@@ -71,40 +121,52 @@ def generalized_task_arithmetic(
     the sign-agreement mask when ``consensus`` is set (else 1); ``D = Σ_i m_i w_i`` entrywise
     (1 where it is 0, or ~0 without consensus) when ``normalize``, else 1. Random sparsifiers
     draw from ``generator`` model by model, in order.
+
+    Memory: one task vector per model and a few ``[...]`` temporaries, never an ``[n, ...]``
+    stack; arithmetic stays in the input dtype (weights rounded to it, as mergekit does), sums
+    accumulate in float32 and round once.
     """
     if not tensors:
         return base.clone()
-    deltas = torch.stack([x - base for x in tensors])  # [n, ...], in base's dtype
-    for i, d in enumerate(deltas):
-        if sparsifier == "magnitude":
-            deltas[i] = sparsify.magnitude(d, density[i], rescale=rescale)
-        elif sparsifier == "magnitude_outliers":
-            assert gamma is not None
-            deltas[i] = sparsify.magnitude_outliers(d, density[i], gamma=gamma[i], rescale=rescale)
-        elif sparsifier == "random":
-            deltas[i] = sparsify.random(d, density[i], rescale=rescale, generator=generator)
-        elif sparsifier == "della":
-            assert epsilon is not None
-            deltas[i] = sparsify.della(
-                d, density[i], epsilon=epsilon[i], rescale=rescale, generator=generator
-            )
-    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device)
-    w = w.view(-1, *([1] * base.dim()))  # [n, 1, ...]
-    deltas *= w
-    if consensus is not None:
-        agree = sign_agreement(deltas, consensus, int8_mask=int8_mask)
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return (base + mixed).to(base.dtype)
+    dtype = base.dtype
+    w = [torch.tensor(x, dtype=dtype, device=base.device) for x in weight]
+    deltas = []
+    for i, x in enumerate(tensors):  # d is fresh (x - base): sparsify and weight it in place
+        d = _sparsify(x - base, i, sparsifier, density, rescale, gamma, epsilon, generator)
+        deltas.append(d.mul_(w[i]))
+    if consensus is None:
+        divisor = sum(w[1:], w[0].float()).to(dtype)
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones((), dtype=dtype, device=base.device)
+    result = torch.empty_like(base)
+    flat = [d.view(-1) for d in deltas]
+    out, base_flat = result.view(-1), base.reshape(-1)
+    # sums of two terms round once in the input dtype itself; longer sums accumulate in float32
+    acc = dtype if len(deltas) <= 2 else torch.float32
+    for start in range(0, out.numel(), sparsify.CHUNK):  # chunked: temporaries stay small
+        part = slice(start, start + sparsify.CHUNK)
+        ds = [d[part] for d in flat]
+        if consensus is not None:
+            positive = elected_positive(ds, consensus, int8_mask=int8_mask)
+            mixed = torch.zeros(ds[0].shape, dtype=acc, device=base.device)
+            divisor = torch.zeros_like(mixed)
+            for i, d in enumerate(ds):
+                agree = agrees(d, positive)
+                mixed += torch.where(agree, d, 0)
+                divisor += torch.where(agree, w[i], 0)
+            divisor = divisor.to(dtype)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = ds[0].to(acc, copy=True)
+            for d in ds[1:]:
+                mixed += d
+        chunk = mixed.to(dtype)
+        if normalize:
+            chunk /= divisor
+        if lambda_ != 1:
+            chunk *= lambda_
+        torch.add(base_flat[part], chunk, out=out[part])
+    return result
 
 
 @merge_method("task_arithmetic", base="required", per_model={"weight": None, "density": 1.0})
