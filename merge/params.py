@@ -9,6 +9,7 @@ slice, the recipe.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -62,7 +63,8 @@ def coerce(value: Any, default: Any, what: str) -> Any:
     """Cast a resolved value to the type of the parameter's default (float when required)."""
     from splice.errors import SpliceError
 
-    kind = type(default) if default is not MISSING and default is not None else float
+    required = default is MISSING or default is None or default is inspect.Parameter.empty
+    kind = float if required else type(default)
     try:
         if kind is bool:
             if isinstance(value, str):

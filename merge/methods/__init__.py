@@ -1,9 +1,40 @@
 """Merge methods: pure tensor functions, registered by name in ``METHODS``.
 
 Each family lives in its own module, imported here explicitly so that registration happens on
-``import splice.merge.methods``.
+``import splice.merge.methods``:
+
+    linear.py           linear
+    task_arithmetic.py  task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+                        breadcrumbs_ties, della, della_linear (presets of one function)
+    sparsify.py         the sparsifiers those presets choose from
+    slerp.py            slerp, nuslerp, multislerp
+    karcher.py          karcher
+    model_stock.py      model_stock
+
+Names, parameters, defaults and formulas are mergekit's; in float32 results match its method
+code to rounding. Where splice differs, on purpose:
+
+* magnitude ties (equal ``|x|`` at a TIES / breadcrumbs cut) go by position, not by an unstable
+  sort, so masks agree across devices; this shows only in bf16/fp16, where equal values occur;
+* DARE / DELLA masks are ``u < p`` with float32 ``p`` from the executor's per-tensor generator
+  (the same stream as mergekit's ``torch.bernoulli`` on CPU); mergekit rounds ``p`` and DELLA's
+  ranks to bf16 for bf16 inputs; a DELLA row of one entry keeps with probability ``density``;
+* ``linear`` with ``normalize`` refuses weights summing to 0 (mergekit writes inf/NaN);
+* ``consensus_method`` (``sum`` | ``count``) is an extra option of the sign-electing presets;
+  its default is mergekit's fixed behaviour.
 """
 
+from splice.merge.methods import karcher, linear, model_stock, slerp, task_arithmetic
 from splice.merge.methods.base import METHODS, REQUIRED, MergeMethod, merge_method
 
-__all__ = ["METHODS", "REQUIRED", "MergeMethod", "merge_method"]
+__all__ = [
+    "METHODS",
+    "REQUIRED",
+    "MergeMethod",
+    "karcher",
+    "linear",
+    "merge_method",
+    "model_stock",
+    "slerp",
+    "task_arithmetic",
+]
