@@ -68,7 +68,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     _common(a, metrics=False)
-    add_model_options(a)
+    add_model_options(a, runs_models=True)
     a.set_defaults(func=_run_activations)
 
 

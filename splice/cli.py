@@ -83,18 +83,20 @@ def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Verbs that open models share these safety switches."""
+def add_model_options(p: argparse.ArgumentParser, *, runs_models: bool = False) -> None:
+    """Verbs that open models share these safety switches; ``runs_models`` verbs (those that
+    build a transformers model) also get ``--trust-remote-code``."""
     p.add_argument(
         "--allow-pickle",
         action="store_true",
         help="accept pickled pytorch_model*.bin weights (loaded with weights_only=True)",
     )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow a model's own Python code to run (only where transformers needs it)",
-    )
+    if runs_models:
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow a model's own Python code to run (never without this flag)",
+        )
 
 
 def print_json(data: Any) -> None:
