@@ -40,14 +40,17 @@ class Settings:
     pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    math_steps: int = 500
-    lang_steps: int = 300
+    math_steps: int = 1000
+    lang_steps: int = 100
     finetune_batch: int = 64
     finetune_lr: float = 1e-3
     moe_steps: int = 200
     moe_batch: int = 16
     moe_lr: float = 1e-3
     dtype: str = "bfloat16"
+    # One thread: for models this small a second thread buys little, costs a lot on a shared
+    # CPU (threads wait on each other), and one thread makes the bits independent of the machine.
+    threads: int = 1
 
     def scaled(self, factor: float) -> Settings:
         """The same recipe with every step count multiplied by ``factor`` (at least 2 steps)."""
@@ -154,7 +157,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
     from splice.zoo.world import make_world
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
+    torch.set_num_threads(s.threads)
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     timings: dict[str, float] = {}

@@ -48,7 +48,15 @@ def load_model(path: str | os.PathLike[str]) -> PreTrainedModel:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise SpliceError(f"{path}: not a model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
@@ -66,7 +74,7 @@ def evaluate(
     zoo: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
-    threads: int = 2,
+    threads: int = 1,
     limit: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, dict[str, float]]:
