@@ -79,7 +79,7 @@ def test_models_load_offline(zoo: Path, name: str) -> None:
     if name == "moe":
         assert cfg.model_type == "mixtral"
         assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (4, 2)
-        experts = model.model.layers[0].mlp.experts.down_proj  # [E, H, I]
+        experts = model.model.layers[0].mlp.experts.down_proj.detach()  # [E, H, I]
         gaps = [float((experts[e] - experts[0]).norm() / experts[0].norm()) for e in range(1, 4)]
         assert min(gaps) > 0.05, f"experts barely differ: {gaps}"
     else:
@@ -200,7 +200,7 @@ def test_cli_eval_bad_input(zoo: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a model folder" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = _cli("zoo", "eval", str(zoo / "base"), "--zoo", str(zoo), "--tasks", "zoo_chess")
-    assert r.returncode == 2 and "unknown zoo task 'zoo_chess'" in r.stderr.replace('"', "'")
+    assert r.returncode == 2 and "unknown zoo task zoo_chess" in r.stderr
 
 
 @pytest.mark.slow
