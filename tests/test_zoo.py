@@ -218,3 +218,9 @@ def test_acceptance(zoo: Path) -> None:
     # task arithmetic carries both skills: 10+ points above the specialist that lacks each one
     assert s["ta"]["zoo_math"] >= s["lang"]["zoo_math"] + 0.10, s
     assert s["ta"]["zoo_lang"] >= s["math"]["zoo_lang"] + 0.10, s
+
+
+def test_import_is_light() -> None:
+    code = "import sys, splice.zoo; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lm_eval', 'matplotlib', 'transformers'}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
