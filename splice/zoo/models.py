@@ -144,6 +144,10 @@ def save(
     specs = [TensorSpec(n, tuple(t.shape), dtype) for n, t in tensors.items()]
     config: dict[str, Any] = model.config.to_dict()
     config["dtype"] = dtype
+    config["architectures"] = [type(model).__name__]  # mergekit and splice's arch lookup read it
+    config["head_dim"] = (
+        config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    )
     config["output_router_logits"] = False
     config.pop("transformers_version", None)
     with CheckpointWriter(out, specs, overwrite=True) as w:
