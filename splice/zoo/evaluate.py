@@ -126,7 +126,8 @@ def evaluate(
 
         tok = AutoTokenizer.from_pretrained(tokenizer or zoo_dir / "base")
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        task_dict = manager.load(names)
+        with contextlib.redirect_stderr(io.StringIO()):  # datasets' "Generating split" bars
+            task_dict = manager.load(names)
         out: dict[str, dict[str, float]] = {}
         for name in progress(list(models), "zoo eval", enabled=show_progress):
             m = models[name]
