@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test lint format venv clean zoo
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: venv
 
 demo: venv
 	$(BIN)/python examples/demo.py
+
+# Rebuild the committed zoo (assets/zoo) after a change to splice/zoo; commit the result.
+zoo: venv
+	$(BIN)/splice zoo build assets/zoo
 
 lint: venv
 	$(BIN)/ruff check --fix .

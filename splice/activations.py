@@ -97,7 +97,7 @@ def _lm_eval_text(task: str, include_path: str | None) -> str:
 
 def _zoo_text() -> str:
     try:
-        from splice.zoo import calibration_text as zoo_text  # type: ignore[attr-defined]
+        from splice.zoo import calibration_text as zoo_text
     except ImportError:
         raise SpliceError(
             "--calibration zoo: this build has no zoo corpus (splice.zoo.calibration_text); "
@@ -123,7 +123,7 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, max_samples: int) -> 
     step = 256
     for k in range(0, len(lines), step):
         chunk = "".join(lines[k : k + step])
-        ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= need:
             break
     if not ids:

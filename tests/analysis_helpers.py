@@ -1,14 +1,11 @@
 """Checkpoints with known structure for the analysis tests, written by splice's CheckpointWriter.
 
 ``edited_copy`` derives a model from another by editing tensors (e.g. layer k := layer j);
-``upcycle_moe`` builds a Mixtral whose experts are a dense model's MLP plus seeded noise;
-``fake_zoo`` lays out ``base``, ``math``, ``lang`` and ``moe`` like the zoo (tiny, random) until
-``splice.zoo`` lands.
+``upcycle_moe`` builds a Mixtral whose experts are a dense model's MLP plus seeded noise.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,18 +96,3 @@ def upcycle_moe(
         w.write_config(cfg)
         w.copy_tokenizer(dense)
     return out
-
-
-def fake_zoo(root: Path, make_tiny: Callable[..., Path]) -> Path:
-    """``root/{base,math,lang,moe}``: a tiny llama, two noisy fine-tunes, and its up-cycled MoE."""
-    if (root / "moe" / "config.json").is_file():
-        return root
-    base = make_tiny(root / "base", "llama", layers=6, hidden=32, seed=7)
-    noisy_copy(base, root / "math", 0.3, seed=1)
-    noisy_copy(base, root / "lang", 0.3, seed=2)
-    upcycle_moe(base, root / "moe", experts=4, noise=0.5, seed=3)
-    (root / "corpus.txt").write_text(
-        "\n".join(" ".join(f"w{(7 * i + 3 * k) % 90}" for k in range(24)) for i in range(40))
-    )
-    (root / "zoo.json").write_text(json.dumps({"fake": True}))
-    return root

@@ -104,14 +104,23 @@ def tiny_llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def analysis_zoo(tmp_path_factory) -> Path:
-    """A zoo-shaped folder (base, math, lang, moe, corpus.txt) for the analysis tests.
+def zoo() -> Path:
+    """The shared, full-size zoo: committed in assets/zoo (or built here once, ~10 minutes)."""
+    from splice.zoo import build, default_dir
 
-    Tiny random stand-ins until ``splice.zoo`` lands; then this should return the real zoo.
-    """
-    from analysis_helpers import fake_zoo
+    return build(default_dir(), show_progress=False)
 
-    return fake_zoo(tmp_path_factory.mktemp("zoo"), make_tiny)
+
+@pytest.fixture(scope="session")
+def analysis_zoo(zoo, tmp_path_factory) -> Path:
+    """The zoo's models (linked) plus ``corpus.txt``, calibration text from its distribution."""
+    from splice.zoo import calibration_text
+
+    root = tmp_path_factory.mktemp("analysis_zoo")
+    for name in ("base", "math", "lang", "moe"):
+        (root / name).symlink_to(zoo / name, target_is_directory=True)
+    (root / "corpus.txt").write_text(calibration_text())
+    return root
 
 
 @pytest.fixture(scope="session")

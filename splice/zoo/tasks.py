@@ -1,0 +1,100 @@
+"""The zoo's lm-eval tasks: local jsonl data and YAML configs, written into ``ZOO/tasks``.
+
+Each skill has a multiple-choice task (``zoo_math``: log-likelihood of each choice after the
+prompt, metric ``acc``) and a generate-until twin (``zoo_math_gen``: greedy answer, metric
+``exact_match``). The YAML files name their jsonl by absolute path; :func:`write_tasks` rewrites
+them for the folder they are in, so a moved or committed zoo is fixed by calling it again
+(:func:`splice.zoo.evaluate.evaluate` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from splice.zoo.corpus import Item, lang_items, math_items
+from splice.zoo.world import World
+
+SKILLS = ("zoo_math", "zoo_lang", "zoo_math_lang")
+MC_TASKS = SKILLS
+GEN_TASKS = tuple(f"{s}_gen" for s in SKILLS)
+ALL_TASKS = MC_TASKS + GEN_TASKS
+TAG = "zoo"
+
+
+def test_items(world: World, seed: int) -> dict[str, list[Item]]:
+    """Held-out items per skill (see :mod:`splice.zoo.corpus` for how they are kept apart)."""
+    return {
+        "zoo_math": math_items(world, seed, zeta=False),
+        "zoo_lang": lang_items(world, seed),
+        "zoo_math_lang": math_items(world, seed, zeta=True),
+    }
+
+
+def _yaml(name: str, data: Path, generate: bool) -> str:
+    head = (
+        f"task: {name}\n"
+        f"tag: [{TAG}]\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {json.dumps(str(data))}\n"
+        "test_split: test\n"
+        'doc_to_text: "{{prompt}}"\n'
+    )
+    if not generate:
+        return head + (
+            "output_type: multiple_choice\n"
+            'doc_to_choice: "{{choices}}"\n'
+            'doc_to_target: "{{gold}}"\n'
+            'target_delimiter: " "\n'
+            "metric_list:\n"
+            "  - metric: acc\n"
+            "    aggregation: mean\n"
+            "    higher_is_better: true\n"
+        )
+    return head + (
+        "output_type: generate_until\n"
+        'doc_to_target: "{{answer}}"\n'
+        'target_delimiter: " "\n'
+        "generation_kwargs:\n"
+        '  until: ["<eos>", "?", "."]\n'
+        "  do_sample: false\n"
+        "  max_gen_toks: 6\n"
+        "filter_list:\n"
+        "  - name: strip\n"
+        "    filter:\n"
+        "      - function: remove_whitespace\n"
+        "      - function: take_first\n"
+        "metric_list:\n"
+        "  - metric: exact_match\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+    )
+
+
+def write_data(items: dict[str, list[Item]], folder: str | os.PathLike[str]) -> None:
+    """One ``<skill>.jsonl`` per skill: ``prompt``, ``choices`` (no leading space), ``gold``,
+    ``answer``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for skill, rows in items.items():
+        with open(folder / f"{skill}.jsonl", "w") as f:
+            for it in rows:
+                choices = [c.strip() for c in it.choices]
+                doc = {"prompt": it.prompt, "choices": choices, "gold": it.gold}
+                doc["answer"] = choices[it.gold]
+                f.write(json.dumps(doc) + "\n")
+
+
+def write_tasks(folder: str | os.PathLike[str]) -> Path:
+    """(Re)write the YAML configs in ``folder`` for the jsonl files beside them; returns it."""
+    folder = Path(folder).resolve()
+    for skill in SKILLS:
+        data = folder / f"{skill}.jsonl"
+        if not data.is_file():
+            raise FileNotFoundError(data)
+        (folder / f"{skill}.yaml").write_text(_yaml(skill, data, generate=False))
+        (folder / f"{skill}_gen.yaml").write_text(_yaml(f"{skill}_gen", data, generate=True))
+    return folder
