@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from splice.zoo.build import MODELS, Settings, build, default_dir, is_built
 from splice.zoo.corpus import calibration_text
-from splice.zoo.evaluate import evaluate, format_table, parse_tasks
+from splice.zoo.evaluate import evaluate, format_table, load_model, parse_tasks
 from splice.zoo.tasks import ALL_TASKS, GEN_TASKS, MC_TASKS
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "evaluate",
     "format_table",
     "is_built",
+    "load_model",
     "parse_tasks",
 ]
