@@ -109,14 +109,20 @@ def _features(m: Metric, t: torch.Tensor, cache: dict | None, key: str) -> Any:
     return cache[k]
 
 
-def _layer_kinds(ckpt: Checkpoint) -> dict[str, dict[int, str]]:
-    """``{kind: {layer: tensor name}}`` for the non-expert per-layer tensors, in file order."""
+def _layer_kinds(ckpt: Checkpoint, only: Sequence[str] | None = None) -> dict[str, dict[int, str]]:
+    """``{kind: {layer: tensor name}}`` for the non-expert per-layer tensors, in file order;
+    ``only`` keeps the kinds named there (full or short names)."""
     kinds: dict[str, dict[int, str]] = {}
     for name in ckpt.tensors:
         t = ckpt.arch.parse(name)
         if t.layer is not None and t.expert is None:
             kinds.setdefault(t.kind, {})[t.layer] = name
-    return {k: dict(sorted(v.items())) for k, v in kinds.items()}
+    wanted = set(only) if only is not None else None
+    return {
+        k: dict(sorted(v.items()))
+        for k, v in kinds.items()
+        if wanted is None or k in wanted or short(k) in wanted
+    }
 
 
 def _check_same_arch(a: Checkpoint, b: Checkpoint) -> None:
@@ -168,10 +174,7 @@ def compare_models(
     ms = resolve_metrics(metrics)
     timer = _Timer()
     base = Baseline(device=device) if baselines else None
-    by_kind = _layer_kinds(ca)
-    if kinds is not None:
-        wanted = set(kinds)
-        by_kind = {k: v for k, v in by_kind.items() if k in wanted or short(k) in wanted}
+    by_kind = _layer_kinds(ca, kinds)
     records: list[dict[str, Any]] = []
     jobs = [(kind, layer, name) for kind, ls in by_kind.items() for layer, name in ls.items()]
     if include_globals and kinds is None:
@@ -309,10 +312,7 @@ def compare_layers(
     ms = resolve_metrics(metrics)
     timer = _Timer()
     base = Baseline(device=device) if baselines else None
-    by_kind = _layer_kinds(ckpt)
-    if kinds is not None:
-        wanted = set(kinds)
-        by_kind = {k: v for k, v in by_kind.items() if k in wanted or short(k) in wanted}
+    by_kind = _layer_kinds(ckpt, kinds)
     records: list[dict[str, Any]] = []
     matrices: dict[str, SimilarityMatrix] = {}
     identical: dict[str, list[list[int]]] = {}
