@@ -316,8 +316,10 @@ class Baseline:
 
     The baseline of ``m`` for ``a`` is ``m`` between ``a`` and a Gaussian matrix of ``a``'s
     shape and Frobenius norm. Metrics blind to the second tensor's scale compare against the
-    unit Gaussian's features, kept per shape while they fit in ``cache_bytes``; the others
-    share one scaled Gaussian per call of :meth:`values`.
+    unit Gaussian's features; small features (spectra, Gram matrices: costly to compute) are
+    kept per shape while they fit in ``cache_bytes``, big ones (a flattened Gaussian: cheap to
+    draw again) never, so memory stays flat. The others share one scaled Gaussian per call of
+    :meth:`values`.
     """
 
     def __init__(
@@ -352,7 +354,7 @@ class Baseline:
                 if fg is None:
                     fg = m.features(gaussian_like(shape, self.seed).to(self.device or a.device))
                     size = nbytes_of(fg)
-                    if self._cached + size <= self.cache_bytes:
+                    if m.small_features and self._cached + size <= self.cache_bytes:
                         self._features[(m.features, shape)] = fg
                         self._cached += size
             else:
