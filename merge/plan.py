@@ -243,8 +243,7 @@ def _merge_task(
         problems.add(f"{method.name}: no models to merge besides the base ({out_name})")
         return None
     kwargs = _params(ctx, slc, others, out_name, t)
-    if method.stochastic:
-        kwargs["__seed__"] = tensor_seed(ctx.seed, out_name)
+    seed = tensor_seed(ctx.seed, out_name) if method.stochastic else None
     srcs = tuple(Source(s.model, n) for s, n in others)
     if base_pair is not None:
         srcs = (Source(base_pair[0].model, base_pair[1]), *srcs)
@@ -253,7 +252,7 @@ def _merge_task(
         shape=shape,
         dtype=out_dtype,
         sources=srcs,
-        compute=_MethodCall(method, kwargs, base_pair is not None),
+        compute=_MethodCall(method, kwargs, base_pair is not None, seed),
         load_dtype=ctx.compute_dtype,
         label=f"{method.name}({', '.join(s.model for s, _ in others)}"
         + (f"; base {base_pair[0].model})" if base_pair else ")"),
@@ -267,14 +266,14 @@ class _MethodCall:
     method: MergeMethod
     kwargs: dict[str, Any]
     has_base: bool
+    seed: int | None = None  # stochastic methods: a generator seeded per tensor
 
     def __call__(self, tensors: list[Any]) -> Any:
         import torch
 
         kwargs = dict(self.kwargs)
-        seed = kwargs.pop("__seed__", None)
-        if seed is not None:
-            kwargs["generator"] = torch.Generator(device=tensors[0].device).manual_seed(seed)
+        if self.seed is not None:
+            kwargs["generator"] = torch.Generator(device=tensors[0].device).manual_seed(self.seed)
         base = tensors[0] if self.has_base else None
         others = tensors[1:] if self.has_base else tensors
         return self.method(others, base, **kwargs)
