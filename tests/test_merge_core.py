@@ -321,3 +321,30 @@ def test_tokenizer_source_union(trio, tmp_path):
     }
     with pytest.raises(SpliceError, match="different vocabularies"):
         plan(recipe)
+
+
+def test_cli_dry_run_and_device_checks(trio, tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "r.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "_test_weighted_delta",
+                "base_model": str(trio["base"]),
+                "models": [{"model": str(trio["ft1"]), "parameters": {"weight": 0.5}}],
+            }
+        )
+    )
+    assert main(["merge", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.3.mlp.down_proj.weight" in out and "_test_weighted_delta" in out
+    assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        assert main(["merge", str(path), str(tmp_path / "out"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["merge", str(path), "--no-progress"]) == 2  # no OUT and no --dry-run
+    assert "give an output folder" in capsys.readouterr().err
+    args = ["merge", str(path), str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]
+    assert main([*args, "--workers", "3", "--no-progress"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
