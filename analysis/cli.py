@@ -95,7 +95,9 @@ def _setup(args: argparse.Namespace) -> str:
     import torch
 
     from splice.activations import resolve_device
+    from splice.malloc import pin_mmap_threshold
 
+    pin_mmap_threshold()  # many temporaries of varied sizes: keep the heap from fragmenting
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)

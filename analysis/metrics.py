@@ -342,29 +342,36 @@ class Baseline:
     def values(
         self, ms: list[Metric], a: torch.Tensor, features: dict[Callable[..., Any], Any]
     ) -> dict[str, float]:
-        """``{metric: baseline}`` for tensor ``a``; ``features`` maps ``m.features`` to a's."""
+        """``{metric: baseline}`` for tensor ``a``; ``features`` maps ``m.features`` to a's.
+
+        At most one Gaussian ``[*a.shape]`` exists at a time: the unit one is drawn once (unless
+        every feature it is needed for is cached), serves the scale-invariant metrics, and is
+        then scaled in place to ``‖a‖`` for the others.
+        """
         shape = tuple(a.shape)
-        scaled: dict[Callable[..., Any], Any] = {}
-        gauss: torch.Tensor | None = None
-        out = {}
-        for m in ms:
-            fa = features[m.features]
-            if m.scale_invariant:
-                fg = self._features.get((m.features, shape))
-                if fg is None:
-                    fg = m.features(gaussian_like(shape, self.seed).to(self.device or a.device))
-                    size = nbytes_of(fg)
-                    if m.small_features and self._cached + size <= self.cache_bytes:
-                        self._features[(m.features, shape)] = fg
-                        self._cached += size
-            else:
+        g: torch.Tensor | None = None
+        out: dict[str, float] = {}
+        for m in (m for m in ms if m.scale_invariant):
+            fg = self._features.get((m.features, shape))
+            if fg is None:
+                if g is None:
+                    g = gaussian_like(shape, self.seed).to(self.device or a.device)
+                fg = m.features(g)
+                size = nbytes_of(fg)
+                if m.small_features and self._cached + size <= self.cache_bytes:
+                    self._features[(m.features, shape)] = fg
+                    self._cached += size
+            out[m.name] = m.compare(features[m.features], fg)
+            del fg  # e.g. a Gram matrix, freed before the next features are computed
+        rest = [m for m in ms if not m.scale_invariant]
+        if rest:
+            g = self.gaussian(a) if g is None else g.mul_(norm_of(a.reshape(-1)))
+            scaled: dict[Callable[..., Any], Any] = {}
+            for m in rest:
                 if m.features not in scaled:
-                    gauss = self.gaussian(a) if gauss is None else gauss
-                    scaled[m.features] = m.features(gauss)
-                fg = scaled[m.features]
-            out[m.name] = m.compare(fa, fg)
-            del fg  # an uncached unit Gaussian is freed before the next one is drawn
-        return out
+                    scaled[m.features] = m.features(g)
+                out[m.name] = m.compare(features[m.features], scaled[m.features])
+        return {m.name: out[m.name] for m in ms}
 
     def __call__(self, m: Metric, a: torch.Tensor, fa: Any) -> float:
         """The baseline of one metric for ``a`` (features ``fa``)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,7 +67,7 @@ class _Timer:
 def _metric_values(
     metrics: list[Metric],
     a: torch.Tensor,
-    b: torch.Tensor,
+    b: torch.Tensor | Callable[[], torch.Tensor],
     baseline: Baseline | None,
     timer: _Timer,
     cache: dict[tuple[Any, str], Any] | None = None,
@@ -75,33 +75,40 @@ def _metric_values(
 ) -> dict[str, tuple[float, float | None]]:
     """``{metric: (value(a, b), gaussian baseline of a)}`` for the metrics that apply.
 
-    Metrics with one ``features`` function (cosine and both Frobenius: the flattened tensor)
-    share each tensor's features; ``cache`` memoises small ones under ``(features, key)``.
+    ``b`` may be a function that loads it: it is then read only after ``a``'s Gaussian baseline
+    is done and its Gaussian freed, so ``a``, ``b`` and a Gaussian never coexist. Metrics with
+    one ``features`` function (cosine and both Frobenius: the flattened tensor) share each
+    tensor's features; ``cache`` memoises small ones under ``(features, key)``.
     """
     shape = tuple(a.shape)
     todo = [m for m in metrics if m.applies(shape)]
     fa: dict[Any, Any] = {}
-    fb: dict[Any, Any] = {}
-    values: dict[str, float] = {}
     for m in todo:
         t = time.perf_counter()
         if m.features not in fa:
             fa[m.features] = _features(m, a, cache, keys[0])
-        if m.features not in fb:
-            fb[m.features] = _features(m, b, cache, keys[1])
-        values[m.name] = m.compare(fa[m.features], fb[m.features])
         timer.add(m.name, t)
     bases: dict[str, float] = {}
-    if baseline is not None:
+    if baseline is not None and todo:
         t = time.perf_counter()
         bases = baseline.values(todo, a, fa)
         timer.add("baseline_gaussian", t)
+    tb = b() if callable(b) else b
+    fb: dict[Any, Any] = {}
+    values: dict[str, float] = {}
+    for m in todo:
+        t = time.perf_counter()
+        if m.features not in fb:
+            fb[m.features] = _features(m, tb, cache, keys[1])
+        values[m.name] = m.compare(fa[m.features], fb[m.features])
+        timer.add(m.name, t)
     return {name: (v, bases.get(name)) for name, v in values.items()}
 
 
 def _features(m: Metric, t: torch.Tensor, cache: dict | None, key: str) -> Any:
-    """``m.features(t)``, memoised in ``cache`` under ``(features, key)`` for small features."""
-    if cache is None or not key or not m.small_features:
+    """``m.features(t)``, memoised in ``cache`` under ``(features, key)`` for the small features
+    the other-layer baselines reuse (spectra); CKA's Gram matrices are never kept."""
+    if cache is None or not key or not m.small_features or not m.other_layer_baseline:
         return m.features(t)
     k = (m.features, key)
     if k not in cache:
@@ -185,9 +192,17 @@ def compare_models(
         ]
     cache: dict[tuple[Any, str], Any] = {}
     for kind, layer, name in progress(jobs, "compare", enabled=show_progress):
-        ta, tb = ca.load(name, device=device), cb.load(name, device=device)
-        values = _metric_values(ms, ta, tb, base, timer, cache, (f"A:{name}", f"B:{name}"))
-        del ta, tb
+        ta = ca.load(name, device=device)
+        values = _metric_values(
+            ms,
+            ta,
+            lambda name=name: cb.load(name, device=device),
+            base,
+            timer,
+            cache,
+            (f"A:{name}", f"B:{name}"),
+        )
+        del ta
         for metric, (value, gauss) in values.items():
             records.append(
                 {
