@@ -2,7 +2,7 @@
 
 Makes a base and two fine-tunes (hidden 2048, 16 layers, vocab 32000; base + small deltas),
 then runs each recipe with splice and with mergekit (`mergekit-yaml --no-write-model-card`),
-alternately, each in a fresh process, and prints wall time, peak RSS and their ratios, plus
+alternately, each in a fresh process after a `sync`, and prints wall time, peak RSS and their ratios, plus
 the largest difference between the two outputs. Results go to benchmarks/results/merge.json.
 
     python benchmarks/merge_vs_mergekit.py [--recipes linear,slerp,ties,passthrough] [--repeat 1]
@@ -134,6 +134,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for tool in ("mergekit", "splice"):
                 shutil.rmtree(outs[tool], ignore_errors=True)
+                os.sync()  # no dirty pages of the last run's output written back during this one
                 m = measure(cmds[tool], env)
                 if m.returncode != 0:
                     raise SystemExit(f"{tool} failed on {name}: {' '.join(cmds[tool])}")
