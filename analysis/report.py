@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,8 +253,12 @@ class SimilarityReport:
             m.plot(ax=ax)
         for ax in list(axes.flat)[len(mats) :]:
             ax.set_visible(False)
-        fig.suptitle(f"{self.analysis}: {metric} — {' vs '.join(self.models)}", fontsize=10)
+        fig.suptitle(self._title(metric), fontsize=10)
         return fig
+
+    def _title(self, metric: str) -> str:
+        """``analysis: metric — A vs B`` with models by their shortest distinct path tails."""
+        return f"{self.analysis}: {metric} — {' vs '.join(short_names(self.models))}"
 
     def _line_plot(self, metric: str) -> Figure:
         """One line per ``kind`` (or a single line) of ``metric`` against the layer index."""
@@ -271,7 +276,7 @@ class SimilarityReport:
                 ax.plot([r["layer"] for r in rs], base, ls="--", lw=0.8, color="grey")
         ax.set_xlabel("layer")
         ax.set_ylabel(metric)
-        ax.set_title(f"{self.analysis}: {metric} — {' vs '.join(self.models)}", fontsize=10)
+        ax.set_title(self._title(metric), fontsize=10)
         if len(groups) > 1:
             ax.legend(fontsize=7)
         return fig
@@ -285,17 +290,30 @@ class SimilarityReport:
             groups = list(dict.fromkeys((r["kind"], r.get("against")) for r in self.records))
             label = {g: g[0] + (f" vs {g[1]}" if g[1] else "") for g in groups}
             width = max(len(k) for k in [*label.values(), "kind"])
-            lines.append(f"{'kind':<{width}}  " + "  ".join(f"{m:>22}" for m in metrics))
+            table: list[list[tuple[str, str] | None]] = []  # (value, null); None: n/a
             for kind, against in groups[:max_rows]:
-                cells = []
+                row: list[tuple[str, str] | None] = []
                 for m in metrics:
                     rs = self.values(m, kind=kind, against=against)
                     v = _mean(r["value"] for r in rs)
                     b = _mean(r.get("baseline_gaussian") for r in rs)
-                    cells.append(f"{_fmt(v):>10} (null {_fmt(b):>5})")
-                lines.append(
-                    f"{label[kind, against]:<{width}}  " + "  ".join(f"{c:>22}" for c in cells)
-                )
+                    row.append(None if math.isnan(v) else (_fmt(v), _fmt(b)))
+                table.append(row)
+            # widths from the cells, so long nulls (-0.0004173) keep the columns aligned
+            cols = [[r[j] for r in table if r[j]] or [("", "")] for j in range(len(metrics))]
+            wv = [max(len(v) for v, _ in c) for c in cols]
+            wb = [max(len(b) for _, b in c) for c in cols]
+            wc = [max(len(m), v + b + 8) for m, v, b in zip(metrics, wv, wb, strict=True)]
+            lines.append(
+                f"{'kind':<{width}}  "
+                + "  ".join(f"{m:>{w}}" for m, w in zip(metrics, wc, strict=True))
+            )
+            for (kind, against), row in zip(groups[:max_rows], table, strict=True):
+                cells = [
+                    (f"{c[0]:>{wv[j]}} (null {c[1]:>{wb[j]}})" if c else "n/a").rjust(wc[j])
+                    for j, c in enumerate(row)
+                ]
+                lines.append(f"{label[kind, against]:<{width}}  " + "  ".join(cells))
             if len(groups) > max_rows:
                 lines.append(f"... {len(groups) - max_rows} more kinds in records.csv")
         elif self.records:
@@ -315,6 +333,20 @@ class SimilarityReport:
         if "seconds" in self.meta:
             lines.append(f"time: {self.meta['seconds']:.1f} s")
         return "\n".join(lines)
+
+
+def short_names(paths: Sequence[str]) -> list[str]:
+    """The last path component of each model, or more components where two would clash.
+
+    ``["/x/zoo/base", "/x/zoo/math"]`` -> ``["base", "math"]``;
+    ``["/a/run1/final", "/a/run2/final"]`` -> ``["run1/final", "run2/final"]``.
+    """
+    parts = [Path(str(p).rstrip("/")).parts or (str(p),) for p in paths]
+    for n in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def _figure(size: tuple[float, float]) -> Figure:

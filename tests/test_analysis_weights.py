@@ -17,6 +17,7 @@ from analysis_helpers import edited_copy, noisy_copy, upcycle_moe
 from test_analysis_metrics import np_cos
 
 from splice.analysis import SimilarityReport, compare_experts, compare_layers, compare_models
+from splice.analysis.report import short_names
 from splice.cli import main
 
 SPLICE = str(Path(sys.executable).with_name("splice"))
@@ -193,6 +194,18 @@ def test_report_roundtrip_and_outputs(pair, tmp_path):
     fig = report.plot("svd_cosine")
     assert fig.axes and "Gaussian baseline" in fig.axes[0].get_title()
     assert "mlp.up_proj.weight" in report.summary()
+
+
+def test_summary_columns_align_and_titles_name_models_briefly(pair):
+    report = compare_models(*pair, metrics="cosine,svd_cosine,frobenius")
+    table = [ln for ln in report.summary().splitlines()[1:] if not ln.startswith("time:")]
+    assert len({len(ln) for ln in table}) == 1  # every row as wide as the header
+    norm = next(ln for ln in table if ln.startswith("model.norm.weight"))
+    assert "n/a" in norm and "nan" not in norm  # no spectrum for a vector
+    title = report.plot("cosine")._suptitle.get_text()
+    assert title == f"weights: cosine — {pair[0].name} vs {pair[1].name}"
+    assert short_names(["/a/run1/final", "/a/run2/final/"]) == ["run1/final", "run2/final"]
+    assert short_names(["/x/zoo/base", "/x/zoo/math"]) == ["base", "math"]
 
 
 def test_cli_weights_and_experts(pair, moe, tiny_models, tmp_path, capsys):
