@@ -303,11 +303,18 @@ def plan_merge(
         from splice.merge.moe import plan_moe
 
         return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed)
+    problems = _Problems()  # an unknown method and missing models are reported together
     method = None
     if recipe.merge_method not in ("passthrough", "layer_path"):
-        method = METHODS.get(recipe.merge_method)
-    ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
-    problems = _Problems()
+        try:
+            method = METHODS.get(recipe.merge_method)
+        except SpliceError as e:
+            problems.add(str(e))
+    try:
+        ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
+    except SpliceError as e:
+        problems.lines += str(e).splitlines()
+    problems.raise_if_any()
     donor = recipe.base_model or recipe.referenced_models()[0]
     _check_architectures(ckpts, donor, allow_crimes, problems)
     compute_dtype = dtype_name(recipe.dtype) if recipe.dtype else "float32"

@@ -299,6 +299,20 @@ def test_bad_recipes_fail_before_reading_tensors(trio, tmp_path, capsys, monkeyp
         plan(recipe)
 
 
+def test_every_problem_is_reported_at_once(trio, tmp_path, capsys):
+    recipe = {
+        "merge_method": "frobnicate",
+        "base_model": str(trio["base"]),
+        "models": [{"model": str(tmp_path / "gone")}, {"model": str(tmp_path / "lost")}],
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "unknown merge method 'frobnicate'" in err[0]
+    assert all("no such folder" in line for line in err[1:])
+
+
 def test_missing_recipe_file(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nope.yml"), str(tmp_path / "o")]) == 2
     assert "no such recipe file" in capsys.readouterr().err
