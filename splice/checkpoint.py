@@ -69,7 +69,15 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        self.tensors: dict[str, TensorInfo] = self._scan()
+        stored = self._scan()
+        model_type = self.config.get("model_type")
+        known = model_type in ArchSpec.known()
+        #: name -> metadata; packed expert tensors appear as per-expert views (ArchSpec.unpack)
+        self.tensors: dict[str, TensorInfo] = (
+            ArchSpec.load(model_type).unpack(stored) if known else stored
+        )
+        #: stored tensors that are listed through views instead (empty for most checkpoints)
+        self.packed: list[str] = [n for n in stored if n not in self.tensors]
 
     # ---- listing ----------------------------------------------------------------------------
     def _scan(self) -> dict[str, TensorInfo]:

@@ -47,6 +47,7 @@ class ModelSummary:
     nbytes: int
     params_by_dtype: dict[str, int]
     files: list[dict[str, Any]]
+    packed: list[str] = field(default_factory=list)  # stored kinds listed as per-expert views
     globals: list[TensorRow] = field(default_factory=list)
     layer_blocks: list[LayerBlock] = field(default_factory=list)
 
@@ -100,6 +101,7 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         nbytes=ckpt.nbytes,
         params_by_dtype=dict(by_dtype),
         files=list(files.values()),
+        packed=sorted({spec.parse(n).kind for n in ckpt.packed}),
         globals=globals_,
         layer_blocks=blocks,
     )
@@ -149,8 +151,13 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
         + ", ".join(
             f"{f['file']} ({format_size(f['nbytes'])}, {f['tensors']} tensors)" for f in s.files
         ),
-        "",
     ]
+    if s.packed:
+        lines.append(
+            f"storage      experts packed ({', '.join(s.packed)}), listed below per expert; "
+            "outputs use the per-expert layout"
+        )
+    lines.append("")
     width = max(
         [len(r.kind) for r in s.globals]
         + [len(r.kind) for b in s.layer_blocks for r in b.tensors]

@@ -16,13 +16,14 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
+from splice.st_format import TensorInfo
 
 SPEC_DIR = Path(__file__).parent
 GLOBAL_GROUPS = ("embed", "final_norm", "head")
@@ -44,12 +45,21 @@ class TensorName:
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """MoE experts inside a layer: ``prefix`` holds ``{e}``; ``tensors`` are per-expert kinds."""
+    """MoE experts inside a layer: ``prefix`` holds ``{e}``; ``tensors`` are per-expert kinds.
+
+    ``packed`` describes a second storage layout in which all experts of a layer share one tensor
+    (transformers >= 5's Mixtral, as mergekit-moe writes it): a layer-relative name such as
+    ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` maps to the per-expert kinds stacked along dim 1
+    of each expert's block (``w1.weight``, ``w3.weight``). ``aliases`` renames layer-relative
+    tensors of that layout (``mlp.gate.weight`` -> ``block_sparse_moe.gate.weight``).
+    """
 
     prefix: str
     tensors: tuple[str, ...]
     dense_equivalent: dict[str, str] = field(default_factory=dict)
     dense_model_type: str | None = None
+    packed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _template_regex(template: str, placeholder: str) -> re.Pattern[str]:
@@ -98,6 +108,8 @@ class ArchSpec:
                 tensors=tuple(experts["tensors"]),
                 dense_equivalent=dict(experts.get("dense_equivalent", {})),
                 dense_model_type=experts.get("dense_model_type"),
+                packed={k: tuple(v) for k, v in experts.get("packed", {}).items()},
+                aliases=dict(experts.get("aliases", {})),
             )
             if experts
             else None,
@@ -250,6 +262,46 @@ class ArchSpec:
         kind = t.kind if t.expert is None else self.experts.prefix + t.kind  # type: ignore[union-attr]
         module = kind.rsplit(".", 1)[0]
         return module in self.residual_writers
+
+    def unpack(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """``tensors`` with packed expert tensors replaced by per-expert views (see ExpertSpec).
+
+        A packed ``[E, k·R, *rest]`` tensor becomes ``E·k`` views ``[R, *rest]`` named by the
+        expert template, in storage order. Each expert's block and each part of it are
+        contiguous, so a view is the same file at another offset: nothing is read or copied, and
+        everything downstream (merge, analysis, convert) sees the per-expert layout.
+        """
+        ex = self.experts
+        if ex is None or not (ex.packed or ex.aliases):
+            return dict(tensors)
+        out: dict[str, TensorInfo] = {}
+        for name, info in tensors.items():
+            m = self._layer_rx.match(name)
+            kind = m.group(2) if m else None
+            if m is None or (kind not in ex.packed and kind not in ex.aliases):
+                out[name] = info
+                continue
+            layer = int(m.group(1))
+            if kind in ex.aliases:
+                new = self.layer_name(layer, ex.aliases[kind])
+                out[new] = replace(info, name=new)
+                continue
+            parts = ex.packed[kind]
+            if info.offset < 0 or len(info.shape) < 2 or info.shape[1] % len(parts):
+                raise SpliceError(
+                    f"{name}: packed experts of shape {list(info.shape)} cannot be split into "
+                    f"{', '.join(parts)}" + (" (pickled weights)" if info.offset < 0 else "")
+                )
+            n_experts, rows = info.shape[0], info.shape[1] // len(parts)
+            size = info.nbytes // (n_experts * len(parts))
+            for e in range(n_experts):
+                for j, part in enumerate(parts):
+                    new = self.layer_name(layer, part, e)
+                    offset = info.offset + (e * len(parts) + j) * size
+                    out[new] = replace(
+                        info, name=new, shape=(rows, *info.shape[2:]), offset=offset, nbytes=size
+                    )
+        return out
 
     def required_layer_kinds(self) -> list[str]:
         """Layer-relative kinds every layer must have (experts excluded)."""
