@@ -41,10 +41,13 @@ class MergePlan:
     config: dict[str, Any]
     tokenizer_from: str | None
     warnings: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # the template text the output gets (chat_template.py)
 
     def describe(self) -> str:
         """A readable table of the plan (``splice merge --dry-run``)."""
         lines = [f"{len(self.tasks)} tensors, {self.config.get('num_hidden_layers')} layers"]
+        if self.chat_template:
+            lines.append(f"chat template: {self.chat_template[:70]!r}...")
         for t in self.tasks:
             lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
         return "\n".join(lines)

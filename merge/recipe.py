@@ -176,6 +176,11 @@ class Recipe(_Strict):
             raise ValueError("`layer_path` goes with merge_method passthrough (or layer_path)")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
+        if self.tokenizer and (self.tokenizer.tokens or self.tokenizer.pad_to_multiple_of):
+            raise ValueError(
+                "`tokenizer.tokens` and `tokenizer.pad_to_multiple_of` are not supported yet "
+                "(`tokenizer: {source: ...}` and `tokenizer_source` are)"
+            )
         return self
 
     # ---- loading ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from splice.card import model_card
 from splice.checkpoint import Checkpoint
 from splice.execute import ExecOptions, execute, execute_into
+from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.plan import MergePlan, plan_merge
 from splice.merge.recipe import Recipe
 from splice.writer import check_target
@@ -44,13 +45,15 @@ def plan(
 ) -> MergePlan:
     """Validate and plan a merge without reading any tensor data."""
     opts = options or MergeOptions()
-    return plan_merge(
+    p = plan_merge(
         load_recipe(recipe),
         models=models,
         allow_pickle=opts.allow_pickle,
         allow_crimes=opts.allow_crimes,
         seed=opts.seed,
     )
+    p.chat_template = resolve_chat_template(p.recipe.chat_template, p.models)
+    return p
 
 
 def run(
@@ -70,15 +73,14 @@ def run(
         details=f"Merged with splice using the `{r.merge_method}` method.",
         tags=["merge", r.merge_method],
     )
-    extra = {}
-    if r.chat_template:
-        extra["chat_template.jinja"] = r.chat_template
+    tokenizer_from = p.models[p.tokenizer_from] if p.tokenizer_from else None
+    extra = template_files(p.chat_template, tokenizer_from) if p.chat_template else {}
     return execute(
         p.tasks,
         p.models,
         out,
         config=p.config,
-        tokenizer_from=p.models[p.tokenizer_from] if p.tokenizer_from else None,
+        tokenizer_from=tokenizer_from,
         card=card,
         extra_files=extra,
         options=opts,
