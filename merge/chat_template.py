@@ -87,13 +87,18 @@ def resolve_chat_template(value: str | None, models: Mapping[str, Checkpoint]) -
     return value
 
 
-def template_files(template: str, tokenizer_from: Checkpoint | None) -> dict[str, str]:
-    """``{file name: text}`` that give the output ``template``: the Jinja file, and the donor's
-    ``tokenizer_config.json`` with its ``chat_template`` replaced (when the donor has one)."""
+def template_files(
+    template: str, tokenizer_from: Checkpoint | None, config_text: str | None = None
+) -> dict[str, str]:
+    """``{file name: text}`` that give the output ``template``: the Jinja file, and the
+    tokenizer config (``config_text``, else the donor's file, if any) with its
+    ``chat_template`` replaced."""
     files = {"chat_template.jinja": template}
     config = tokenizer_from.path / "tokenizer_config.json" if tokenizer_from else None
-    if config is not None and config.is_file():
-        data = json.loads(config.read_text())
+    if config_text is None and config is not None and config.is_file():
+        config_text = config.read_text()
+    if config_text is not None:
+        data = json.loads(config_text)
         data["chat_template"] = template
         files["tokenizer_config.json"] = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return files

@@ -29,6 +29,7 @@ from splice.layerplan import LayerPlan, LayerRef
 from splice.merge.methods import METHODS, REQUIRED, MergeMethod
 from splice.merge.params import MISSING, coerce, resolve
 from splice.merge.recipe import Params, Recipe
+from splice.merge.vocab import Aligned, VocabPlan, plan_vocab
 
 
 @dataclass
@@ -42,6 +43,7 @@ class MergePlan:
     tokenizer_from: str | None
     warnings: list[str] = field(default_factory=list)
     chat_template: str | None = None  # the template text the output gets (chat_template.py)
+    tokenizer_files: dict[str, str] = field(default_factory=dict)  # written over the donor's
 
     def describe(self) -> str:
         """A readable table of the plan (``splice merge --dry-run``)."""
@@ -151,6 +153,7 @@ class _Context:
     out_dtype: str | None
     seed: int
     problems: _Problems
+    vocab: VocabPlan | None = None  # re-indexing of vocabulary tensors (tokenizer_source)
 
 
 def _params(
@@ -196,8 +199,13 @@ def _merge_task(
     out_name: str,
     inputs: list[tuple[_SliceSrc, str]],
     t: float,
+    vocab: VocabPlan | None = None,
 ) -> TensorTask | None:
-    """The task for one output tensor from the slice's sources (``inputs``: source, name)."""
+    """The task for one output tensor from the slice's sources (``inputs``: source, name).
+
+    ``vocab``: the tensor is indexed by token (embeddings, head) and is re-indexed to the
+    output vocabulary first (:mod:`splice.merge.vocab`); only its other dimensions must agree.
+    """
     problems, models = ctx.problems, ctx.models
     shapes = {}
     for src, name in inputs:
@@ -205,12 +213,14 @@ def _merge_task(
         if info is None:
             problems.add(f"{src.model} has no tensor {name!r} (needed for {out_name})")
             return None
-        shapes[f"{src.model}:{name}"] = info.shape
+        shapes[f"{src.model}:{name}"] = info.shape if vocab is None else info.shape[1:]
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
         problems.add(f"shape mismatch for {out_name}: {desc}")
         return None
     shape = next(iter(shapes.values()))
+    if vocab is not None:
+        shape = (vocab.size, *shape)
     first = models[inputs[0][0].model][inputs[0][1]]
     out_dtype = ctx.out_dtype or first.dtype
     if ctx.method is None:  # passthrough
@@ -220,14 +230,18 @@ def _merge_task(
         src, name = inputs[0]
         scale = resolve("scale", (src.params, slc.params, ctx.recipe.parameters), name, t)
         scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {name}")
+        computed = scale != 1.0 or out_dtype != first.dtype or vocab is not None
         return TensorTask(
             name=out_name,
             shape=shape,
             dtype=out_dtype,
             sources=(Source(src.model, name),),
+            compute=Aligned((vocab.rows[src.model],), None) if vocab is not None else None,
             scale=scale,
-            load_dtype=ctx.compute_dtype if scale != 1.0 or out_dtype != first.dtype else None,
-            label=f"{src.model}:{name}" + (f" x{scale:g}" if scale != 1.0 else ""),
+            load_dtype=ctx.compute_dtype if computed else None,
+            label=f"{src.model}:{name}"
+            + (f" x{scale:g}" if scale != 1.0 else "")
+            + (" (re-indexed vocabulary)" if vocab is not None else ""),
         )
     method = ctx.method
     base_pair = None
@@ -250,15 +264,20 @@ def _merge_task(
     srcs = tuple(Source(s.model, n) for s, n in others)
     if base_pair is not None:
         srcs = (Source(base_pair[0].model, base_pair[1]), *srcs)
+    compute: Any = _MethodCall(method, kwargs, base_pair is not None, seed)
+    if vocab is not None:
+        rows = tuple(vocab.rows[s.model] for s in srcs)
+        compute = Aligned(rows, 0 if base_pair is not None else None, compute)
     return TensorTask(
         name=out_name,
         shape=shape,
         dtype=out_dtype,
         sources=srcs,
-        compute=_MethodCall(method, kwargs, base_pair is not None, seed),
+        compute=compute,
         load_dtype=ctx.compute_dtype,
         label=f"{method.name}({', '.join(s.model for s, _ in others)}"
-        + (f"; base {base_pair[0].model})" if base_pair else ")"),
+        + (f"; base {base_pair[0].model})" if base_pair else ")")
+        + (" (re-indexed vocabulary)" if vocab is not None else ""),
     )
 
 
@@ -325,9 +344,15 @@ def plan_merge(
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
     problems.raise_if_any()
-    tokenizer_from = _tokenizer_donor(recipe, donor, ckpts)
+    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    vocab, tokenizer_from = plan_vocab(source, donor, ckpts)
 
     if recipe.layer_path:
+        if vocab is not None:
+            raise SpliceError(
+                "layer_path: the models' vocabularies differ; tokenizer_source that re-indexes "
+                "embeddings is supported for models and slices recipes, not yet for layer_path"
+            )
         return _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
 
     slices = _slices(recipe, ckpts)
@@ -339,6 +364,7 @@ def plan_merge(
         out_dtype,
         seed if seed is not None else (recipe.seed or 0),
         problems,
+        vocab,
     )
     if method is not None and method.base == "required" and not all(s.base for s in slices):
         problems.add(f"{method.name} needs a base_model")
@@ -363,7 +389,8 @@ def plan_merge(
 
     def global_task(role: str, slc: _Slice, out_name: str) -> None:
         inputs = [(s, _name_in(ckpts[s.model], spec, role)) for s in slc.sources]
-        task = _merge_task(ctx, slc, out_name, inputs, 0.0)
+        by_token = vocab if role in ("embed", "head") else None
+        task = _merge_task(ctx, slc, out_name, inputs, 0.0, by_token)
         if task is not None:
             tasks.append(task)
 
@@ -393,42 +420,12 @@ def plan_merge(
 
     config = LayerPlan(tuple(layer_sources), donor, donor).config(ckpts, donor)
     config["tie_word_embeddings"] = donor_ckpt.tied
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
-    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)
-
-
-def _vocab(ckpt: Checkpoint) -> dict[str, int] | None:
-    """Token -> id from the model's tokenizer.json (with added tokens), or None if absent."""
-    path = ckpt.path / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-
-
-def _tokenizer_donor(recipe: Recipe, donor: str, models: Mapping[str, Checkpoint]) -> str | None:
-    """Which model's tokenizer files the output gets.
-
-    ``base`` (and no setting): the donor's. A model reference: that model's. ``union``: the
-    donor's, provided every model has the same vocabulary (the union then is that vocabulary);
-    merging different vocabularies is refused with a clear message rather than done wrong.
-    """
-    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    if source in (None, "base"):
-        return donor
-    if source == "union":
-        reference = _vocab(models[donor])
-        for ref, ckpt in models.items():
-            if _vocab(ckpt) != reference:
-                raise SpliceError(
-                    f"tokenizer_source union: {ref} and {donor} have different vocabularies; "
-                    "splice cannot merge different vocabularies yet (use tokenizer_source: base "
-                    "if the extra tokens do not matter)"
-                )
-        return donor
-    return source
+    files = dict(vocab.files) if vocab is not None else {}
+    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from, tokenizer_files=files)
 
 
 def _plan_layer_path(

@@ -74,7 +74,11 @@ def run(
         tags=["merge", r.merge_method],
     )
     tokenizer_from = p.models[p.tokenizer_from] if p.tokenizer_from else None
-    extra = template_files(p.chat_template, tokenizer_from) if p.chat_template else {}
+    extra = dict(p.tokenizer_files)
+    if p.chat_template:
+        extra.update(
+            template_files(p.chat_template, tokenizer_from, extra.get("tokenizer_config.json"))
+        )
     return execute(
         p.tasks,
         p.models,

@@ -318,25 +318,6 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert "no such recipe file" in capsys.readouterr().err
 
 
-def test_tokenizer_source_union(trio, tmp_path):
-    recipe = {
-        "merge_method": "passthrough",
-        "tokenizer_source": "union",
-        "models": [{"model": str(trio["ft1"])}],
-    }
-    out = run(recipe, tmp_path / "same", MergeOptions(show_progress=False))
-    assert (out / "tokenizer.json").read_bytes() == (trio["ft1"] / "tokenizer.json").read_bytes()
-    other = make_tiny(tmp_path / "other", "llama", vocab=90)
-    recipe = {
-        "merge_method": "_test_weighted_delta",
-        "base_model": str(trio["base"]),
-        "tokenizer_source": "union",
-        "models": [{"model": str(other), "parameters": {"weight": 1}}],
-    }
-    with pytest.raises(SpliceError, match="different vocabularies"):
-        plan(recipe)
-
-
 def test_cli_dry_run_and_device_checks(trio, tmp_path, capsys):
     import torch
 

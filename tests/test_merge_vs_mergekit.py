@@ -472,3 +472,99 @@ def test_moe_matches_mergekit_moe(trio, tmp_path):
             assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
         else:
             assert torch.equal(a, b), name
+
+
+# ---- different vocabularies (tokenizer_source) ----------------------------------------------
+def vocab_recipes(m: dict[str, Path]) -> dict[str, dict]:
+    """Recipes over models with added tokens (``*_chat``) and a permuted vocabulary."""
+
+    def entry(key: str, **p) -> dict:
+        return {"model": str(m[key]), "parameters": {"weight": 0.6, "density": 0.7, **p}}
+
+    return {
+        # both fine-tunes add the same tokens, the base lacks them: their rows are the mean
+        "ties-union": {
+            "merge_method": "ties",
+            "base_model": str(m["base"]),
+            "models": [entry("ft1_chat"), entry("ft2_chat", weight=0.4)],
+            "tokenizer_source": "union",
+        },
+        "linear-union-permuted": {
+            "merge_method": "linear",
+            "models": [entry("ft1_chat"), entry("ft2_perm", weight=0.4)],
+            "tokenizer_source": "union",
+        },
+        "task_arithmetic-base": {
+            "merge_method": "task_arithmetic",
+            "base_model": str(m["base"]),
+            "models": [entry("ft1_chat"), entry("ft2_perm", weight=0.4)],
+            "tokenizer_source": "base",
+        },
+        "passthrough-union": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(m["base"]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(m["ft1_chat"]), "layer_range": [2, 4]}]},
+            ],
+            "tokenizer_source": "union",
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def vocab_outputs(trio, tmp_path_factory):
+    if importlib.util.find_spec("mergekit") is None:
+        pytest.skip("mergekit is not installed")
+    from test_vocab import permuted, with_tokens
+
+    root = tmp_path_factory.mktemp("vocab-mk")
+    models = {
+        **trio,
+        "ft2_perm": permuted(trio["ft2"], root / "ft2_perm", seed=5),
+        "ft1_chat": with_tokens(trio["ft1"], root / "ft1_chat", ["<|im_start|>", "<x>"], seed=6),
+        "ft2_chat": with_tokens(trio["ft2"], root / "ft2_chat", ["<|im_start|>", "<x>"], seed=7),
+    }
+    recipes = {n: {**r, "dtype": "float32"} for n, r in vocab_recipes(models).items()}
+    pairs = []
+    for name, recipe in recipes.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(recipe))
+        pairs.append((str(root / f"{name}.yml"), str(root / name)))
+    driver = MERGEKIT_DRIVER.replace('"--no-copy-tokenizer", ', "")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(pairs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return recipes, {name: root / name for name in recipes}
+
+
+@needs_mergekit
+@pytest.mark.parametrize(
+    "name", ["ties-union", "linear-union-permuted", "task_arithmetic-base", "passthrough-union"]
+)
+def test_different_vocabularies_match_mergekit(name, vocab_outputs, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipes, outs = vocab_outputs
+    theirs = tensors(outs[name])
+    ours = splice_merge(recipes[name], tmp_path / "out")
+    assert_same_tensors(ours, theirs)
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    their_vocab = AutoTokenizer.from_pretrained(outs[name]).get_vocab()
+    if "base_model" in recipes[name]:
+        assert vocab == their_vocab
+    else:  # mergekit's donor is list(set(models))[0], hash order: compare token by token
+        assert vocab.keys() == their_vocab.keys()
+        order = torch.tensor([their_vocab[t] for t in sorted(vocab, key=vocab.__getitem__)])
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            theirs[k] = theirs[k][order]
+    worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs)
+    assert worst <= 1e-6, f"{name}: max abs diff {worst:.3g}"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (
+        config["vocab_size"] == json.loads((outs[name] / "config.json").read_text())["vocab_size"]
+    )

@@ -1,0 +1,176 @@
+"""Merging models whose vocabularies differ: ``tokenizer_source`` (``base``, ``union`` or a model).
+
+When a recipe names a tokenizer source, the output vocabulary is that tokenizer's (``union``:
+the base's, then every other model's tokens it lacks, ordinary tokens first, then added ones,
+each in the order first seen), and every vocabulary-indexed tensor (embeddings ``[V, H]``, an
+untied head ``[V, H]``) of every model is re-indexed to it before the merge method runs. A row
+a model lacks is filled, as mergekit does: from the only model that has the token, else from
+the base model if it has it, else with the mean over the models that have it, else zeros.
+
+Vocabularies are read from ``tokenizer.json`` with the ``tokenizers`` library; a model's tokens
+with ids past its embedding rows are ignored. Without a ``tokenizer_source`` nothing is
+re-indexed (the donor's tokenizer is copied and vocabulary shapes must agree), and when every
+model has the same vocabulary and embedding rows the merge runs as if none were given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from splice.checkpoint import Checkpoint
+from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """The output vocabulary: ``size`` rows; ``rows[model][i]`` is the model's row for output
+    token ``i`` (-1: the model lacks it); ``files`` are tokenizer files written over the
+    donor's (the union tokenizer), empty when a model's tokenizer is copied as it is."""
+
+    size: int
+    rows: Mapping[str, tuple[int, ...]]
+    files: Mapping[str, str]
+
+
+def _tokenizer_json(ckpt: Checkpoint) -> dict[str, Any]:
+    path = ckpt.path / "tokenizer.json"
+    if not path.is_file():
+        raise SpliceError(
+            f"{ckpt.path}: tokenizer_source needs each model's tokenizer.json (a fast tokenizer)"
+        )
+    return json.loads(path.read_text())
+
+
+def model_vocab(ckpt: Checkpoint) -> dict[str, int]:
+    """``{token: row}`` of a model: its tokenizer's tokens whose ids fit its embedding rows."""
+    from tokenizers import Tokenizer
+
+    _tokenizer_json(ckpt)  # a clear error when it is missing
+    vocab = Tokenizer.from_file(str(ckpt.path / "tokenizer.json")).get_vocab(True)
+    rows = ckpt[ckpt.arch.embed].shape[0]
+    return {t: i for t, i in vocab.items() if i < rows}
+
+
+def plan_vocab(
+    source: str | None, donor: str, models: Mapping[str, Checkpoint]
+) -> tuple[VocabPlan | None, str]:
+    """The vocabulary plan for ``tokenizer_source`` and the model whose tokenizer files to copy.
+
+    ``None`` when nothing needs re-indexing (no source, or every model has the same vocabulary
+    and embedding rows as the output).
+    """
+    if source is None:
+        return None, donor
+    holder = donor if source in ("base", "union") else source
+    vocabs = {ref: model_vocab(ckpt) for ref, ckpt in models.items()}
+    files: dict[str, str] = {}
+    if source == "union":
+        out, files = _union(donor, models, vocabs)
+    else:
+        out = vocabs[holder]
+    size = max(out.values(), default=-1) + 1
+    same = all(
+        vocabs[r] == out and models[r][models[r].arch.embed].shape[0] == size for r in models
+    )
+    if same:
+        return None, holder
+    rows = {ref: _rows(out, size, vocab) for ref, vocab in vocabs.items()}
+    return VocabPlan(size, rows, files), holder
+
+
+def _rows(out: dict[str, int], size: int, vocab: dict[str, int]) -> tuple[int, ...]:
+    rows = [-1] * size
+    for token, i in out.items():
+        rows[i] = vocab.get(token, -1)
+    return tuple(rows)
+
+
+def _union(
+    donor: str, models: Mapping[str, Checkpoint], vocabs: dict[str, dict[str, int]]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The union vocabulary and the files of its tokenizer (the donor's, tokens appended)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(models[donor].path / "tokenizer.json"))
+    out = dict(vocabs[donor])
+    plain: list[str] = []
+    added: dict[str, dict[str, Any]] = {}
+    for ref in [donor, *(r for r in models if r != donor)]:
+        specs = {a["content"]: a for a in _tokenizer_json(models[ref]).get("added_tokens", [])}
+        for token in sorted(vocabs[ref], key=vocabs[ref].__getitem__):
+            if token in specs:
+                added.setdefault(token, specs[token])
+            elif token not in out and token not in plain:
+                plain.append(token)
+    plain = [t for t in plain if t not in added]
+    new_added = [a for t, a in added.items() if t not in out]
+    tok.add_tokens(plain)
+    for a in new_added:
+        token = AddedToken(
+            a["content"],
+            single_word=a.get("single_word", False),
+            lstrip=a.get("lstrip", False),
+            rstrip=a.get("rstrip", False),
+            normalized=a.get("normalized", not a.get("special", False)),
+            special=a.get("special", False),
+        )
+        (tok.add_special_tokens if a.get("special") else tok.add_tokens)([token])
+    out = tok.get_vocab(True)
+    files = {"tokenizer.json": tok.to_str(pretty=True)}
+    config = models[donor].path / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        decoder = data.setdefault("added_tokens_decoder", {})
+        for a in new_added:
+            decoder[str(out[a["content"]])] = {
+                k: a[k]
+                for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+                if k in a
+            }
+        files["tokenizer_config.json"] = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return out, files
+
+
+def align_rows(
+    tensors: Sequence[torch.Tensor], rows: Sequence[Sequence[int]], base: int | None
+) -> list[torch.Tensor]:
+    """Each model's ``[V_m, *rest]`` tensor re-indexed to the output's ``[V, *rest]``.
+
+    ``rows[m][i]`` is model m's row for output token i, or -1; ``base`` is the index of the
+    base model among ``tensors`` (or None). A missing row takes the only model's row that has
+    it, else the base's, else the mean of those that have it, else zeros.
+    """
+    import torch
+
+    device = tensors[0].device
+    index = torch.tensor(rows, dtype=torch.long, device=device)  # [M, V]
+    present = index >= 0
+    gathered = [t[index[m].clamp(min=0)] for m, t in enumerate(tensors)]  # [V, *rest] each
+    shape = (-1,) + (1,) * (tensors[0].dim() - 1)
+    mask = [present[m].reshape(shape) for m in range(len(tensors))]
+    count = present.sum(0).reshape(shape)
+    default = sum(torch.where(mk, g, 0) for mk, g in zip(mask, gathered, strict=True))
+    default = default / count.clamp(min=1)
+    if base is not None:
+        default = torch.where(mask[base], gathered[base], default)
+    return [torch.where(mk, g, default) for mk, g in zip(mask, gathered, strict=True)]
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """``compute`` for a vocabulary-indexed tensor: re-index the inputs, then merge them
+    (``inner``: a method call) or take the first (passthrough)."""
+
+    rows: tuple[tuple[int, ...], ...]
+    base: int | None
+    inner: Any = None
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        aligned = align_rows(tensors, self.rows, self.base)
+        return self.inner(aligned) if self.inner is not None else aligned[0]
