@@ -40,21 +40,23 @@ class VocabPlan:
 
 def _tokenizer_json(ckpt: Checkpoint) -> dict[str, Any]:
     path = ckpt.path / "tokenizer.json"
-    if not path.is_file():
-        raise SpliceError(
-            f"{ckpt.path}: tokenizer_source needs each model's tokenizer.json (a fast tokenizer)"
-        )
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def model_vocab(ckpt: Checkpoint) -> dict[str, int]:
-    """``{token: row}`` of a model: its tokenizer's tokens whose ids fit its embedding rows."""
+def _rows_of(ckpt: Checkpoint) -> int:
+    return ckpt[ckpt.arch.embed].shape[0]
+
+
+def model_vocab(ckpt: Checkpoint) -> dict[str, int] | None:
+    """``{token: row}`` of a model: its tokenizer's tokens whose ids fit its embedding rows
+    (``None`` without a ``tokenizer.json``)."""
     from tokenizers import Tokenizer
 
-    _tokenizer_json(ckpt)  # a clear error when it is missing
-    vocab = Tokenizer.from_file(str(ckpt.path / "tokenizer.json")).get_vocab(True)
-    rows = ckpt[ckpt.arch.embed].shape[0]
-    return {t: i for t, i in vocab.items() if i < rows}
+    path = ckpt.path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    vocab = Tokenizer.from_file(str(path)).get_vocab(True)
+    return {t: i for t, i in vocab.items() if i < _rows_of(ckpt)}
 
 
 def plan_vocab(
@@ -68,7 +70,21 @@ def plan_vocab(
     if source is None:
         return None, donor
     holder = donor if source in ("base", "union") else source
-    vocabs = {ref: model_vocab(ckpt) for ref, ckpt in models.items()}
+    found = {ref: model_vocab(ckpt) for ref, ckpt in models.items()}
+    lacking = next((r for r in (holder, donor) if found[r] is None), None)
+    if lacking is not None:
+        if len({_rows_of(ckpt) for ckpt in models.values()}) == 1:
+            return None, holder  # nothing to align by, and nothing needs it
+        raise SpliceError(
+            f"tokenizer_source {source}: the models' vocabularies differ in size, and "
+            f"{lacking} has no tokenizer.json to align them by"
+        )
+    # like mergekit, a model without a tokenizer is taken to share the donor's vocabulary
+    donor_vocab = found[donor] or {}
+    vocabs = {
+        ref: v if v is not None else _fit(donor_vocab, _rows_of(models[ref]))
+        for ref, v in found.items()
+    }
     files: dict[str, str] = {}
     if source == "union":
         out, files = _union(donor, models, vocabs)
@@ -82,6 +98,10 @@ def plan_vocab(
         return None, holder
     rows = {ref: _rows(out, size, vocab) for ref, vocab in vocabs.items()}
     return VocabPlan(size, rows, files), holder
+
+
+def _fit(vocab: dict[str, int], rows: int) -> dict[str, int]:
+    return {t: i for t, i in vocab.items() if i < rows}
 
 
 def _rows(out: dict[str, int], size: int, vocab: dict[str, int]) -> tuple[int, ...]:

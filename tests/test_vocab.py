@@ -187,3 +187,19 @@ def test_align_rows_fills_missing_rows_by_the_rule():
     no_base = align_rows([a, b], rows[:2], base=None)
     assert no_base[0].flatten().tolist() == [1, 2, 3, 20, 30, 0, 0]
     assert no_base[1].flatten().tolist() == [1, 10, 3, 20, 30, 0, 0]
+
+
+def test_models_without_a_tokenizer(vocab_models, tmp_path):
+    bare = shutil.copytree(vocab_models["ft2"], tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    # a model without tokenizer.json is taken to share the donor's vocabulary (as in mergekit)
+    models = {**vocab_models, "bare": bare}
+    recipe = ties(models, "ft1_chat", "bare", "task_arithmetic", tokenizer_source="union")
+    got = reference_tensors(run(recipe, tmp_path / "out", OPTS))
+    want = ties(vocab_models, "ft1_chat", "ft2", "task_arithmetic", tokenizer_source="union")
+    want = reference_tensors(run(want, tmp_path / "want", OPTS))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # ... but the donor's vocabulary is needed to align by
+    recipe = {**ties(models, "ft1_chat", "ft2", tokenizer_source="base"), "base_model": str(bare)}
+    with pytest.raises(SpliceError, match=r"bare has no tokenizer.json to align them by"):
+        plan(recipe)
