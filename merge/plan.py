@@ -345,7 +345,8 @@ def plan_merge(
     )
     problems.raise_if_any()
     source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    vocab, tokenizer_from = plan_vocab(source, donor, ckpts)
+    pad_to = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
+    vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to)
 
     if recipe.layer_path:
         if vocab is not None:

@@ -129,9 +129,20 @@ class Expert(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    source: str | None = None
+    """mergekit's ``tokenizer:`` section (its ``source`` defaults to ``union`` there too)."""
+
+    source: str = "union"
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
+
+    _ref = field_validator("source", mode="before")(_model_ref)
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 (got {v})")
+        return v
 
 
 class Recipe(_Strict):
@@ -176,10 +187,10 @@ class Recipe(_Strict):
             raise ValueError("`layer_path` goes with merge_method passthrough (or layer_path)")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
-        if self.tokenizer and (self.tokenizer.tokens or self.tokenizer.pad_to_multiple_of):
+        if self.tokenizer and self.tokenizer.tokens:
             raise ValueError(
-                "`tokenizer.tokens` and `tokenizer.pad_to_multiple_of` are not supported yet "
-                "(`tokenizer: {source: ...}` and `tokenizer_source` are)"
+                "`tokenizer.tokens` is not supported yet (`tokenizer: {source, "
+                "pad_to_multiple_of}` and `tokenizer_source` are)"
             )
         return self
 
@@ -227,6 +238,8 @@ class Recipe(_Strict):
         for key in ("base_model", "tokenizer_source"):
             if data.get(key) not in (None, "base", "union"):
                 data[key] = fix(data[key])
+        if data.get("tokenizer") and data["tokenizer"]["source"] not in ("base", "union"):
+            data["tokenizer"]["source"] = fix(data["tokenizer"]["source"])
         for m in data.get("models") or []:
             m["model"] = fix(m["model"])
         for s in data.get("slices") or []:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 
+PAD = -2  # a row past the vocabulary (pad_to_multiple_of): the model's mean row
+
+
 @dataclass(frozen=True)
 class VocabPlan:
     """The output vocabulary: ``size`` rows; ``rows[model][i]`` is the model's row for output
@@ -60,12 +63,13 @@ def model_vocab(ckpt: Checkpoint) -> dict[str, int] | None:
 
 
 def plan_vocab(
-    source: str | None, donor: str, models: Mapping[str, Checkpoint]
+    source: str | None, donor: str, models: Mapping[str, Checkpoint], pad_to: int | None = None
 ) -> tuple[VocabPlan | None, str]:
     """The vocabulary plan for ``tokenizer_source`` and the model whose tokenizer files to copy.
 
-    ``None`` when nothing needs re-indexing (no source, or every model has the same vocabulary
-    and embedding rows as the output).
+    ``pad_to``: round the output rows up to a multiple of it; the extra rows are each model's
+    mean row (as mergekit does). ``None`` when nothing needs re-indexing (no source, or every
+    model has the same vocabulary and embedding rows as the output).
     """
     if source is None:
         return None, donor
@@ -91,13 +95,14 @@ def plan_vocab(
     else:
         out = vocabs[holder]
     size = max(out.values(), default=-1) + 1
-    same = all(
-        vocabs[r] == out and models[r][models[r].arch.embed].shape[0] == size for r in models
-    )
+    padded = -(-size // pad_to) * pad_to if pad_to else size
+    same = all(vocabs[r] == out and _rows_of(models[r]) == padded == size for r in models)
     if same:
         return None, holder
-    rows = {ref: _rows(out, size, vocab) for ref, vocab in vocabs.items()}
-    return VocabPlan(size, rows, files), holder
+    rows = {
+        ref: _rows(out, size, vocab) + (PAD,) * (padded - size) for ref, vocab in vocabs.items()
+    }
+    return VocabPlan(padded, rows, files), holder
 
 
 def _fit(vocab: dict[str, int], rows: int) -> dict[str, int]:
@@ -162,9 +167,10 @@ def align_rows(
 ) -> list[torch.Tensor]:
     """Each model's ``[V_m, *rest]`` tensor re-indexed to the output's ``[V, *rest]``.
 
-    ``rows[m][i]`` is model m's row for output token i, or -1; ``base`` is the index of the
-    base model among ``tensors`` (or None). A missing row takes the only model's row that has
-    it, else the base's, else the mean of those that have it, else zeros.
+    ``rows[m][i]`` is model m's row for output token i, -1 if it lacks it, or ``PAD`` past
+    the vocabulary; ``base`` is the index of the base model among ``tensors`` (or None). A
+    missing row takes the only model's row that has it, else the base's, else the mean of
+    those that have it, else zeros; a ``PAD`` row is the mean of the model's aligned rows.
     """
     import torch
 
@@ -179,7 +185,13 @@ def align_rows(
     default = default / count.clamp(min=1)
     if base is not None:
         default = torch.where(mask[base], gathered[base], default)
-    return [torch.where(mk, g, default) for mk, g in zip(mask, gathered, strict=True)]
+    out = [torch.where(mk, g, default) for mk, g in zip(mask, gathered, strict=True)]
+    pad = index[0] == PAD  # the same for every model
+    if bool(pad.any()):
+        real = ~pad
+        for t in out:
+            t[pad] = t[real].mean(0)
+    return out
 
 
 @dataclass(frozen=True)

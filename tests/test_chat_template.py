@@ -93,6 +93,7 @@ def test_jinja_text_is_used_as_is(trio, tmp_path):
     [
         ({"chat_template": "chatmll"}, "chat_template 'chatmll': not a built-in name"),
         ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}}, "not supported"),
+        ({"tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of must be >= 1"),
     ],
 )
 def test_bad_template_or_tokenizer_settings_are_one_line(trio, tmp_path, capsys, extra, message):

@@ -500,6 +500,14 @@ def vocab_recipes(m: dict[str, Path]) -> dict[str, dict]:
             "models": [entry("ft1_chat"), entry("ft2_perm", weight=0.4)],
             "tokenizer_source": "base",
         },
+        # the tokenizer section's source defaults to union. Not TIES: every padding row is the
+        # model's mean row, so equal magnitudes meet at its trimming cut (broken differently)
+        "task_arithmetic-padded": {
+            "merge_method": "task_arithmetic",
+            "base_model": str(m["base"]),
+            "models": [entry("ft1_chat"), entry("ft2_perm", weight=0.4)],
+            "tokenizer": {"pad_to_multiple_of": 64},
+        },
         "passthrough-union": {
             "merge_method": "passthrough",
             "slices": [
@@ -544,7 +552,14 @@ def vocab_outputs(trio, tmp_path_factory):
 
 @needs_mergekit
 @pytest.mark.parametrize(
-    "name", ["ties-union", "linear-union-permuted", "task_arithmetic-base", "passthrough-union"]
+    "name",
+    [
+        "ties-union",
+        "linear-union-permuted",
+        "task_arithmetic-base",
+        "task_arithmetic-padded",
+        "passthrough-union",
+    ],
 )
 def test_different_vocabularies_match_mergekit(name, vocab_outputs, tmp_path):
     from transformers import AutoTokenizer

@@ -21,7 +21,7 @@ from test_checkpoint import reference_tensors
 
 from splice import SpliceError
 from splice.merge import MergeOptions, plan, run
-from splice.merge.vocab import align_rows
+from splice.merge.vocab import PAD, align_rows
 
 OPTS = MergeOptions(show_progress=False)
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -203,3 +203,18 @@ def test_models_without_a_tokenizer(vocab_models, tmp_path):
     recipe = {**ties(models, "ft1_chat", "ft2", tokenizer_source="base"), "base_model": str(bare)}
     with pytest.raises(SpliceError, match=r"bare has no tokenizer.json to align them by"):
         plan(recipe)
+
+
+def test_padding_rows_are_each_models_mean_row():
+    a = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    b = torch.tensor([[5.0, 0.0], [7.0, 2.0]])
+    got = align_rows([a, b], [(0, 1, PAD, PAD), (1, 0, PAD, PAD)], base=None)
+    assert got[0].tolist() == [[1, 2], [3, 6], [2, 4], [2, 4]]
+    assert got[1].tolist() == [[7, 2], [5, 0], [6, 1], [6, 1]]
+
+
+def test_pad_to_multiple_of_rounds_the_rows_up(vocab_models):
+    p = plan(ties(vocab_models, "ft1", "ft2", tokenizer={"pad_to_multiple_of": 64}))
+    assert p.config["vocab_size"] == 128
+    embed = next(t for t in p.tasks if t.name == "model.embed_tokens.weight")
+    assert embed.shape == (128, 32)
