@@ -236,7 +236,11 @@ def _merge_task(
             shape=shape,
             dtype=out_dtype,
             sources=(Source(src.model, name),),
-            compute=Aligned((vocab.rows[src.model],), None) if vocab is not None else None,
+            compute=Aligned(
+                (vocab.rows[src.model],), None, fixed=_fixed(vocab, [src.model], out_name, problems)
+            )
+            if vocab is not None
+            else None,
             scale=scale,
             load_dtype=ctx.compute_dtype if computed else None,
             label=f"{src.model}:{name}"
@@ -267,7 +271,8 @@ def _merge_task(
     compute: Any = _MethodCall(method, kwargs, base_pair is not None, seed)
     if vocab is not None:
         rows = tuple(vocab.rows[s.model] for s in srcs)
-        compute = Aligned(rows, 0 if base_pair is not None else None, compute)
+        fixed = _fixed(vocab, [s.model for s in srcs], out_name, problems)
+        compute = Aligned(rows, 0 if base_pair is not None else None, compute, fixed)
     return TensorTask(
         name=out_name,
         shape=shape,
@@ -279,6 +284,22 @@ def _merge_task(
         + (f"; base {base_pair[0].model})" if base_pair else ")")
         + (" (re-indexed vocabulary)" if vocab is not None else ""),
     )
+
+
+def _fixed(
+    vocab: VocabPlan, sources: list[str], out_name: str, problems: _Problems
+) -> tuple[tuple[int, int | None, int, bool], ...]:
+    """``vocab.fixed`` for one task: source models as indices into its ``sources``."""
+    out = []
+    for i, f in vocab.fixed.items():
+        if f.model is not None and f.model not in sources:
+            problems.add(
+                f"tokenizer.tokens[{f.token!r}]: its source {f.model} is not among the models "
+                f"merged into {out_name}"
+            )
+            continue
+        out.append((i, None if f.model is None else sources.index(f.model), f.row, f.force))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -345,8 +366,9 @@ def plan_merge(
     )
     problems.raise_if_any()
     source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    pad_to = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
-    vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to)
+    tok = recipe.tokenizer
+    pad_to, tokens = (tok.pad_to_multiple_of, tok.tokens) if tok else (None, None)
+    vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to, tokens)
 
     if recipe.layer_path:
         if vocab is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -128,11 +128,52 @@ class Expert(_Strict):
     _ref = field_validator("source_model", mode="before")(_model_ref)
 
 
+class TokenFrom(_Strict):
+    """Where a token's embedding comes from: zeros, or a model's row for ``token`` / ``token_id``."""
+
+    kind: Literal["zero", "model_token"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+    _ref = field_validator("model", mode="before")(_model_ref)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TokenFrom:
+        if self.kind == "model_token":
+            if self.model is None:
+                raise ValueError("a model_token source needs `model`")
+            if (self.token is None) == (self.token_id is None):
+                raise ValueError("a model_token source needs exactly one of `token`, `token_id`")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    """One entry of ``tokenizer.tokens``: the token's embedding source (a model reference: that
+    model's row for the token), and ``force``: every model takes it, not only those lacking it."""
+
+    source: TokenFrom | str | None = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _ref(cls, value: Any) -> Any:
+        if not (isinstance(value, dict) and "kind" in value):
+            return _model_ref(value)
+        try:  # validated here, so that a bad one is one message, not one per union member
+            return TokenFrom.model_validate(value)
+        except ValidationError as e:
+            raise ValueError(
+                "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+            ) from None
+
+
 class TokenizerConfig(_Strict):
-    """mergekit's ``tokenizer:`` section (its ``source`` defaults to ``union`` there too)."""
+    """mergekit's ``tokenizer:`` section (its ``source`` defaults to ``union`` there too).
+    ``tokens`` are added to the output vocabulary if new, with their embedding sources."""
 
     source: str = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
 
     _ref = field_validator("source", mode="before")(_model_ref)
@@ -187,11 +228,6 @@ class Recipe(_Strict):
             raise ValueError("`layer_path` goes with merge_method passthrough (or layer_path)")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
-        if self.tokenizer and self.tokenizer.tokens:
-            raise ValueError(
-                "`tokenizer.tokens` is not supported yet (`tokenizer: {source, "
-                "pad_to_multiple_of}` and `tokenizer_source` are)"
-            )
         return self
 
     # ---- loading ----------------------------------------------------------------------------
@@ -238,8 +274,14 @@ class Recipe(_Strict):
         for key in ("base_model", "tokenizer_source"):
             if data.get(key) not in (None, "base", "union"):
                 data[key] = fix(data[key])
-        if data.get("tokenizer") and data["tokenizer"]["source"] not in ("base", "union"):
-            data["tokenizer"]["source"] = fix(data["tokenizer"]["source"])
+        if data.get("tokenizer"):
+            if data["tokenizer"]["source"] not in ("base", "union"):
+                data["tokenizer"]["source"] = fix(data["tokenizer"]["source"])
+            for entry in (data["tokenizer"]["tokens"] or {}).values():
+                if isinstance(entry["source"], dict):
+                    entry["source"]["model"] = fix(entry["source"]["model"])
+                else:
+                    entry["source"] = fix(entry["source"])
         for m in data.get("models") or []:
             m["model"] = fix(m["model"])
         for s in data.get("slices") or []:
@@ -272,6 +314,9 @@ class Recipe(_Strict):
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
         if src not in (None, "base", "union"):
             refs.append(src)
+        for entry in (self.tokenizer.tokens or {}).values() if self.tokenizer else ():
+            source = entry.source
+            refs.append(source.model if isinstance(source, TokenFrom) else source)
         return list(dict.fromkeys(r for r in refs if r))
 
 

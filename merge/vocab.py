@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
+from splice.merge.recipe import TokenEmbedding, TokenFrom
 
 if TYPE_CHECKING:
     import torch
@@ -31,14 +32,28 @@ PAD = -2  # a row past the vocabulary (pad_to_multiple_of): the model's mean row
 
 
 @dataclass(frozen=True)
+class FixedRow:
+    """A configured source for one output token (``tokenizer.tokens``): ``model``'s original
+    row ``row`` (``model`` None: zeros), for the models that lack the token, or for all of them
+    (``force``)."""
+
+    token: str
+    model: str | None
+    row: int
+    force: bool
+
+
+@dataclass(frozen=True)
 class VocabPlan:
     """The output vocabulary: ``size`` rows; ``rows[model][i]`` is the model's row for output
     token ``i`` (-1: the model lacks it); ``files`` are tokenizer files written over the
-    donor's (the union tokenizer), empty when a model's tokenizer is copied as it is."""
+    holder's (union or added tokens), empty when a tokenizer is copied as it is; ``fixed``:
+    output row -> configured source."""
 
     size: int
     rows: Mapping[str, tuple[int, ...]]
     files: Mapping[str, str]
+    fixed: Mapping[int, FixedRow] = field(default_factory=dict)
 
 
 def _tokenizer_json(ckpt: Checkpoint) -> dict[str, Any]:
@@ -63,13 +78,18 @@ def model_vocab(ckpt: Checkpoint) -> dict[str, int] | None:
 
 
 def plan_vocab(
-    source: str | None, donor: str, models: Mapping[str, Checkpoint], pad_to: int | None = None
+    source: str | None,
+    donor: str,
+    models: Mapping[str, Checkpoint],
+    pad_to: int | None = None,
+    tokens: Mapping[str, TokenEmbedding] | None = None,
 ) -> tuple[VocabPlan | None, str]:
     """The vocabulary plan for ``tokenizer_source`` and the model whose tokenizer files to copy.
 
     ``pad_to``: round the output rows up to a multiple of it; the extra rows are each model's
-    mean row (as mergekit does). ``None`` when nothing needs re-indexing (no source, or every
-    model has the same vocabulary and embedding rows as the output).
+    mean row (as mergekit does). ``tokens``: tokens to add, and where rows come from for those
+    that name a source (``tokenizer.tokens``). ``None`` when nothing needs re-indexing (no
+    source, or every model has the same vocabulary and embedding rows as the output).
     """
     if source is None:
         return None, donor
@@ -89,20 +109,56 @@ def plan_vocab(
         ref: v if v is not None else _fit(donor_vocab, _rows_of(models[ref]))
         for ref, v in found.items()
     }
+    plain, added = _union_tokens(donor, models, vocabs) if source == "union" else ([], [])
+    out = vocabs[holder]
+    new = [t for t in tokens or {} if t not in out and t not in plain]  # added as plain tokens
     files: dict[str, str] = {}
-    if source == "union":
-        out, files = _union(donor, models, vocabs)
-    else:
-        out = vocabs[holder]
+    if plain or added or new:
+        out, files = _extend(models[holder], plain + new, added)
     size = max(out.values(), default=-1) + 1
     padded = -(-size // pad_to) * pad_to if pad_to else size
+    fixed = _fixed(tokens or {}, out, vocabs, models)
     same = all(vocabs[r] == out and _rows_of(models[r]) == padded == size for r in models)
-    if same:
+    if same and not fixed:
         return None, holder
     rows = {
         ref: _rows(out, size, vocab) + (PAD,) * (padded - size) for ref, vocab in vocabs.items()
     }
-    return VocabPlan(padded, rows, files), holder
+    return VocabPlan(padded, rows, files, fixed), holder
+
+
+def _fixed(
+    tokens: Mapping[str, TokenEmbedding],
+    out: dict[str, int],
+    vocabs: dict[str, dict[str, int]],
+    models: Mapping[str, Checkpoint],
+) -> dict[int, FixedRow]:
+    """Output row -> its configured source, for the ``tokenizer.tokens`` that name one."""
+    fixed: dict[int, FixedRow] = {}
+    for token, entry in tokens.items():
+        src = entry.source
+        if src is None:
+            if entry.force:
+                raise SpliceError(f"tokenizer.tokens[{token!r}]: force needs a source")
+            continue  # only added to the vocabulary; missing rows follow the usual rule
+        if isinstance(src, TokenFrom) and src.kind == "zero":
+            fixed[out[token]] = FixedRow(token, None, -1, entry.force)
+            continue
+        model = src.model if isinstance(src, TokenFrom) else src
+        assert model is not None
+        if isinstance(src, TokenFrom) and src.token_id is not None:
+            row = src.token_id
+            if not 0 <= row < _rows_of(models[model]):
+                raise SpliceError(
+                    f"tokenizer.tokens[{token!r}]: token_id {row} is out of range for {model}"
+                )
+        else:
+            wanted = src.token if isinstance(src, TokenFrom) else token
+            if wanted not in vocabs[model]:
+                raise SpliceError(f"tokenizer.tokens[{token!r}]: {model} has no token {wanted!r}")
+            row = vocabs[model][wanted]
+        fixed[out[token]] = FixedRow(token, model, row, entry.force)
+    return fixed
 
 
 def _fit(vocab: dict[str, int], rows: int) -> dict[str, int]:
@@ -116,14 +172,12 @@ def _rows(out: dict[str, int], size: int, vocab: dict[str, int]) -> tuple[int, .
     return tuple(rows)
 
 
-def _union(
+def _union_tokens(
     donor: str, models: Mapping[str, Checkpoint], vocabs: dict[str, dict[str, int]]
-) -> tuple[dict[str, int], dict[str, str]]:
-    """The union vocabulary and the files of its tokenizer (the donor's, tokens appended)."""
-    from tokenizers import AddedToken, Tokenizer
-
-    tok = Tokenizer.from_file(str(models[donor].path / "tokenizer.json"))
-    out = dict(vocabs[donor])
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Tokens the donor lacks: ordinary ones, then added ones (their tokenizer.json specs),
+    each in the order of the models and, within a model, of their ids."""
+    known = vocabs[donor]
     plain: list[str] = []
     added: dict[str, dict[str, Any]] = {}
     for ref in [donor, *(r for r in models if r != donor)]:
@@ -131,12 +185,25 @@ def _union(
         for token in sorted(vocabs[ref], key=vocabs[ref].__getitem__):
             if token in specs:
                 added.setdefault(token, specs[token])
-            elif token not in out and token not in plain:
+            elif token not in known and token not in plain:
                 plain.append(token)
     plain = [t for t in plain if t not in added]
-    new_added = [a for t, a in added.items() if t not in out]
-    tok.add_tokens(plain)
-    for a in new_added:
+    return plain, [a for t, a in added.items() if t not in known]
+
+
+_SPEC_KEYS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def _extend(
+    holder: Checkpoint, plain: list[str], added: list[dict[str, Any]]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The holder's tokenizer with ``plain`` tokens, then ``added`` ones (tokenizer.json specs)
+    appended: its vocabulary and its files (tokenizer.json, tokenizer_config.json)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(holder.path / "tokenizer.json"))
+    specs = [{"content": t, "special": False} for t in plain] + added
+    for a in specs:
         token = AddedToken(
             a["content"],
             single_word=a.get("single_word", False),
@@ -148,22 +215,23 @@ def _union(
         (tok.add_special_tokens if a.get("special") else tok.add_tokens)([token])
     out = tok.get_vocab(True)
     files = {"tokenizer.json": tok.to_str(pretty=True)}
-    config = models[donor].path / "tokenizer_config.json"
+    config = holder.path / "tokenizer_config.json"
     if config.is_file():
         data = json.loads(config.read_text())
         decoder = data.setdefault("added_tokens_decoder", {})
-        for a in new_added:
-            decoder[str(out[a["content"]])] = {
-                k: a[k]
-                for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
-                if k in a
-            }
+        for a in specs:
+            full = {"lstrip": False, "rstrip": False, "single_word": False, **a}
+            full.setdefault("normalized", not full.get("special", False))
+            decoder[str(out[a["content"]])] = {k: full[k] for k in _SPEC_KEYS}
         files["tokenizer_config.json"] = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return out, files
 
 
 def align_rows(
-    tensors: Sequence[torch.Tensor], rows: Sequence[Sequence[int]], base: int | None
+    tensors: Sequence[torch.Tensor],
+    rows: Sequence[Sequence[int]],
+    base: int | None,
+    fixed: Sequence[tuple[int, int | None, int, bool]] = (),
 ) -> list[torch.Tensor]:
     """Each model's ``[V_m, *rest]`` tensor re-indexed to the output's ``[V, *rest]``.
 
@@ -171,6 +239,8 @@ def align_rows(
     the vocabulary; ``base`` is the index of the base model among ``tensors`` (or None). A
     missing row takes the only model's row that has it, else the base's, else the mean of
     those that have it, else zeros; a ``PAD`` row is the mean of the model's aligned rows.
+    ``fixed``: ``(output row, source model's index or None for zeros, its row, force)``
+    replace that rule for one token, for every model if ``force``.
     """
     import torch
 
@@ -185,6 +255,11 @@ def align_rows(
     default = default / count.clamp(min=1)
     if base is not None:
         default = torch.where(mask[base], gathered[base], default)
+    for i, m, row, force in fixed:
+        default[i] = 0 if m is None else tensors[m][row]
+        if force:
+            present[:, i] = False
+    mask = [present[m].reshape(shape) for m in range(len(tensors))]
     out = [torch.where(mk, g, default) for mk, g in zip(mask, gathered, strict=True)]
     pad = index[0] == PAD  # the same for every model
     if bool(pad.any()):
@@ -202,7 +277,8 @@ class Aligned:
     rows: tuple[tuple[int, ...], ...]
     base: int | None
     inner: Any = None
+    fixed: tuple[tuple[int, int | None, int, bool], ...] = ()
 
     def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        aligned = align_rows(tensors, self.rows, self.base)
+        aligned = align_rows(tensors, self.rows, self.base, self.fixed)
         return self.inner(aligned) if self.inner is not None else aligned[0]

@@ -92,7 +92,10 @@ def test_jinja_text_is_used_as_is(trio, tmp_path):
     ("extra", "message"),
     [
         ({"chat_template": "chatmll"}, "chat_template 'chatmll': not a built-in name"),
-        ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}}, "not supported"),
+        (
+            {"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "m"}}}}},
+            "needs exactly one of `token`, `token_id`",
+        ),
         ({"tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of must be >= 1"),
     ],
 )

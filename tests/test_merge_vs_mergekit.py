@@ -508,6 +508,30 @@ def vocab_recipes(m: dict[str, Path]) -> dict[str, dict]:
             "models": [entry("ft1_chat"), entry("ft2_perm", weight=0.4)],
             "tokenizer": {"pad_to_multiple_of": 64},
         },
+        # tokens with configured sources: rows of another token, zeros for every model, a
+        # token added by the recipe, another model's row for every model
+        "ties-tokens": {
+            "merge_method": "ties",
+            "base_model": str(m["base"]),
+            "models": [entry("ft1_chat"), entry("ft2", weight=0.4)],
+            "tokenizer": {
+                "source": "union",
+                "tokens": {
+                    "<|im_start|>": {
+                        "source": {
+                            "kind": "model_token",
+                            "model": str(m["ft1_chat"]),
+                            "token": "w5",
+                        }
+                    },
+                    "<x>": {"source": {"kind": "zero"}, "force": True},
+                    "<brand_new>": {
+                        "source": {"kind": "model_token", "model": str(m["ft2"]), "token_id": 7}
+                    },
+                    "w9": {"source": str(m["ft2"]), "force": True},
+                },
+            },
+        },
         "passthrough-union": {
             "merge_method": "passthrough",
             "slices": [
@@ -558,6 +582,7 @@ def vocab_outputs(trio, tmp_path_factory):
         "linear-union-permuted",
         "task_arithmetic-base",
         "task_arithmetic-padded",
+        "ties-tokens",
         "passthrough-union",
     ],
 )

@@ -218,3 +218,57 @@ def test_pad_to_multiple_of_rounds_the_rows_up(vocab_models):
     assert p.config["vocab_size"] == 128
     embed = next(t for t in p.tasks if t.name == "model.embed_tokens.weight")
     assert embed.shape == (128, 32)
+
+
+def test_token_sources(vocab_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    ft2 = str(vocab_models["ft2"])
+    tokens = {
+        "<x>": {"source": {"kind": "zero"}, "force": True},
+        "w9": {"source": ft2, "force": True},
+        "<brand_new>": {"source": {"kind": "model_token", "model": ft2, "token_id": 7}},
+    }
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(vocab_models["ft1_chat"]), "parameters": {"weight": 0.3}},
+            {"model": ft2, "parameters": {"weight": 0.7}},
+        ],
+        "tokenizer": {"tokens": tokens},
+    }
+    out = run(recipe, tmp_path / "out", OPTS)
+    got, src = reference_tensors(out), reference_tensors(vocab_models["ft2"])
+    tok = AutoTokenizer.from_pretrained(out)
+    x, w9, new = tok.convert_tokens_to_ids(["<x>", "w9", "<brand_new>"])
+    assert (x, new) == (98, 99) and len(tok) == 100  # after the donor's two chat tokens
+    for name in VOCAB_TENSORS:
+        assert got[name].shape == (100, 32)
+        assert not got[name][x].any()
+        torch.testing.assert_close(got[name][w9], src[name][w9], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[name][new], src[name][7], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ({"w9": {"source": "FT1_CHAT"}}, "not among the models merged into"),
+        ({"nope": {"source": "FT2"}}, "has no token 'nope'"),
+        ({"w9": {"force": True}}, "force needs a source"),
+        (
+            {"w9": {"source": {"kind": "model_token", "model": "FT2", "token_id": 500}}},
+            "token_id 500 is out of range",
+        ),
+    ],
+)
+def test_bad_token_sources(vocab_models, tokens, message):
+    text = json.dumps(tokens)
+    text = text.replace('"FT1_CHAT"', json.dumps(str(vocab_models["ft1_chat"])))
+    text = text.replace('"FT2"', json.dumps(str(vocab_models["ft2"])))
+    recipe = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(vocab_models["ft2"])}],
+        "tokenizer": {"tokens": json.loads(text)},
+    }
+    with pytest.raises(SpliceError, match=message):
+        plan(recipe)
