@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splice.arch import ArchSpec
@@ -371,12 +371,8 @@ def plan_merge(
     vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to, tokens)
 
     if recipe.layer_path:
-        if vocab is not None:
-            raise SpliceError(
-                "layer_path: the models' vocabularies differ; tokenizer_source that re-indexes "
-                "embeddings is supported for models and slices recipes, not yet for layer_path"
-            )
-        return _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
+        p = _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
+        return _reindexed(p, vocab, ckpts[donor].arch, problems) if vocab is not None else p
 
     slices = _slices(recipe, ckpts)
     ctx = _Context(
@@ -449,6 +445,27 @@ def plan_merge(
         config = config_with_dtype(config, out_dtype)
     files = dict(vocab.files) if vocab is not None else {}
     return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from, tokenizer_files=files)
+
+
+def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: _Problems) -> MergePlan:
+    """A data-flow plan whose embedding and head (one source each) are re-indexed to ``vocab``."""
+    tasks = []
+    for t in p.tasks:
+        if t.name in (spec.embed, spec.lm_head):
+            model = t.sources[0].model
+            t = replace(
+                t,
+                shape=(vocab.size, *t.shape[1:]),
+                compute=Aligned(
+                    (vocab.rows[model],), None, fixed=_fixed(vocab, [model], t.name, problems)
+                ),
+                load_dtype=t.load_dtype or "float32",
+                label=f"{t.label} (re-indexed vocabulary)",
+            )
+        tasks.append(t)
+    problems.raise_if_any()
+    config = {**p.config, "vocab_size": vocab.size}
+    return replace(p, tasks=tasks, config=config, tokenizer_files=dict(vocab.files))
 
 
 def _plan_layer_path(

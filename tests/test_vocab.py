@@ -156,15 +156,25 @@ def test_same_vocabularies_need_no_reindexing(vocab_models):
     assert all("re-indexed" not in t.label for t in p.tasks)
 
 
-def test_layer_path_with_different_vocabularies_is_refused(vocab_models):
+def test_layer_path_reindexes_the_embeddings(vocab_models, tmp_path):
     recipe = {
         "merge_method": "passthrough",
         "base_model": str(vocab_models["base"]),
         "tokenizer_source": "union",
-        "layer_path": [{"model": str(vocab_models["ft1_chat"]), "layer_range": [0, 4]}],
+        "layer_path": [
+            {"model": str(vocab_models["ft1_chat"]), "layer_range": [0, 2]},
+            {"model": str(vocab_models["base"]), "layer_range": [2, 4], "scale": 0.5},
+        ],
     }
-    with pytest.raises(SpliceError, match="not yet for layer_path"):
-        plan(recipe)
+    out = run(recipe, tmp_path / "out", OPTS)
+    got, base = reference_tensors(out), reference_tensors(vocab_models["base"])
+    for name in VOCAB_TENSORS:  # from the base, which lacks the chat tokens: zero rows
+        assert got[name].shape == (98, 32)
+        assert torch.equal(got[name][:96], base[name]) and not got[name][96:].any()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 98
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(NEW_TOKENS) == [96, 97]
 
 
 def test_align_rows_fills_missing_rows_by_the_rule():
