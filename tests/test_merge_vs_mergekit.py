@@ -276,13 +276,21 @@ def mergekit_outputs(trio, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mergekit")
     jobs: dict[str, dict] = {n: concrete(r, trio) for n, r in {**RECIPES, **STOCHASTIC}.items()}
     jobs.update({f"{n}-bf16": concrete(r, trio, "bfloat16") for n, r in BF16.items()})
+    return run_mergekit(jobs, root)
+
+
+def run_mergekit(jobs: dict[str, dict], root: Path, copy_tokenizer: bool = False) -> dict:
+    """Every recipe through mergekit-yaml in one process; ``{name: output folder}``."""
     pairs = []
     for name, recipe in jobs.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(recipe))
         pairs.append((str(root / f"{name}.yml"), str(root / name)))
+    driver = MERGEKIT_DRIVER
+    if copy_tokenizer:
+        driver = driver.replace('"--no-copy-tokenizer", ', "")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-c", MERGEKIT_DRIVER, json.dumps(pairs)],
+        [sys.executable, "-c", driver, json.dumps(pairs)],
         capture_output=True,
         text=True,
         env=env,
@@ -557,21 +565,7 @@ def vocab_outputs(trio, tmp_path_factory):
         "ft2_chat": with_tokens(trio["ft2"], root / "ft2_chat", ["<|im_start|>", "<x>"], seed=7),
     }
     recipes = {n: {**r, "dtype": "float32"} for n, r in vocab_recipes(models).items()}
-    pairs = []
-    for name, recipe in recipes.items():
-        (root / f"{name}.yml").write_text(yaml.safe_dump(recipe))
-        pairs.append((str(root / f"{name}.yml"), str(root / name)))
-    driver = MERGEKIT_DRIVER.replace('"--no-copy-tokenizer", ', "")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-c", driver, json.dumps(pairs)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return recipes, {name: root / name for name in recipes}
+    return recipes, run_mergekit(recipes, root, copy_tokenizer=True)
 
 
 @needs_mergekit
