@@ -1,16 +1,20 @@
-"""Merging models whose vocabularies differ: ``tokenizer_source`` (``base``, ``union`` or a model).
+"""Merging models whose vocabularies differ: ``tokenizer_source`` / ``tokenizer:`` (mergekit's).
 
-When a recipe names a tokenizer source, the output vocabulary is that tokenizer's (``union``:
-the base's, then every other model's tokens it lacks, ordinary tokens first, then added ones,
-each in the order first seen), and every vocabulary-indexed tensor (embeddings ``[V, H]``, an
-untied head ``[V, H]``) of every model is re-indexed to it before the merge method runs. A row
-a model lacks is filled, as mergekit does: from the only model that has the token, else from
-the base model if it has it, else with the mean over the models that have it, else zeros.
+When a recipe names a tokenizer source (``base``, ``union`` or a model), the output vocabulary
+is that tokenizer's (``union``: the base's, then the other models' tokens it lacks, ordinary
+ones first, then added ones, each in the order of the models and of their ids; then the
+recipe's ``tokenizer.tokens`` it still lacks), padded to ``pad_to_multiple_of`` rows. Every
+vocabulary-indexed tensor (embeddings ``[V, H]``, an untied head ``[V, H]``) of every model is
+re-indexed to it before the merge method runs. A row a model lacks is filled as mergekit does:
+from the only model that has the token, else from the base model if it has it, else with the
+mean over the models that have it, else zeros; a ``tokenizer.tokens`` entry with a source
+replaces that rule for its token; padding rows are each model's mean row.
 
-Vocabularies are read from ``tokenizer.json`` with the ``tokenizers`` library; a model's tokens
-with ids past its embedding rows are ignored. Without a ``tokenizer_source`` nothing is
-re-indexed (the donor's tokenizer is copied and vocabulary shapes must agree), and when every
-model has the same vocabulary and embedding rows the merge runs as if none were given.
+Vocabularies come from ``tokenizer.json`` (the ``tokenizers`` library); tokens with ids past a
+model's embedding rows are ignored, and a model without a tokenizer.json is taken to share the
+donor's vocabulary (as mergekit does). Without a tokenizer source nothing is re-indexed (the
+donor's tokenizer is copied and vocabulary shapes must agree), and when every model has the
+output's vocabulary and rows the merge runs as if none were given (kernel copies stay copies).
 """
 
 from __future__ import annotations
