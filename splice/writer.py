@@ -90,6 +90,31 @@ def check_target(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
     return out
 
 
+def _umask() -> int:
+    try:  # read, not set: setting it would race with threads creating files
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(target: Path, tag: str) -> Path:
+    """A hidden empty folder beside ``target`` to build it in, then rename onto it.
+
+    Made by ``mkdtemp`` (a unique name), then given the permissions ``mkdir`` would give
+    (``0o777 & ~umask``) rather than mkdtemp's private 0o700, so the renamed output is as
+    readable as any other folder the user makes.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 class CheckpointWriter:
     """Write a model folder atomically (see the module docstring).
 
@@ -121,9 +146,7 @@ class CheckpointWriter:
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"tensor {dup!r} planned twice")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.out.name}.splice-tmp-", dir=self.out.parent)
-        )
+        self.tmp = staging_dir(self.out, "splice-tmp")
         self._lock = threading.Lock()
         self._written: set[str] = set()
         self._config_written = False

@@ -187,3 +187,17 @@ def test_convert_to_bfloat16(tiny_models, tmp_path, model_type):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16"
     assert torch.equal(logits(src, torch.bfloat16), logits(out, torch.bfloat16))
+
+
+def test_output_folder_has_mkdir_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        with CheckpointWriter(tmp_path / "out", [TensorSpec("w", (2,), "float32")]) as w:
+            w.write("w", torch.zeros(2))
+            w.write_config({"model_type": "llama"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750  # not mkdtemp's 0o700

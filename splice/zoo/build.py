@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
+from splice.writer import staging_dir
 from splice.zoo.models import Shape
 
 # Bump when a change to the zoo's code changes what a build produces (data, training, layout).
@@ -125,7 +125,7 @@ def build(
     if folder.exists() and any(folder.iterdir()) and read_stamp(folder) is None and not force:
         raise SpliceError(f"{folder}: exists and is not a zoo (pass --force to replace it)")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.zoo-tmp-", dir=folder.parent))
+    tmp = staging_dir(folder, "zoo-tmp")
     try:
         info = _build_into(tmp, settings, show_progress)
         (tmp / STAMP_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
