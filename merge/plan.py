@@ -153,7 +153,6 @@ class _Context:
     out_dtype: str | None
     seed: int
     problems: _Problems
-    vocab: VocabPlan | None = None  # re-indexing of vocabulary tensors (tokenizer_source)
 
 
 def _params(
@@ -231,16 +230,16 @@ def _merge_task(
         scale = resolve("scale", (src.params, slc.params, ctx.recipe.parameters), name, t)
         scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {name}")
         computed = scale != 1.0 or out_dtype != first.dtype or vocab is not None
+        reindex = None
+        if vocab is not None:
+            fixed = _fixed(vocab, [src.model], out_name, problems)
+            reindex = Aligned((vocab.rows[src.model],), None, fixed=fixed)
         return TensorTask(
             name=out_name,
             shape=shape,
             dtype=out_dtype,
             sources=(Source(src.model, name),),
-            compute=Aligned(
-                (vocab.rows[src.model],), None, fixed=_fixed(vocab, [src.model], out_name, problems)
-            )
-            if vocab is not None
-            else None,
+            compute=reindex,
             scale=scale,
             load_dtype=ctx.compute_dtype if computed else None,
             label=f"{src.model}:{name}"
@@ -365,9 +364,12 @@ def plan_merge(
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
     problems.raise_if_any()
-    source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    tok = recipe.tokenizer
-    pad_to, tokens = (tok.pad_to_multiple_of, tok.tokens) if tok else (None, None)
+    tok = recipe.tokenizer  # mergekit's tokenizer section, or the older tokenizer_source
+    source, pad_to, tokens = (
+        (tok.source, tok.pad_to_multiple_of, tok.tokens)
+        if tok
+        else (recipe.tokenizer_source, None, None)
+    )
     vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to, tokens)
 
     if recipe.layer_path:
@@ -383,7 +385,6 @@ def plan_merge(
         out_dtype,
         seed if seed is not None else (recipe.seed or 0),
         problems,
-        vocab,
     )
     if method is not None and method.base == "required" and not all(s.base for s in slices):
         problems.add(f"{method.name} needs a base_model")
