@@ -101,11 +101,11 @@ def plan_vocab(
     found = {ref: model_vocab(ckpt) for ref, ckpt in models.items()}
     lacking = next((r for r in (holder, donor) if found[r] is None), None)
     if lacking is not None:
-        if len({_rows_of(ckpt) for ckpt in models.values()}) == 1:
+        if len({_rows_of(ckpt) for ckpt in models.values()}) == 1 and not (pad_to or tokens):
             return None, holder  # nothing to align by, and nothing needs it
         raise SpliceError(
-            f"tokenizer_source {source}: the models' vocabularies differ in size, and "
-            f"{lacking} has no tokenizer.json to align them by"
+            f"tokenizer source {source}: {lacking} has no tokenizer.json, which is needed to "
+            "align vocabularies of different sizes, to pad or to add tokens"
         )
     # like mergekit, a model without a tokenizer is taken to share the donor's vocabulary
     donor_vocab = found[donor] or {}

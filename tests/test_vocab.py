@@ -211,8 +211,12 @@ def test_models_without_a_tokenizer(vocab_models, tmp_path):
     assert all(torch.equal(got[n], want[n]) for n in want)
     # ... but the donor's vocabulary is needed to align by
     recipe = {**ties(models, "ft1_chat", "ft2", tokenizer_source="base"), "base_model": str(bare)}
-    with pytest.raises(SpliceError, match=r"bare has no tokenizer.json to align them by"):
+    with pytest.raises(SpliceError, match=r"bare has no tokenizer.json, which is needed"):
         plan(recipe)
+    same_rows = {**ties(models, "ft1", "ft2"), "base_model": str(bare)}
+    assert plan({**same_rows, "tokenizer_source": "base"}).tokenizer_files == {}
+    with pytest.raises(SpliceError, match=r"bare has no tokenizer.json, which is needed"):
+        plan({**same_rows, "tokenizer": {"pad_to_multiple_of": 64}})
 
 
 def test_padding_rows_are_each_models_mean_row():
