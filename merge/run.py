@@ -14,7 +14,7 @@ from splice.execute import ExecOptions, execute, execute_into
 from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.plan import MergePlan, plan_merge
 from splice.merge.recipe import Recipe
-from splice.writer import check_target
+from splice.target import check_target, lock_target
 
 if TYPE_CHECKING:
     import torch
@@ -63,32 +63,33 @@ def run(
 ) -> Path:
     """Merge as the recipe says and write the model to ``out`` (atomically). Returns ``out``."""
     opts = options or MergeOptions()
-    check_target(out, opts.overwrite)
-    p = plan(recipe, opts)
-    r = p.recipe
-    card = model_card(
-        f"{Path(out).name}: {r.merge_method} merge",
-        r.referenced_models(),
-        recipe=r.to_yaml(),
-        details=f"Merged with splice using the `{r.merge_method}` method.",
-        tags=["merge", r.merge_method],
-    )
-    tokenizer_from = p.models[p.tokenizer_from] if p.tokenizer_from else None
-    extra = dict(p.tokenizer_files)
-    if p.chat_template:
-        extra.update(
-            template_files(p.chat_template, tokenizer_from, extra.get("tokenizer_config.json"))
+    with lock_target(out):  # before any work: a second run into OUT is refused at once
+        p = plan(recipe, opts)  # reads headers only
+        check_target(out, opts.overwrite, inputs=[m.path for m in p.models.values()])
+        r = p.recipe
+        card = model_card(
+            f"{Path(out).name}: {r.merge_method} merge",
+            r.referenced_models(),
+            recipe=r.to_yaml(),
+            details=f"Merged with splice using the `{r.merge_method}` method.",
+            tags=["merge", r.merge_method],
         )
-    return execute(
-        p.tasks,
-        p.models,
-        out,
-        config=p.config,
-        tokenizer_from=tokenizer_from,
-        card=card,
-        extra_files=extra,
-        options=opts,
-    )
+        tokenizer_from = p.models[p.tokenizer_from] if p.tokenizer_from else None
+        extra = dict(p.tokenizer_files)
+        if p.chat_template:
+            extra.update(
+                template_files(p.chat_template, tokenizer_from, extra.get("tokenizer_config.json"))
+            )
+        return execute(
+            p.tasks,
+            p.models,
+            out,
+            config=p.config,
+            tokenizer_from=tokenizer_from,
+            card=card,
+            extra_files=extra,
+            options=opts,
+        )
 
 
 def merge_into(

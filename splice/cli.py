@@ -5,7 +5,9 @@ subpackage declares its own verbs and the core imports none of them. An entry po
 function ``add(subparsers)`` that adds one subparser and sets ``func`` to a handler
 ``(args) -> int | None``. Only the verb being run is imported.
 
-Any :class:`SpliceError` becomes one line on stderr and exit code 2.
+Any :class:`SpliceError` becomes one line on stderr and exit code 2. SIGTERM and SIGHUP are
+handled like Ctrl-C: the running verb unwinds (its temporary output is removed) and the exit
+code is 128 + the signal number (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -28,6 +31,29 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when splice receives SIGTERM or SIGHUP."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    for s in (signal.SIGTERM, signal.SIGHUP):  # one clean-up at a time; SIGKILL still works
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Route SIGTERM/SIGHUP to :class:`Terminated`; returns the handlers to restore."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _verbs() -> dict[str, Any]:
@@ -56,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``splice`` script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
+    previous = _install_signal_handlers()
     try:
         args = build_parser(first).parse_args(argv)
         return int(args.func(args) or 0)
@@ -63,15 +90,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines() or [type(e).__name__]:
             print(f"splice: error: {line}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"splice: stopped by {e} (temporary output removed)", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("splice: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `splice inspect M | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---- shared options ---------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts (threads, workers, layers): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
 def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     """``OUT``-writing verbs share these: shard size, overwrite, dtype, progress."""
     p.add_argument(

@@ -10,7 +10,8 @@ from splice.checkpoint import open_checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.parallel import bounded_map
 from splice.progress import progress
-from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, check_target
+from splice.target import check_target, lock_target
+from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
 
 
 def convert(
@@ -29,34 +30,40 @@ def convert(
     Tensors whose dtype does not change are copied byte for byte (kernel copy); others are
     loaded one at a time and cast. Integer tensors keep their dtype. Returns the output folder.
     """
-    check_target(out, overwrite)
-    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
-    ckpt.validate()
-    target = dtype_name(dtype) if dtype else None
+    with lock_target(out):
+        local = [source] if str(source).strip() and Path(source).exists() else []
+        check_target(out, overwrite, inputs=local)
+        ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+        ckpt.validate()
+        target = dtype_name(dtype) if dtype else None
 
-    def out_dtype(d: str) -> str:
-        floating = d.startswith(("float", "bfloat"))
-        return target if target and floating else d
+        def out_dtype(d: str) -> str:
+            floating = d.startswith(("float", "bfloat"))
+            return target if target and floating else d
 
-    specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
-    config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
-    with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as w:
-        tasks = bounded_map(
-            lambda spec: w.copy(spec.name, ckpt),
-            specs,
-            cost=lambda spec: 3 * max(spec.nbytes, ckpt[spec.name].nbytes),
-            workers=workers,
-        )
-        for _ in progress(tasks, "convert", enabled=show_progress, total=len(specs), unit="tensor"):
-            pass
-        w.write_config(config)
-        w.copy_tokenizer(ckpt)
-        what = f"converted to {target}" if target else "re-sharded"
-        w.write_card(
-            model_card(
-                f"{Path(out).name}: {what}",
-                [str(source)],
-                details=f"`splice convert` {what}, shards of at most {max_shard_size}.",
+        specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
+        config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
+        with CheckpointWriter(
+            out, specs, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ckpt.path]
+        ) as w:
+            tasks = bounded_map(
+                lambda spec: w.copy(spec.name, ckpt),
+                specs,
+                cost=lambda spec: 3 * max(spec.nbytes, ckpt[spec.name].nbytes),
+                workers=workers,
             )
-        )
+            for _ in progress(
+                tasks, "convert", enabled=show_progress, total=len(specs), unit="tensor"
+            ):
+                pass
+            w.write_config(config)
+            w.copy_tokenizer(ckpt)
+            what = f"converted to {target}" if target else "re-sharded"
+            w.write_card(
+                model_card(
+                    f"{Path(out).name}: {what}",
+                    [str(source)],
+                    details=f"`splice convert` {what}, shards of at most {max_shard_size}.",
+                )
+            )
     return Path(out)

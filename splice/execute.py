@@ -119,7 +119,10 @@ def execute(
     extra_files: Mapping[str, str] | None = None,
     options: ExecOptions | None = None,
 ) -> Path:
-    """Run ``tasks`` and write the result to ``out`` (atomic; see ``CheckpointWriter``)."""
+    """Run ``tasks`` and write the result to ``out`` (atomic; see ``CheckpointWriter``).
+
+    The folders of ``models`` are the run's inputs: ``out`` may be none of them nor an ancestor.
+    """
     opts = options or ExecOptions()
     _set_threads(opts.threads)
     specs = [TensorSpec(t.name, t.shape, t.dtype) for t in tasks]
@@ -132,7 +135,11 @@ def execute(
             writer.write(task.name, _run_task(task, models, opts.device))
 
     with CheckpointWriter(
-        out, specs, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite
+        out,
+        specs,
+        max_shard_size=opts.max_shard_size,
+        overwrite=opts.overwrite,
+        inputs=[m.path for m in models.values()],
     ) as writer:
         done = bounded_map(
             run_one,

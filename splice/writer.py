@@ -7,20 +7,21 @@ shards up front, writes their headers, and then places each tensor at its planne
 time, never a shard.
 
 Everything goes into a hidden temporary folder beside the target
-(``.NAME.splice-tmp-XXXX``); ``config.json`` and the index are written last and the folder is
-renamed into place only when every planned tensor has been written. A crash, an exception or
-Ctrl-C leaves no folder at the target path.
+(``.NAME.splice-tmp-PID-XXXX``); ``config.json`` and the index are written last and the folder
+is swapped into place only when every planned tensor has been written. The target is locked,
+checked and replaced as :mod:`splice.target` says: a crash, an exception, Ctrl-C or SIGTERM
+leaves no folder at the target path, and a full disk is one line, with nothing written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +30,14 @@ from splice.checkpoint import INDEX, SINGLE, TOKENIZER_FILES, Checkpoint
 from splice.dtypes import dtype_name, nbytes, parse_size, to_torch
 from splice.errors import SpliceError
 from splice.st_format import copy_range, encode_header, pwrite_all
+from splice.target import check_target, clean_stale, commit, lock_target, os_error, staging_dir
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SHARD_SIZE = "2GB"
+#: errno values that mean "the output cannot be written here", not a bug
+_OUTPUT_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @dataclass(frozen=True)
@@ -80,41 +84,6 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def check_target(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Validate an output path before any work: ``SpliceError`` if it exists and may not go."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpliceError(f"{out}: already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise SpliceError(f"{out}: exists and is not a folder")
-    return out
-
-
-def _umask() -> int:
-    try:  # read, not set: setting it would race with threads creating files
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def staging_dir(target: Path, tag: str) -> Path:
-    """A hidden empty folder beside ``target`` to build it in, then rename onto it.
-
-    Made by ``mkdtemp`` (a unique name), then given the permissions ``mkdir`` would give
-    (``0o777 & ~umask``) rather than mkdtemp's private 0o700, so the renamed output is as
-    readable as any other folder the user makes.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())
-    return tmp
-
-
 class CheckpointWriter:
     """Write a model folder atomically (see the module docstring).
 
@@ -137,37 +106,58 @@ class CheckpointWriter:
         max_shard_size: str | int = DEFAULT_SHARD_SIZE,
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
+        inputs: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
-        self.out = check_target(out, overwrite)
-        self.overwrite = overwrite
         specs = [TensorSpec(s.name, tuple(s.shape), dtype_name(s.dtype)) for s in specs]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"tensor {dup!r} planned twice")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = staging_dir(self.out, "splice-tmp")
+        self._closed = True  # until the folder exists: abort() has nothing to undo
+        self._fds: list[int] = []
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(lock_target(out))
+        try:
+            clean_stale(Path(out))  # first: it may put back an output a killed run set aside
+            self.out = check_target(out, overwrite, inputs=inputs)
+            self.overwrite = overwrite
+            self.tmp = staging_dir(self.out, "splice")
+        except BaseException:
+            self._stack.close()
+            raise
+        self._closed = False
         self._lock = threading.Lock()
         self._written: set[str] = set()
         self._config_written = False
-        self._closed = False
         self.slots: dict[str, _Slot] = {}
-        self._fds: list[int] = []
         try:
             shards = plan_shards(specs, parse_size(max_shard_size))
             self.shard_files = shard_names(len(shards))
             meta = {"format": "pt", **(metadata or {})}
-            for k, shard in enumerate(shards):
-                header, offsets = encode_header([(s.name, s.shape, s.dtype) for s in shard], meta)
-                fd = os.open(self.tmp / self.shard_files[k], os.O_RDWR | os.O_CREAT, 0o644)
-                self._fds.append(fd)
-                pwrite_all(fd, memoryview(header), 0)
-                end = offsets[-1] + shard[-1].nbytes if shard else len(header)
-                os.ftruncate(fd, end)
-                for spec, off in zip(shard, offsets, strict=True):
-                    self.slots[spec.name] = _Slot(k, off, spec)
+            with self._io():
+                for k, shard in enumerate(shards):
+                    entries = [(s.name, s.shape, s.dtype) for s in shard]
+                    header, offsets = encode_header(entries, meta)
+                    fd = os.open(self.tmp / self.shard_files[k], os.O_RDWR | os.O_CREAT, 0o644)
+                    self._fds.append(fd)
+                    pwrite_all(fd, memoryview(header), 0)
+                    end = offsets[-1] + shard[-1].nbytes if shard else len(header)
+                    os.ftruncate(fd, end)
+                    for spec, off in zip(shard, offsets, strict=True):
+                        self.slots[spec.name] = _Slot(k, off, spec)
         except BaseException:
             self.abort()
+            raise
+
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """Turn a failed write into the output (full disk, read-only, no permission) into one
+        ``SpliceError`` line; the caller's abort then removes everything written."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno in _OUTPUT_FAULTS:
+                raise os_error(self.out, e, "write") from None
             raise
 
     # ---- tensors ----------------------------------------------------------------------------
@@ -192,7 +182,8 @@ class CheckpointWriter:
             import torch
 
             raw = t.reshape(-1).view(torch.uint8).numpy()
-            pwrite_all(self._fds[slot.shard], memoryview(raw), slot.offset)
+            with self._io():
+                pwrite_all(self._fds[slot.shard], memoryview(raw), slot.offset)
 
     def copy(self, name: str, source: Checkpoint, source_name: str | None = None) -> None:
         """Write ``name`` from a checkpoint's tensor ``source_name`` (default: same name).
@@ -209,9 +200,9 @@ class CheckpointWriter:
             self.write(name, source.load(source_name))
             return
         slot = self._claim(name)
-        copy_range(
-            source._fd(info.file), info.offset, self._fds[slot.shard], slot.offset, info.nbytes
-        )
+        src_fd = source._fd(info.file)
+        with self._io():
+            copy_range(src_fd, info.offset, self._fds[slot.shard], slot.offset, info.nbytes)
 
     @property
     def missing(self) -> list[str]:
@@ -225,10 +216,11 @@ class CheckpointWriter:
         self._config_written = True
 
     def write_json(self, filename: str, data: Any) -> None:
-        (self.tmp / filename).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        self.write_text(filename, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def write_text(self, filename: str, text: str) -> None:
-        (self.tmp / filename).write_text(text)
+        with self._io():
+            (self.tmp / filename).write_text(text)
 
     def copy_tokenizer(self, source: str | os.PathLike[str] | Checkpoint) -> list[str]:
         """Copy tokenizer and generation files from a model folder; returns the names copied."""
@@ -236,7 +228,8 @@ class CheckpointWriter:
         copied = []
         for fname in TOKENIZER_FILES:
             if (folder / fname).is_file():
-                shutil.copy2(folder / fname, self.tmp / fname)
+                with self._io():
+                    shutil.copy2(folder / fname, self.tmp / fname)
                 copied.append(fname)
         return copied
 
@@ -254,33 +247,32 @@ class CheckpointWriter:
             raise RuntimeError(f"{len(missing)} planned tensors were never written: {missing[:3]}")
         if not self._config_written:
             raise RuntimeError("config.json was never written")
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        fds, self._fds = self._fds, []
+        with self._io():  # some file systems (NFS) report a full disk only at close
+            for fd in fds:
+                os.close(fd)
         if len(self.shard_files) > 1:
             weight_map = {n: self.shard_files[s.shard] for n, s in sorted(self.slots.items())}
             total = sum(s.spec.nbytes for s in self.slots.values())
             self.write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        old = None
-        if self.out.exists():
-            if not self.overwrite:
-                raise SpliceError(f"{self.out}: appeared while writing; output left in {self.tmp}")
-            old = self.out.with_name(f".{self.out.name}.splice-old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.out.exists() and not self.overwrite:
+            raise SpliceError(f"{self.out}: appeared while writing; nothing was replaced")
+        with self._io():
+            commit(self.tmp, self.out, tag="splice")
         self._closed = True
+        self._stack.close()
         return self.out
 
     def abort(self) -> None:
-        """Delete the temporary folder (the target is untouched)."""
+        """Delete the temporary folder (the target is untouched) and release the target."""
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self._closed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
+        self._stack.close()
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -129,7 +129,7 @@ def test_killed_writer_leaves_no_complete_looking_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -9
     assert not (tmp_path / "out").exists()
-    leftovers = list(tmp_path.iterdir())
+    leftovers = [p for p in tmp_path.iterdir() if p.name != ".out.splice-lock"]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.splice-tmp-")
     names = {p.name for p in leftovers[0].iterdir()}
     assert "config.json" not in names and "model.safetensors.index.json" not in names
@@ -139,7 +139,8 @@ def test_killed_writer_leaves_no_complete_looking_folder(tmp_path):
 
 def test_existing_target_needs_overwrite(tmp_path):
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "old.txt").write_text("x")
+    (tmp_path / "o" / "config.json").write_text("{}")
+    (tmp_path / "o" / "model-00001-of-00002.safetensors").write_text("old shard")
     with pytest.raises(SpliceError, match="--overwrite"):
         CheckpointWriter(tmp_path / "o", [])
     with CheckpointWriter(tmp_path / "o", [TensorSpec("a", (1,), "float32")], overwrite=True) as w:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
-from splice.writer import staging_dir
+from splice.target import (
+    check_target,
+    clean_stale,
+    commit,
+    lock_target,
+    replaceable_reason,
+    staging_dir,
+)
 from splice.zoo.models import Shape
 
 # Bump when a change to the zoo's code changes what a build produces (data, training, layout).
@@ -118,28 +125,50 @@ def build(
     """
     settings = (settings or Settings()).scaled(steps_scale)
     folder = Path(folder) if folder is not None else default_dir()
-    if folder.exists() and not folder.is_dir():
-        raise SpliceError(f"{folder}: exists and is not a folder")
-    if not force and is_built(folder, settings):
-        return folder
-    if folder.exists() and any(folder.iterdir()) and read_stamp(folder) is None and not force:
-        raise SpliceError(f"{folder}: exists and is not a zoo (pass --force to replace it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(folder, "zoo-tmp")
-    try:
-        info = _build_into(tmp, settings, show_progress)
-        (tmp / STAMP_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        old = None
+    with lock_target(folder):
+        clean_stale(folder)  # first: it may put back a zoo a killed rebuild set aside
+        if folder.exists() and not folder.is_dir():
+            raise SpliceError(f"{folder}: exists and is not a folder")
+        if not force and is_built(folder, settings):
+            return folder
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.zoo-old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            reason = _not_a_zoo(folder)
+            if reason is not None:
+                raise SpliceError(
+                    f"{folder}: refusing to replace it: {reason}; nothing was deleted"
+                )
+        check_target(folder, overwrite=True, allow=_ZOO_ENTRIES)
+        tmp = staging_dir(folder, "zoo")
+        try:
+            info = _build_into(tmp, settings, show_progress)
+            (tmp / STAMP_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            commit(tmp, folder, tag="zoo")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
+
+
+_ZOO_ENTRIES = (*MODELS, "tasks", STAMP_FILE)
+
+
+def _not_a_zoo(folder: Path) -> str | None:
+    """Why ``folder`` is not a zoo splice may replace (``None``: empty, or a zoo and nothing else)."""
+    entries = {p.name: p for p in folder.iterdir()}
+    if not entries:
+        return None
+    if STAMP_FILE not in entries or read_stamp(folder) is None:
+        return f"it is not a zoo (no {STAMP_FILE})"
+    for name, path in sorted(entries.items()):
+        if name not in _ZOO_ENTRIES:
+            return f"it holds {name!r}, which is not part of a zoo"
+        if name in MODELS and (why := replaceable_reason(path)) is not None:
+            return f"{name}/: {why}"
+        if name == "tasks" and path.is_dir():
+            odd = [p.name for p in path.iterdir() if p.suffix not in (".jsonl", ".yaml")]
+            if odd:
+                return f"tasks/ holds {odd[0]!r}, which is not a zoo task file"
+    return None
 
 
 def _log(show: bool, msg: str) -> None:
