@@ -8,10 +8,14 @@ from pathlib import Path
 from splice.card import model_card
 from splice.checkpoint import open_checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
+from splice.errors import SpliceError
 from splice.parallel import bounded_map
 from splice.progress import progress
 from splice.target import check_target, lock_target
 from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
+
+#: dtypes floating weights may be cast to (integer and float8 casts would silently ruin them)
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def convert(
@@ -36,6 +40,10 @@ def convert(
         ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
         ckpt.validate()
         target = dtype_name(dtype) if dtype else None
+        if target is not None and target not in OUTPUT_DTYPES:
+            raise SpliceError(
+                f"--dtype {dtype}: weights can be converted to {', '.join(OUTPUT_DTYPES)} only"
+            )
 
         def out_dtype(d: str) -> str:
             floating = d.startswith(("float", "bfloat"))

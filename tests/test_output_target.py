@@ -410,3 +410,10 @@ def test_zoo_build_never_replaces_a_foreign_folder_even_with_force(tmp_path, cap
         assert "nothing was deleted" in one_error_line(capsys)
         assert snapshot(folder) == before
     no_litter(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool", "float8_e4m3fn", "banana"])
+def test_convert_refuses_dtypes_that_would_ruin_the_weights(model, tmp_path, capsys, dtype):
+    assert main(["convert", str(model), str(tmp_path / "out"), "--dtype", dtype]) == 2
+    assert "dtype" in one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]
