@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,16 +94,22 @@ def run(
 
 def merge_into(
     module: torch.nn.Module,
-    recipe: Recipe | str | os.PathLike[str] | dict,
+    recipe: MergePlan | Recipe | str | os.PathLike[str] | dict,
     models: Mapping[str, Checkpoint] | None = None,
     options: MergeOptions | None = None,
 ) -> MergePlan:
     """Merge into ``module``'s parameters in place (no disk writes); returns the plan used.
 
-    ``models`` maps the recipe's model references to open checkpoints, so that repeated calls
-    (evolve) reuse them. The module must have the output's architecture and layer count.
+    ``recipe`` may be a plan from :func:`plan` (evolve prepares one per candidate, so tokenizer,
+    vocabulary and chat template are not resolved again). ``models`` maps the recipe's model
+    references to open checkpoints, so that repeated calls reuse them; with
+    ``splice.resident.ResidentCheckpoint`` s the second and later calls read nothing from disk.
+    The module must have the output's architecture and layer count (``splice.resident.empty_model``
+    builds one from ``plan.config``); a mismatch is a ``SpliceError`` before anything is written.
     """
     opts = options or MergeOptions(show_progress=False)
-    p = plan(recipe, opts, models)
+    p = recipe if isinstance(recipe, MergePlan) else plan(recipe, opts, models)
+    if isinstance(recipe, MergePlan) and models is not None:
+        p = replace(p, models={**p.models, **{k: v for k, v in models.items() if k in p.models}})
     execute_into(p.tasks, p.models, module, options=opts)
     return p

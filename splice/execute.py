@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.checkpoint import Checkpoint
 from splice.dtypes import nbytes
+from splice.errors import SpliceError
 from splice.parallel import bounded_map
 from splice.progress import progress
 from splice.writer import CheckpointWriter, TensorSpec
@@ -177,11 +178,7 @@ def execute_into(
     opts = options or ExecOptions(show_progress=False)
     _set_threads(opts.threads)
     state = module.state_dict(keep_vars=True)
-    missing = [t.name for t in tasks if t.name not in state]
-    if missing:
-        raise KeyError(
-            f"{len(missing)} merged tensors have no parameter in the module, e.g. {missing[0]!r}"
-        )
+    check_module(tasks, state)
 
     def run_one(task: TensorTask) -> None:
         result = _run_task(task, models, opts.device)
@@ -196,3 +193,27 @@ def execute_into(
         budget=opts.memory_budget,
     ):
         pass
+
+
+def check_module(tasks: Sequence[TensorTask], state: Mapping[str, torch.Tensor]) -> None:
+    """``SpliceError`` unless every task has a parameter of its shape and kind in ``state``.
+
+    Checked for all tasks before any is run, so a wrong module is refused before it is touched.
+    """
+    missing = [t.name for t in tasks if t.name not in state]
+    if missing:
+        raise SpliceError(
+            f"{len(missing)} merged tensors have no parameter in the module, e.g. {missing[0]!r} "
+            "(is it the output's architecture and layer count?)"
+        )
+    for t in tasks:
+        param = state[t.name]
+        if tuple(param.shape) != t.shape:
+            raise SpliceError(
+                f"{t.name}: the module's parameter is {list(param.shape)}, the merge makes "
+                f"{list(t.shape)} (is the module built from the output's config?)"
+            )
+        if param.dtype.is_floating_point != t.dtype.startswith(("float", "bfloat")):
+            raise SpliceError(
+                f"{t.name}: the module holds {param.dtype}, the merge makes {t.dtype}"
+            )
