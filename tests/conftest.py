@@ -16,6 +16,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: test-only dependencies (pyproject's dev extra): a test that skips for want of one passes
+#: vacuously, so under CI=true such a skip is a failure
+REQUIRED_IN_CI = ("mergekit", "lm_eval", "lm-eval", "hypothesis", "cma")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        if any(dep in reason for dep in REQUIRED_IN_CI):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: a required test dependency is missing ({reason})"
+
+
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "mixtral"]
 
 # extra config per model type, on top of the common tiny shape
