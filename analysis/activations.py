@@ -37,26 +37,56 @@ def analyze_activations(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     include_path: str | None = None,
     show_progress: bool = False,
 ) -> SimilarityReport:
     """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK`` or ``zoo``), report.
 
-    The calibration text is read (and checked non-empty) before the model is loaded.
+    The calibration text is read (and checked non-empty) and the model folder checked
+    (config, weights, shapes) before the model is loaded. Pickled ``.bin`` weights are refused
+    unless ``allow_pickle`` (then loaded with ``weights_only=True``); the model's own code runs
+    only with ``trust_remote_code``.
     """
-    from splice.activations import calibration_text, layer_statistics, token_windows
+    from splice.activations import (
+        calibration_text,
+        check_model_code,
+        layer_statistics,
+        load_model,
+        token_windows,
+    )
     from splice.checkpoint import open_checkpoint
-    from splice.modeling import load_causal_lm, load_tokenizer
+    from splice.modeling import load_tokenizer
 
     start = time.perf_counter()
+    for name, value, least in (("seq_len", seq_len, 2), ("max_samples", max_samples, 1)):
+        if value < least:
+            raise SpliceError(f"{name} must be {least} or more, got {value}")
+    if batch_size < 1:
+        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
+    dtype = _float_dtype(dtype)
     text = calibration_text(calibration, include_path=include_path)
-    ckpt = open_checkpoint(model)
+    ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    check_model_code(ckpt.path, trust_remote_code)
+    ckpt.validate()
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=trust_remote_code)
     max_pos = ckpt.config.get("max_position_embeddings")
     if max_pos and seq_len > max_pos:
         raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
     ids = token_windows(tokenizer, text, seq_len, max_samples)
-    lm = load_causal_lm(ckpt.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    vocab = _vocab_size(ckpt)
+    if vocab and int(ids.max()) >= vocab:
+        raise SpliceError(
+            f"{ckpt.path}: its tokenizer gives token id {int(ids.max())} but the model has "
+            f"{vocab} embeddings"
+        )
+    lm = load_model(
+        ckpt.path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
     stats = layer_statistics(
         lm,
         ids,
@@ -65,6 +95,11 @@ def analyze_activations(
         device=device,
         show_progress=show_progress,
     )
+    if not (np.isfinite(stats.angles).all() and np.isfinite(stats.io_cos_all).all()):
+        raise SpliceError(
+            f"{ckpt.path}: hidden states became NaN or inf running it in {dtype}"
+            + ("; try --dtype float32" if dtype != "float32" else "")
+        )
     report = activation_report(stats, str(ckpt.path))
     report.meta.update(
         {
@@ -77,6 +112,24 @@ def analyze_activations(
         }
     )
     return report
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _float_dtype(dtype: str) -> str:
+    from splice.dtypes import dtype_name
+
+    name = dtype_name(dtype)
+    if name not in FLOAT_DTYPES:
+        raise SpliceError(f"--dtype {dtype}: the model runs in {', '.join(FLOAT_DTYPES)}")
+    return name
+
+
+def _vocab_size(ckpt: Any) -> int | None:
+    """Rows of the embedding matrix (None where the spec names none)."""
+    emb = ckpt.tensors.get(ckpt.arch.embed) if ckpt.arch.embed else None
+    return emb.shape[0] if emb is not None and emb.shape else None
 
 
 def prune_blocks(distance: np.ndarray) -> list[dict[str, Any]]:

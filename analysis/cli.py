@@ -7,10 +7,13 @@ prints its summary table.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-from splice.cli import Parser, add_model_options
+from splice.cli import Parser, add_model_options, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     w.add_argument("other", nargs="?", help="second model folder (B), same architecture")
     _common(w)
     w.add_argument("--kinds", help="comma-separated tensor kinds to compare (default: all)")
+    add_model_options(w)
     w.set_defaults(func=_run_weights)
 
     e = verbs.add_parser(
@@ -46,6 +50,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     e.add_argument("moe", help="MoE model folder (e.g. Mixtral)")
     e.add_argument("dense", nargs="?", help="dense model folder the experts may come from")
     _common(e)
+    add_model_options(e)
     e.set_defaults(func=_run_experts)
 
     a = verbs.add_parser(
@@ -63,9 +68,15 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="a text file, 'lm-eval:TASK' (an lm-eval task's documents), or 'zoo'",
     )
     a.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    a.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    a.add_argument("--max-samples", type=int, default=64, help="windows to run (default 64)")
-    a.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    a.add_argument(
+        "--seq-len", type=_seq_len, default=128, help="tokens per window, 2 or more (default 128)"
+    )
+    a.add_argument(
+        "--max-samples", type=positive_int, default=64, help="windows to run (default 64)"
+    )
+    a.add_argument(
+        "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
+    )
     a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     _common(a, metrics=False)
     add_model_options(a, runs_models=True)
@@ -74,6 +85,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
     p.add_argument("--out", help="folder for report.json, records.csv, matrices/ and PNGs")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds an earlier report"
+    )
     if metrics:
         from splice.analysis.metrics import DEFAULT_METRICS, METRICS
 
@@ -86,42 +100,75 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
             "--no-baselines", action="store_true", help="skip the null baselines (faster)"
         )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=positive_int, help="torch CPU threads (default: torch's choice)"
+    )
     p.add_argument("--no-figures", action="store_true", help="write no PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _one_line_warnings(
+    run: Callable[[argparse.Namespace], None],
+) -> Callable[[argparse.Namespace], None]:
+    """Run the handler with Python warnings printed as ``splice: warning: ...`` (one line)."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> None:
+        def show(message: Warning | str, *_: Any, **__: Any) -> None:
+            print(f"splice: warning: {message}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            run(args)
+
+    return wrapped
+
+
+def _seq_len(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 2 or more")
+    return value
+
+
 def _setup(args: argparse.Namespace) -> str:
+    """Check ``--out`` and ``--device`` before any work; set threads; the device to use."""
     import torch
 
     from splice.activations import resolve_device
+    from splice.analysis.report import check_out
     from splice.malloc import pin_mmap_threshold
 
+    if args.out is not None:
+        check_out(args.out, overwrite=args.overwrite)
+    device = resolve_device(args.device)
     pin_mmap_threshold()  # many temporaries of varied sizes: keep the heap from fragmenting
     if args.threads:
         torch.set_num_threads(args.threads)
-    return resolve_device(args.device)
+    return device
 
 
 def _finish(report: Any, args: argparse.Namespace) -> None:
-    if args.out:
-        report.save(args.out, figures=not args.no_figures)
+    if args.out is not None:
+        report.save(args.out, figures=not args.no_figures, overwrite=args.overwrite)
     print(report.summary())
-    if args.out:
+    if args.out is not None:
         print(f"wrote {args.out}")
 
 
+@_one_line_warnings
 def _run_weights(args: argparse.Namespace) -> None:
     from splice.analysis.weights import compare_layers, compare_models
 
     device = _setup(args)
-    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else None
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds is not None else None
     common = dict(
         metrics=args.metrics,
         device=device,
         baselines=not args.no_baselines,
         kinds=kinds,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        allow_pickle=args.allow_pickle,
     )
     if args.other:
         report = compare_models(args.model, args.other, **common)
@@ -130,6 +177,7 @@ def _run_weights(args: argparse.Namespace) -> None:
     _finish(report, args)
 
 
+@_one_line_warnings
 def _run_experts(args: argparse.Namespace) -> None:
     from splice.analysis.weights import compare_experts
 
@@ -141,17 +189,15 @@ def _run_experts(args: argparse.Namespace) -> None:
         device=device,
         baselines=not args.no_baselines,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        allow_pickle=args.allow_pickle,
     )
     _finish(report, args)
 
 
+@_one_line_warnings
 def _run_activations(args: argparse.Namespace) -> None:
     from splice.analysis.activations import analyze_activations
-    from splice.errors import SpliceError
 
-    for flag in ("seq_len", "max_samples", "batch_size"):
-        if getattr(args, flag) < 1 or (flag == "seq_len" and args.seq_len < 2):
-            raise SpliceError(f"--{flag.replace('_', '-')} must be at least 2 (seq-len) or 1")
     device = _setup(args)
     report = analyze_activations(
         args.model,
@@ -162,6 +208,7 @@ def _run_activations(args: argparse.Namespace) -> None:
         device=device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
         include_path=args.include_path,
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from splice.errors import SpliceError
 from splice.registry import Registry
 
 if TYPE_CHECKING:
@@ -107,7 +108,10 @@ def resolve_metrics(names: str | list[str] | tuple[str, ...] | None) -> list[Met
         names = list(DEFAULT_METRICS)
     elif isinstance(names, str):
         names = METRICS.names() if names == "all" else [n.strip() for n in names.split(",")]
-    return [METRICS.get(n) for n in dict.fromkeys(names) if n]
+    out = [METRICS.get(n) for n in dict.fromkeys(names) if n]
+    if not out:
+        raise SpliceError(f"no similarity metric named; choose from: {', '.join(METRICS.names())}")
+    return out
 
 
 # ---- pure tensor functions ---------------------------------------------------------------------

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from splice.errors import SpliceError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,7 +153,7 @@ class SimilarityReport:
     recommendations: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    # ---- access ---------------------------------------------------------------------------
+    # ---- access ----------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         """The long-form records as a ``DataFrame`` (one row per tensor/layer and metric)."""
         import pandas as pd
@@ -166,7 +171,7 @@ class SimilarityReport:
             if r["metric"] == metric and all(r.get(k) == v for k, v in where.items())
         ]
 
-    # ---- persistence ----------------------------------------------------------------------
+    # ---- persistence -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return _clean(
             {
@@ -198,10 +203,38 @@ class SimilarityReport:
             path = path / "report.json"
         return cls.from_dict(json.loads(path.read_text()))
 
-    def save(self, out: str | Path, *, figures: bool = True) -> list[Path]:
-        """Write ``report.json``, ``records.csv``, ``matrices/*.csv`` and ``*.png`` into ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(self, out: str | Path, *, figures: bool = True, overwrite: bool = True) -> list[Path]:
+        """Write ``report.json``, ``records.csv``, ``matrices/*.csv`` and ``*.png`` into ``out``.
+
+        The folder is built beside ``out`` and renamed into place at the end, so ``out`` holds
+        either the complete new report or what it held before. An existing ``out`` is replaced
+        only with ``overwrite`` and only if it is empty or holds nothing but a report's files
+        (:func:`check_out`); otherwise ``SpliceError`` and nothing is touched. Returns the
+        written paths (under ``out``).
+        """
+        out = check_out(out, overwrite=overwrite)
+        full = Path(os.path.abspath(out))
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.report-tmp-", dir=full.parent))
+        except OSError as e:
+            raise SpliceError(
+                f"{out}: cannot write it: {e.strerror or e}, nothing written"
+            ) from None
+        try:
+            tmp.chmod(0o777 & ~_umask())
+            written = [p.relative_to(tmp) for p in self._write(tmp, figures)]
+            _commit(tmp, full)
+        except OSError as e:
+            raise SpliceError(
+                f"{out}: cannot write it: {e.strerror or e}, nothing written"
+            ) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        return [out / p for p in written]
+
+    def _write(self, out: Path, figures: bool) -> list[Path]:
+        """The report's files into the (new, empty) folder ``out``."""
         written = [out / "report.json", out / "records.csv"]
         written[0].write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         _write_csv(written[1], self.records)
@@ -217,13 +250,19 @@ class SimilarityReport:
             path.write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
             written.append(path)
         if figures:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise SpliceError(
+                    "figures need matplotlib (pip install 'splice[analysis]'); or pass --no-figures"
+                ) from None
             for metric in self.plot_metrics():
                 path = out / f"{_slug(self.analysis + '_' + metric)}.png"
                 self.plot(metric).savefig(path, dpi=90)
                 written.append(path)
         return written
 
-    # ---- figures --------------------------------------------------------------------------
+    # ---- figures ---------------------------------------------------------------------------------
     def plot_metrics(self) -> list[str]:
         """Metrics :meth:`plot` can draw (one figure each)."""
         panels = [m.metric for m in self.matrices.values() if m.panel]
@@ -281,7 +320,7 @@ class SimilarityReport:
             ax.legend(fontsize=7)
         return fig
 
-    # ---- text -----------------------------------------------------------------------------
+    # ---- text ------------------------------------------------------------------------------------
     def summary(self, max_rows: int = 40) -> str:
         """A short plain-text table: mean of each metric per kind, with its Gaussian baseline."""
         lines = [f"{self.analysis}: {' vs '.join(self.models)}"]
@@ -380,3 +419,83 @@ def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
         w.writeheader()
         for r in records:
             w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
+
+
+# ---- the output folder ---------------------------------------------------------------------------
+def _report_file(name: str) -> bool:
+    return name in ("report.json", "records.csv") or name.endswith(".png")
+
+
+def _not_a_report(folder: Path) -> str | None:
+    """Why ``folder`` may not be replaced by a report, or ``None`` (empty, or a report)."""
+    try:
+        entries = list(os.scandir(folder))
+        for e in entries:
+            if e.name == "matrices" and e.is_dir(follow_symlinks=False):
+                bad = [m.name for m in os.scandir(e.path) if not m.name.endswith(".csv")]
+                if bad:
+                    return f"it holds matrices/{bad[0]}, which is not part of a report"
+            elif not (_report_file(e.name) and e.is_file(follow_symlinks=False)):
+                return f"it holds {e.name!r}, which is not part of a report"
+    except OSError as e:
+        return f"cannot list it ({e.strerror or e})"
+    return None
+
+
+def check_out(out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Validate a report folder before any work; ``SpliceError`` (one line) if it may not be used.
+
+    Refused: an empty path; a path under something that is not a folder; an existing file;
+    an existing folder without ``overwrite``; with ``overwrite``, a folder holding anything but
+    a report's files (``report.json``, ``records.csv``, ``*.png``, ``matrices/*.csv``).
+    """
+    if str(out).strip() == "":
+        raise SpliceError("--out is empty: give a folder name")
+    out = Path(out)
+    full = Path(os.path.abspath(out))
+    for up in full.parents:
+        if up.exists():
+            if not up.is_dir():
+                raise SpliceError(f"{out}: cannot be created: {up} is not a folder")
+            if not os.access(up, os.W_OK | os.X_OK):
+                raise SpliceError(f"{out}: cannot be created: {up} is not writable")
+            break
+    if out.is_symlink() and not out.exists():
+        raise SpliceError(f"{out}: is a broken symbolic link")
+    if out.exists():
+        if not out.is_dir():
+            raise SpliceError(f"{out}: exists and is not a folder (--out names a folder)")
+        if not overwrite:
+            raise SpliceError(f"{out}: already exists (pass --overwrite to replace it)")
+        reason = _not_a_report(out)
+        if reason is not None:
+            raise SpliceError(f"{out}: --overwrite refused: {reason}; nothing was deleted")
+    return out
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``; an old ``target`` goes only after."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.report-old-", dir=target.parent))
+    os.replace(target, old)  # onto the empty folder mkdtemp made
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old, target)  # put the old report back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    try:  # read, not set: setting it would race with threads creating files
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

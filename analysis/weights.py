@@ -13,6 +13,10 @@ Three comparisons, each returning a :class:`~splice.analysis.report.SimilarityRe
 Every value comes with its null baseline: the metric between the first tensor and a Gaussian
 matrix of its shape and Frobenius norm (``baseline_gaussian``) and, across models and for
 experts, against an unrelated layer ``(i + L // 2) % L`` (``baseline_other_layer``).
+
+Model folders with pickled ``.bin`` weights are opened only with ``allow_pickle=True``
+(``torch.load(weights_only=True)``). A tensor holding NaN or inf is a :class:`SpliceError`
+naming it (its metrics would be NaN, and the spectra's eigensolver fails on it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splice.activations import check_finite
 from splice.analysis.metrics import Baseline, Metric, flat, nbytes_of, resolve_metrics
 from splice.analysis.report import SimilarityMatrix, SimilarityReport
 from splice.checkpoint import Checkpoint, open_checkpoint
@@ -37,8 +42,16 @@ ModelRef = str | os.PathLike[str] | Checkpoint
 MetricNames = str | Sequence[str] | None
 
 
-def _open(ref: ModelRef) -> Checkpoint:
-    return ref if isinstance(ref, Checkpoint) else open_checkpoint(ref)
+def _open(ref: ModelRef, allow_pickle: bool = False) -> Checkpoint:
+    return ref if isinstance(ref, Checkpoint) else open_checkpoint(ref, allow_pickle=allow_pickle)
+
+
+def _load(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:
+    """``ckpt.load(name)`` on ``device``; ``SpliceError`` naming the tensor if it holds NaN or
+    inf (every metric would be NaN, and the spectra's eigensolver fails on them)."""
+    t = ckpt.load(name, device=device)
+    check_finite(t, f"{ckpt.path}: {name}")
+    return t
 
 
 def short(kind: str) -> str:
@@ -124,7 +137,17 @@ def _layer_kinds(ckpt: Checkpoint, only: Sequence[str] | None = None) -> dict[st
         t = ckpt.arch.parse(name)
         if t.layer is not None and t.expert is None:
             kinds.setdefault(t.kind, {})[t.layer] = name
+    only = [k for k in only if k] if only is not None else None
     wanted = set(only) if only is not None else None
+    if only is not None:
+        if not only:
+            raise SpliceError("--kinds names no tensor kind")
+        known = [short(k) for k in kinds]
+        unknown = [k for k in only if k not in kinds and k not in known]
+        if unknown:
+            raise SpliceError(
+                f"{ckpt.path}: no tensor kind {unknown[0]!r}; choose from: {', '.join(known)}"
+            )
     return {
         k: dict(sorted(v.items()))
         for k, v in kinds.items()
@@ -167,6 +190,7 @@ def compare_models(
     kinds: Iterable[str] | None = None,
     include_globals: bool = True,
     show_progress: bool = False,
+    allow_pickle: bool = False,
 ) -> SimilarityReport:
     """Compare two checkpoints of one architecture tensor by tensor (layer i vs layer i).
 
@@ -176,9 +200,9 @@ def compare_models(
     ``kinds`` restricts the comparison to those layer-relative kinds.
     """
     start = time.perf_counter()
-    ca, cb = _open(a), _open(b)
-    _check_same_arch(ca, cb)
     ms = resolve_metrics(metrics)
+    ca, cb = _open(a, allow_pickle), _open(b, allow_pickle)
+    _check_same_arch(ca, cb)
     timer = _Timer()
     base = Baseline(device=device) if baselines else None
     by_kind = _layer_kinds(ca, kinds)
@@ -192,11 +216,11 @@ def compare_models(
         ]
     cache: dict[tuple[Any, str], Any] = {}
     for kind, layer, name in progress(jobs, "compare", enabled=show_progress):
-        ta = ca.load(name, device=device)
+        ta = _load(ca, name, device)
         values = _metric_values(
             ms,
             ta,
-            lambda name=name: cb.load(name, device=device),
+            lambda name=name: _load(cb, name, device),
             base,
             timer,
             cache,
@@ -314,6 +338,7 @@ def compare_layers(
     baselines: bool = True,
     kinds: Iterable[str] | None = None,
     show_progress: bool = False,
+    allow_pickle: bool = False,
 ) -> SimilarityReport:
     """Layer i vs layer j for every pair, per tensor kind: one layers × layers matrix each.
 
@@ -323,8 +348,8 @@ def compare_layers(
     equal, and ``recommendations["duplicate_layers"]`` pairs equal in every kind.
     """
     start = time.perf_counter()
-    ckpt = _open(model)
     ms = resolve_metrics(metrics)
+    ckpt = _open(model, allow_pickle)
     timer = _Timer()
     base = Baseline(device=device) if baselines else None
     by_kind = _layer_kinds(ckpt, kinds)
@@ -333,7 +358,7 @@ def compare_layers(
     identical: dict[str, list[list[int]]] = {}
     for kind, layers in progress(list(by_kind.items()), "kinds", enabled=show_progress):
         order = list(layers)
-        tensors = [ckpt.load(layers[i], device=device) for i in order]  # one kind at a time
+        tensors = [_load(ckpt, layers[i], device) for i in order]  # one kind at a time
         shape = tuple(tensors[0].shape)
         identical[short(kind)] = [
             [order[i], order[j]]
@@ -508,6 +533,7 @@ def compare_experts(
     device: str = "cpu",
     baselines: bool = True,
     show_progress: bool = False,
+    allow_pickle: bool = False,
 ) -> SimilarityReport:
     """Each MoE expert vs the dense MLP at its layer (if ``dense``), and expert vs expert.
 
@@ -520,11 +546,11 @@ def compare_experts(
     ``"{kind}/{metric}/experts"``).
     """
     start = time.perf_counter()
-    cm = _open(moe)
-    experts = _expert_names(cm)
-    cd = _open(dense) if dense is not None else None
-    dense_names = _dense_names(cm, cd, experts) if cd is not None else {}
     ms = resolve_metrics(metrics)
+    cm = _open(moe, allow_pickle)
+    experts = _expert_names(cm)
+    cd = _open(dense, allow_pickle) if dense is not None else None
+    dense_names = _dense_names(cm, cd, experts) if cd is not None else {}
     timer = _Timer()
     base = Baseline(device=device) if baselines else None
     records: list[dict[str, Any]] = []
@@ -534,15 +560,15 @@ def compare_experts(
     for layer, kind in experts:
         layers_of_kind.setdefault(kind, []).append(layer)
     for (layer, kind), names in progress(list(experts.items()), "experts", enabled=show_progress):
-        tensors = [cm.load(n, device=device) for n in names.values()]  # one layer, one kind
+        tensors = [_load(cm, n, device) for n in names.values()]  # one layer, one kind
         ids = list(names)
         shape = tuple(tensors[0].shape)
         applicable = [m for m in ms if m.applies(shape)]
         if cd is not None:
             dname = dense_names[(layer, kind)]
-            dt = cd.load(dname, device=device)
+            dt = _load(cd, dname, device)
             j = other_layer(layer, layers_of_kind[kind])
-            other = cd.load(dense_names[(j, kind)], device=device) if j is not None else None
+            other = _load(cd, dense_names[(j, kind)], device) if j is not None else None
             for e, t in zip(ids, tensors, strict=True):
                 vals = _metric_values(applicable, t, dt, base, timer, dense_cache, ("", dname))
                 others = (

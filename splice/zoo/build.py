@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,8 +62,8 @@ class Settings:
 
     def scaled(self, factor: float) -> Settings:
         """The same recipe with every step count multiplied by ``factor`` (at least 2 steps)."""
-        if factor <= 0:
-            raise SpliceError(f"--steps-scale must be positive, got {factor}")
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise SpliceError(f"--steps-scale must be a positive finite number, got {factor}")
 
         def n(steps: int) -> int:
             return max(2, round(steps * factor))

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
 
-from splice.cli import Parser, print_json
+from splice.cli import Parser, add_model_options, positive_int, print_json
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=`` for a scale: a finite number > 0 (not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +36,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     b = verbs.add_parser("build", help="train the zoo into DIR (reused when already built)")
     b.add_argument("dir", nargs="?", help="output folder (default: splice.zoo.default_dir())")
     b.add_argument(
-        "--steps-scale", type=float, default=1.0, help="multiply every step count (default 1)"
+        "--steps-scale",
+        type=positive_float,
+        default=1.0,
+        help="multiply every step count (default 1)",
     )
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo")
     b.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -34,17 +53,39 @@ def add(sub: argparse._SubParsersAction) -> None:
         "(default: the three multiple-choice tasks)",
     )
     e.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
-    e.add_argument("--limit", type=int, help="score only the first N items of each task")
+    e.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
     e.add_argument("--json", action="store_true", help='print {"<model>": {"<task>": acc}}')
     e.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_model_options(e, runs_models=True)
     e.set_defaults(func=_run_eval)
 
 
+def _one_line_warnings(
+    run: Callable[[argparse.Namespace], None],
+) -> Callable[[argparse.Namespace], None]:
+    """Run the handler with Python warnings printed as ``splice: warning: ...`` (one line)."""
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> None:
+        def show(message: Warning | str, *_: Any, **__: Any) -> None:
+            print(f"splice: warning: {message}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            run(args)
+
+    return wrapped
+
+
+@_one_line_warnings
 def _run_build(args: argparse.Namespace) -> None:
     import time
 
+    from splice.errors import SpliceError
     from splice.zoo.build import build
 
+    if args.dir is not None and not args.dir.strip():
+        raise SpliceError("zoo build: the folder name is empty")
     t = time.perf_counter()
     out = build(
         args.dir, steps_scale=args.steps_scale, force=args.force, show_progress=not args.no_progress
@@ -52,12 +93,19 @@ def _run_build(args: argparse.Namespace) -> None:
     print(f"zoo ready in {out} ({time.perf_counter() - t:.0f} s)")
 
 
+@_one_line_warnings
 def _run_eval(args: argparse.Namespace) -> None:
     from splice.zoo.evaluate import evaluate, format_table, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     scores = evaluate(
-        args.models, tasks, zoo=args.zoo, limit=args.limit, show_progress=not args.no_progress
+        args.models,
+        tasks,
+        zoo=args.zoo,
+        limit=args.limit,
+        show_progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.json:
         print_json(scores)

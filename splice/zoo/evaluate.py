@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Union
 
 from splice.errors import SpliceError
 from splice.progress import progress
-from splice.zoo.tasks import ALL_TASKS, MC_TASKS, write_tasks
+from splice.zoo.tasks import ALL_TASKS, MC_TASKS, check_data, write_tasks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from splice.checkpoint import Checkpoint
 
 Model = Union[str, "os.PathLike[str]", "PreTrainedModel"]
 
@@ -29,7 +31,8 @@ def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
     ``"all"``: MC and generate-until. Unknown names are a :class:`SpliceError`."""
     if spec is None:
         return list(MC_TASKS)
-    names = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else list(spec)
+    raw = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = list(dict.fromkeys(str(t).strip() for t in raw if str(t).strip()))
     if names == ["all"]:
         return list(ALL_TASKS)
     unknown = [t for t in names if t not in ALL_TASKS]
@@ -40,24 +43,59 @@ def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def load_model(path: str | os.PathLike[str]) -> PreTrainedModel:
-    """A zoo model folder as a float32 model in eval mode (weights may be stored in bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+#: why a model with NaN or inf weights is refused
+_FINITE = "a model with NaN or inf weights cannot be scored"
+
+
+def check_model(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Checkpoint:
+    """The local model folder at ``path``, read and checked by the core reader (config, weights
+    and their shapes; pickled ``.bin`` only with ``allow_pickle``; custom code only with
+    ``trust_remote_code``): one-line :class:`SpliceError` otherwise."""
+    from splice.activations import check_model_code
+    from splice.checkpoint import open_checkpoint
 
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise SpliceError(f"{path}: not a model folder (no config.json)")
-    from transformers.utils import logging as hf_logging
+    if not folder.is_dir():  # zoo eval takes local folders only (no hub downloads)
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise SpliceError(f"{path}: not a model folder ({what})")
+    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
+    check_model_code(ckpt.path, trust_remote_code)
+    ckpt.validate()
+    return ckpt
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval()
+
+def load_model(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A zoo model folder as a float32 model in eval mode (weights may be stored in bf16).
+
+    The folder is checked first (:func:`check_model`); safetensors only unless
+    ``allow_pickle`` (then ``torch.load(weights_only=True)``); ``SpliceError`` on any fault.
+    """
+    from splice.activations import load_model as load_causal_lm
+
+    ckpt = check_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_causal_lm(
+        ckpt.path,
+        dtype="float32",
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        why=_FINITE,
+    )
+
+
+def _embeddings(m: Checkpoint | PreTrainedModel) -> int | None:
+    """Rows of a model's input embedding (None where unknown)."""
+    from splice.checkpoint import Checkpoint
+
+    if isinstance(m, Checkpoint):
+        emb = m.tensors.get(m.arch.embed) if m.arch.embed else None
+        return emb.shape[0] if emb is not None and emb.shape else None
+    get = getattr(m, "get_input_embeddings", None)
+    layer = get() if get is not None else None
+    return getattr(layer, "num_embeddings", None)
 
 
 def _metric(result: Mapping[str, Any]) -> float:
@@ -77,23 +115,42 @@ def evaluate(
     threads: int = 1,
     limit: int | None = None,
     show_progress: bool = True,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Accuracy of every model on every task: ``{name: {task: accuracy}}``.
 
     ``models`` is a list of model folders (named by their path) or a mapping name -> folder or
     model object. ``zoo`` is the built zoo whose ``tasks/`` to use (default: :func:`default_dir`,
-    built if needed); ``tokenizer`` defaults to the zoo's base model.
+    built if needed); ``tokenizer`` defaults to the zoo's base model. Every model folder is
+    checked (:func:`check_model`) before any work; pickled ``.bin`` weights are read only with
+    ``allow_pickle`` and a model's own code runs only with ``trust_remote_code``.
     """
+    import tempfile
+
     import torch
 
+    from splice.modeling import load_tokenizer
     from splice.zoo.build import default_dir
 
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = parse_tasks(tasks)
+    for label, value in (("limit", limit), ("batch_size", batch_size), ("threads", threads)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise SpliceError(f"{label} must be a whole number of 1 or more, got {value!r}")
     if not isinstance(models, Mapping):
         models = {str(m): m for m in models}
+    if not models:
+        raise SpliceError("no model to score")
+    checked: dict[str, Checkpoint] = {}
     for name, m in models.items():
-        if isinstance(m, str | os.PathLike) and not (Path(m) / "config.json").is_file():
-            raise SpliceError(f"{name}: not a model folder (no config.json)")
+        if isinstance(m, str | os.PathLike):
+            checked[name] = check_model(
+                m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            )
     zoo_dir = Path(zoo) if zoo is not None else default_dir()
     if zoo is None:
         from splice.zoo.build import build
@@ -104,34 +161,47 @@ def evaluate(
         raise SpliceError(
             f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
         )
-    write_tasks(task_dir)
+    check_data(task_dir)
+    tok = load_tokenizer(tokenizer or zoo_dir / "base")
+    for name, m in models.items():
+        rows = _embeddings(checked.get(name, m))
+        if rows is not None and rows < len(tok):
+            raise SpliceError(
+                f"{name}: has {rows} token embeddings but the zoo's tokenizer has {len(tok)} "
+                "tokens; zoo eval scores models with the zoo's vocabulary"
+            )
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    quiet = contextlib.ExitStack()
-    # one thread by default: these models are too small for a second one to pay, and on a
-    # shared CPU two threads wait on each other (5x slower measured here)
-    quiet.callback(torch.set_num_threads, torch.get_num_threads())
-    torch.set_num_threads(threads)
-    for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
-        logger = logging.getLogger(log)
-        quiet.callback(logger.setLevel, logger.level)
-        logger.setLevel(logging.ERROR)
-    with quiet:
+    with contextlib.ExitStack() as quiet:
+        # one thread by default: these models are too small for a second one to pay, and on a
+        # shared CPU two threads wait on each other (5x slower measured here)
+        quiet.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+        for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
+            logger = logging.getLogger(log)
+            quiet.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.ERROR)
+        # task configs go into a temporary folder and name the zoo's data: the zoo is not written
+        configs = quiet.enter_context(tempfile.TemporaryDirectory(prefix="splice-zoo-tasks-"))
+        write_tasks(configs, task_dir)
         from lm_eval.evaluator import evaluate as lm_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        tok = AutoTokenizer.from_pretrained(tokenizer or zoo_dir / "base")
-        manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+        manager = TaskManager(include_path=configs, include_defaults=False)
         with contextlib.redirect_stderr(io.StringIO()):  # datasets' "Generating split" bars
             task_dict = manager.load(names)
         out: dict[str, dict[str, float]] = {}
         for name in progress(list(models), "zoo eval", enabled=show_progress):
             m = models[name]
-            model = load_model(m) if isinstance(m, str | os.PathLike) else m
+            model = (
+                load_model(
+                    checked[name].path,
+                    allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code,
+                )
+                if name in checked
+                else m
+            )
             lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=128)
             # lm-eval's own bars and logs would bury the table; the bar above shows progress
             with (

@@ -3,8 +3,9 @@
 Each skill has a multiple-choice task (``zoo_math``: log-likelihood of each choice after the
 prompt, metric ``acc``) and a generate-until twin (``zoo_math_gen``: greedy answer, metric
 ``exact_match``). The YAML files name their jsonl by absolute path; :func:`write_tasks` rewrites
-them for the folder they are in, so a moved or committed zoo is fixed by calling it again
-(:func:`splice.zoo.evaluate.evaluate` does).
+them for the folder they are in, so a moved or committed zoo is fixed by calling it again.
+(:func:`splice.zoo.evaluate.evaluate` writes its own copy into a temporary folder and leaves the
+zoo untouched.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from splice.errors import SpliceError
 from splice.zoo.corpus import Item, lang_items, math_items
 from splice.zoo.world import World
 
@@ -88,13 +90,51 @@ def write_data(items: dict[str, list[Item]], folder: str | os.PathLike[str]) -> 
                 f.write(json.dumps(doc) + "\n")
 
 
-def write_tasks(folder: str | os.PathLike[str]) -> Path:
-    """(Re)write the YAML configs in ``folder`` for the jsonl files beside them; returns it."""
+def write_tasks(folder: str | os.PathLike[str], data: str | os.PathLike[str] | None = None) -> Path:
+    """(Re)write the YAML configs in ``folder`` for the jsonl files in ``data`` (default: beside
+    them); returns ``folder``. ``SpliceError`` if a jsonl file is missing."""
     folder = Path(folder).resolve()
+    data_dir = Path(data).resolve() if data is not None else folder
     for skill in SKILLS:
-        data = folder / f"{skill}.jsonl"
-        if not data.is_file():
-            raise FileNotFoundError(data)
-        (folder / f"{skill}.yaml").write_text(_yaml(skill, data, generate=False))
-        (folder / f"{skill}_gen.yaml").write_text(_yaml(f"{skill}_gen", data, generate=True))
+        file = data_dir / f"{skill}.jsonl"
+        if not file.is_file():
+            raise SpliceError(f"{file}: missing; not a built zoo (run `splice zoo build`)")
+        (folder / f"{skill}.yaml").write_text(_yaml(skill, file, generate=False))
+        (folder / f"{skill}_gen.yaml").write_text(_yaml(f"{skill}_gen", file, generate=True))
     return folder
+
+
+def check_data(folder: str | os.PathLike[str]) -> None:
+    """``SpliceError`` naming the file and line if a task's jsonl is missing or malformed."""
+    for skill in SKILLS:
+        file = Path(folder) / f"{skill}.jsonl"
+        try:
+            lines = file.read_text().splitlines()
+        except FileNotFoundError:
+            raise SpliceError(
+                f"{file}: missing; not a built zoo (run `splice zoo build`)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpliceError(f"{file}: cannot read it ({e})") from None
+        if not any(line.strip() for line in lines):
+            raise SpliceError(f"{file}: no items")
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                ok = (
+                    isinstance(doc, dict)
+                    and isinstance(doc.get("prompt"), str)
+                    and isinstance(doc.get("choices"), list)
+                    and isinstance(doc.get("gold"), int)
+                    and 0 <= doc["gold"] < len(doc["choices"])
+                    and isinstance(doc.get("answer"), str)
+                )
+            except ValueError:
+                ok = False
+            if not ok:
+                raise SpliceError(
+                    f"{file}:{n}: not a zoo task item (a JSON object with prompt, choices, gold "
+                    "and answer)"
+                )
