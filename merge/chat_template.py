@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping
+from typing import ClassVar
 
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
@@ -84,7 +85,37 @@ def resolve_chat_template(value: str | None, models: Mapping[str, Checkpoint]) -
             f"chat_template {value!r}: not a built-in name ({', '.join(BUILTIN)}, auto) "
             "and not a Jinja template"
         )
+    check_template(value)
     return value
+
+
+def check_template(template: str) -> None:
+    """Compile ``template`` as transformers does (sandboxed, ``loopcontrols``, its
+    ``{% generation %}`` block and ``tojson`` filter); ``SpliceError`` with Jinja's message."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # parsed like transformers' AssistantTracker
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, **kw)
+    try:
+        env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        message = " ".join(str(e.message or e).split())
+        raise SpliceError(
+            f"chat_template is not a valid Jinja template: {message} (line {e.lineno})"
+        ) from None
 
 
 def template_files(

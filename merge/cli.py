@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splice.cli import add_model_options, add_output_options
+from splice.cli import add_model_options, add_output_options, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +15,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="YAML recipe (mergekit schema, plus layer_path and seed)")
     p.add_argument("out", nargs="?", help="output folder (written atomically)")
-    p.add_argument("--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1")
-    p.add_argument("--threads", type=int, help="torch threads for the arithmetic")
-    p.add_argument("--workers", type=int, default=2, help="tensors in flight (default 2)")
+    p.add_argument(
+        "--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1, auto"
+    )
+    p.add_argument("--threads", type=positive_int, help="torch threads for the arithmetic")
+    p.add_argument("--workers", type=positive_int, default=2, help="tensors in flight (default 2)")
     p.add_argument("--memory", default="1GiB", help="cap on bytes held by tensors in flight")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the recipe's)")
     p.add_argument(
@@ -30,30 +32,41 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    from splice.dtypes import parse_size
+    from splice.activations import resolve_device
     from splice.errors import SpliceError
     from splice.merge.run import MergeOptions, plan, run
 
+    if args.device.startswith("cuda"):  # options are checked before the recipe is read
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpliceError(f"--device {args.device}: CUDA is not available on this machine")
     opts = MergeOptions(
-        device=args.device,
+        device=resolve_device(args.device),
         threads=args.threads,
         workers=args.workers,
-        memory_budget=parse_size(args.memory),
-        max_shard_size=args.max_shard_size,
+        memory_budget=_size("--memory", args.memory),
+        max_shard_size=_size("--max-shard-size", args.max_shard_size),
         overwrite=args.overwrite,
         show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         allow_crimes=args.allow_crimes,
         seed=args.seed,
     )
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SpliceError(f"--device {args.device}: CUDA is not available on this machine")
     if args.dry_run:
         print(plan(args.recipe, opts).describe())
         return
     if not args.out:
         raise SpliceError("give an output folder OUT (or --dry-run)")
     print(f"wrote {run(args.recipe, args.out, opts)}")
+
+
+def _size(option: str, text: str) -> int:
+    """``parse_size`` with the option named in its message."""
+    from splice.dtypes import parse_size
+    from splice.errors import SpliceError
+
+    try:
+        return parse_size(text)
+    except SpliceError as e:
+        raise SpliceError(f"{option} {text}: {e}") from None

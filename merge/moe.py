@@ -19,15 +19,16 @@ multiplies its ``down_proj``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.execute import Source, TensorTask
-from splice.merge.plan import MergePlan, _Problems, open_models, tensor_seed
+from splice.merge.plan import MergePlan, _Problems, check_dtypes, open_models, tensor_seed
 from splice.merge.recipe import Expert, Recipe
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
@@ -62,7 +63,8 @@ class _Router:
             return (torch.rand((layers, len(experts), hidden), generator=g) * 2 - 1) * bound
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.base.path)
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(self.base.path)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         if mode == "cheap_embed":
@@ -71,7 +73,8 @@ class _Router:
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=torch.float32)
+            with _quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=torch.float32)
             state = lambda prompts: _hidden(model.eval(), tok, prompts, mode == "hidden_avg")  # noqa: E731
         vecs = []
         for e in experts:
@@ -80,6 +83,23 @@ class _Router:
                 v = v - state(e.negative_prompts)
             vecs.append(v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         return torch.stack(vecs, dim=1)  # [layers, experts, hidden]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers loading bars or info logs while the router loads the base model: they
+    would cut through splice's own progress line (or print under ``--no-progress``)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _tokenize(tok: Any, prompts: list[str]) -> Any:
@@ -121,6 +141,7 @@ def _cheap_embed(embed: Any, tok: Any, prompts: list[str], layers: int) -> Any:
 def _check(recipe: Recipe, ckpts: Mapping[str, Checkpoint], problems: _Problems) -> None:
     experts = recipe.experts or []
     base = ckpts[recipe.base_model]  # type: ignore[index]
+    check_dtypes(recipe, problems)
     if recipe.architecture not in (None, "mixtral"):
         problems.add(f"moe: architecture {recipe.architecture!r} is not supported (only mixtral)")
     if recipe.gate_mode not in GATE_MODES:
@@ -149,12 +170,13 @@ def _check(recipe: Recipe, ckpts: Mapping[str, Checkpoint], problems: _Problems)
             )
     for e in experts:
         ck = ckpts[e.source_model]
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-            if ck.config.get(key) != base.config.get(key):
-                problems.add(
-                    f"moe: expert {e.source_model} has {key}={ck.config.get(key)}, base has "
-                    f"{base.config.get(key)}"
-                )
+        diff = ", ".join(
+            f"{key} {ck.config.get(key)} vs {base.config.get(key)}"
+            for key in ("hidden_size", "intermediate_size", "num_hidden_layers")
+            if ck.config.get(key) != base.config.get(key)
+        )
+        if diff:
+            problems.add(f"moe: expert {e.source_model} does not fit the base model ({diff})")
 
 
 def plan_moe(

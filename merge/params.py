@@ -10,6 +10,7 @@ slice, the recipe.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,11 +72,16 @@ def coerce(value: Any, default: Any, what: str) -> Any:
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError(value)
                 return value.lower() in ("true", "yes", "1")
-            return bool(value)
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
         if kind in (int, float):
             if isinstance(value, bool):
                 raise ValueError(value)
-            return kind(float(value)) if kind is int else float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise SpliceError(f"{what}: {value!r} is not a finite number")
+            return int(number) if kind is int else number
         return value if kind is object else kind(value)
     except (TypeError, ValueError):
         raise SpliceError(f"{what}: {value!r} is not a valid {kind.__name__}") from None

@@ -10,7 +10,9 @@ added if it is not listed, as mergekit does), and builds one ``TensorTask`` per 
 * other methods get the non-base sources in recipe order and the base separately.
 
 Every problem found (unknown method, missing base, layer range out of bounds, architecture or
-shape mismatch, missing parameter) is collected and raised as one ``SpliceError`` with a line each.
+shape mismatch, missing or unusable parameter) is collected and raised as one ``SpliceError``
+with a line per cause: a cause met in many tensors (a hidden-size mismatch, a parameter a model
+lacks) is one line that counts them and names the first.
 """
 
 from __future__ import annotations
@@ -71,21 +73,85 @@ class _Slice:
 
 
 class _Problems:
-    """Collects validation problems; raises them together."""
+    """Collects validation problems, grouped by cause; raises them together.
+
+    ``add(cause, tensor)`` records that ``cause`` affects ``tensor`` (a name, perhaps with a
+    detail such as its shapes); one line per cause is reported, naming the first tensor and
+    counting the others. A cause may place the tensors itself with ``{tensors}``. Causes with
+    ``first=True`` (shape mismatches: the models do not fit together) are reported before the
+    others, whose trouble they often explain.
+    """
+
+    LIMIT = 12
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self._causes: dict[str, dict[str, None]] = {}  # cause -> its tensors (an ordered set)
+        self._first: set[str] = set()
 
-    def add(self, line: str) -> None:
-        if line not in self.lines:
-            self.lines.append(line)
+    def add(self, cause: str, tensor: str | None = None, *, first: bool = False) -> None:
+        tensors = self._causes.setdefault(cause, {})
+        if tensor is not None:
+            tensors.setdefault(tensor)
+        if first:
+            self._first.add(cause)
+
+    @property
+    def lines(self) -> list[str]:
+        order = sorted(self._causes, key=lambda c: c not in self._first)  # stable
+        return [self._line(c, list(self._causes[c])) for c in order]
+
+    @staticmethod
+    def _line(cause: str, tensors: list[str]) -> str:
+        if not tensors:
+            return cause
+        more = len(tensors) - 1
+        where = tensors[0] + (f" and {more} more tensor{'s' if more > 1 else ''}" if more else "")
+        if "{tensors}" in cause:
+            return cause.replace("{tensors}", where)
+        return f"{cause} ({where})"
 
     def raise_if_any(self) -> None:
-        if self.lines:
-            shown = self.lines[:12]
-            if len(self.lines) > 12:
-                shown.append(f"... and {len(self.lines) - 12} more problems")
+        lines = self.lines
+        if lines:
+            shown = lines[: self.LIMIT]
+            if len(lines) > self.LIMIT:
+                shown.append(f"... and {len(lines) - self.LIMIT} more problems")
             raise SpliceError("\n".join(shown))
+
+
+DIMENSIONS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts",
+)
+
+
+def dimension_diff(a: Checkpoint, b: Checkpoint) -> str:
+    """``hidden_size 32 vs 64, ...``: the size settings two models' configs disagree on."""
+    return ", ".join(
+        f"{k} {a.config.get(k)} vs {b.config.get(k)}"
+        for k in DIMENSIONS
+        if a.config.get(k) != b.config.get(k)
+        and a.config.get(k) is not None
+        and b.config.get(k) is not None
+    )
+
+
+def shape_mismatch(models: Mapping[str, Checkpoint], a: str, b: str, donor: bool = False) -> str:
+    """The cause line (with ``{tensors}``) for tensors whose shapes differ between ``a`` and
+    ``b`` (``donor``: ``a`` gives the output config), naming the config settings behind it."""
+    diff = dimension_diff(models[a], models[b])
+    if donor:
+        what = f"tensors from {b} do not fit the output config, which is {a}'s"
+    else:
+        what = f"{a} and {b} disagree on tensor shapes"
+    return f"shape mismatch for {{tensors}}: {what}" + (f" ({diff})" if diff else "")
 
 
 def open_models(
@@ -139,6 +205,22 @@ def _slices(recipe: Recipe, models: Mapping[str, Checkpoint]) -> list[_Slice]:
     ]
 
 
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def check_dtypes(recipe: Recipe, problems: _Problems) -> None:
+    """``dtype`` (the arithmetic's) must be a float type torch computes in; ``out_dtype`` any
+    floating-point type."""
+    if recipe.dtype and dtype_name(recipe.dtype) not in COMPUTE_DTYPES:
+        problems.add(
+            f"dtype {recipe.dtype}: merges compute in floating point; use "
+            f"{', '.join(COMPUTE_DTYPES)}"
+        )
+    out = recipe.out_dtype
+    if out and not dtype_name(out).startswith(("float", "bfloat")):
+        problems.add(f"out_dtype {out}: the output's weights must be a floating-point dtype")
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """Seed for one tensor's generator: stable across runs, threads and orders."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -162,15 +244,18 @@ def _params(
     out_name: str,
     t: float,
 ) -> dict[str, Any]:
-    """Resolved keyword arguments for the method on one tensor (globals and per-model lists)."""
+    """Resolved keyword arguments for the method on one tensor (globals and per-model lists),
+    after the method's checks of their values (problems go to ``ctx.problems``)."""
     method = ctx.method
     assert method is not None
     kwargs: dict[str, Any] = {}
+    complete = True
     for key, default in method.global_params.items():
         value = resolve(key, (slc.params, ctx.recipe.parameters), out_name, t)
         if value is MISSING:
             if default is REQUIRED:
-                ctx.problems.add(f"{method.name}: parameter {key!r} is required ({out_name})")
+                ctx.problems.add(f"{method.name}: parameter {key!r} is required", out_name)
+                complete = False
                 continue
             value = default
         kwargs[method.python_name(key)] = coerce(value, default, f"{key} for {out_name}")
@@ -181,14 +266,18 @@ def _params(
             if value is MISSING:
                 if default is None:
                     ctx.problems.add(
-                        f"{method.name}: parameter {key!r} is required for model {src.model} "
-                        f"({in_name})"
+                        f"{method.name}: parameter {key!r} is required for model {src.model}",
+                        in_name,
                     )
-                    value = 0.0
+                    value, complete = 0.0, False
                 else:
                     value = default
             values.append(coerce(value, 1.0, f"{key} for {src.model}"))
         kwargs[key] = values
+    if complete:
+        for index, problem in method.problems(kwargs):
+            of = f"model {inputs[index][0].model}: " if index is not None else ""
+            ctx.problems.add(f"{method.name}: {of}{problem}", out_name)
     return kwargs
 
 
@@ -206,29 +295,38 @@ def _merge_task(
     output vocabulary first (:mod:`splice.merge.vocab`); only its other dimensions must agree.
     """
     problems, models = ctx.problems, ctx.models
-    shapes = {}
+    shapes: list[tuple[str, tuple[int, ...]]] = []
     for src, name in inputs:
         info = models[src.model].tensors.get(name)
         if info is None:
-            problems.add(f"{src.model} has no tensor {name!r} (needed for {out_name})")
+            problems.add(
+                f"{src.model} lacks tensors the merge needs",
+                name if name == out_name else f"{name} (for {out_name})",
+            )
             return None
-        shapes[f"{src.model}:{name}"] = info.shape if vocab is None else info.shape[1:]
-    if len(set(shapes.values())) > 1:
-        desc = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-        problems.add(f"shape mismatch for {out_name}: {desc}")
+        shapes.append((src.model, info.shape if vocab is None else info.shape[1:]))
+    ref = next((p for p in shapes if p[0] == slc.base), shapes[0])  # the base, if it is one
+    odd = next(((m, sh) for m, sh in shapes if sh != ref[1]), None)
+    if odd is not None:
+        (a, sa), (b, sb) = ref, odd
+        problems.add(
+            shape_mismatch(models, a, b),
+            f"{out_name} {list(sa)} vs {list(sb)}",
+            first=True,
+        )
         return None
-    shape = next(iter(shapes.values()))
+    shape = shapes[0][1]
     if vocab is not None:
         shape = (vocab.size, *shape)
     first = models[inputs[0][0].model][inputs[0][1]]
     out_dtype = ctx.out_dtype or first.dtype
     if ctx.method is None:  # passthrough
         if len(inputs) != 1:
-            problems.add(f"passthrough takes one source per slice, got {len(inputs)} ({out_name})")
+            problems.add(f"passthrough takes one source per slice, got {len(inputs)}")
             return None
         src, name = inputs[0]
         scale = resolve("scale", (src.params, slc.params, ctx.recipe.parameters), name, t)
-        scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {name}")
+        scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {src.model}")
         computed = scale != 1.0 or out_dtype != first.dtype or vocab is not None
         reindex = None
         if vocab is not None:
@@ -260,7 +358,11 @@ def _merge_task(
         problems.add(f"{method.name} needs a base_model")
         return None
     if not others:
-        problems.add(f"{method.name}: no models to merge besides the base ({out_name})")
+        problems.add(f"{method.name}: no models to merge besides the base")
+        return None
+    count = method.count_problem(len(others), base_pair is not None)
+    if count:
+        problems.add(count)
         return None
     kwargs = _params(ctx, slc, others, out_name, t)
     seed = tensor_seed(ctx.seed, out_name) if method.stochastic else None
@@ -294,7 +396,8 @@ def _fixed(
         if f.model is not None and f.model not in sources:
             problems.add(
                 f"tokenizer.tokens[{f.token!r}]: its source {f.model} is not among the models "
-                f"merged into {out_name}"
+                "merged into {tensors}",
+                out_name,
             )
             continue
         out.append((i, None if f.model is None else sources.index(f.model), f.row, f.force))
@@ -355,7 +458,8 @@ def plan_merge(
     try:
         ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
     except SpliceError as e:
-        problems.lines += str(e).splitlines()
+        for line in str(e).splitlines():
+            problems.add(line)
     problems.raise_if_any()
     donor = recipe.base_model or recipe.referenced_models()[0]
     _check_architectures(ckpts, donor, allow_crimes, problems)
@@ -363,6 +467,7 @@ def plan_merge(
     out_dtype = (
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
+    check_dtypes(recipe, problems)
     problems.raise_if_any()
     tok = recipe.tokenizer  # mergekit's tokenizer section, or the older tokenizer_source
     source, pad_to, tokens = (
@@ -437,6 +542,8 @@ def plan_merge(
     if not donor_ckpt.tied:
         global_task("head", slices[-1], spec.lm_head)
     problems.raise_if_any()
+    check_fit(tasks, ckpts, donor, vocab is not None, problems)
+    problems.raise_if_any()
 
     config = LayerPlan(tuple(layer_sources), donor, donor).config(ckpts, donor)
     config["tie_word_embeddings"] = donor_ckpt.tied
@@ -446,6 +553,36 @@ def plan_merge(
         config = config_with_dtype(config, out_dtype)
     files = dict(vocab.files) if vocab is not None else {}
     return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from, tokenizer_files=files)
+
+
+def check_fit(
+    tasks: list[TensorTask],
+    models: Mapping[str, Checkpoint],
+    donor: str,
+    reindexed: bool,
+    problems: _Problems,
+) -> None:
+    """Every output tensor must have the shape the output config (the donor's) implies: the
+    donor's tensor of that name (a layer past the donor's: of its layer 0). Slices or a
+    data-flow path from models of other sizes fail here rather than in the loader."""
+    d = models[donor]
+    spec = d.arch
+    for t in tasks:
+        layer = spec.layer_of(t.name)
+        ref = t.name if layer is None or layer < d.num_layers else spec.rename(t.name, layer=0)
+        info = d.tensors.get(ref)
+        if info is None or not t.sources:
+            continue
+        want, got = info.shape, t.shape
+        if reindexed and spec.parse(t.name).group in ("embed", "head"):
+            want, got = want[1:], got[1:]
+        if want != got:
+            other = next((s.model for s in t.sources if s.model != donor), t.sources[0].model)
+            problems.add(
+                shape_mismatch(models, donor, other, donor=True),
+                f"{t.name} {list(want)} vs {list(got)}",
+                first=True,
+            )
 
 
 def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: _Problems) -> MergePlan:
@@ -482,6 +619,9 @@ def _plan_layer_path(
             refs.append(LayerRef(step.model, layer, step.scale if k == 0 else 1.0))
     plan = LayerPlan(tuple(refs), donor, donor)
     tasks = plan.tasks(ckpts, dtype=out_dtype)
+    problems = _Problems()
+    check_fit(tasks, ckpts, donor, False, problems)
+    problems.raise_if_any()
     config = plan.config(ckpts, donor)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)

@@ -16,12 +16,21 @@ Only the schema lives here; checks that need the models (shapes, layer counts) a
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from splice.errors import SpliceError
 
@@ -42,21 +51,97 @@ Params = dict[str, Setting]
 
 
 def _model_ref(value: Any) -> Any:
-    """Accept ``path``, ``{path: p}`` and ``{model: {path: p}}``; refuse LoRA references."""
+    """Accept ``path``, ``{path: p}`` and ``{model: {path: p}}``; refuse LoRA references, other
+    keys (``revision``, ...), empty references and URLs."""
     if isinstance(value, dict):
         if value.get("lora"):
             raise ValueError("LoRA model references (model+lora) are not supported yet")
+        other = sorted(str(k) for k in value if k not in ("model", "path", "lora"))
+        if other:
+            raise ValueError(f"model reference key {other[0]!r} is not supported")
         inner = value.get("model", value)
         if isinstance(inner, dict):
-            inner = inner.get("path")
+            other = sorted(str(k) for k in inner if k != "path")
+            if other:
+                raise ValueError(
+                    f"model reference key {other[0]!r} is not supported (give `path` only)"
+                )
+            if "path" not in inner:
+                raise ValueError("a model reference needs `path`")
+            inner = inner["path"]
         value = inner
-    if isinstance(value, str) and "+" in value and not os.path.exists(value):
-        raise ValueError(f"{value!r}: LoRA model references (model+lora) are not supported yet")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("a model reference is empty (give a model folder or a hub id)")
+        if "://" in value:
+            raise ValueError(
+                f"{value!r} is a URL; give a local model folder or a hub id (org/name)"
+            )
+        if "+" in value and not os.path.exists(value):
+            raise ValueError(f"{value!r}: LoRA model references (model+lora) are not supported yet")
     return value
 
 
+def _setting_problem(value: Any) -> str | None:
+    """Why ``value`` is not a parameter setting (``None`` if it is one)."""
+    if isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, (int, float)):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    if value is None:
+        return "null is not a value"
+    if isinstance(value, dict):
+        unknown = sorted(str(k) for k in value if k not in ("filter", "value"))
+        if unknown:
+            return f"unknown key {unknown[0]!r} in a {{filter, value}} condition"
+        if "value" not in value:
+            return "a {filter, value} condition needs `value`"
+        if value.get("filter") is not None and not isinstance(value["filter"], str):
+            return f"filter {value['filter']!r} is not a string"
+        inner = value["value"]
+        if isinstance(inner, dict) or (
+            isinstance(inner, list) and any(isinstance(v, (dict, list)) for v in inner)
+        ):
+            return "a condition's value is a number, a string or a list of them"
+        return _setting_problem(inner)
+    if isinstance(value, list):
+        if not value:
+            return "an empty list is not a value"
+        if all(isinstance(v, dict) for v in value):
+            return next((p for v in value if (p := _setting_problem(v))), None)
+        if any(isinstance(v, (dict, list)) for v in value):
+            return (
+                "a list holds either values (a gradient) or {filter, value} conditions, "
+                "not a mix or nested lists"
+            )
+        return next((p for v in value if (p := _setting_problem(v))), None)
+    return f"{value!r} is not a number, a string, a list or a {{filter, value}} condition"
+
+
+def _check_parameters(cls: type, data: Any) -> Any:
+    """``model_validator(mode="before")``: one clear line for a bad ``parameters`` entry (a
+    non-finite number, a malformed condition) instead of one per member of the union."""
+    if not isinstance(data, dict) or not isinstance(data.get("parameters"), dict):
+        return data
+    owner = data.get("model")
+    of = f" of model {owner}" if isinstance(owner, str) else ""
+    for key, value in data["parameters"].items():
+        problem = _setting_problem(value)
+        if problem:
+            raise ValueError(f"parameter {key!r}{of}: {problem}")
+    return data
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def _layer_range(v: tuple[int, int]) -> tuple[int, int]:
+    if v[0] < 0 or v[1] <= v[0]:
+        raise ValueError(
+            f"layer_range {list(v)} must be [start, end) with 0 <= start < end (end exclusive)"
+        )
+    return v
 
 
 class ModelEntry(_Strict):
@@ -64,6 +149,7 @@ class ModelEntry(_Strict):
     parameters: Params | None = None
 
     _ref = field_validator("model", mode="before")(_model_ref)
+    _params = model_validator(mode="before")(_check_parameters)
 
 
 class SliceSource(_Strict):
@@ -72,22 +158,18 @@ class SliceSource(_Strict):
     parameters: Params | None = None
 
     _ref = field_validator("model", mode="before")(_model_ref)
-
-    @field_validator("layer_range")
-    @classmethod
-    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 0 or v[1] < v[0]:
-            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start <= end")
-        return v
+    _params = model_validator(mode="before")(_check_parameters)
+    _ordered = field_validator("layer_range")(_layer_range)
 
 
 class Slice(_Strict):
-    sources: list[SliceSource]
+    sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: Params | None = None
     residual_weight: float | None = None
 
     _ref = field_validator("base_model", mode="before")(_model_ref)
+    _params = model_validator(mode="before")(_check_parameters)
 
 
 class LayerStep(_Strict):
@@ -104,6 +186,10 @@ class LayerStep(_Strict):
     def _one_of(self) -> LayerStep:
         if (self.layer is None) == (self.layer_range is None):
             raise ValueError("a layer_path step needs exactly one of `layer` or `layer_range`")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer {self.layer} must be 0 or more")
+        if self.layer_range is not None:
+            _layer_range(self.layer_range)
         if self.scale <= 0:
             raise ValueError(f"layer_path scale must be > 0 (got {self.scale})")
         return self
@@ -208,7 +294,8 @@ class Recipe(_Strict):
     experts_per_token: int = 2
     architecture: str | None = None
 
-    _ref = field_validator("base_model", mode="before")(_model_ref)
+    _ref = field_validator("base_model", "tokenizer_source", mode="before")(_model_ref)
+    _params = model_validator(mode="before")(_check_parameters)
 
     @model_validator(mode="after")
     def _shape(self) -> Recipe:
@@ -219,6 +306,9 @@ class Recipe(_Strict):
                 raise ValueError("merge_method moe needs a `base_model` (attention and embeddings)")
             return self
         given = [k for k in ("models", "slices", "layer_path") if getattr(self, k)]
+        empty = [k for k in ("models", "slices", "layer_path") if getattr(self, k) == []]
+        if not given and empty:
+            raise ValueError(f"`{empty[0]}` is empty")
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of `models`, `slices` or `layer_path`"
@@ -233,28 +323,28 @@ class Recipe(_Strict):
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> Recipe:
-        """Read a recipe from a YAML file (a path) or from YAML text (a string with a newline)."""
+        """Read a recipe from a YAML file (a path) or from YAML text (a string with a newline).
+
+        Only plain YAML data is read (``yaml.safe_load``): a tag such as ``!!python/object`` is
+        refused, never constructed.
+        """
         is_text = isinstance(source, str) and "\n" in source
         if is_text:
-            text, base_dir = str(source), None
+            text, base_dir, what = str(source), None, "recipe"
         else:
             path = Path(source)
+            if path.is_dir():
+                raise SpliceError(f"{path}: a folder, not a recipe file")
             if not path.is_file():
                 raise SpliceError(f"{path}: no such recipe file")
-            text, base_dir = path.read_text(), path.parent
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise SpliceError(f"recipe is not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise SpliceError("recipe must be a YAML mapping with at least `merge_method`")
-        return cls.from_dict(data, base_dir=base_dir)
+            text, base_dir, what = _read_text(path), path.parent, f"recipe {path}"
+        return cls.from_dict(_load_yaml(text, what), base_dir=base_dir)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> Recipe:
         """Validate a recipe dict; ``SpliceError`` with one line per problem."""
+        if not isinstance(data, dict):
+            raise SpliceError(f"recipe must be a mapping, not {type(data).__name__}")
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:
@@ -320,6 +410,108 @@ class Recipe(_Strict):
         return list(dict.fromkeys(r for r in refs if r))
 
 
+def _read_text(path: Path) -> str:
+    """A recipe file's text; one line saying why when it is unreadable, binary or not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpliceError(f"recipe {path}: cannot read it ({e.strerror})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SpliceError(f"recipe {path} is UTF-16 text; save it as UTF-8")
+    if b"\x00" in raw:
+        raise SpliceError(f"recipe {path} is a binary file, not YAML text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpliceError(
+            f"recipe {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
+_TAG = re.compile(r"tag '([^']*)'")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only) that also refuses a key given twice in a mapping,
+    which YAML loaders otherwise settle silently by keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, what: str) -> dict[str, Any]:
+    """``yaml.safe_load`` of a recipe, which must be a mapping; ``SpliceError`` in one line."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+    except RecursionError:  # the YAML parser recurses per nesting level
+        raise SpliceError(f"{what} nests lists or mappings too deeply to read") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = str(getattr(e, "problem", None) or "").replace("\n", " ")
+        tag = _TAG.search(problem) if isinstance(e, yaml.constructor.ConstructorError) else None
+        if tag:
+            name = re.sub(r"^tag:yaml\.org,2002:", "!!", tag.group(1))
+            raise SpliceError(
+                f"{what} uses the YAML tag {name}{where}, which splice refuses: recipes are data"
+            ) from None
+        if problem.startswith("the key "):
+            raise SpliceError(f"{what}: {problem}{where}") from None
+        raise SpliceError(
+            f"{what} is not valid YAML{where}" + (f": {problem}" if problem else "")
+        ) from None
+    if data is None:
+        raise SpliceError(f"{what} is empty; it needs at least `merge_method`")
+    if isinstance(data, list):
+        raise SpliceError(
+            f"{what} is a YAML list; a recipe is a mapping with at least `merge_method`"
+        )
+    if not isinstance(data, dict):
+        raise SpliceError(
+            f"{what} is a single YAML value ({_shown(data)}); a recipe is a mapping with at "
+            "least `merge_method`"
+        )
+    return data
+
+
+_EXPECTED = {
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "finite_number": "a finite number",
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _format_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -329,5 +521,11 @@ def _format_errors(e: ValidationError) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] in _EXPECTED:
+            msg = f"expected {_EXPECTED[err['type']]}, got {_shown(err.get('input'))}"
+        elif err["loc"] and err["loc"][-1] == "layer_range" and err["type"] != "value_error":
+            msg = f"expected [start, end], got {_shown(err.get('input'))}"
+        elif err["type"] == "too_short":
+            msg = "must not be empty"
         lines.append(f"recipe: {loc}: {msg}" if loc else f"recipe: {msg}")
     return "\n".join(dict.fromkeys(lines))

@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     previous = _install_signal_handlers()
     try:
-        args = build_parser(first).parse_args(argv)
+        try:
+            args = build_parser(first).parse_args(argv)
+        except SystemExit as e:  # a usage error (its one line is printed), --help, --version
+            return e.code if isinstance(e.code, int) else 0
         return int(args.func(args) or 0)
     except SpliceError as e:  # one line per problem
         for line in str(e).splitlines() or [type(e).__name__]:

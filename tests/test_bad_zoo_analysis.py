@@ -2,8 +2,7 @@
 
 Every case drives the real CLI (``splice.cli.main``) and checks that nothing was written and
 nothing deleted. Usage errors (a bad ``--threads``) come from argparse as
-``splice <verb>: error: ...`` and leave ``main`` as ``SystemExit(2)``; the rest as
-``splice: error: ...``.
+``splice <verb>: error: ...``; the rest as ``splice: error: ...``.
 """
 
 from __future__ import annotations
@@ -40,10 +39,7 @@ def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
 
 
 def run(argv: list[str]) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:  # argparse usage errors
-        return int(e.code or 0)
+    return main([str(a) for a in argv])
 
 
 def fails(capsys, argv: list, *needles: str, watch: tuple[Path, ...] = (), usage=False) -> str:

@@ -19,7 +19,11 @@ code to rounding. Where splice differs, on purpose:
 * DARE / DELLA masks are ``u < p`` with float32 ``p`` from the executor's per-tensor generator
   (the same stream as mergekit's ``torch.bernoulli`` on CPU); mergekit rounds ``p`` and DELLA's
   ranks to bf16 for bf16 inputs; a DELLA row of one entry keeps with probability ``density``;
-* ``linear`` with ``normalize`` refuses weights summing to 0 (mergekit writes inf/NaN);
+* the planner refuses, before anything runs (each method's ``check``), weights summing to ~0
+  that ``linear``'s ``normalize`` or ``multislerp``'s ``normalize_weights`` would divide by
+  (mergekit writes inf/NaN; ``linear`` itself also raises on an exact 0), a ``density`` or
+  ``gamma`` outside [0, 1] (mergekit clamps or misbehaves), a DELLA ``density ± epsilon``
+  outside (0, 1) (mergekit fails mid-merge) and a model count the method cannot take;
 * ``consensus_method`` (``sum`` | ``count``) is an extra option of the sign-electing presets;
   its default is mergekit's fixed behaviour.
 """

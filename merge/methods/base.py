@@ -19,6 +19,12 @@ Parameters come in two kinds, declared by the decorator:
   is a Python keyword is spelled with a trailing underscore in Python (``lambda`` ->
   ``lambda_``).
 
+A method may declare ``check``: a function of the resolved parameters (Python spellings, one
+tensor's values) that yields ``(model index or None, problem)`` for values it cannot use
+(weights that cannot be normalized, a density outside [0, 1]), and ``inputs``: how many models
+it takes besides the base (min, max); the planner reports problems before anything runs.
+Parameters annotated with a ``Literal`` accept only its values.
+
 Stochastic methods (DARE, DELLA) also receive ``generator``, a ``torch.Generator`` seeded from the
 recipe seed and the tensor name, so a merge is reproducible whatever the order or threads.
 
@@ -32,7 +38,8 @@ Example::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +51,7 @@ REQUIRED = inspect.Parameter.empty
 BaseUse = Literal["required", "optional", "none"]
 
 MethodFn = Callable[..., torch.Tensor]
+Check = Callable[[dict[str, Any]], Iterable[tuple[int | None, str]]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,31 @@ class MergeMethod:
     global_params: dict[str, Any]  # name (recipe spelling) -> default, or REQUIRED
     stochastic: bool = False
     doc: str = field(default="", repr=False)
+    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # Literal parameters
+    check: Check | None = field(default=None, repr=False)
+    inputs: tuple[int, int | None] = (1, None)  # how many models besides the base: min, max
+
+    def count_problem(self, n: int, with_base: bool) -> str | None:
+        """Why ``n`` models (besides the base, if ``with_base``) cannot be merged, or None."""
+        lo, hi = self.inputs
+        if lo <= n and (hi is None or n <= hi):
+            return None
+        count = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}-{hi}"
+        models = "model" if (hi if hi is not None else lo) == 1 else "models"
+        besides = " besides the base" if with_base else ""
+        return f"{self.name} merges {count} {models}{besides}, got {n}"
+
+    def problems(self, params: dict[str, Any]) -> list[tuple[int | None, str]]:
+        """What is wrong with one tensor's resolved parameters: ``(model index, problem)``."""
+        out: list[tuple[int | None, str]] = []
+        for key, allowed in self.choices.items():
+            value = params.get(self.python_name(key))
+            if value is not None and value not in allowed:
+                shown = ", ".join(str(a) for a in allowed)
+                out.append((None, f"{key} {value!r} is not one of {shown}"))
+        if self.check is not None:
+            out += list(self.check(params))
+        return out
 
     def __call__(
         self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any
@@ -77,12 +110,19 @@ def merge_method(
     base: BaseUse = "optional",
     per_model: dict[str, float | None] | None = None,
     stochastic: bool = False,
+    check: Check | None = None,
+    inputs: tuple[int, int | None] = (1, None),
 ) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as merge method ``name``; global parameters come from its signature."""
     per_model = dict(per_model or {})
 
     def register(fn: MethodFn) -> MethodFn:
         sig = inspect.signature(fn)
+        choices = {
+            key.rstrip("_"): typing.get_args(hint)
+            for key, hint in _hints(fn).items()
+            if typing.get_origin(hint) is Literal and key in sig.parameters
+        }
         globals_: dict[str, Any] = {}
         for p in sig.parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in per_model:
@@ -104,8 +144,30 @@ def merge_method(
                 global_params=globals_,
                 stochastic=stochastic,
                 doc=(fn.__doc__ or "").strip(),
+                choices=choices,
+                check=check,
+                inputs=inputs,
             )
         )
         return fn
 
     return register
+
+
+def _hints(fn: MethodFn) -> dict[str, Any]:
+    """``fn``'s resolved annotations (none if they name what its module cannot resolve)."""
+    try:
+        return typing.get_type_hints(fn)
+    except NameError:  # an annotation imported only for type checkers
+        return {}
+
+
+def cancels(weights: Sequence[float]) -> bool:
+    """Whether ``weights`` sum to (about) 0, relative to their size: dividing by the sum would
+    blow the result up (``|Σ w| <= 1e-6 Σ |w|``)."""
+    return abs(sum(weights)) <= 1e-6 * sum(abs(w) for w in weights)
+
+
+def shown(values: Sequence[float]) -> str:
+    """``[1, -0.5]``: numbers as a recipe would write them."""
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from splice.merge.methods.base import merge_method
@@ -53,7 +56,14 @@ def karcher_mean(
     return sum(ai * r for ai, r in zip(alphas, norms, strict=True)) * m
 
 
-@merge_method("karcher", base="none")
+def _check(params: dict[str, Any]) -> Iterator[tuple[int | None, str]]:
+    if params.get("max_iter", 10) < 0:
+        yield None, f"max_iter must be 0 or more (got {params['max_iter']})"
+    if params.get("tol", 1e-5) < 0:
+        yield None, f"tol must be 0 or more (got {params['tol']:g})"
+
+
+@merge_method("karcher", base="none", check=_check)
 def karcher(
     tensors: list[torch.Tensor], base: None, *, max_iter: int = 10, tol: float = 1e-5
 ) -> torch.Tensor:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
-from splice.merge.methods.base import merge_method
+from splice.merge.methods.base import cancels, merge_method, shown
 
 CHUNK = 1 << 20  # elements accumulated in float32 at a time (bounds scratch for bf16 inputs)
 
 
-@merge_method("linear", base="none", per_model={"weight": None})
+def _check(params: dict[str, Any]) -> Iterator[tuple[int | None, str]]:
+    if params.get("normalize", True) and cancels(params["weight"]):
+        w = shown(params["weight"])
+        yield (
+            None,
+            f"weights {w} sum to 0 and cannot be normalized; change them or set normalize: false",
+        )
+
+
+@merge_method("linear", base="none", per_model={"weight": None}, check=_check)
 def linear(
     tensors: list[torch.Tensor], base: None, *, weight: list[float], normalize: bool = True
 ) -> torch.Tensor:

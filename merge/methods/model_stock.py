@@ -8,7 +8,7 @@ import torch
 from splice.merge.methods.base import merge_method
 
 
-@merge_method("model_stock", base="required")
+@merge_method("model_stock", base="required", inputs=(2, None))
 def model_stock(
     tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False
 ) -> torch.Tensor:

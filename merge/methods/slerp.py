@@ -8,10 +8,12 @@ normalized) tensors are combined, as mergekit does, so norms interpolate roughly
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from splice.merge.methods.base import merge_method
+from splice.merge.methods.base import cancels, merge_method, shown
 
 DOT_THRESHOLD = 0.9995  # |cos θ| above this: (anti)parallel, interpolate linearly
 EPS = 1e-8  # norms at or below this are not divided by
@@ -22,7 +24,7 @@ def _chunks(*xs: torch.Tensor) -> zip:
     return zip(*(x.reshape(-1).split(CHUNK) for x in xs), strict=True)
 
 
-@merge_method("slerp", base="required")
+@merge_method("slerp", base="required", inputs=(1, 1))
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """SLERP from ``base`` (``t = 0``) to the one other model (``t = 1``), any shape ``[...]``.
 
@@ -77,7 +79,7 @@ def nuslerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor, dim: int | None)
     return out.reshape(shape)
 
 
-@merge_method("nuslerp", base="optional", per_model={"weight": None})
+@merge_method("nuslerp", base="optional", per_model={"weight": None}, inputs=(2, 2))
 def nuslerp(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -103,7 +105,16 @@ def nuslerp(
     return base + nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, dim)
 
 
-@merge_method("multislerp", base="optional", per_model={"weight": None})
+def _check_multislerp(params: dict[str, Any]) -> Iterator[tuple[int | None, str]]:
+    if params.get("normalize_weights", True) and cancels(params["weight"]):
+        w = shown(params["weight"])
+        problem = f"weights {w} sum to 0 and cannot be normalized"
+        yield None, f"{problem}; change them or set normalize_weights: false"
+    if params.get("eps", 1e-8) <= 0:
+        yield None, f"eps must be > 0 (got {params['eps']:g})"
+
+
+@merge_method("multislerp", base="optional", per_model={"weight": None}, check=_check_multislerp)
 def multislerp(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,

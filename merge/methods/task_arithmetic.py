@@ -22,7 +22,8 @@ included; only rankings (float32) and random-mask probabilities (float32) are up
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 
@@ -169,7 +170,23 @@ def generalized_task_arithmetic(
     return result
 
 
-@merge_method("task_arithmetic", base="required", per_model={"weight": None, "density": 1.0})
+def _check(params: dict[str, Any]) -> Iterator[tuple[int | None, str]]:
+    """Fractions in [0, 1]; DELLA's keep probabilities ``density ± epsilon`` inside (0, 1)."""
+    density = params["density"]
+    for i, d in enumerate(density):
+        if not 0 <= d <= 1:
+            yield i, f"density {d:g} is not in [0, 1]"
+    for i, g in enumerate(params.get("gamma") or []):
+        if not 0 <= g <= 1:
+            yield i, f"gamma {g:g} is not in [0, 1]"
+    for i, (d, e) in enumerate(zip(density, params.get("epsilon") or [], strict=False)):
+        if 0 < d < 1 and not (d - abs(e) > 0 and d + abs(e) < 1):
+            yield i, f"density {d:g} ± epsilon {e:g} must lie in (0, 1)"
+
+
+@merge_method(
+    "task_arithmetic", base="required", per_model={"weight": None, "density": 1.0}, check=_check
+)
 def task_arithmetic(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -191,7 +208,7 @@ def task_arithmetic(
     )  # fmt: skip
 
 
-@merge_method("ties", base="required", per_model={"weight": None, "density": 1.0})
+@merge_method("ties", base="required", per_model={"weight": None, "density": 1.0}, check=_check)
 def ties(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -213,7 +230,11 @@ def ties(
 
 
 @merge_method(
-    "dare_ties", base="required", per_model={"weight": None, "density": 1.0}, stochastic=True
+    "dare_ties",
+    base="required",
+    per_model={"weight": None, "density": 1.0},
+    stochastic=True,
+    check=_check,
 )
 def dare_ties(
     tensors: list[torch.Tensor],
@@ -237,7 +258,11 @@ def dare_ties(
 
 
 @merge_method(
-    "dare_linear", base="required", per_model={"weight": None, "density": 1.0}, stochastic=True
+    "dare_linear",
+    base="required",
+    per_model={"weight": None, "density": 1.0},
+    stochastic=True,
+    check=_check,
 )
 def dare_linear(
     tensors: list[torch.Tensor],
@@ -262,7 +287,7 @@ def dare_linear(
 _BREADCRUMBS = {"weight": None, "density": 1.0, "gamma": 0.01}
 
 
-@merge_method("breadcrumbs", base="required", per_model=_BREADCRUMBS)
+@merge_method("breadcrumbs", base="required", per_model=_BREADCRUMBS, check=_check)
 def breadcrumbs(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -283,7 +308,7 @@ def breadcrumbs(
     )  # fmt: skip
 
 
-@merge_method("breadcrumbs_ties", base="required", per_model=_BREADCRUMBS)
+@merge_method("breadcrumbs_ties", base="required", per_model=_BREADCRUMBS, check=_check)
 def breadcrumbs_ties(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -308,7 +333,7 @@ def breadcrumbs_ties(
 _DELLA = {"weight": None, "density": 1.0, "epsilon": 0.15}
 
 
-@merge_method("della", base="required", per_model=_DELLA, stochastic=True)
+@merge_method("della", base="required", per_model=_DELLA, stochastic=True, check=_check)
 def della(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -331,7 +356,7 @@ def della(
     )  # fmt: skip
 
 
-@merge_method("della_linear", base="required", per_model=_DELLA, stochastic=True)
+@merge_method("della_linear", base="required", per_model=_DELLA, stochastic=True, check=_check)
 def della_linear(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
