@@ -27,9 +27,10 @@ from typing import Any
 from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
-from splice.execute import Source, TensorTask
-from splice.merge.plan import MergePlan, _Problems, check_dtypes, open_models, tensor_seed
+from splice.execute import TensorTask, tensor_seed
+from splice.merge.plan import MergePlan, check_dtypes
 from splice.merge.recipe import Expert, Recipe
+from splice.problems import Problems, open_models
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 DENSE_TYPES = ("llama", "mistral")
@@ -138,7 +139,7 @@ def _cheap_embed(embed: Any, tok: Any, prompts: list[str], layers: int) -> Any:
     return (v / v.norm().clamp(min=1e-8)).expand(layers, -1).clone()
 
 
-def _check(recipe: Recipe, ckpts: Mapping[str, Checkpoint], problems: _Problems) -> None:
+def _check(recipe: Recipe, ckpts: Mapping[str, Checkpoint], problems: Problems) -> None:
     experts = recipe.experts or []
     base = ckpts[recipe.base_model]  # type: ignore[index]
     check_dtypes(recipe, problems)
@@ -187,8 +188,8 @@ def plan_moe(
     seed: int | None = None,
 ) -> MergePlan:
     """Plan a Mixtral model from dense experts (see the module docstring)."""
-    ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
-    problems = _Problems()
+    ckpts = open_models(recipe.referenced_models(), allow_pickle=allow_pickle, models=models)
+    problems = Problems()
     _check(recipe, ckpts, problems)
     problems.raise_if_any()
     base_key = recipe.base_model
@@ -209,21 +210,10 @@ def plan_moe(
     def copy(
         out: str, model: str, name: str, scale: float = 1.0, noise: float | None = None
     ) -> None:
+        compute = _Noise(noise, tensor_seed(seed, out)) if noise else None
         info = ckpts[model][name]
-        compute = None
-        if noise:
-            compute = _Noise(noise, tensor_seed(seed, out))
         tasks.append(
-            TensorTask(
-                out,
-                info.shape,
-                out_dtype or info.dtype,
-                (Source(model, name),),
-                compute=compute,
-                scale=scale,
-                load_dtype="float32" if (compute or scale != 1.0) else None,
-                label=f"{model}:{name}",
-            )
+            TensorTask.copy(out, model, name, info, dtype=out_dtype, scale=scale, compute=compute)
         )
 
     copy(moe.embed, base_key, dense.embed)
@@ -268,7 +258,9 @@ def plan_moe(
         config.pop(key, None)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
-    return MergePlan(recipe, dict(ckpts), tasks, config, base_key)
+    return MergePlan(
+        recipe=recipe, models=dict(ckpts), tasks=tasks, config=config, tokenizer_from=base_key
+    )
 
 
 class _Noise:

@@ -17,43 +17,38 @@ lacks) is one line that counts them and names the first.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splice.arch import ArchSpec
-from splice.checkpoint import Checkpoint, open_checkpoint
+from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.errors import SpliceError
-from splice.execute import Source, TensorTask
+from splice.execute import Source, TensorTask, tensor_seed
 from splice.layerplan import LayerPlan, LayerRef
 from splice.merge.methods import METHODS, REQUIRED, MergeMethod
 from splice.merge.params import MISSING, coerce, resolve
 from splice.merge.recipe import Params, Recipe
 from splice.merge.vocab import Aligned, VocabPlan, plan_vocab
+from splice.output import ModelPlan
+from splice.problems import Problems, open_models, shape_mismatch
 
 
-@dataclass
-class MergePlan:
-    """Everything needed to run a merge: tasks, models, output config, tokenizer donor."""
+@dataclass(kw_only=True)
+class MergePlan(ModelPlan):
+    """A :class:`ModelPlan` made from a recipe (``files``: a re-indexed tokenizer's, then the
+    chat template's; ``chat_template``: the template text the output gets)."""
 
     recipe: Recipe
-    models: dict[str, Checkpoint]
-    tasks: list[TensorTask]
-    config: dict[str, Any]
-    tokenizer_from: str | None
     warnings: list[str] = field(default_factory=list)
-    chat_template: str | None = None  # the template text the output gets (chat_template.py)
-    tokenizer_files: dict[str, str] = field(default_factory=dict)  # written over the donor's
+    chat_template: str | None = None
 
     def describe(self) -> str:
         """A readable table of the plan (``splice merge --dry-run``)."""
-        lines = [f"{len(self.tasks)} tensors, {self.config.get('num_hidden_layers')} layers"]
+        lines = super().describe().splitlines()
         if self.chat_template:
-            lines.append(f"chat template: {self.chat_template[:70]!r}...")
-        for t in self.tasks:
-            lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
+            lines.insert(1, f"chat template: {self.chat_template[:70]!r}...")
         return "\n".join(lines)
 
 
@@ -72,108 +67,8 @@ class _Slice:
     params: Params | None
 
 
-class _Problems:
-    """Collects validation problems, grouped by cause; raises them together.
-
-    ``add(cause, tensor)`` records that ``cause`` affects ``tensor`` (a name, perhaps with a
-    detail such as its shapes); one line per cause is reported, naming the first tensor and
-    counting the others. A cause may place the tensors itself with ``{tensors}``. Causes with
-    ``first=True`` (shape mismatches: the models do not fit together) are reported before the
-    others, whose trouble they often explain.
-    """
-
-    LIMIT = 12
-
-    def __init__(self) -> None:
-        self._causes: dict[str, dict[str, None]] = {}  # cause -> its tensors (an ordered set)
-        self._first: set[str] = set()
-
-    def add(self, cause: str, tensor: str | None = None, *, first: bool = False) -> None:
-        tensors = self._causes.setdefault(cause, {})
-        if tensor is not None:
-            tensors.setdefault(tensor)
-        if first:
-            self._first.add(cause)
-
-    @property
-    def lines(self) -> list[str]:
-        order = sorted(self._causes, key=lambda c: c not in self._first)  # stable
-        return [self._line(c, list(self._causes[c])) for c in order]
-
-    @staticmethod
-    def _line(cause: str, tensors: list[str]) -> str:
-        if not tensors:
-            return cause
-        more = len(tensors) - 1
-        where = tensors[0] + (f" and {more} more tensor{'s' if more > 1 else ''}" if more else "")
-        if "{tensors}" in cause:
-            return cause.replace("{tensors}", where)
-        return f"{cause} ({where})"
-
-    def raise_if_any(self) -> None:
-        lines = self.lines
-        if lines:
-            shown = lines[: self.LIMIT]
-            if len(lines) > self.LIMIT:
-                shown.append(f"... and {len(lines) - self.LIMIT} more problems")
-            raise SpliceError("\n".join(shown))
-
-
-DIMENSIONS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "num_local_experts",
-    "num_experts",
-)
-
-
-def dimension_diff(a: Checkpoint, b: Checkpoint) -> str:
-    """``hidden_size 32 vs 64, ...``: the size settings two models' configs disagree on."""
-    return ", ".join(
-        f"{k} {a.config.get(k)} vs {b.config.get(k)}"
-        for k in DIMENSIONS
-        if a.config.get(k) != b.config.get(k)
-        and a.config.get(k) is not None
-        and b.config.get(k) is not None
-    )
-
-
-def shape_mismatch(models: Mapping[str, Checkpoint], a: str, b: str, donor: bool = False) -> str:
-    """The cause line (with ``{tensors}``) for tensors whose shapes differ between ``a`` and
-    ``b`` (``donor``: ``a`` gives the output config), naming the config settings behind it."""
-    diff = dimension_diff(models[a], models[b])
-    if donor:
-        what = f"tensors from {b} do not fit the output config, which is {a}'s"
-    else:
-        what = f"{a} and {b} disagree on tensor shapes"
-    return f"shape mismatch for {{tensors}}: {what}" + (f" ({diff})" if diff else "")
-
-
-def open_models(
-    recipe: Recipe, *, allow_pickle: bool = False, models: Mapping[str, Checkpoint] | None = None
-) -> dict[str, Checkpoint]:
-    """Open every model the recipe references (lazy: headers only); reuse ``models`` if given."""
-    out: dict[str, Checkpoint] = {}
-    problems = _Problems()
-    for ref in recipe.referenced_models():
-        if models is not None and ref in models:
-            out[ref] = models[ref]
-            continue
-        try:
-            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
-        except SpliceError as e:
-            problems.add(f"model {ref}: {e}" if ref not in str(e) else str(e))
-    problems.raise_if_any()
-    return out
-
-
 def _check_architectures(
-    models: Mapping[str, Checkpoint], donor: str, allow_crimes: bool, problems: _Problems
+    models: Mapping[str, Checkpoint], donor: str, allow_crimes: bool, problems: Problems
 ) -> None:
     arch = models[donor].config.get("architectures")
     mtype = models[donor].config.get("model_type")
@@ -208,7 +103,7 @@ def _slices(recipe: Recipe, models: Mapping[str, Checkpoint]) -> list[_Slice]:
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
-def check_dtypes(recipe: Recipe, problems: _Problems) -> None:
+def check_dtypes(recipe: Recipe, problems: Problems) -> None:
     """``dtype`` (the arithmetic's) must be a float type torch computes in; ``out_dtype`` any
     floating-point type."""
     if recipe.dtype and dtype_name(recipe.dtype) not in COMPUTE_DTYPES:
@@ -221,11 +116,6 @@ def check_dtypes(recipe: Recipe, problems: _Problems) -> None:
         problems.add(f"out_dtype {out}: the output's weights must be a floating-point dtype")
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """Seed for one tensor's generator: stable across runs, threads and orders."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
 @dataclass
 class _Context:
     recipe: Recipe
@@ -234,7 +124,7 @@ class _Context:
     compute_dtype: str
     out_dtype: str | None
     seed: int
-    problems: _Problems
+    problems: Problems
 
 
 def _params(
@@ -332,17 +222,17 @@ def _merge_task(
         if vocab is not None:
             fixed = _fixed(vocab, [src.model], out_name, problems)
             reindex = Aligned((vocab.rows[src.model],), None, fixed=fixed)
-        return TensorTask(
-            name=out_name,
-            shape=shape,
+        return TensorTask.copy(
+            out_name,
+            src.model,
+            name,
+            first,
             dtype=out_dtype,
-            sources=(Source(src.model, name),),
-            compute=reindex,
             scale=scale,
+            compute=reindex,
+            shape=shape,
             load_dtype=ctx.compute_dtype if computed else None,
-            label=f"{src.model}:{name}"
-            + (f" x{scale:g}" if scale != 1.0 else "")
-            + (" (re-indexed vocabulary)" if vocab is not None else ""),
+            note=" (re-indexed vocabulary)" if vocab is not None else "",
         )
     method = ctx.method
     base_pair = None
@@ -388,7 +278,7 @@ def _merge_task(
 
 
 def _fixed(
-    vocab: VocabPlan, sources: list[str], out_name: str, problems: _Problems
+    vocab: VocabPlan, sources: list[str], out_name: str, problems: Problems
 ) -> tuple[tuple[int, int | None, int, bool], ...]:
     """``vocab.fixed`` for one task: source models as indices into its ``sources``."""
     out = []
@@ -448,7 +338,7 @@ def plan_merge(
         from splice.merge.moe import plan_moe
 
         return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed)
-    problems = _Problems()  # an unknown method and missing models are reported together
+    problems = Problems()  # an unknown method and missing models are reported together
     method = None
     if recipe.merge_method not in ("passthrough", "layer_path"):
         try:
@@ -456,7 +346,7 @@ def plan_merge(
         except SpliceError as e:
             problems.add(str(e))
     try:
-        ckpts = open_models(recipe, allow_pickle=allow_pickle, models=models)
+        ckpts = open_models(recipe.referenced_models(), allow_pickle=allow_pickle, models=models)
     except SpliceError as e:
         for line in str(e).splitlines():
             problems.add(line)
@@ -552,7 +442,14 @@ def plan_merge(
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
     files = dict(vocab.files) if vocab is not None else {}
-    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from, tokenizer_files=files)
+    return MergePlan(
+        recipe=recipe,
+        models=dict(ckpts),
+        tasks=tasks,
+        config=config,
+        tokenizer_from=tokenizer_from,
+        files=files,
+    )
 
 
 def check_fit(
@@ -560,7 +457,7 @@ def check_fit(
     models: Mapping[str, Checkpoint],
     donor: str,
     reindexed: bool,
-    problems: _Problems,
+    problems: Problems,
 ) -> None:
     """Every output tensor must have the shape the output config (the donor's) implies: the
     donor's tensor of that name (a layer past the donor's: of its layer 0). Slices or a
@@ -585,7 +482,7 @@ def check_fit(
             )
 
 
-def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: _Problems) -> MergePlan:
+def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: Problems) -> MergePlan:
     """A data-flow plan whose embedding and head (one source each) are re-indexed to ``vocab``."""
     tasks = []
     for t in p.tasks:
@@ -603,7 +500,7 @@ def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: _Proble
         tasks.append(t)
     problems.raise_if_any()
     config = {**p.config, "vocab_size": vocab.size}
-    return replace(p, tasks=tasks, config=config, tokenizer_files=dict(vocab.files))
+    return replace(p, tasks=tasks, config=config, files=dict(vocab.files))
 
 
 def _plan_layer_path(
@@ -619,10 +516,12 @@ def _plan_layer_path(
             refs.append(LayerRef(step.model, layer, step.scale if k == 0 else 1.0))
     plan = LayerPlan(tuple(refs), donor, donor)
     tasks = plan.tasks(ckpts, dtype=out_dtype)
-    problems = _Problems()
+    problems = Problems()
     check_fit(tasks, ckpts, donor, False, problems)
     problems.raise_if_any()
     config = plan.config(ckpts, donor)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
-    return MergePlan(recipe, dict(ckpts), tasks, config, tokenizer_from)
+    return MergePlan(
+        recipe=recipe, models=dict(ckpts), tasks=tasks, config=config, tokenizer_from=tokenizer_from
+    )

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 from splice.card import model_card
 from splice.checkpoint import Checkpoint
-from splice.execute import ExecOptions, execute, execute_into
+from splice.execute import ExecOptions, execute_into
 from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.plan import MergePlan, plan_merge
 from splice.merge.recipe import Recipe
+from splice.output import write_model
 from splice.target import check_target, lock_target
 
 if TYPE_CHECKING:
@@ -74,22 +75,11 @@ def run(
             details=f"Merged with splice using the `{r.merge_method}` method.",
             tags=["merge", r.merge_method],
         )
-        tokenizer_from = p.models[p.tokenizer_from] if p.tokenizer_from else None
-        extra = dict(p.tokenizer_files)
+        files = dict(p.files)
         if p.chat_template:
-            extra.update(
-                template_files(p.chat_template, tokenizer_from, extra.get("tokenizer_config.json"))
-            )
-        return execute(
-            p.tasks,
-            p.models,
-            out,
-            config=p.config,
-            tokenizer_from=tokenizer_from,
-            card=card,
-            extra_files=extra,
-            options=opts,
-        )
+            donor = p.models[p.tokenizer_from] if p.tokenizer_from else None
+            files.update(template_files(p.chat_template, donor, files.get("tokenizer_config.json")))
+        return write_model(replace(p, files=files, card=card), out, opts)
 
 
 def merge_into(

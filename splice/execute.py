@@ -15,12 +15,13 @@ disk I/O).
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splice.checkpoint import Checkpoint
+from splice.checkpoint import Checkpoint, TensorInfo
 from splice.dtypes import nbytes
 from splice.errors import SpliceError
 from splice.parallel import bounded_map
@@ -59,6 +60,41 @@ class TensorTask:
     load_dtype: str | None = None
     label: str = ""  # what the task does, for dry runs and errors
 
+    @classmethod
+    def copy(
+        cls,
+        out: str,
+        model: str,
+        name: str,
+        info: TensorInfo,
+        *,
+        dtype: str | None = None,
+        scale: float = 1.0,
+        compute: Compute | None = None,
+        shape: tuple[int, ...] | None = None,
+        load_dtype: str | None = None,
+        note: str = "",
+    ) -> TensorTask:
+        """Output tensor ``out`` made from tensor ``name`` of ``model`` (``info``: its metadata).
+
+        The one way to build a copy: renamed, optionally re-typed (``dtype``), multiplied by
+        ``scale`` and transformed by ``compute`` (a vocabulary re-index, noise) with its output
+        ``shape``. Arithmetic runs in ``load_dtype``, float32 by default when there is any; a
+        copy with none is a kernel file-to-file copy.
+        """
+        if load_dtype is None and (compute is not None or scale != 1.0):
+            load_dtype = "float32"
+        return cls(
+            name=out,
+            shape=tuple(shape or info.shape),
+            dtype=dtype or info.dtype,
+            sources=(Source(model, name),),
+            compute=compute,
+            scale=scale,
+            load_dtype=load_dtype,
+            label=f"{model}:{name}" + (f" x{scale:.6g}" if scale != 1.0 else "") + note,
+        )
+
     def is_plain_copy(self, models: Mapping[str, Checkpoint]) -> bool:
         """True if the output is one source's bytes, unchanged."""
         if self.compute is not None or self.scale != 1.0 or len(self.sources) != 1:
@@ -85,6 +121,11 @@ class ExecOptions:
     max_shard_size: str | int = "2GB"
     overwrite: bool = False
     show_progress: bool = True
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed for one tensor's generator: stable across runs, threads and orders."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 def _run_task(task: TensorTask, models: Mapping[str, Checkpoint], device: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
-from splice.execute import Source, TensorTask
+from splice.execute import TensorTask
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,7 @@ class LayerPlan:
         spec = embed_ckpt.arch
 
         def task(out: str, model: str, name: str, scale: float = 1.0) -> TensorTask:
-            info = models[model][name]
-            return TensorTask(
-                name=out,
-                shape=info.shape,
-                dtype=dtype or info.dtype,
-                sources=(Source(model, name),),
-                scale=scale,
-                load_dtype="float32" if scale != 1.0 else None,
-                label=f"{model}:{name}" + (f" x{scale:.6g}" if scale != 1.0 else ""),
-            )
+            return TensorTask.copy(out, model, name, models[model][name], dtype=dtype, scale=scale)
 
         tasks = [task(spec.embed, self.embed_model, spec.embed)]
         for j, (ref, div) in enumerate(zip(self.layers, self.divisors(), strict=True)):

@@ -152,7 +152,7 @@ def test_a_model_as_tokenizer_source_and_base_dropping_tokens(vocab_models, tmp_
 
 def test_same_vocabularies_need_no_reindexing(vocab_models):
     p = plan(ties(vocab_models, "ft1", "ft2", tokenizer_source="union"))
-    assert p.tokenizer_files == {}
+    assert p.files == {}
     assert all("re-indexed" not in t.label for t in p.tasks)
 
 
@@ -214,7 +214,7 @@ def test_models_without_a_tokenizer(vocab_models, tmp_path):
     with pytest.raises(SpliceError, match=r"bare has no tokenizer.json, which is needed"):
         plan(recipe)
     same_rows = {**ties(models, "ft1", "ft2"), "base_model": str(bare)}
-    assert plan({**same_rows, "tokenizer_source": "base"}).tokenizer_files == {}
+    assert plan({**same_rows, "tokenizer_source": "base"}).files == {}
     with pytest.raises(SpliceError, match=r"bare has no tokenizer.json, which is needed"):
         plan({**same_rows, "tokenizer": {"pad_to_multiple_of": 64}})
 

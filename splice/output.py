@@ -1,0 +1,63 @@
+"""A planned output model and the one function that writes it.
+
+Every verb that writes a model (convert aside: it copies) is "build a :class:`ModelPlan`, call
+:func:`write_model`": a merge plans its tasks from a recipe, a surgery from a layer list or
+calibration statistics. The plan owns everything around the tensors (config, the tokenizer
+donor, extra files such as a re-indexed tokenizer or a chat template, and the model card); the
+writer owns the output folder's promises (:mod:`splice.target`) and the streaming executor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splice.checkpoint import Checkpoint
+from splice.execute import ExecOptions, TensorTask, execute
+from splice.target import check_target, lock_target
+
+
+@dataclass(kw_only=True)
+class ModelPlan:
+    """An output model, fully planned before any tensor is read.
+
+    ``tasks`` make the tensors from ``models`` (key -> open checkpoint); ``tokenizer_from``
+    names the model whose tokenizer and generation files are copied; ``files`` (name -> text)
+    are written after them, replacing any of the same name; ``card`` is the ``README.md``.
+    """
+
+    tasks: list[TensorTask]
+    models: dict[str, Checkpoint]
+    config: dict[str, Any]
+    tokenizer_from: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    card: str | None = None
+
+    def describe(self) -> str:
+        """A readable table of the plan (``--dry-run``)."""
+        layers = self.config.get("num_hidden_layers")
+        lines = [f"{len(self.tasks)} tensors, {layers} layers"]
+        for t in self.tasks:
+            lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
+        return "\n".join(lines)
+
+
+def write_model(
+    plan: ModelPlan, out: str | os.PathLike[str], options: ExecOptions | None = None
+) -> Path:
+    """Write ``plan`` to the folder ``out`` (atomically; see :mod:`splice.target`)."""
+    opts = options or ExecOptions()
+    with lock_target(out):
+        check_target(out, opts.overwrite, inputs=[m.path for m in plan.models.values()])
+        return execute(
+            plan.tasks,
+            plan.models,
+            out,
+            config=plan.config,
+            tokenizer_from=plan.models[plan.tokenizer_from] if plan.tokenizer_from else None,
+            card=plan.card,
+            extra_files=plan.files,
+            options=opts,
+        )
