@@ -19,7 +19,7 @@ from splice.merge.recipe import Conditional, Setting
 MISSING = object()
 
 
-def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
+def setting_value(setting: Setting, tensor_name: str, t: float) -> Any:
     """Value of ``setting`` for ``tensor_name`` at gradient position ``t`` in [0, 1].
 
     Returns ``MISSING`` when conditions exist but none matches the name.
@@ -29,7 +29,7 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
     if isinstance(setting, list) and setting and all(isinstance(c, Conditional) for c in setting):
         for cond in setting:
             if cond.filter in (None, "*") or cond.filter in tensor_name:
-                return evaluate(cond.value, tensor_name, t)
+                return setting_value(cond.value, tensor_name, t)
         return MISSING
     if isinstance(setting, list):
         if not setting:
@@ -54,7 +54,7 @@ def resolve(
     """First value of parameter ``name`` found in ``scopes`` (most specific first), or MISSING."""
     for scope in scopes:
         if scope and name in scope:
-            value = evaluate(scope[name], tensor_name, t)
+            value = setting_value(scope[name], tensor_name, t)
             if value is not MISSING and value is not None:
                 return value
     return MISSING

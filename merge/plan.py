@@ -30,7 +30,7 @@ from splice.layerplan import LayerPlan, LayerRef
 from splice.merge.methods import METHODS, REQUIRED, MergeMethod
 from splice.merge.params import MISSING, coerce, resolve
 from splice.merge.recipe import Params, Recipe
-from splice.merge.vocab import Aligned, VocabPlan, plan_vocab
+from splice.merge.vocab import ReindexVocab, RowOverride, VocabPlan, plan_vocab
 from splice.output import ModelPlan
 from splice.problems import Problems, open_models, shape_mismatch
 
@@ -220,8 +220,8 @@ def _merge_task(
         computed = scale != 1.0 or out_dtype != first.dtype or vocab is not None
         reindex = None
         if vocab is not None:
-            fixed = _fixed(vocab, [src.model], out_name, problems)
-            reindex = Aligned((vocab.rows[src.model],), None, fixed=fixed)
+            fixed = _overrides(vocab, [src.model], out_name, problems)
+            reindex = ReindexVocab((vocab.rows[src.model],), None, overrides=fixed)
         return TensorTask.copy(
             out_name,
             src.model,
@@ -262,8 +262,8 @@ def _merge_task(
     compute: Any = _MethodCall(method, kwargs, base_pair is not None, seed)
     if vocab is not None:
         rows = tuple(vocab.rows[s.model] for s in srcs)
-        fixed = _fixed(vocab, [s.model for s in srcs], out_name, problems)
-        compute = Aligned(rows, 0 if base_pair is not None else None, compute, fixed)
+        fixed = _overrides(vocab, [s.model for s in srcs], out_name, problems)
+        compute = ReindexVocab(rows, 0 if base_pair is not None else None, compute, fixed)
     return TensorTask(
         name=out_name,
         shape=shape,
@@ -277,10 +277,10 @@ def _merge_task(
     )
 
 
-def _fixed(
+def _overrides(
     vocab: VocabPlan, sources: list[str], out_name: str, problems: Problems
-) -> tuple[tuple[int, int | None, int, bool], ...]:
-    """``vocab.fixed`` for one task: source models as indices into its ``sources``."""
+) -> tuple[RowOverride, ...]:
+    """``vocab.fixed`` for one task, naming source models by their index in ``sources``."""
     out = []
     for i, f in vocab.fixed.items():
         if f.model is not None and f.model not in sources:
@@ -290,7 +290,8 @@ def _fixed(
                 out_name,
             )
             continue
-        out.append((i, None if f.model is None else sources.index(f.model), f.row, f.force))
+        source = None if f.model is None else sources.index(f.model)
+        out.append(RowOverride(i, source, f.row, f.force))
     return tuple(out)
 
 
@@ -491,8 +492,10 @@ def _reindexed(p: MergePlan, vocab: VocabPlan, spec: ArchSpec, problems: Problem
             t = replace(
                 t,
                 shape=(vocab.size, *t.shape[1:]),
-                compute=Aligned(
-                    (vocab.rows[model],), None, fixed=_fixed(vocab, [model], t.name, problems)
+                compute=ReindexVocab(
+                    (vocab.rows[model],),
+                    None,
+                    overrides=_overrides(vocab, [model], t.name, problems),
                 ),
                 load_dtype=t.load_dtype or "float32",
                 label=f"{t.label} (re-indexed vocabulary)",

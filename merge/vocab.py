@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
@@ -231,11 +231,22 @@ def _extend(
     return out, files
 
 
+class RowOverride(NamedTuple):
+    """One output row a ``tokenizer.tokens`` entry sets instead of the fill rule: from input
+    ``source`` (an index among the task's inputs; ``None``: zeros) at ``row``, for every model
+    if ``force``."""
+
+    out_row: int
+    source: int | None
+    row: int
+    force: bool
+
+
 def align_rows(
     tensors: Sequence[torch.Tensor],
     rows: Sequence[Sequence[int]],
     base: int | None,
-    fixed: Sequence[tuple[int, int | None, int, bool]] = (),
+    overrides: Sequence[RowOverride] = (),
 ) -> list[torch.Tensor]:
     """Each model's ``[V_m, *rest]`` tensor re-indexed to the output's ``[V, *rest]``.
 
@@ -243,8 +254,7 @@ def align_rows(
     the vocabulary; ``base`` is the index of the base model among ``tensors`` (or None). A
     missing row takes the only model's row that has it, else the base's, else the mean of
     those that have it, else zeros; a ``PAD`` row is the mean of the model's aligned rows.
-    ``fixed``: ``(output row, source model's index or None for zeros, its row, force)``
-    replace that rule for one token, for every model if ``force``.
+    ``overrides`` replace that rule for single tokens (:class:`RowOverride`).
     """
     import torch
 
@@ -259,7 +269,7 @@ def align_rows(
     default = default / count.clamp(min=1)
     if base is not None:
         default = torch.where(mask[base], gathered[base], default)
-    for i, m, row, force in fixed:
+    for i, m, row, force in overrides:
         default[i] = 0 if m is None else tensors[m][row]
         if force:
             present[:, i] = False
@@ -274,15 +284,16 @@ def align_rows(
 
 
 @dataclass(frozen=True)
-class Aligned:
-    """``compute`` for a vocabulary-indexed tensor: re-index the inputs, then merge them
-    (``inner``: a method call) or take the first (passthrough)."""
+class ReindexVocab:
+    """``compute`` for a vocabulary-indexed tensor (embeddings, head): re-index each input's
+    rows to the output vocabulary, then merge them (``inner``: a method call) or take the
+    first (passthrough)."""
 
     rows: tuple[tuple[int, ...], ...]
     base: int | None
     inner: Any = None
-    fixed: tuple[tuple[int, int | None, int, bool], ...] = ()
+    overrides: tuple[RowOverride, ...] = ()
 
     def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        aligned = align_rows(tensors, self.rows, self.base, self.fixed)
+        aligned = align_rows(tensors, self.rows, self.base, self.overrides)
         return self.inner(aligned) if self.inner is not None else aligned[0]

@@ -18,7 +18,7 @@ from splice import SpliceError
 from splice.cli import main
 from splice.merge import MergeOptions, Recipe, merge_into, plan, run
 from splice.merge.methods import METHODS, merge_method
-from splice.merge.params import MISSING, evaluate, resolve
+from splice.merge.params import MISSING, resolve, setting_value
 
 if "_test_weighted_delta" not in METHODS:
 
@@ -47,12 +47,12 @@ def test_gradient_interpolation_and_filters():
         }
     )
     t = r.parameters["t"]
-    assert evaluate(t, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0
-    assert evaluate(t, "model.layers.3.self_attn.q_proj.weight", 0.25) == pytest.approx(0.25)
-    assert evaluate(t, "model.layers.3.self_attn.q_proj.weight", 0.75) == pytest.approx(0.75)
-    assert evaluate(t, "model.layers.3.mlp.up_proj.weight", 0.3) == pytest.approx(0.7)
-    assert evaluate(r.parameters["flag"], "x", 0.4) is True  # booleans select, never blend
-    assert evaluate(r.parameters["flag"], "x", 1.0) is False
+    assert setting_value(t, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0
+    assert setting_value(t, "model.layers.3.self_attn.q_proj.weight", 0.25) == pytest.approx(0.25)
+    assert setting_value(t, "model.layers.3.self_attn.q_proj.weight", 0.75) == pytest.approx(0.75)
+    assert setting_value(t, "model.layers.3.mlp.up_proj.weight", 0.3) == pytest.approx(0.7)
+    assert setting_value(r.parameters["flag"], "x", 0.4) is True  # booleans select, never blend
+    assert setting_value(r.parameters["flag"], "x", 1.0) is False
     only = Recipe.from_dict(
         {
             "merge_method": "x",
@@ -60,7 +60,7 @@ def test_gradient_interpolation_and_filters():
             "parameters": {"w": {"filter": "mlp", "value": 2}},
         }
     ).parameters
-    assert evaluate(only["w"], "self_attn", 0) is MISSING
+    assert setting_value(only["w"], "self_attn", 0) is MISSING
     assert resolve("w", (None, only, {"w": 5}), "self_attn.q", 0) == 5  # falls through
     assert resolve("w", (None, only, {"w": 5}), "mlp.up", 0) == 2
 
