@@ -7,10 +7,7 @@ prints its summary table.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 from splice.cli import Parser, add_model_options, positive_int
@@ -107,23 +104,6 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _one_line_warnings(
-    run: Callable[[argparse.Namespace], None],
-) -> Callable[[argparse.Namespace], None]:
-    """Run the handler with Python warnings printed as ``splice: warning: ...`` (one line)."""
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> None:
-        def show(message: Warning | str, *_: Any, **__: Any) -> None:
-            print(f"splice: warning: {message}", file=sys.stderr)
-
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            run(args)
-
-    return wrapped
-
-
 def _seq_len(text: str) -> int:
     value = positive_int(text)
     if value < 2:
@@ -156,7 +136,6 @@ def _finish(report: Any, args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-@_one_line_warnings
 def _run_weights(args: argparse.Namespace) -> None:
     from splice.analysis.weights import compare_layers, compare_models
 
@@ -177,7 +156,6 @@ def _run_weights(args: argparse.Namespace) -> None:
     _finish(report, args)
 
 
-@_one_line_warnings
 def _run_experts(args: argparse.Namespace) -> None:
     from splice.analysis.weights import compare_experts
 
@@ -194,7 +172,6 @@ def _run_experts(args: argparse.Namespace) -> None:
     _finish(report, args)
 
 
-@_one_line_warnings
 def _run_activations(args: argparse.Namespace) -> None:
     from splice.analysis.activations import analyze_activations
 

@@ -32,17 +32,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    from splice.activations import resolve_device
     from splice.errors import SpliceError
     from splice.merge.run import MergeOptions, plan, run
 
-    if args.device.startswith("cuda"):  # options are checked before the recipe is read
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SpliceError(f"--device {args.device}: CUDA is not available on this machine")
-    opts = MergeOptions(
-        device=resolve_device(args.device),
+    opts = MergeOptions(  # checks the options before the recipe is read
+        device=args.device,
         threads=args.threads,
         workers=args.workers,
         memory_budget=_size("--memory", args.memory),

@@ -67,6 +67,48 @@ class _Slice:
     params: Params | None
 
 
+def _parameter_scopes(recipe: Recipe) -> list[tuple[str, Params]]:
+    """Every ``parameters`` mapping of the recipe, with where it is (for messages)."""
+    scopes: list[tuple[str, Params | None]] = [("parameters", recipe.parameters)]
+    for m in recipe.models or []:
+        scopes.append((f"parameters of model {m.model}", m.parameters))
+    for i, sl in enumerate(recipe.slices or []):
+        scopes.append((f"slice {i} parameters", sl.parameters))
+        for src in sl.sources:
+            scopes.append((f"slice {i} parameters of {src.model}", src.parameters))
+    return [(where, params) for where, params in scopes if params]
+
+
+def _check_parameter_names(
+    recipe: Recipe, method: MergeMethod | None, problems: Problems
+) -> list[str]:
+    """A parameter no merge method knows is an error (a typo such as ``desnity`` would
+    otherwise silently merge with the default); one that another method takes (``density``
+    in a ``linear`` recipe copied from a TIES one) is ignored, as mergekit does, with a
+    warning. Returns the warnings."""
+    if method is not None:
+        accepted = sorted({*method.global_params, *method.per_model})
+    elif recipe.merge_method == "passthrough":
+        accepted = ["scale"]
+    else:  # layer_path: scales live in the path itself
+        accepted = []
+    known = {"scale"}.union(*({*m.global_params, *m.per_model} for m in map(METHODS.get, METHODS)))
+    takes = ", ".join(accepted) if accepted else "no parameters"
+    warnings = []
+    for where, params in _parameter_scopes(recipe):
+        for key in params:
+            if key in accepted:
+                continue
+            line = (
+                f"{where}: {key!r} is not a parameter of {recipe.merge_method} (it takes {takes})"
+            )
+            if key in known:
+                warnings.append(f"{line}; ignored")
+            else:
+                problems.add(line)
+    return warnings
+
+
 def _check_architectures(
     models: Mapping[str, Checkpoint], donor: str, allow_crimes: bool, problems: Problems
 ) -> None:
@@ -352,6 +394,7 @@ def plan_merge(
         for line in str(e).splitlines():
             problems.add(line)
     problems.raise_if_any()
+    ignored = _check_parameter_names(recipe, method, problems)
     donor = recipe.base_model or recipe.referenced_models()[0]
     _check_architectures(ckpts, donor, allow_crimes, problems)
     compute_dtype = dtype_name(recipe.dtype) if recipe.dtype else "float32"
@@ -370,7 +413,9 @@ def plan_merge(
 
     if recipe.layer_path:
         p = _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
-        return _reindexed(p, vocab, ckpts[donor].arch, problems) if vocab is not None else p
+        p = _reindexed(p, vocab, ckpts[donor].arch, problems) if vocab is not None else p
+        p.warnings.extend(ignored)
+        return p
 
     slices = _slices(recipe, ckpts)
     ctx = _Context(
@@ -450,6 +495,7 @@ def plan_merge(
         config=config,
         tokenizer_from=tokenizer_from,
         files=files,
+        warnings=ignored,
     )
 
 

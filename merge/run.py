@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from splice.card import model_card
 from splice.checkpoint import Checkpoint
+from splice.errors import SpliceWarning
 from splice.execute import ExecOptions, execute_into
 from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.plan import MergePlan, plan_merge
@@ -54,6 +56,8 @@ def plan(
         seed=opts.seed,
     )
     p.chat_template = resolve_chat_template(p.recipe.chat_template, p.models)
+    for line in p.warnings:
+        warnings.warn(line, SpliceWarning, stacklevel=2)
     return p
 
 

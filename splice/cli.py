@@ -5,7 +5,8 @@ subpackage declares its own verbs and the core imports none of them. An entry po
 function ``add(subparsers)`` that adds one subparser and sets ``func`` to a handler
 ``(args) -> int | None``. Only the verb being run is imported.
 
-Any :class:`SpliceError` becomes one line on stderr and exit code 2. SIGTERM and SIGHUP are
+Any :class:`SpliceError` becomes one line on stderr and exit code 2; a Python warning, one
+``splice: warning:`` line. SIGTERM and SIGHUP are
 handled like Ctrl-C: the running verb unwinds (its temporary output is removed) and the exit
 code is 128 + the signal number (143 for SIGTERM).
 """
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any, NoReturn
@@ -56,6 +58,11 @@ def _install_signal_handlers() -> dict[int, Any]:
     return {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
 
 
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Python warnings, from splice or a library, as one ``splice: warning:`` line each."""
+    print(f"splice: warning: {message}", file=sys.stderr)
+
+
 def _verbs() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
@@ -88,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser(first).parse_args(argv)
         except SystemExit as e:  # a usage error (its one line is printed), --help, --version
             return e.code if isinstance(e.code, int) else 0
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except SpliceError as e:  # one line per problem
         for line in str(e).splitlines() or [type(e).__name__]:
             print(f"splice: error: {line}", file=sys.stderr)
@@ -166,18 +175,12 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    import warnings
-
     from splice.checkpoint import open_checkpoint
     from splice.summary import format_summary, summarize
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ckpt = open_checkpoint(args.model, allow_pickle=args.allow_pickle)
-        ckpt.validate()
-        summary = summarize(ckpt)
-    for w in caught:
-        print(f"splice: warning: {w.message}", file=sys.stderr)
+    ckpt = open_checkpoint(args.model, allow_pickle=args.allow_pickle)
+    ckpt.validate()
+    summary = summarize(ckpt)
     if args.json:
         print_json(summary.to_dict())
     else:

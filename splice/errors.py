@@ -12,3 +12,8 @@ class SpliceError(Exception):
 
     The message is one line that names the problem and, where possible, the fix.
     """
+
+
+class SpliceWarning(UserWarning):
+    """Something splice did that the user may not expect (a recipe key it ignored, as mergekit
+    does); the CLI prints it as one ``splice: warning:`` line."""

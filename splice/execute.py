@@ -122,6 +122,20 @@ class ExecOptions:
     overwrite: bool = False
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Checked here, not only in the CLI, so a notebook gets the same one-line errors."""
+        from splice.activations import resolve_device
+
+        self.device = resolve_device(self.device)
+        for name in ("threads", "workers"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise SpliceError(f"{name} must be a whole number of 1 or more, got {value!r}")
+        if self.memory_budget <= 0:
+            raise SpliceError(f"memory_budget must be positive, got {self.memory_budget!r}")
+
 
 def tensor_seed(seed: int, name: str) -> int:
     """Seed for one tensor's generator: stable across runs, threads and orders."""

@@ -226,19 +226,48 @@ def test_non_finite_scales_and_noise(trio, tmp_path, capsys, no_reads):
 )
 def test_parameters_out_of_range(trio, tmp_path, capsys, no_reads, method, p1, params, message):
     recipe = gta(trio, method, p1, **params)
-    if method == "karcher":
+    if method == "karcher":  # no base, no weights
         recipe.pop("base_model")
+        recipe["models"] = models((trio["ft1"], None), (trio["ft2"], None))
     err = fails(tmp_path, capsys, recipe)
     assert message.format(ft1=trio["ft1"]) in err
 
 
 def test_values_mergekit_accepts_are_accepted(trio):
     plan(gta(trio, "ties", {"density": 0.0}, {"density": 1.0}))  # drop / keep everything
-    plan(gta(trio, "task_arithmetic", {"weight": -1.0}, lambda_=0.0))  # negation, zero lambda
+    plan(gta(trio, "task_arithmetic", {"weight": -1.0}, **{"lambda": 0.0}))  # negation, zero lambda
     plan(gta(trio, "della", {"density": 0.5, "epsilon": -0.2}))  # |epsilon| fits
     slerp = {"merge_method": "slerp", "base_model": str(trio["base"])}
     for t in (-0.5, 1.5):  # mergekit extrapolates with t outside [0, 1]
         plan({**slerp, "models": models((trio["ft1"], None)), "parameters": {"t": t}})
+
+
+def test_a_parameter_the_method_does_not_take_is_an_error(trio, tmp_path, capsys, no_reads):
+    """A typo (``desnity``) would otherwise merge with the default density, silently."""
+    err = fails(tmp_path, capsys, gta(trio, "ties", {"desnity": 0.5}))
+    assert f"parameters of model {trio['ft1']}: 'desnity' is not a parameter of ties" in err
+    assert (
+        "(it takes consensus_method, density, int8_mask, lambda, normalize, rescale, weight)" in err
+    )
+    top = {**linear(trio), "parameters": {"lambda_": 0.5}}
+    assert (
+        "parameters: 'lambda_' is not a parameter of linear (it takes normalize, weight)"
+        in fails(tmp_path, capsys, top)
+    )
+
+
+def test_a_parameter_of_another_method_is_ignored_with_a_warning(trio, tmp_path, capsys):
+    """As mergekit: ``density`` in a linear recipe (copied from a TIES one) does nothing."""
+    recipe = {**linear(trio), "parameters": {"density": 0.5, "t": 0.3}}
+    assert plan(recipe).warnings == [
+        "parameters: 'density' is not a parameter of linear (it takes normalize, weight); ignored",
+        "parameters: 't' is not a parameter of linear (it takes normalize, weight); ignored",
+    ]
+    path = write_recipe(tmp_path, recipe)
+    capsys.readouterr()
+    assert main(["merge", path, str(tmp_path / "out"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("splice: warning: parameters:") == 2
 
 
 # ---- 5. chat templates ----------------------------------------------------------------------------
@@ -296,7 +325,7 @@ def test_cuda_without_cuda(trio, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     for device in ("cuda", "cuda:1"):
-        assert "CUDA is not available" in fails(tmp_path, capsys, linear(trio), "--device", device)
+        assert "no CUDA device here" in fails(tmp_path, capsys, linear(trio), "--device", device)
 
 
 # ---- 7. one line per cause ------------------------------------------------------------------------

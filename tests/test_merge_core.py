@@ -337,9 +337,21 @@ def test_cli_dry_run_and_device_checks(trio, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     if not torch.cuda.is_available():
         assert main(["merge", str(path), str(tmp_path / "out"), "--device", "cuda"]) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
+        assert "no CUDA device here" in capsys.readouterr().err
     assert main(["merge", str(path), "--no-progress"]) == 2  # no OUT and no --dry-run
     assert "give an output folder" in capsys.readouterr().err
     args = ["merge", str(path), str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]
     assert main([*args, "--workers", "3", "--no-progress"]) == 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_options_are_checked_in_the_library_too():
+    """A notebook gets the CLI's one-line errors: bad device, counts, budget."""
+    from splice.errors import SpliceError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SpliceError, match="no CUDA device here"):
+            MergeOptions(device="cuda")
+    for bad in ({"device": "banana"}, {"threads": 0}, {"workers": -2}, {"memory_budget": 0}):
+        with pytest.raises(SpliceError):
+            MergeOptions(**bad)

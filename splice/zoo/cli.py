@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
-import warnings
-from collections.abc import Callable
-from typing import Any
 
 from splice.cli import Parser, add_model_options, positive_int, print_json
 
@@ -60,24 +56,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_run_eval)
 
 
-def _one_line_warnings(
-    run: Callable[[argparse.Namespace], None],
-) -> Callable[[argparse.Namespace], None]:
-    """Run the handler with Python warnings printed as ``splice: warning: ...`` (one line)."""
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> None:
-        def show(message: Warning | str, *_: Any, **__: Any) -> None:
-            print(f"splice: warning: {message}", file=sys.stderr)
-
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            run(args)
-
-    return wrapped
-
-
-@_one_line_warnings
 def _run_build(args: argparse.Namespace) -> None:
     import time
 
@@ -93,7 +71,6 @@ def _run_build(args: argparse.Namespace) -> None:
     print(f"zoo ready in {out} ({time.perf_counter() - t:.0f} s)")
 
 
-@_one_line_warnings
 def _run_eval(args: argparse.Namespace) -> None:
     from splice.zoo.evaluate import evaluate, format_table, parse_tasks
 
