@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
+import struct
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.arch import ArchSpec
 from splice.errors import SpliceError
-from splice.st_format import TensorInfo, pread_into, read_header
+from splice.st_format import TensorInfo, json_kind, pread_into, read_header, show, valid_name
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +55,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+        if not str(path).strip():
+            raise SpliceError("empty model reference: give a model folder or hub id")
         self.path = Path(path)
         if not self.path.exists():
             raise SpliceError(f"{self.path}: no such folder")
@@ -60,18 +65,19 @@ class Checkpoint(Mapping[str, TensorInfo]):
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise SpliceError(f"{self.path}: not a model folder (no config.json)")
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SpliceError(f"{config_path}: not valid JSON ({e})") from None
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            raise SpliceError(f"{config_path}: not a JSON object ({json_kind(config)})")
+        self.config: dict[str, Any] = config
+        model_type = config.get("model_type")
+        known = isinstance(model_type, str) and model_type in ArchSpec.known()
+        _check_config(config_path, config, ArchSpec.load(model_type) if known else None)
         self.allow_pickle = allow_pickle
         self.metadata: dict[str, str] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         stored = self._scan()
-        model_type = self.config.get("model_type")
-        known = model_type in ArchSpec.known()
         #: name -> metadata; packed expert tensors appear as per-expert views (ArchSpec.unpack)
         self.tensors: dict[str, TensorInfo] = (
             ArchSpec.load(model_type).unpack(stored) if known else stored
@@ -83,23 +89,29 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def _scan(self) -> dict[str, TensorInfo]:
         index = self.path / INDEX
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise SpliceError(f"{index}: corrupt index (no weight_map)") from None
-            shards = list(dict.fromkeys(weight_map.values()))
+            weight_map = _weight_map(index)
             tensors: dict[str, TensorInfo] = {}
-            for shard in shards:
+            for shard in dict.fromkeys(weight_map.values()):
                 file = self.path / shard
                 if not file.is_file():
-                    raise SpliceError(f"{index}: names shard {shard!r}, which is missing")
+                    raise SpliceError(f"{index}: names shard {show(shard)}, which is missing")
                 infos, meta = read_header(file)
                 self.metadata.update(meta)
+                dup = next((n for n in infos if n in tensors), None)
+                if dup is not None:
+                    raise SpliceError(f"{self.path}: tensor {show(dup)} is stored in two shards")
                 tensors.update(infos)
             missing = [n for n in weight_map if n not in tensors]
             if missing:
                 raise SpliceError(
-                    f"{index}: {len(missing)} tensors are not in their shards, e.g. {missing[0]!r}"
+                    f"{index}: {len(missing)} tensors are not in their shards, e.g. "
+                    f"{show(missing[0])}"
+                )
+            wrong = next((n for n, f in weight_map.items() if tensors[n].file.name != f), None)
+            if wrong is not None:
+                raise SpliceError(
+                    f"{index}: puts {show(wrong)} in {show(weight_map[wrong])}, but it is stored "
+                    f"in {show(tensors[wrong].file.name)}"
                 )
             return tensors
         files = sorted(self.path.glob("*.safetensors"))
@@ -109,8 +121,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 infos, meta = read_header(file)
                 self.metadata.update(meta)
                 dup = next((n for n in infos if n in tensors), None)
-                if dup:
-                    raise SpliceError(f"{self.path}: tensor {dup!r} is stored in two files")
+                if dup is not None:
+                    raise SpliceError(f"{self.path}: tensor {show(dup)} is stored in two files")
                 tensors.update(infos)
             return tensors
         bins = sorted(self.path.glob("pytorch_model*.bin"))
@@ -125,19 +137,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
         raise SpliceError(f"{self.path}: not a model folder (no *.safetensors weights)")
 
     def _scan_pickle(self, bins: list[Path]) -> dict[str, TensorInfo]:
-        import torch
+        from splice.dtypes import ITEMSIZE, nbytes
 
-        from splice.dtypes import dtype_name, nbytes
-
-        tensors = {}
+        tensors: dict[str, TensorInfo] = {}
         for file in bins:
-            try:
-                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise SpliceError(f"{file}: cannot load with weights_only=True ({e})") from None
+            sd = _load_pickle(file)
             self._pickled[file] = sd
             for name, t in sd.items():
-                dt = dtype_name(t.dtype)
+                dt = str(t.dtype).removeprefix("torch.")
+                if dt not in ITEMSIZE:
+                    raise SpliceError(f"{file}: tensor {show(name)} has unsupported dtype {dt}")
+                if name in tensors:
+                    raise SpliceError(f"{self.path}: tensor {show(name)} is stored in two files")
                 shape = tuple(t.shape)
                 tensors[name] = TensorInfo(name, shape, dt, file, -1, nbytes(shape, dt))
         return tensors
@@ -312,12 +323,18 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
 
     Only safetensors, JSON and tokenizer files are fetched (plus ``.bin`` if pickle is allowed).
     """
+    if not str(ref).strip():
+        raise SpliceError("empty model reference: give a model folder or hub id")
     path = Path(ref)
     if path.exists() or not _HUB_ID.match(str(ref)):
         return path
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+        )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise SpliceError(f"{ref}: no such folder") from None
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
@@ -330,12 +347,203 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
             f"{ref}: not a local folder, and the hub cannot be reached (offline or "
             "HF_HUB_OFFLINE=1) with no cached copy; download it first or give a path"
         ) from None
+    except HFValidationError:
+        raise SpliceError(f"{ref}: no such folder, and not a valid hub id") from None
     except HfHubHTTPError as e:
-        raise SpliceError(f"{ref}: hub download failed ({e})") from None
+        raise SpliceError(f"{ref}: hub download failed ({_first_line(e)})") from None
     except OSError as e:
-        raise SpliceError(f"{ref}: cannot fetch from the hub ({e})") from None
+        raise SpliceError(f"{ref}: cannot fetch from the hub ({_first_line(e)})") from None
 
 
 def open_checkpoint(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
     """Open a model folder or hub id as a lazy :class:`Checkpoint`."""
     return Checkpoint(resolve(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+
+
+# ---- readers of the folder's JSON and pickle files ---------------------------------------------
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message as one short printable line (hub and torch errors span several,
+    and some carry terminal escapes)."""
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's value; unreadable, non-UTF-8 or invalid JSON is a one-line SpliceError."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SpliceError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SpliceError(f"{path}: not valid JSON (not UTF-8: {e.reason})") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise SpliceError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    except RecursionError:
+        raise SpliceError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+#: config keys splice itself reads as counts; transformers checks the rest when it loads a model
+_COUNT_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings")
+
+
+def _check_config(path: Path, config: dict[str, Any], spec: ArchSpec | None) -> None:
+    """Types of the config fields that splice reads: ``model_type``, ``architectures``,
+    ``tie_word_embeddings`` and the layer, expert and size counts (null counts are allowed)."""
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise SpliceError(f"{path}: model_type is {json_kind(model_type)}, not a string")
+    archs = config.get("architectures")
+    if archs is not None and not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
+        raise SpliceError(f"{path}: architectures is {show(archs)}, not a list of class names")
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise SpliceError(f"{path}: tie_word_embeddings is {show(tie)}, not true or false")
+    keys = list(_COUNT_KEYS)
+    if spec is not None:
+        keys += [spec.num_layers_key]
+        keys += [
+            spec.config_keys[r]
+            for r in ("num_experts", "experts_per_token")
+            if r in spec.config_keys
+        ]
+    for key in dict.fromkeys(keys):
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            raise SpliceError(f"{path}: {key} is {show(value)}, not a non-negative integer")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map``: tensor name -> shard, a plain file name in the same folder."""
+    data = _read_json(index)
+    if not isinstance(data, dict):
+        raise SpliceError(f"{index}: corrupt index ({json_kind(data)}, not a JSON object)")
+    if "weight_map" not in data:
+        raise SpliceError(f"{index}: corrupt index (no weight_map)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise SpliceError(
+            f"{index}: corrupt index (weight_map is {json_kind(weight_map)}, not an object)"
+        )
+    for name, shard in weight_map.items():
+        if not valid_name(name):
+            raise SpliceError(f"{index}: corrupt index (invalid tensor name {show(name)})")
+        if not isinstance(shard, str):
+            raise SpliceError(
+                f"{index}: corrupt index (weight_map[{show(name)}] is {json_kind(shard)}, "
+                "not a file name)"
+            )
+        if not _plain_file_name(shard):
+            raise SpliceError(
+                f"{index}: refusing shard {show(shard)}: a shard must be a plain file name in "
+                "the model folder"
+            )
+    return weight_map
+
+
+def _plain_file_name(name: str) -> bool:
+    """True for a file name without folders: no separators, not ``.``/``..``, no NUL."""
+    return (
+        valid_name(name)
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+        and os.path.basename(name) == name
+    )
+
+
+#: what torch.load raises on a corrupt or foreign file (found by fuzzing mutated .bin files):
+#: the unpickler's errors, zip-reader RuntimeErrors, and the lookups/unpacking of a broken pickle
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,  # zip reader ("PytorchStreamReader failed ..."), "Invalid magic number"
+    EOFError,
+    struct.error,  # "unpack requires a buffer of 8 bytes"
+    ValueError,  # includes UnicodeDecodeError
+    LookupError,  # KeyError, IndexError ("pop from empty list")
+    TypeError,
+    AssertionError,  # "storage key ... not found in deserialized_objects"
+    AttributeError,
+    ArithmeticError,
+    OSError,
+    MemoryError,
+)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model*.bin`` as ``{name: tensor}`` via ``torch.load(weights_only=True)``.
+
+    Zip files (torch >= 1.6) are memory-mapped; legacy ones are read whole (torch cannot mmap
+    them). A ``{"state_dict": {...}}`` or ``{"model": {...}}`` wrapper is unwrapped. Anything
+    that is not a dict of tensors, or that weights_only refuses, is a one-line SpliceError.
+    """
+    import torch
+
+    try:
+        with open(file, "rb") as f:
+            zipped = f.read(4) == _ZIP_MAGIC
+    except OSError as e:
+        raise SpliceError(f"{file}: cannot read: {e.strerror or e}") from None
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": torch's own notes
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as e:
+        raise SpliceError(_refusal(file, e)) from None
+    except _TORCH_LOAD_ERRORS as e:
+        what = _first_line(e).split(". ")[0]
+        raise SpliceError(f"{file}: not a readable PyTorch weights file ({what})") from None
+    return _state_dict(file, obj)
+
+
+def _refusal(file: Path, e: pickle.UnpicklingError) -> str:
+    """One line for a weights_only refusal, without torch's advice to turn weights_only off."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+?)\.?(?:\s|$)", text)
+    if m:
+        return (
+            f"{file}: refused: the pickle asks to run code (GLOBAL {m.group(1)}), which "
+            "weights_only=True does not allow; convert it to safetensors from a trusted "
+            "environment"
+        )
+    m = re.search(r"Unsupported operand (\d+)", text)
+    if m:
+        return (
+            f"{file}: refused: not a PyTorch weights file that weights_only=True can read "
+            f"(unsupported pickle opcode {m.group(1)})"
+        )
+    return f"{file}: refused by torch.load(weights_only=True) ({_first_line(e)})"
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "a list", "an int"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _state_dict(file: Path, obj: object) -> dict[str, torch.Tensor]:
+    """``obj`` checked to be ``{name: tensor}``, after unwrapping a ``state_dict``/``model`` key."""
+    import torch
+
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        wrapped = [k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)]
+        if len(wrapped) == 1:
+            obj = obj[wrapped[0]]
+    if not isinstance(obj, dict):
+        raise SpliceError(f"{file}: holds {_a(type(obj).__name__)}, not a dict of tensors")
+    for name, value in obj.items():
+        if not valid_name(name):
+            raise SpliceError(f"{file}: has key {show(name)}, not a tensor name")
+        if not isinstance(value, torch.Tensor):
+            raise SpliceError(
+                f"{file}: {show(name)} is {_a(type(value).__name__)}, not a tensor "
+                "(expected a dict of tensors, or one under 'state_dict' or 'model')"
+            )
+        if value.layout != torch.strided or value.is_quantized:
+            raise SpliceError(f"{file}: tensor {show(name)} is not a dense tensor ({value.layout})")
+    return obj  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from splice.dtypes import NAME_TO_CODE, SAFETENSORS_DTYPES
 from splice.errors import SpliceError
 
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+MAX_DIM = 2**63 - 1  # torch sizes are int64
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,63 @@ class TensorInfo:
         return n
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxlong = 2, 6, 4, 60, 40
+
+
+def show(value: object, limit: int = 60) -> str:
+    """``repr`` of a value read from a file, cut short so that a message stays one short line
+    (``reprlib``: a deep or long value is never rendered in full)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits() (possible in a pickle)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def valid_name(name: object) -> bool:
+    """A usable tensor name: a non-empty string of printable characters (no control characters,
+    line breaks or lone surrogates, which would break one-line output and UTF-8 files)."""
+    return isinstance(name, str) and bool(name) and name.isprintable()
+
+
+def _is_int(x: object) -> bool:
+    """A JSON integer (``true``/``false`` and floats such as ``1.0`` or ``1e400`` are not)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_KINDS: dict[type, str] = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def json_kind(x: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return _KINDS.get(type(x), type(x).__name__)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` hook: an object with a repeated key is corrupt (which one would win?)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {show(key)} appears twice")
+        out[key] = value
+    return out
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``.
 
-    Reads only the header bytes. Any inconsistency (truncated file, bad JSON, unknown dtype,
-    offsets outside the file, overlapping or gapped data) is a :class:`SpliceError`.
+    Reads only the header bytes. Any inconsistency (truncated file, a header that is not UTF-8
+    JSON, a field of the wrong type, an unknown dtype, offsets outside the file, overlapping or
+    gapped data) is a one-line :class:`SpliceError` naming the file and the field.
     """
     try:
         size = path.stat().st_size
@@ -61,46 +115,38 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 )
             raw = f.read(n)
     except OSError as e:
-        raise SpliceError(f"{path}: cannot read: {e.strerror}") from None
+        raise SpliceError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) != n:
+        raise SpliceError(f"{path}: corrupt safetensors file (truncated while reading)")
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpliceError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except ValueError as e:  # JSONDecodeError, a repeated key, an integer of > 4300 digits
         raise SpliceError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    except RecursionError:
+        raise SpliceError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise SpliceError(
+            f"{path}: corrupt safetensors header ({json_kind(header)}, not an object)"
+        )
+    metadata = _metadata(path, header.pop("__metadata__", None))
     start = 8 + n
     data_len = size - start
     infos: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SpliceError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if code not in SAFETENSORS_DTYPES:
-            raise SpliceError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
-        dtype, itemsize = SAFETENSORS_DTYPES[code]
-        expected = itemsize
-        for d in shape:
-            if d < 0:
-                raise SpliceError(f"{path}: tensor {name!r} has negative dimension in {shape}")
-            expected *= d
-        if not (0 <= begin <= end <= data_len) or end - begin != expected:
-            raise SpliceError(
-                f"{path}: corrupt safetensors header: tensor {name!r} {list(shape)} {dtype} "
-                f"spans bytes {begin}..{end} of {data_len} (needs {expected})"
-            )
-        infos[name] = TensorInfo(name, shape, dtype, path, start + begin, end - begin)
-        spans.append((begin, end, name))
+        info = _entry(path, name, entry, start, data_len)
+        infos[name] = info
+        spans.append((info.offset - start, info.offset - start + info.nbytes, name))
     spans.sort()
     pos = 0
     for begin, end, name in spans:
         if begin != pos:
             what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
-            raise SpliceError(f"{path}: corrupt safetensors header: tensor {name!r} {what}")
+            raise SpliceError(f"{path}: corrupt safetensors header: tensor {show(name)} {what}")
         pos = end
     if pos != data_len:
         raise SpliceError(
@@ -109,7 +155,65 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         )
     # keep the file's own order (by offset): it is the order a writer chose
     ordered = {name: infos[name] for _, _, name in spans}
-    return ordered, {str(k): str(v) for k, v in metadata.items()}
+    return ordered, metadata
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    """The ``__metadata__`` field: absent, null or an object of strings."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise SpliceError(
+            f"{path}: corrupt safetensors header: __metadata__ is {json_kind(metadata)}, "
+            "not an object of strings"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise SpliceError(
+                f"{path}: corrupt safetensors header: __metadata__[{show(key)}] is "
+                f"{json_kind(value)}, not a string"
+            )
+    return dict(metadata)  # type: ignore[arg-type]
+
+
+def _entry(path: Path, name: str, entry: object, start: int, data_len: int) -> TensorInfo:
+    """One tensor's entry, checked field by field against a data section of ``data_len`` bytes."""
+    where = f"{path}: corrupt safetensors header: tensor {show(name)}"
+    if not valid_name(name):
+        raise SpliceError(f"{path}: corrupt safetensors header: invalid tensor name {show(name)}")
+    if not isinstance(entry, dict):
+        raise SpliceError(f"{where} is {json_kind(entry)}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise SpliceError(f"{where} has no {key!r}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str):
+        raise SpliceError(f"{where}: dtype is {json_kind(code)}, not a string")
+    if code not in SAFETENSORS_DTYPES:
+        raise SpliceError(f"{path}: tensor {show(name)} has unsupported dtype {show(code)}")
+    if not isinstance(shape, list):
+        raise SpliceError(f"{where}: shape is {json_kind(shape)}, not a list")
+    for d in shape:
+        if not _is_int(d):
+            raise SpliceError(f"{where}: shape has {json_kind(d)} {show(d)}, not an integer")
+        if not 0 <= d <= MAX_DIM:
+            raise SpliceError(f"{where}: shape has dimension {show(d)} (0..2**63-1 allowed)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise SpliceError(f"{where}: data_offsets is {show(offsets)}, not [begin, end] integers")
+    begin, end = offsets
+    dtype, itemsize = SAFETENSORS_DTYPES[code]
+    expected = 0 if 0 in shape else itemsize
+    for d in shape:
+        expected *= d
+        if expected > data_len:  # stop early: a crafted shape could make a huge product
+            break
+    if not (0 <= begin <= end <= data_len) or end - begin != expected:
+        needs = f"more than {data_len}" if expected > data_len else str(expected)
+        raise SpliceError(
+            f"{where} {show(shape)} {dtype} spans bytes {show(begin, 24)}..{show(end, 24)} of "
+            f"{data_len} (needs {needs})"
+        )
+    return TensorInfo(name, tuple(shape), dtype, path, start + begin, end - begin)
 
 
 def encode_header(
