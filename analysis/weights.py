@@ -486,7 +486,7 @@ def _expert_names(ckpt: Checkpoint) -> dict[tuple[int, str], dict[int, str]]:
 def _dense_names(
     moe: Checkpoint, dense: Checkpoint, experts: dict[tuple[int, str], dict[int, str]]
 ) -> dict[tuple[int, str], str]:
-    """``{(layer, expert kind): dense tensor name}`` via the spec's ``dense_equivalent``."""
+    """``{(layer, expert kind): dense tensor name}`` via ``ArchSpec.dense_kind``."""
     if dense.arch.experts is not None and _has_experts(dense):
         raise SpliceError(
             f"{dense.path} is itself a MoE ({dense.arch.model_type}); give the dense model "
@@ -502,10 +502,7 @@ def _dense_names(
         )
     out: dict[tuple[int, str], str] = {}
     for layer, kind in experts:
-        dense_kind = spec.dense_equivalent.get(kind)
-        if dense_kind is None:
-            raise SpliceError(f"{moe.arch.model_type}: no dense equivalent for expert {kind!r}")
-        name = dense.arch.layer_name(layer, dense_kind)
+        name = dense.arch.layer_name(layer, moe.arch.dense_kind(kind))
         if name not in dense.tensors:
             raise SpliceError(
                 f"{dense.path}: no {name!r} to compare with expert {kind!r} of layer {layer} "

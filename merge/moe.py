@@ -39,8 +39,8 @@ DENSE_TYPES = ("llama", "mistral")
 class _Router:
     """Computes every layer's router once, on first use: ``[layers, experts, hidden]``."""
 
-    def __init__(self, recipe: Recipe, base: Checkpoint, seed: int) -> None:
-        self.recipe, self.base, self.seed = recipe, base, seed
+    def __init__(self, recipe: Recipe, base: Checkpoint, seed: int, device: str = "cpu") -> None:
+        self.recipe, self.base, self.seed, self.device = recipe, base, seed, device
         self._gates: Any = None
         self._lock = threading.Lock()
 
@@ -72,11 +72,16 @@ class _Router:
             embed = self.base.load(self.base.arch.embed, dtype="float32")
             state = lambda prompts: _cheap_embed(embed, tok, prompts, layers)  # noqa: E731
         else:
-            from transformers import AutoModelForCausalLM
+            from splice.activations import load_model
 
             with _quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=torch.float32)
-            state = lambda prompts: _hidden(model.eval(), tok, prompts, mode == "hidden_avg")  # noqa: E731
+                model = load_model(
+                    self.base.path,
+                    device=self.device,
+                    why="the router's hidden states need finite weights",
+                )
+            prefix, average = self.base.arch.layer_prefix, mode == "hidden_avg"
+            state = lambda prompts: _hidden(model, tok, prompts, average, self.device, prefix)  # noqa: E731
         vecs = []
         for e in experts:
             v = state(e.positive_prompts or [])
@@ -112,23 +117,32 @@ def _tokenize(tok: Any, prompts: list[str]) -> Any:
     )
 
 
-def _hidden(model: Any, tok: Any, prompts: list[str], average: bool) -> Any:
+def _hidden(
+    model: Any,
+    tok: Any,
+    prompts: list[str],
+    average: bool,
+    device: str = "cpu",
+    layer_prefix: str = "model.layers.{i}.",
+) -> Any:
     """Hidden state entering each layer, per prompt at its last real token (or averaged over
-    its real tokens), averaged over prompts: ``[layers, hidden]``."""
+    its real tokens), averaged over prompts: ``[layers, hidden]`` float32 on the CPU. The model
+    runs on ``device`` in its dtype, a few prompts at a time (:func:`splice.activations.run`)."""
     import torch
 
+    from splice.activations import PooledMean, run
+
     batch = _tokenize(tok, prompts)
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        states = model(**batch, output_hidden_states=True).hidden_states[:-1]
-    h = torch.stack(states)  # [layers, batch, seq, hidden]
-    if average:
-        m = mask[None, :, :, None].to(h.dtype)
-        per_prompt = (h * m).sum(2) / m.sum(2)
-    else:
-        last = mask.sum(1) - 1 if tok.padding_side == "right" else torch.full_like(mask[:, 0], -1)
-        per_prompt = h[:, torch.arange(h.shape[1]), last]
-    return per_prompt.mean(1)
+    (means,) = run(
+        model,
+        batch["input_ids"],
+        [PooledMean("layer", "input", "mean" if average else "last")],
+        attention_mask=batch["attention_mask"],
+        device=device,
+        batch_size=8,
+        layer_prefix=layer_prefix,
+    )
+    return torch.stack([means[i] for i in sorted(means)]).float().cpu()
 
 
 def _cheap_embed(embed: Any, tok: Any, prompts: list[str], layers: int) -> Any:
@@ -186,8 +200,10 @@ def plan_moe(
     models: Mapping[str, Checkpoint] | None = None,
     allow_pickle: bool = False,
     seed: int | None = None,
+    device: str = "cpu",
 ) -> MergePlan:
-    """Plan a Mixtral model from dense experts (see the module docstring)."""
+    """Plan a Mixtral model from dense experts (see the module docstring); the base model runs
+    on ``device`` for the ``hidden`` / ``hidden_avg`` routers."""
     ckpts = open_models(recipe.referenced_models(), allow_pickle=allow_pickle, models=models)
     problems = Problems()
     _check(recipe, ckpts, problems)
@@ -198,12 +214,14 @@ def plan_moe(
     dense = base.arch
     moe = ArchSpec.load("mixtral")
     assert moe.experts is not None
-    to_expert = {v: k for k, v in moe.experts.dense_equivalent.items()}
+    to_expert = {  # dense MLP kind -> expert kind
+        d: e for d in dense.required_layer_kinds() if (e := moe.expert_kind(d)) is not None
+    }
     out_dtype = (
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
     seed = seed if seed is not None else (recipe.seed or 0)
-    router = _Router(recipe, base, seed)
+    router = _Router(recipe, base, seed, device)
     experts: list[Expert] = recipe.experts or []
     tasks: list[TensorTask] = []
 
@@ -247,13 +265,8 @@ def plan_moe(
     copy(moe.final_norm, base_key, dense.final_norm)
     if not base.tied:
         copy(moe.lm_head, base_key, dense.lm_head)
-    config = dict(base.config)
-    config.update(
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
-        num_local_experts=len(experts),
-        num_experts_per_tok=recipe.experts_per_token,
-    )
+    config = dict(base.config, model_type=moe.model_type, architectures=list(moe.architectures))
+    config = moe.config_with_experts(config, len(experts), recipe.experts_per_token)
     for key in ("mlp_bias", "attention_bias", "pretraining_tp"):
         config.pop(key, None)
     if out_dtype:

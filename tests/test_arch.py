@@ -44,15 +44,6 @@ def test_rename_moves_layers_and_experts():
     assert ArchSpec.load("qwen2").parse("model.layers.0.self_attn.k_proj.bias").group == "attention"
 
 
-def test_config_with_layers_rewrites_per_layer_lists():
-    spec = ArchSpec.load("qwen2")
-    cfg = {"num_hidden_layers": 3, "layer_types": ["a", "b", "c"], "hidden_size": 8}
-    out = spec.config_with_layers(cfg, [0, 1, 1, 2, 2])
-    assert out["num_hidden_layers"] == 5
-    assert out["layer_types"] == ["a", "b", "b", "c", "c"]
-    assert cfg["num_hidden_layers"] == 3  # input untouched
-
-
 def test_config_with_experts():
     spec = ArchSpec.load("mixtral")
     out = spec.config_with_experts({"num_local_experts": 8, "num_experts_per_tok": 2}, 4, 1)
@@ -81,3 +72,66 @@ def test_unknown_architecture_is_inferred_with_warning(tiny_llama, tmp_path):
 def test_no_layer_pattern_is_an_error():
     with pytest.raises(SpliceError, match="unknown architecture 'x'"):
         ArchSpec.infer("x", ["encoder.weight", "decoder.bias"])
+
+
+# ---- residual-stream roles, checked by the one property they must give -------------------------
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_roles_rotate_the_residual_stream_without_changing_logits(
+    tiny_models, tmp_path, model_type
+):
+    """Fold every norm into the linears ``norm_feeds`` says it feeds, then rotate the stream by
+    a random orthogonal Q along ``residual_dims`` alone: if the roles are right (and only then)
+    the logits do not move. This is SliceGPT at 0% slicing, driven by the spec's data, on the
+    checkpoint's own tensor names (transformers then loads the result)."""
+    import shutil
+
+    import torch
+    from conftest import logits
+    from safetensors.torch import save_file
+
+    folder = tiny_models[model_type]
+    ckpt = open_checkpoint(folder)
+    spec = ckpt.arch
+    state = {name: ckpt.load(name, dtype="float64") for name in ckpt}
+    if ckpt.tied:  # the head gets its own copy, so the final norm can fold into it alone
+        state[spec.lm_head] = state[spec.embed].clone()
+    roles = {name: spec.role(name) for name in state}
+    assert "other" not in roles.values(), {n: r for n, r in roles.items() if r == "other"}
+    offset = spec.norm.get("offset", 0.0)
+    for name, t in state.items():  # 1. fold norms into the linears they feed
+        norm = spec.feeding_norm(name)
+        if norm is not None and t.dim() == 2:
+            t.mul_(state[norm] + offset)
+    for name, t in state.items():
+        if roles[name] in ("norm", "final_norm"):
+            t.fill_(1.0 - offset)  # now all ones: rotation-invariant
+    hidden = ckpt.config["hidden_size"]
+    q, _ = torch.linalg.qr(
+        torch.randn(hidden, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
+    for name, t in state.items():  # 2. rotate along the residual dimensions only
+        if roles[name] in ("norm", "final_norm"):
+            continue
+        dims = spec.residual_dims(name, t.dim())
+        if dims == (1,):
+            t.copy_(t @ q)
+        elif dims == (0,):
+            t.copy_(q.T @ t if t.dim() == 2 else t @ q)
+    out = tmp_path / "rotated"
+    out.mkdir()
+    save_file({n: t.float().contiguous() for n, t in state.items()}, out / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    for extra in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / extra).exists():
+            shutil.copy(folder / extra, out / extra)
+    # float32 weights: wrong roles move the logits by ~1e-2, rounding by ~1e-6
+    torch.testing.assert_close(logits(out), logits(folder), rtol=1e-4, atol=1e-4)
+
+
+def test_expert_and_dense_kinds_are_inverse():
+    spec = ArchSpec.load("mixtral")
+    for expert_kind in spec.experts.tensors:
+        assert spec.expert_kind(spec.dense_kind(expert_kind)) == expert_kind
+    assert spec.dense_kind("w2.weight") == "mlp.down_proj.weight"
+    assert spec.expert_kind("self_attn.q_proj.weight") is None

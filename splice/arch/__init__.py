@@ -4,7 +4,10 @@ A spec knows the embedding, final norm and head (tied or not), the per-layer tem
 ``model.layers.{i}.<kind>`` with its kinds grouped as attention / mlp / norms (/ router), the
 expert template for MoE (``block_sparse_moe.experts.{e}.<kind>``) and the config keys that change
 when the layer or expert count changes. Surgery and data-flow merges only ever need
-``spec.parse(name)`` and ``spec.rename(name, layer=j)``.
+``spec.parse(name)`` and ``spec.rename(name, layer=j)``. Residual-stream roles are data too
+(``norm_feeds``: which norm feeds which linears; ``residual_writers``): ``spec.role(name)``,
+``spec.residual_dims(name, ndim)`` and ``spec.feeding_norm(name)`` are all that slicing and norm
+folding need, with no tensor-name tests in code.
 
 Unknown model types fall back to :meth:`ArchSpec.infer`, which finds the ``…layers.{i}.…``
 pattern in the tensor names and warns.
@@ -81,6 +84,7 @@ class ArchSpec:
     optional_layer_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     experts: ExpertSpec | None = None
     residual_writers: tuple[str, ...] = ()
+    norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tied_default: bool = False
     embed_scale: str | None = None
@@ -114,6 +118,7 @@ class ArchSpec:
             if experts
             else None,
             residual_writers=tuple(d.get("residual_writers", ())),
+            norm_feeds={k: tuple(v) for k, v in d.get("norm_feeds", {}).items()},
             fused={k: tuple(v) for k, v in d.get("fused", {}).items()},
             tied_default=bool(d.get("tied_default", False)),
             embed_scale=d.get("embed_scale"),
@@ -256,12 +261,89 @@ class ArchSpec:
         Scaling the stream by ``w`` before a layer equals dividing these tensors (weights and
         biases) of that layer and all later ones by ``w``, because RMSNorm is scale-invariant.
         """
+        return self.role(name) == "writer"
+
+    # ---- residual-stream roles (what slicing and norm folding need, as data) ----------------
+    def _module(self, name: str) -> tuple[TensorName, str, str] | None:
+        """``(parsed, layer-relative module with {e} for experts, parameter)`` of a layer
+        tensor, e.g. ``("block_sparse_moe.experts.{e}.w1", "weight")``; None for globals."""
         t = self.parse(name)
         if t.layer is None:
-            return False
+            return None
         kind = t.kind if t.expert is None else self.experts.prefix + t.kind  # type: ignore[union-attr]
-        module = kind.rsplit(".", 1)[0]
-        return module in self.residual_writers
+        module, _, param = kind.rpartition(".")
+        return t, module, param
+
+    def role(self, name: str) -> str:
+        """How ``name`` touches the residual stream of width ``hidden``:
+
+        ``embed`` ``[V, hidden]`` and ``head`` ``[V, hidden]`` (rows are tokens); ``final_norm``
+        and ``norm`` ``[hidden]``, each feeding the linears ``norm_feeds`` lists (the final norm
+        feeds the head); ``reader``: a linear whose input is the normed stream (q/k/v, gate/up,
+        the router, experts' w1/w3), weight ``[out, hidden]``, bias not on the stream;
+        ``writer``: a linear whose output is added to the stream (o_proj, down_proj, experts'
+        w2), weight ``[hidden, in]``, bias ``[hidden]``; ``other`` for anything else.
+        """
+        if name == self.embed:
+            return "embed"
+        if name == self.lm_head:
+            return "head"
+        if name == self.final_norm:
+            return "final_norm"
+        parsed = self._module(name)
+        if parsed is None:
+            return "other"
+        t, module, _ = parsed
+        if t.kind in self.norm_feeds:
+            return "norm"
+        if module in self.residual_writers:
+            return "writer"
+        if any(module in feeds for feeds in self.norm_feeds.values()):
+            return "reader"
+        return "other"
+
+    def residual_dims(self, name: str, ndim: int) -> tuple[int, ...]:
+        """The dimensions of tensor ``name`` (``ndim`` of them) that index the residual stream:
+        ``(1,)`` for embeddings, head and reader weights, ``(0,)`` for norms and writer weights
+        and biases, ``()`` for reader biases and anything else (as mergekit's input / output
+        spaces say which side of a tensor lives in the stream)."""
+        role = self.role(name)
+        if role in ("embed", "head"):
+            return (1,)
+        if role in ("final_norm", "norm"):
+            return (0,)
+        if role == "reader":
+            return (1,) if ndim == 2 else ()
+        if role == "writer":
+            return (0,)
+        return ()
+
+    def feeding_norm(self, name: str) -> str | None:
+        """The norm whose output a reader (or the head) reads: a full tensor name, or None."""
+        if name == self.lm_head:
+            return self.final_norm
+        parsed = self._module(name)
+        if parsed is None:
+            return None
+        t, module, _ = parsed
+        for norm, feeds in self.norm_feeds.items():
+            if module in feeds:
+                return self.layer_name(t.layer, norm)  # type: ignore[arg-type]
+        return None
+
+    # ---- experts and their dense equivalent ------------------------------------------------
+    def dense_kind(self, expert_kind: str) -> str:
+        """The dense MLP's layer-relative kind an expert kind corresponds to
+        (Mixtral ``w1.weight`` -> ``mlp.gate_proj.weight``); ``SpliceError`` if none."""
+        mapping = self.experts.dense_equivalent if self.experts else {}
+        if expert_kind not in mapping:
+            raise SpliceError(f"{self.model_type}: no dense equivalent for expert {expert_kind!r}")
+        return mapping[expert_kind]
+
+    def expert_kind(self, dense_kind: str) -> str | None:
+        """The inverse of :meth:`dense_kind` (``None``: not an MLP tensor experts replace)."""
+        mapping = self.experts.dense_equivalent if self.experts else {}
+        return next((e for e, d in mapping.items() if d == dense_kind), None)
 
     def unpack(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
         """``tensors`` with packed expert tensors replaced by per-expert views (see ExpertSpec).
@@ -325,20 +407,6 @@ class ArchSpec:
         if names is not None:
             return self.lm_head not in set(names)
         return bool(config.get("tie_word_embeddings", self.tied_default))
-
-    def config_with_layers(self, config: dict[str, Any], sources: list[int]) -> dict[str, Any]:
-        """Config for a model whose layer j is the source model's layer ``sources[j]``.
-
-        Updates the layer count and every per-layer list (e.g. ``layer_types``).
-        """
-        out = dict(config)
-        n_old = self.num_layers(config)
-        out[self.num_layers_key] = len(sources)
-        for key in self.config_keys.get("per_layer", []):
-            value = config.get(key)
-            if isinstance(value, list) and n_old is not None and len(value) == n_old:
-                out[key] = [value[s] for s in sources]
-        return out
 
     def config_with_experts(
         self, config: dict[str, Any], num_experts: int | None, per_token: int | None = None
