@@ -375,12 +375,14 @@ def plan_merge(
     allow_pickle: bool = False,
     allow_crimes: bool = False,
     seed: int | None = None,
+    device: str = "cpu",
 ) -> MergePlan:
-    """Validate ``recipe`` against its models and build the tasks (no tensor data is read)."""
+    """Validate ``recipe`` against its models and build the tasks (no tensor data is read;
+    a ``moe`` recipe with a ``hidden`` router runs its base model on ``device``)."""
     if recipe.merge_method == "moe":
         from splice.merge.moe import plan_moe
 
-        return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed)
+        return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed, device=device)
     problems = Problems()  # an unknown method and missing models are reported together
     method = None
     if recipe.merge_method not in ("passthrough", "layer_path"):
