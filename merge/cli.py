@@ -13,7 +13,11 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="merge models as a YAML recipe says (mergekit recipes run unchanged)",
         description="Merge models from a YAML recipe, streaming tensor by tensor into OUT.",
     )
-    p.add_argument("recipe", help="YAML recipe (mergekit schema, plus layer_path and seed)")
+    p.add_argument(
+        "recipe",
+        help="YAML recipe (mergekit's schema, plus layer_path and seed; mergekit-moe's and "
+        "mergekit-multi's files too)",
+    )
     p.add_argument("out", nargs="?", help="output folder (written atomically)")
     p.add_argument(
         "--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1, auto"
@@ -26,6 +30,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--allow-crimes", action="store_true", help="merge models of different architectures"
     )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument(
+        "--keep-intermediates",
+        metavar="DIR",
+        help="multi-document recipes (mergekit-multi): write each named document's merge to "
+        "DIR/NAME and keep it (default: a temporary folder beside OUT, removed at the end)",
+    )
     add_output_options(p, dtype=False)
     add_model_options(p)
     p.set_defaults(func=run_cli)
@@ -33,7 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     from splice.errors import SpliceError
-    from splice.merge.run import MergeOptions, plan, run
+    from splice.merge.run import MergeOptions, describe, run
 
     opts = MergeOptions(  # checks the options before the recipe is read
         device=args.device,
@@ -47,12 +57,13 @@ def run_cli(args: argparse.Namespace) -> None:
         allow_crimes=args.allow_crimes,
         seed=args.seed,
     )
+    keep = args.keep_intermediates
     if args.dry_run:
-        print(plan(args.recipe, opts).describe())
+        print(describe(args.recipe, opts, keep_intermediates=keep))
         return
     if not args.out:
         raise SpliceError("give an output folder OUT (or --dry-run)")
-    print(f"wrote {run(args.recipe, args.out, opts)}")
+    print(f"wrote {run(args.recipe, args.out, opts, keep_intermediates=keep)}")
 
 
 def _size(option: str, text: str) -> int:

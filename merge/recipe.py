@@ -5,7 +5,10 @@ Existing mergekit recipes run unchanged: ``models`` or ``slices`` (with ``source
 level with per-layer gradients (lists interpolated across layers) and name filters
 (``[{filter: self_attn, value: 0.5}, {value: 0.3}]``), ``dtype``, ``out_dtype``,
 ``tokenizer_source`` and ``chat_template``; mergekit-moe's ``experts`` / ``gate_mode`` /
-``experts_per_token`` for ``merge_method: moe``.
+``experts_per_token`` for ``merge_method: moe``. A recipe as mergekit-moe writes it (``experts``
+and no ``merge_method``) is read as ``merge_method: moe``. mergekit-multi's files (several YAML
+documents, each with a ``name`` the later ones use as a model) are read by :func:`read_recipe`
+as a :class:`MultiRecipe` and run by ``splice.merge.run``.
 
 splice adds ``layer_path`` (Sakana's data-flow merge: an ordered list of ``{model, layer |
 layer_range, scale}`` steps) and ``seed`` (for DARE / DELLA).
@@ -19,6 +22,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -272,6 +277,23 @@ class TokenizerConfig(_Strict):
         return v
 
 
+def _mergekit_moe(cls: type, data: Any) -> Any:
+    """``model_validator(mode="before")``: mergekit-moe's format (``experts``, no
+    ``merge_method``) is ``merge_method: moe``; its ``shared_experts`` (Qwen2-MoE / DeepSeek
+    outputs) are refused in one line."""
+    if not isinstance(data, dict) or "experts" not in data:
+        return data
+    if data.get("shared_experts"):
+        raise ValueError(
+            "shared_experts is not supported: splice's moe writes Mixtral, which has none "
+            "(mergekit-moe writes them for qwen2_moe / deepseek outputs)"
+        )
+    data = {k: v for k, v in data.items() if k != "shared_experts"}  # null or []: nothing
+    if "merge_method" not in data:
+        data["merge_method"] = "moe"
+    return data
+
+
 class Recipe(_Strict):
     """A merge recipe (see the module docstring)."""
 
@@ -296,6 +318,7 @@ class Recipe(_Strict):
 
     _ref = field_validator("base_model", "tokenizer_source", mode="before")(_model_ref)
     _params = model_validator(mode="before")(_check_parameters)
+    _moe = model_validator(mode="before")(_mergekit_moe)
 
     @model_validator(mode="after")
     def _shape(self) -> Recipe:
@@ -328,60 +351,64 @@ class Recipe(_Strict):
         Only plain YAML data is read (``yaml.safe_load``): a tag such as ``!!python/object`` is
         refused, never constructed.
         """
-        is_text = isinstance(source, str) and "\n" in source
-        if is_text:
-            text, base_dir, what = str(source), None, "recipe"
-        else:
-            path = Path(source)
-            if path.is_dir():
-                raise SpliceError(f"{path}: a folder, not a recipe file")
-            if not path.is_file():
-                raise SpliceError(f"{path}: no such recipe file")
-            text, base_dir, what = _read_text(path), path.parent, f"recipe {path}"
-        return cls.from_dict(_load_yaml(text, what), base_dir=base_dir)
+        text, base_dir, what = _source_text(source)
+        docs = _yaml_documents(text, what)
+        if len(docs) > 1:
+            raise SpliceError(
+                f"{what} holds {len(docs)} YAML documents (a mergekit-multi recipe); "
+                "`splice merge` runs it (splice.merge.run, or read_recipe to load it)"
+            )
+        return cls.from_dict(_one_mapping(docs, what), base_dir=base_dir)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> Recipe:
-        """Validate a recipe dict; ``SpliceError`` with one line per problem."""
+    def from_dict(
+        cls, data: dict[str, Any], base_dir: Path | None = None, *, what: str = "recipe"
+    ) -> Recipe:
+        """Validate a recipe dict; ``SpliceError`` with one line per problem (each line starts
+        with ``what``)."""
         if not isinstance(data, dict):
-            raise SpliceError(f"recipe must be a mapping, not {type(data).__name__}")
+            raise SpliceError(f"{what} must be a mapping, not {type(data).__name__}")
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:
-            raise SpliceError(_format_errors(e)) from None
+            raise SpliceError(_format_errors(e, what)) from None
         return recipe.with_paths(base_dir) if base_dir else recipe
 
     def with_paths(self, base_dir: Path) -> Recipe:
         """Resolve relative model paths that do not exist from the CWD against ``base_dir``."""
 
-        def fix(ref: str | None) -> str | None:
-            if ref is None or os.path.exists(ref) or os.path.isabs(ref):
-                return ref
-            candidate = base_dir / ref
-            return str(candidate) if candidate.exists() else ref
+        return self.map_models(lambda ref: _near(ref, base_dir))
+
+    def map_models(self, fn: Callable[[str], str]) -> Recipe:
+        """The recipe with every model reference ``ref`` replaced by ``fn(ref)`` (the
+        tokenizer sources ``base`` and ``union`` are keywords, not references)."""
+
+        def f(ref: str | None) -> str | None:
+            return None if ref is None else fn(ref)
+
+        def source(ref: str | None) -> str | None:
+            return ref if ref in ("base", "union") else f(ref)
 
         data = self.model_dump()
         for key in ("base_model", "tokenizer_source"):
-            if data.get(key) not in (None, "base", "union"):
-                data[key] = fix(data[key])
+            data[key] = source(data[key])
         if data.get("tokenizer"):
-            if data["tokenizer"]["source"] not in ("base", "union"):
-                data["tokenizer"]["source"] = fix(data["tokenizer"]["source"])
+            data["tokenizer"]["source"] = source(data["tokenizer"]["source"])
             for entry in (data["tokenizer"]["tokens"] or {}).values():
                 if isinstance(entry["source"], dict):
-                    entry["source"]["model"] = fix(entry["source"]["model"])
+                    entry["source"]["model"] = f(entry["source"]["model"])
                 else:
-                    entry["source"] = fix(entry["source"])
+                    entry["source"] = f(entry["source"])
         for m in data.get("models") or []:
-            m["model"] = fix(m["model"])
-        for s in data.get("slices") or []:
-            s["base_model"] = fix(s["base_model"])
-            for src in s["sources"]:
-                src["model"] = fix(src["model"])
+            m["model"] = f(m["model"])
+        for sl in data.get("slices") or []:
+            sl["base_model"] = f(sl["base_model"])
+            for src in sl["sources"]:
+                src["model"] = f(src["model"])
         for step in data.get("layer_path") or []:
-            step["model"] = fix(step["model"])
+            step["model"] = f(step["model"])
         for e in data.get("experts") or []:
-            e["source_model"] = fix(e["source_model"])
+            e["source_model"] = f(e["source_model"])
         return type(self).model_validate(data)
 
     def to_yaml(self) -> str:
@@ -408,6 +435,14 @@ class Recipe(_Strict):
             source = entry.source
             refs.append(source.model if isinstance(source, TokenFrom) else source)
         return list(dict.fromkeys(r for r in refs if r))
+
+
+def _near(ref: str, base_dir: Path) -> str:
+    """``ref``, or ``base_dir / ref`` when only that exists (a path relative to the recipe)."""
+    if os.path.exists(ref) or os.path.isabs(ref):
+        return ref
+    candidate = base_dir / ref
+    return str(candidate) if candidate.exists() else ref
 
 
 def _read_text(path: Path) -> str:
@@ -454,10 +489,24 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(text: str, what: str) -> dict[str, Any]:
-    """``yaml.safe_load`` of a recipe, which must be a mapping; ``SpliceError`` in one line."""
+def _source_text(source: str | os.PathLike[str]) -> tuple[str, Path | None, str]:
+    """``(text, folder of the file or None, what to call it)`` for a recipe file or YAML text
+    (a string with a newline)."""
+    if isinstance(source, str) and "\n" in source:
+        return str(source), None, "recipe"
+    path = Path(source)
+    if path.is_dir():
+        raise SpliceError(f"{path}: a folder, not a recipe file")
+    if not path.is_file():
+        raise SpliceError(f"{path}: no such recipe file")
+    return _read_text(path), path.parent, f"recipe {path}"
+
+
+def _yaml_documents(text: str, what: str) -> list[Any]:
+    """The YAML documents of a recipe (``---`` separates them; empty ones are dropped), read
+    as plain data only (a ``SafeLoader``); ``SpliceError`` in one line."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
+        return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except RecursionError:  # the YAML parser recurses per nesting level
         raise SpliceError(f"{what} nests lists or mappings too deeply to read") from None
     except yaml.YAMLError as e:
@@ -475,8 +524,13 @@ def _load_yaml(text: str, what: str) -> dict[str, Any]:
         raise SpliceError(
             f"{what} is not valid YAML{where}" + (f": {problem}" if problem else "")
         ) from None
-    if data is None:
+
+
+def _one_mapping(docs: list[Any], what: str) -> dict[str, Any]:
+    """The recipe mapping of a one-document recipe; ``SpliceError`` in one line otherwise."""
+    if not docs:
         raise SpliceError(f"{what} is empty; it needs at least `merge_method`")
+    (data,) = docs
     if isinstance(data, list):
         raise SpliceError(
             f"{what} is a YAML list; a recipe is a mapping with at least `merge_method`"
@@ -487,6 +541,168 @@ def _load_yaml(text: str, what: str) -> dict[str, Any]:
             "least `merge_method`"
         )
     return data
+
+
+# ---- mergekit-multi: several recipes in one file ----------------------------------------------
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_RESERVED = ("base", "union")  # tokenizer_source keywords
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One document of a multi-document recipe: its ``name`` (``None``: the final merge), its
+    recipe with model references as written, and the names of the documents it uses."""
+
+    index: int  # 1-based position in the file
+    name: str | None
+    recipe: Recipe
+    uses: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """``document 2 (second-merge)``: how messages name it."""
+        return f"document {self.index} ({self.name or 'final, unnamed'})"
+
+
+@dataclass(frozen=True)
+class MultiRecipe:
+    """mergekit-multi's format: YAML documents separated by ``---``, each a recipe; a document
+    with a ``name`` is an intermediate merge, and a later document that names it as a model
+    (``model``, ``base_model``, a slice source, ``tokenizer_source``, ...) merges its output.
+    A name always means that document's output, even where a folder of that name exists.
+
+    ``stages`` are in run order (every document after the ones it uses, otherwise in file
+    order); the last is the final merge: the document without a ``name``, or else the only one
+    that no other document uses. Every other document must be used (perhaps through others) by
+    the final one.
+    """
+
+    stages: tuple[Stage, ...]
+    base_dir: Path | None = None
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def intermediates(self) -> tuple[Stage, ...]:
+        return self.stages[:-1]
+
+    def resolved(self, stage: Stage, outputs: Mapping[str, str | os.PathLike[str]]) -> Recipe:
+        """``stage``'s recipe with the documents it uses replaced by their ``outputs`` (folders,
+        made absolute) and relative paths resolved against the recipe file's folder."""
+        missing = [n for n in stage.uses if n not in outputs]
+        if missing:
+            raise SpliceError(f"{stage.label}: no output for {missing[0]!r} yet")
+        done = {n: os.path.abspath(outputs[n]) for n in stage.uses}
+        recipe = stage.recipe.map_models(lambda ref: done.get(ref, ref))
+        return recipe.with_paths(self.base_dir) if self.base_dir else recipe
+
+    def external_models(self) -> list[str]:
+        """The models the documents name that are no document's output, in file order
+        (relative paths resolved as in :meth:`resolved`)."""
+        names = {s.name for s in self.stages}
+        refs = [
+            ref if self.base_dir is None else _near(ref, self.base_dir)
+            for s in sorted(self.stages, key=lambda s: s.index)
+            for ref in s.recipe.referenced_models()
+            if ref not in names
+        ]
+        return list(dict.fromkeys(refs))
+
+    def to_yaml(self) -> str:
+        """Every document, in file order, names as written (for the final model's card)."""
+        parts = []
+        for s in sorted(self.stages, key=lambda s: s.index):
+            parts.append(s.recipe.to_yaml())
+        return "---\n".join(parts)
+
+
+def read_recipe(source: str | os.PathLike[str]) -> Recipe | MultiRecipe:
+    """A recipe file (or YAML text): a ``Recipe`` when it holds one document, a ``MultiRecipe``
+    (mergekit-multi) when it holds several; ``SpliceError``, one line per problem."""
+    text, base_dir, what = _source_text(source)
+    docs = _yaml_documents(text, what)
+    if len(docs) <= 1:
+        return Recipe.from_dict(_one_mapping(docs, what), base_dir=base_dir)
+    return _multi(docs, what, base_dir)
+
+
+def _multi(docs: list[Any], what: str, base_dir: Path | None) -> MultiRecipe:
+    stages: list[Stage] = []
+    unnamed: list[int] = []
+    for i, data in enumerate(docs, start=1):
+        where = f"{what} document {i}"
+        if not isinstance(data, dict):
+            raise SpliceError(f"{where} is not a mapping; each document is a recipe")
+        name = data.get("name")
+        if name is not None and (
+            not isinstance(name, str) or not _STAGE_NAME.fullmatch(name) or name in _RESERVED
+        ):
+            raise SpliceError(
+                f"{where}: name {name!r} must be a plain folder name (letters, digits, . _ -), "
+                f"not {' or '.join(_RESERVED)}"
+            )
+        if name is None:
+            unnamed.append(i)
+        elif any(s.name == name for s in stages):
+            raise SpliceError(f"{where}: the name {name!r} is given to two documents")
+        label = f"{where} ({name})" if name else where
+        recipe = Recipe.from_dict(data, what=label)  # paths are resolved once names are
+        stages.append(Stage(i, name, recipe, ()))
+    if len(unnamed) > 1:
+        raise SpliceError(
+            f"{what}: documents {unnamed[0]} and {unnamed[1]} have no `name`; only the final "
+            "merge may go without one"
+        )
+    names = [s.name for s in stages if s.name]
+    for k, s in enumerate(stages):
+        refs = s.recipe.referenced_models()
+        stages[k] = replace(s, uses=tuple(n for n in names if n in refs))
+    order: list[Stage] = []  # every document after those it uses, otherwise in file order
+    while len(order) < len(stages):
+        done = {s.name for s in order}
+        ready = [s for s in stages if s not in order and all(u in done for u in s.uses)]
+        if not ready:
+            rest = [s for s in stages if s not in order]
+            raise SpliceError(f"{what}: the documents use each other in a cycle ({_cycle(rest)})")
+        order.append(ready[0])
+    used = {n for s in stages for n in s.uses}
+    finals = [s for s in stages if s.name is None] or [s for s in stages if s.name not in used]
+    if len(finals) > 1:
+        shown = ", ".join(str(s.name) for s in finals)
+        raise SpliceError(
+            f"{what}: documents {shown} are each used by no other document; leave the `name` "
+            "out of the final one (the others must feed it)"
+        )
+    (final,) = finals
+    by_name = {s.name: s for s in stages if s.name}
+    needed: set[str] = set()
+    todo = list(final.uses)
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo += by_name[n].uses
+    unused = [s for s in stages if s is not final and s.name not in needed]
+    if unused:
+        raise SpliceError(
+            f"{what}: {unused[0].label} is not used by the final merge, {final.label}; remove "
+            "it, or merge it on its own"
+        )
+    order.remove(final)  # nothing uses the final merge: it can go last
+    return MultiRecipe((*order, final), base_dir)
+
+
+def _cycle(stages: list[Stage]) -> str:
+    """``a -> b -> a``: one cycle among ``stages`` (each of which uses another of them)."""
+    by_name = {s.name: s for s in stages if s.name}
+    path = [next(iter(by_name))]
+    while True:
+        nxt = next(u for u in by_name[path[-1]].uses if u in by_name)
+        if nxt in path:
+            return " -> ".join([*path[path.index(nxt) :], nxt])
+        path.append(nxt)
 
 
 _EXPECTED = {
@@ -512,7 +728,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _format_errors(e: ValidationError) -> str:
+def _format_errors(e: ValidationError, what: str = "recipe") -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union")))
@@ -527,5 +743,5 @@ def _format_errors(e: ValidationError) -> str:
             msg = f"expected [start, end], got {_shown(err.get('input'))}"
         elif err["type"] == "too_short":
             msg = "must not be empty"
-        lines.append(f"recipe: {loc}: {msg}" if loc else f"recipe: {msg}")
+        lines.append(f"{what}: {loc}: {msg}" if loc else f"{what}: {msg}")
     return "\n".join(dict.fromkeys(lines))

@@ -1,23 +1,36 @@
-"""Run a merge: to a checkpoint folder (``run``) or into a live module (``merge_into``)."""
+"""Run a merge: to a checkpoint folder (``run``) or into a live module (``merge_into``).
+
+A multi-document recipe (mergekit-multi's format, :class:`~splice.merge.recipe.MultiRecipe`)
+runs its documents in dependency order, each through the same single-recipe path (planning,
+output checks, atomic writes). The final document is written to ``OUT``; the intermediate ones
+to ``DIR/NAME`` with ``keep_intermediates=DIR`` (kept, as mergekit-multi's
+``--intermediate-dir``), else to a temporary folder beside ``OUT``
+(``.OUT.multi-tmp-PID-XXXX``) that is removed when the run ends, however it ends. Before any
+merge runs, every output folder is checked and every document that reads no intermediate is
+planned; the others are checked for their method and their other models, and planned when their
+inputs exist. mergekit-multi's ``--lazy`` reuse of existing intermediates is not done: an
+existing ``DIR/NAME`` is refused, or replaced with ``--overwrite``, like any output.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from splice.card import model_card
-from splice.checkpoint import Checkpoint
-from splice.errors import SpliceWarning
+from splice.checkpoint import Checkpoint, open_checkpoint
+from splice.errors import SpliceError, SpliceWarning
 from splice.execute import ExecOptions, execute_into
 from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.plan import MergePlan, plan_merge
-from splice.merge.recipe import Recipe
+from splice.merge.recipe import MultiRecipe, Recipe, Stage, read_recipe
 from splice.output import write_model
-from splice.target import check_target, lock_target
+from splice.target import check_target, lock_target, staging_dir
 
 if TYPE_CHECKING:
     import torch
@@ -32,13 +45,27 @@ class MergeOptions(ExecOptions):
     seed: int | None = None
 
 
-def load_recipe(recipe: Recipe | str | os.PathLike[str] | dict) -> Recipe:
-    """A ``Recipe`` from a Recipe, a dict, a YAML file path or YAML text."""
+RecipeLike = Recipe | str | os.PathLike[str] | dict
+T = TypeVar("T")
+
+
+def load_recipe(recipe: RecipeLike) -> Recipe:
+    """A ``Recipe`` from a Recipe, a dict, a YAML file path or YAML text (one document)."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     return Recipe.from_yaml(recipe)
+
+
+def load_recipes(recipe: RecipeLike | MultiRecipe) -> Recipe | MultiRecipe:
+    """As :func:`load_recipe`, but a YAML file or text of several documents (mergekit-multi)
+    gives a ``MultiRecipe``."""
+    if isinstance(recipe, (Recipe, MultiRecipe)):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return read_recipe(recipe)
 
 
 def plan(
@@ -54,6 +81,7 @@ def plan(
         allow_pickle=opts.allow_pickle,
         allow_crimes=opts.allow_crimes,
         seed=opts.seed,
+        device=opts.device,
     )
     p.chat_template = resolve_chat_template(p.recipe.chat_template, p.models)
     for line in p.warnings:
@@ -62,21 +90,49 @@ def plan(
 
 
 def run(
-    recipe: Recipe | str | os.PathLike[str] | dict,
+    recipe: RecipeLike | MultiRecipe,
     out: str | os.PathLike[str],
     options: MergeOptions | None = None,
+    *,
+    keep_intermediates: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Merge as the recipe says and write the model to ``out`` (atomically). Returns ``out``."""
+    """Merge as the recipe says and write the model to ``out`` (atomically). Returns ``out``.
+
+    A multi-document recipe runs as :func:`run_multi` says (``keep_intermediates``: the folder
+    for its intermediate merges; for a one-document recipe it is an error).
+    """
     opts = options or MergeOptions()
+    loaded = load_recipes(recipe)
+    if isinstance(loaded, MultiRecipe):
+        return run_multi(loaded, out, opts, keep_intermediates=keep_intermediates)
+    if keep_intermediates is not None:
+        raise SpliceError(NOTHING_TO_KEEP)
+    return _run_one(loaded, out, opts)
+
+
+NOTHING_TO_KEEP = (
+    "--keep-intermediates: the recipe is one document, so no intermediate merges are made"
+)
+
+
+def _run_one(
+    recipe: Recipe,
+    out: str | os.PathLike[str],
+    opts: MergeOptions,
+    card_recipe: tuple[str, list[str]] | None = None,
+) -> Path:
+    """One recipe to ``out``; ``card_recipe``: (YAML, models) for the card instead of its own."""
     with lock_target(out):  # before any work: a second run into OUT is refused at once
         p = plan(recipe, opts)  # reads headers only
         check_target(out, opts.overwrite, inputs=[m.path for m in p.models.values()])
         r = p.recipe
+        shown, models = card_recipe or (r.to_yaml(), r.referenced_models())
         card = model_card(
             f"{Path(out).name}: {r.merge_method} merge",
-            r.referenced_models(),
-            recipe=r.to_yaml(),
-            details=f"Merged with splice using the `{r.merge_method}` method.",
+            models,
+            recipe=shown,
+            details=f"Merged with splice using the `{r.merge_method}` method"
+            + (", the final stage of a multi-document recipe." if card_recipe else "."),
             tags=["merge", r.merge_method],
         )
         files = dict(p.files)
@@ -84,6 +140,123 @@ def run(
             donor = p.models[p.tokenizer_from] if p.tokenizer_from else None
             files.update(template_files(p.chat_template, donor, files.get("tokenizer_config.json")))
         return write_model(replace(p, files=files, card=card), out, opts)
+
+
+def run_multi(
+    multi: MultiRecipe,
+    out: str | os.PathLike[str],
+    options: MergeOptions | None = None,
+    *,
+    keep_intermediates: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Run a multi-document recipe: each document in ``multi.stages`` order, the final one to
+    ``out``, the others to ``keep_intermediates/NAME`` or a temporary folder beside ``out``
+    (see the module docstring). Returns ``out``; a stage's problem is reported with its
+    document's number and name."""
+    opts = options or MergeOptions()
+    keep = Path(keep_intermediates) if keep_intermediates is not None else None
+    with lock_target(out):
+        targets = _check_targets(multi, out, opts, keep)
+        _precheck(multi, opts)
+        tmp = staging_dir(Path(out), "multi") if keep is None else None
+        try:
+            outputs: dict[str, Path] = {}
+            for stage in multi.intermediates:
+                assert stage.name is not None
+                target = targets[stage.name] if tmp is None else tmp / stage.name
+                recipe = _in_stage(stage, lambda s=stage: multi.resolved(s, outputs))
+                _in_stage(stage, lambda r=recipe, t=target: _run_one(r, t, opts))
+                outputs[stage.name] = target
+            final = _in_stage(multi.final, lambda: multi.resolved(multi.final, outputs))
+            card = (multi.to_yaml(), multi.external_models())
+            return _in_stage(multi.final, lambda: _run_one(final, out, opts, card_recipe=card))
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_targets(
+    multi: MultiRecipe, out: str | os.PathLike[str], opts: MergeOptions, keep: Path | None
+) -> dict[str, Path]:
+    """Every output folder of the run may be written (before any merge runs): ``OUT``, and
+    with ``keep`` each ``keep/NAME``; none is an input or holds another. Returns the latter."""
+    inputs = [r for r in multi.external_models() if os.path.exists(r)]
+    targets: dict[str, Path] = {}
+    if keep is not None:
+        for stage in multi.intermediates:
+            assert stage.name is not None
+            target = keep / stage.name
+            check = lambda t=target: check_target(t, opts.overwrite, inputs=[*inputs, out])  # noqa: E731
+            _in_stage(stage, check)
+            targets[stage.name] = target
+    check_target(out, opts.overwrite, inputs=[*inputs, *targets.values()])
+    return targets
+
+
+def _precheck(multi: MultiRecipe, opts: MergeOptions) -> None:
+    """Plan every document that reads no intermediate merge; for the others, check their
+    method and open their other models (headers). One ``SpliceError`` for all problems."""
+    from splice.merge.methods import METHODS
+
+    problems: list[str] = []
+    for stage in multi.stages:
+        try:
+            if not stage.uses:
+                with warnings.catch_warnings():  # they come when the document runs
+                    warnings.simplefilter("ignore", SpliceWarning)
+                    plan(multi.resolved(stage, {}), opts)
+                continue
+            recipe = multi.resolved(stage, dict.fromkeys(stage.uses, "/"))
+            if recipe.merge_method not in ("passthrough", "layer_path", "moe"):
+                METHODS.get(recipe.merge_method)
+            for ref in recipe.referenced_models():
+                if ref != "/":
+                    open_checkpoint(ref, allow_pickle=opts.allow_pickle)
+        except SpliceError as e:
+            problems += [f"{stage.label}: {line}" for line in str(e).splitlines()]
+    if problems:
+        raise SpliceError("\n".join(dict.fromkeys(problems)))
+
+
+def _in_stage(stage: Stage, fn: Callable[[], T]) -> T:
+    """``fn()``, with each line of a ``SpliceError`` it raises prefixed by the stage's label."""
+    try:
+        return fn()
+    except SpliceError as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        raise SpliceError("\n".join(f"{stage.label}: {line}" for line in lines)) from None
+
+
+def describe(
+    recipe: RecipeLike | MultiRecipe,
+    options: MergeOptions | None = None,
+    *,
+    keep_intermediates: str | os.PathLike[str] | None = None,
+) -> str:
+    """The plan as text (``splice merge --dry-run``); for a multi-document recipe, each
+    document in run order with its output, and the plans of those that read no intermediate
+    (the others are planned when they run)."""
+    loaded = load_recipes(recipe)
+    if isinstance(loaded, Recipe):
+        if keep_intermediates is not None:
+            raise SpliceError(NOTHING_TO_KEEP)
+        return plan(loaded, options).describe()
+    _precheck(loaded, options or MergeOptions())
+    lines = [f"{len(loaded.stages)} documents (mergekit-multi), in run order:"]
+    for stage in loaded.stages:
+        if stage is loaded.final:
+            where = "OUT"
+        elif keep_intermediates is not None:
+            where = str(Path(keep_intermediates) / str(stage.name))
+        else:
+            where = f"a temporary folder beside OUT ({stage.name})"
+        lines.append(f"{stage.label} -> {where}")
+        if stage.uses:
+            lines.append(f"  uses {', '.join(stage.uses)}: planned when it runs")
+        else:
+            text = plan(loaded.resolved(stage, {}), options).describe()
+            lines += ["  " + line for line in text.splitlines()]
+    return "\n".join(lines)
 
 
 def merge_into(

@@ -174,6 +174,51 @@ RECIPES: dict[str, dict] = {
         ],
         "parameters": {"normalize": True},
     },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}],
+    },
+    "sce_topk": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}, {"model": "BASE"}],
+        "parameters": {"select_topk": [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]},
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "BASE",
+        "models": [{"model": "BASE"}, {"model": "FT1"}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0.001, 0.02]}, {"value": 0.005}]},
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": "BASE",
+        "models": [{"model": "BASE"}, {"model": "FT2"}],
+    },
+    "ram": {  # |task vector| ~ 0.01: epsilon 0.01 leaves about a third of the entries out
+        "merge_method": "ram",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"epsilon": 0.01},
+    },
+    "ram_default": {
+        "merge_method": "ram",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}],
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"epsilon": 0.012, "r": 0.5, "alpha": [0.1, 1.0]},
+    },
+    "ramplus_tl_default": {
+        "merge_method": "ramplus_tl",
+        "base_model": "BASE",
+        "models": [{"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"epsilon": 0.01},
+    },
     "passthrough": {  # a frankenmerge: 3 base layers then 3 of FT1, FT1's o_proj scaled
         "merge_method": "passthrough",
         "slices": [
@@ -204,8 +249,16 @@ BF16: dict[str, dict] = {
         "multislerp",
         "karcher",
         "model_stock",
+        "sce",
+        "nearswap",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     )
 }
+# methods whose mergekit code returns float32 for bf16 inputs (a float32 mask or coefficient
+# promotes the result), which mergekit-yaml then writes without casting to the recipe's dtype
+PROMOTED = ("arcee_fusion", "ramplus_tl")
 BF16["ties"] = RECIPES["ties_options"]
 BF16["breadcrumbs"] = {
     "merge_method": "breadcrumbs",
@@ -361,6 +414,9 @@ def trim_ties(recipe: dict, trio, name: str) -> torch.Tensor:
 def test_bf16_within_one_rounding_step(name, trio, mergekit_outputs, tmp_path):
     theirs = tensors(mergekit_outputs[f"{name}-bf16"])
     ours = splice_merge(concrete(BF16[name], trio, "bfloat16"), tmp_path / "out")
+    if name in PROMOTED:  # mergekit writes the float32 its method returns; splice the dtype
+        assert all(t.dtype == torch.float32 for t in theirs.values())
+        theirs = {k: t.to(torch.bfloat16) for k, t in theirs.items()}
     assert_same_tensors(ours, theirs)
     for k in theirs:
         assert ours[k].dtype == torch.bfloat16
@@ -442,7 +498,8 @@ def test_moe_matches_mergekit_moe(trio, tmp_path):
     bf16 precision (mergekit runs the base model in bfloat16 for the prompts' hidden states,
     splice in float32). Prompts of one length each, so no padding is involved (where padding
     is, splice reads each prompt's last real token and mergekit position -1). mergekit 0.1.5
-    writes transformers 5's packed expert layout, which splice reads as per-expert views."""
+    writes transformers 5's packed expert layout, which splice reads as per-expert views. splice
+    reads mergekit-moe's own file (no ``merge_method``) as ``merge_method: moe``."""
     from splice import open_checkpoint
 
     recipe = {
@@ -468,7 +525,7 @@ def test_moe_matches_mergekit_moe(trio, tmp_path):
         [*cmd, "--device", "cpu", "--no-write-model-card"], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    sm.run({**recipe, "merge_method": "moe"}, tmp_path / "sp", sm.MergeOptions(show_progress=False))
+    sm.run(path, tmp_path / "sp", sm.MergeOptions(show_progress=False))  # the same file, unchanged
     theirs, ours = open_checkpoint(tmp_path / "mk"), open_checkpoint(tmp_path / "sp")
     assert sorted(theirs) == sorted(ours)
     routers = [n for n in ours if n.endswith("block_sparse_moe.gate.weight")]

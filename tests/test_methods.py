@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from splice.merge.methods import METHODS
+from splice.merge.methods import METHODS, REQUIRED
 from splice.merge.methods import sparsify as sp
 from splice.merge.methods.task_arithmetic import sign_agreement
 
@@ -50,8 +50,13 @@ CASES: dict[str, dict] = {
     "breadcrumbs_ties": {"weight": W3, "density": [0.5, 0.7, 0.3]},
     "della": {"weight": W3, "density": [0.5, 0.6, 0.4], "epsilon": [0.1] * 3},
     "della_linear": {"weight": W3, "density": [0.5, 0.6, 0.4]},
+    "sce": {"select_topk": 0.5},
+    "nearswap": {"t": 0.01},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 0.005},
+    "ramplus_tl": {"epsilon": 0.005},
 }
-N_MODELS = {"slerp": 1, "nuslerp": 2}
+N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
 
 
 def inputs(name: str, dtype=torch.float32, shape=(24, 16)):
@@ -93,7 +98,10 @@ def test_keeps_dtype_shape_and_inputs(name, dtype):
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(CASES) if METHODS.get(n).stochastic])
-def test_stochastic_methods_reproducible_from_generator(name):
+def test_stochastic_methods_reproducible_from_generator(name, monkeypatch):
+    from splice.merge.methods import arcee_fusion
+
+    monkeypatch.setattr(arcee_fusion, "SAMPLE", 100)  # it draws only on tensors over SAMPLE
     tensors, base = inputs(name, shape=(64, 32))
     a, b = run_case(name, tensors, base, seed=1), run_case(name, tensors, base, seed=1)
     c = run_case(name, tensors, base, seed=2)
@@ -444,6 +452,177 @@ def test_model_stock_filter_wise_per_row():
         call("model_stock", [base + d1], base)
 
 
+# ---------------------------------------------------------------- SCE, NearSwap, Arcee Fusion, RAM
+
+
+def sce_example() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = rand(4, seed=0, dtype=torch.float64)
+    deltas = [torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([3.0, 1.0, -2.0, 0.0])]
+    return base, [base + d.double() for d in deltas]
+
+
+def test_sce_by_hand():
+    base, xs = sce_example()
+    # energies mean(d²): 6/4, 14/4 -> weights 0.3, 0.7; sums 4, 0, 0, 0 elect +, +, +, +
+    # entry 0: both agree, (0.3·1 + 0.7·3) / 1; 1: only +1 (w 0.7); 2: only +2; 3: nobody
+    close(call("sce", xs, base), base + torch.tensor([2.4, 1.0, 2.0, 0.0], dtype=torch.float64))
+    # variances across models: 1, 1, 4, 0 (3 nonzero). select_topk 0.34: int(3 · 0.34) = 1,
+    # entry 2 alone; energies then equal: entry 2's sum 0 elects +, so model 0's +2 wins
+    close(
+        call("sce", xs, base, select_topk=0.34),
+        base + torch.tensor([0.0, 0.0, 2.0, 0.0], dtype=torch.float64),
+    )
+    # 0.67: k = 2, entry 2 and one of the tied entries 0, 1: the later one by position
+    close(
+        call("sce", xs, base, select_topk=0.67),
+        base + torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64),
+    )
+    assert torch.equal(call("sce", xs, base, select_topk=0.0), base)
+
+
+def test_sce_tiny_task_vectors_get_uniform_weights():
+    """Below a total energy Σ mean(d²) of 1e-6 mergekit (and so splice) weights models equally."""
+    base = torch.zeros(4, dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
+    xs = [torch.tensor([1e-4, 1e-4, 0, 0], **f64), torch.tensor([3e-4, 1e-4, 0, 0], **f64)]
+    close(call("sce", xs, base), torch.tensor([2e-4, 1e-4, 0, 0], **f64), atol=1e-15)  # means
+    big = [100 * x for x in xs]  # energies 2 : 10 -> weights 1/6, 5/6
+    expected = torch.tensor([(1 + 15) / 6 * 1e-2, 1e-2, 0, 0], **f64)
+    close(call("sce", big, base), expected, atol=1e-15)
+
+
+def test_sce_variance_mask_matches_a_stable_ranking():
+    from splice.merge.methods.sce import variance_mask
+
+    ds = [rand(30, 20, seed=i) for i in range(3)]
+    ds[0][:2], ds[1][:2], ds[2][:2] = 0, 0, 0  # zero variance: never counted, never kept
+    var = torch.stack(ds).double().var(dim=0, correction=0)
+    k = int(torch.count_nonzero(var) * 0.4)
+    top = torch.argsort(var.reshape(-1), descending=True)[:k]
+    expected = torch.zeros(var.numel(), dtype=torch.bool)
+    expected[top] = True
+    assert torch.equal(variance_mask(ds, 0.4).reshape(-1), expected)
+
+
+def test_nearswap_by_hand():
+    a = torch.zeros(5)
+    b = torch.tensor([0.001, 0.01, -0.1, 1.0, 0.0])
+    # w = clamp(t / |a - b|, 0, 1) with t = 0.01: 1, 1, 0.1, 0.01, 1 (|a - b| floored at 1e-6)
+    expected = torch.tensor([0.001, 0.01, -0.01, 0.01, 0.0])
+    close(call("nearswap", [b], a, t=0.01), expected, atol=1e-8)
+    base = rand(5, seed=2)
+    close(call("nearswap", [base + b], base, t=0.01), base + expected, atol=1e-7)
+    assert torch.equal(call("nearswap", [b], a, t=0.0), a)
+    assert torch.equal(call("nearswap", [b], a, t=10.0), b)
+
+
+def test_arcee_fusion_importance_and_threshold_independently():
+    from splice.merge.methods.arcee_fusion import importance, outlier_threshold
+
+    base, other = (
+        rand(16, 24, seed=0, dtype=torch.float64),
+        rand(16, 24, seed=1, dtype=torch.float64),
+    )
+    other[3] *= 4  # one row that moves its softmax much more
+    p = torch.exp(other) / torch.exp(other).sum(-1, keepdim=True) + 1e-8
+    q = torch.exp(base) / torch.exp(base).sum(-1, keepdim=True) + 1e-8
+    kl = (p * (torch.log(p) - torch.log(q))).sum(-1, keepdim=True)  # [16, 1]
+    s = importance(other, base)
+    close(s, (other - base).abs() * kl, atol=1e-12)
+    lo, med, hi = torch.quantile(s.reshape(-1), torch.tensor([0.25, 0.5, 0.75]).double(),
+                                 interpolation="lower")  # fmt: skip
+    threshold = med + 1.5 * (hi - lo)
+    assert outlier_threshold(s, None).item() == threshold.item()
+    keep = s >= threshold
+    assert 0 < keep.sum() < keep.numel() and keep[3].float().mean() > keep.float().mean()
+    g = torch.Generator().manual_seed(0)
+    close(call("arcee_fusion", [other], base, generator=g), torch.where(keep, other, base), 1e-15)
+    assert torch.equal(call("arcee_fusion", [base.clone()], base), base)
+
+
+def test_arcee_fusion_large_tensors_estimate_quartiles_from_the_generator():
+    from splice.merge.methods import arcee_fusion as af
+
+    s = rand(1_200_000, seed=3).abs()
+    exact = af.outlier_threshold(s[: af.SAMPLE], None)  # a million entries: exact
+    lo, med, hi = torch.quantile(s.double(), torch.tensor([0.25, 0.5, 0.75]).double())
+    full = (med + 1.5 * (hi - lo)).item()
+    assert exact.item() == pytest.approx(full, rel=5e-3)
+    a = af.outlier_threshold(s, torch.Generator().manual_seed(1))
+    b = af.outlier_threshold(s, torch.Generator().manual_seed(1))
+    c = af.outlier_threshold(s, torch.Generator().manual_seed(2))
+    assert a == b and a != c
+    assert a.item() == pytest.approx(full, rel=5e-3)
+
+
+def f64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def ram_example() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = torch.zeros(5, dtype=torch.float64)
+    deltas = [
+        [0.5, 0.2, 1e-6, 0.3, 0.0],
+        [0.0, 0.4, -1e-6, 0.6, 0.0],
+        [0.0, 0.0, 0.0, -0.3, 0.7],
+    ]
+    return base, [base + torch.tensor(d, dtype=torch.float64) for d in deltas]
+
+
+def test_ram_by_hand():
+    base, xs = ram_example()
+    # contributors per entry (|d| > 1e-5): 1, 2, 0, 3, 1 -> means over those that changed
+    close(call("ram", xs, base), f64(0.5, 0.3, 0.0, 0.2, 0.7), atol=1e-15)
+    # epsilon 0.35 leaves 0.5, 0.4, 0.6, 0.7: entries 0, 1, 4 alone, entry 3 shared by 1 model
+    close(call("ram", xs, base, epsilon=0.35), f64(0.5, 0.4, 0.0, 0.6, 0.7), atol=1e-15)
+
+
+def test_ramplus_tl_by_hand():
+    base, xs = ram_example()
+    # changed entries: model 0 {0 unique, 1 and 3 shared}: ρ = 2/1; model 1 {1, 3 shared}:
+    # ρ = 2/ε (no unique entries); model 2 {3 shared, 4 unique}: ρ = 1
+    # λ = 1 + r·clamp(ρ, 0, α) with r 0.5, α 1.5: 1.75, (unused), 1.5
+    out = call("ramplus_tl", xs, base, r=0.5, alpha=1.5)
+    close(out, f64(0.5 * 1.75, 0.3, 0.0, 0.2, 0.7 * 1.5), atol=1e-15)
+    # defaults r 0.1, α 0.2: every ρ >= 0.2, λ = 1.02
+    # (λ is float32, as in mergekit: 1.02 to float32 precision)
+    close(call("ramplus_tl", xs, base), f64(0.51, 0.3, 0.0, 0.2, 0.714), atol=1e-7)
+    # r = 0 is plain RAM
+    close(call("ramplus_tl", xs, base, r=0.0), call("ram", xs, base), atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, params, problem",
+    [
+        ("nearswap", {"t": -0.1}, "t must be >= 0"),
+        ("sce", {"select_topk": 1.5}, "select_topk 1.5 is not in [0, 1]"),
+        ("sce", {"select_topk": -0.1}, "not in [0, 1]"),
+        ("ram", {"epsilon": -1e-3}, "epsilon must be >= 0"),
+        ("ramplus_tl", {"epsilon": 0.0}, "epsilon must be > 0"),
+        ("ramplus_tl", {"alpha": -1.0}, "alpha must be >= 0"),
+    ],
+)
+def test_new_methods_refuse_bad_parameters(name, params, problem):
+    method = METHODS.get(name)
+    full = {k: v for k, v in method.global_params.items() if v is not REQUIRED} | params
+    assert any(problem in p for _, p in method.problems(full))
+    defaults = {k: v for k, v in method.global_params.items() if v is not REQUIRED}
+    assert not method.problems(defaults | ({"t": 0.1} if name == "nearswap" else {}))
+
+
+def test_new_methods_base_and_model_counts():
+    for name in ("nearswap", "arcee_fusion"):
+        assert METHODS.get(name).base == "required"
+        assert (
+            METHODS.get(name).count_problem(2, True)
+            == f"{name} merges exactly 1 model besides the base, got 2"
+        )
+    for name in ("sce", "ram", "ramplus_tl"):
+        assert METHODS.get(name).base == "required"
+        assert METHODS.get(name).count_problem(5, True) is None
+    assert METHODS.get("nearswap").global_params["t"] is REQUIRED
+
+
 # ---------------------------------------------------------------- parity with mergekit
 
 
@@ -487,6 +666,16 @@ PARITY = [
     ("della", {"weight": W3, "density": [0.5, 0.7, 0.3]}),
     ("della", {"weight": W3, "density": [0.5, 0.7, 0.3], "epsilon": [0.05, 0.2, 0.25]}),
     ("della_linear", {"weight": W3, "density": [0.5, 0.7, 0.3], "rescale": False}),
+    ("sce", {}),
+    ("sce", {"select_topk": 0.3}),
+    ("sce", {"select_topk": 0.05, "int8_mask": True}),
+    ("nearswap", {"t": 0.005}),
+    ("nearswap", {"t": 0.03}),
+    ("arcee_fusion", {}),
+    ("ram", {}),
+    ("ram", {"epsilon": 0.01}),
+    ("ramplus_tl", {}),
+    ("ramplus_tl", {"epsilon": 0.012, "r": 0.5, "alpha": 0.5}),
 ]
 
 
@@ -510,14 +699,37 @@ def test_parity_with_mergekit_float32(name, params, shape):
 @pytest.mark.parametrize(
     "name, params",
     [p for p in PARITY if p[0] in {"linear", "task_arithmetic", "slerp", "nuslerp", "multislerp",
-                                    "karcher", "model_stock"}],
+                                    "karcher", "model_stock", "nearswap", "arcee_fusion", "ram",
+                                    "ramplus_tl"} or p == ("sce", {})],
 )  # fmt: skip
 def test_parity_with_mergekit_half(name, params, dtype):
-    """In bf16/fp16 the methods without magnitude ranking or randomness match exactly."""
+    """In bf16/fp16 the methods without magnitude ranking or randomness match exactly (mergekit's
+    arcee_fusion and ramplus_tl return float32 there, splice the inputs' dtype: compared after
+    rounding theirs)."""
     pytest.importorskip("mergekit")
     tensors, base = inputs(name, dtype)
     expected = mergekit_run(name, tensors, base, params)
-    assert torch.equal(call(name, tensors, base, **params), expected)
+    assert torch.equal(call(name, tensors, base, **params), expected.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("topk", [0.3, 0.05])
+def test_sce_selection_vs_mergekit_half(dtype, topk):
+    """SCE's variance ranking in bf16/fp16 meets equal variances: mergekit's topk and splice's
+    by-position rule may keep different members of a group tied at the cut, nowhere else."""
+    pytest.importorskip("mergekit")
+    from splice.merge.methods.sce import variance_mask
+
+    tensors, base = inputs("sce", dtype)
+    ours = call("sce", tensors, base, select_topk=topk)
+    theirs = mergekit_run("sce", tensors, base, {"select_topk": topk})
+    deltas = [x - base for x in tensors]
+    var = torch.stack(deltas).var(dim=0, correction=0)
+    kept = variance_mask(deltas, topk)
+    cut = var[kept].min()
+    differ = ours != theirs
+    assert (var[differ] == cut).all() or not differ.any()
+    assert differ.sum() <= 2 * (var == cut).sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -611,3 +823,17 @@ def test_chunked_ties_equal_unchunked(monkeypatch):
     whole = run_case("ties", tensors, base)
     monkeypatch.setattr(sp, "CHUNK", 100)
     assert torch.equal(run_case("ties", tensors, base), whole)
+
+
+@pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
+def test_chunked_new_methods_equal_unchunked(monkeypatch, name):
+    from splice.merge.methods import ram, sce
+
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, base = inputs(name, dtype=dtype, shape=(64, 48))
+        whole = run_case(name, tensors, base)
+        with monkeypatch.context() as m:
+            m.setattr(sce, "CHUNK", 100)
+            m.setattr(ram, "CHUNK", 100)
+            m.setattr(sp, "CHUNK", 100)
+            assert torch.equal(run_case(name, tensors, base), whole)
