@@ -86,13 +86,8 @@ def _check_parameter_names(
     otherwise silently merge with the default); one that another method takes (``density``
     in a ``linear`` recipe copied from a TIES one) is ignored, as mergekit does, with a
     warning. Returns the warnings."""
-    if method is not None:
-        accepted = sorted({*method.global_params, *method.per_model})
-    elif recipe.merge_method == "passthrough":
-        accepted = ["scale"]
-    else:  # layer_path: scales live in the path itself
-        accepted = []
-    known = {"scale"}.union(*({*m.global_params, *m.per_model} for m in map(METHODS.get, METHODS)))
+    accepted = sorted({*method.global_params, *method.per_model}) if method is not None else []
+    known = set().union(*({*m.global_params, *m.per_model} for m in map(METHODS.get, METHODS)))
     takes = ", ".join(accepted) if accepted else "no parameters"
     warnings = []
     for where, params in _parameter_scopes(recipe):
@@ -385,11 +380,10 @@ def plan_merge(
         return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed, device=device)
     problems = Problems()  # an unknown method and missing models are reported together
     method = None
-    if recipe.merge_method not in ("passthrough", "layer_path"):
-        try:
-            method = METHODS.get(recipe.merge_method)
-        except SpliceError as e:
-            problems.add(str(e))
+    try:
+        method = METHODS.get(recipe.merge_method)
+    except SpliceError as e:
+        problems.add(str(e))
     try:
         ckpts = open_models(recipe.referenced_models(), allow_pickle=allow_pickle, models=models)
     except SpliceError as e:
@@ -397,6 +391,8 @@ def plan_merge(
             problems.add(line)
     problems.raise_if_any()
     ignored = _check_parameter_names(recipe, method, problems)
+    if method is not None and method.planner == "layers":
+        method = None  # passthrough / layer_path: copies, planned from the slices or the path
     donor = recipe.base_model or recipe.referenced_models()[0]
     _check_architectures(ckpts, donor, allow_crimes, problems)
     compute_dtype = dtype_name(recipe.dtype) if recipe.dtype else "float32"

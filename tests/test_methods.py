@@ -55,8 +55,19 @@ CASES: dict[str, dict] = {
     "arcee_fusion": {},
     "ram": {"epsilon": 0.005},
     "ramplus_tl": {"epsilon": 0.005},
+    "passthrough": {"scale": [0.5]},
+    "layer_path": {},
+    "moe": {},
 }
-N_MODELS = {"slerp": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
+N_MODELS = {
+    "slerp": 1,
+    "nuslerp": 2,
+    "nearswap": 1,
+    "arcee_fusion": 1,
+    "passthrough": 1,
+    "layer_path": 1,
+    "moe": 1,
+}
 
 
 def inputs(name: str, dtype=torch.float32, shape=(24, 16)):

@@ -14,6 +14,7 @@ Each family lives in its own module, imported here explicitly so that registrati
     nearswap.py         nearswap
     arcee_fusion.py     arcee_fusion
     ram.py              ram, ramplus_tl
+    structural.py       passthrough, layer_path, moe (planned from whole layers / experts)
 
 Names, parameters, defaults and formulas are mergekit's; in float32 results match its method
 code to rounding. Where splice differs, on purpose:
@@ -50,6 +51,7 @@ from splice.merge.methods import (
     ram,
     sce,
     slerp,
+    structural,
     task_arithmetic,
 )
 from splice.merge.methods.base import METHODS, REQUIRED, MergeMethod, merge_method
@@ -67,5 +69,6 @@ __all__ = [
     "ram",
     "sce",
     "slerp",
+    "structural",
     "task_arithmetic",
 ]

@@ -68,6 +68,9 @@ class MergeMethod:
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # Literal parameters
     check: Check | None = field(default=None, repr=False)
     inputs: tuple[int, int | None] = (1, None)  # how many models besides the base: min, max
+    #: ``None``: planned tensor by tensor with ``fn``; else the planner that builds the output
+    #: from whole layers ("layers": passthrough, layer_path) or experts ("moe")
+    planner: str | None = None
 
     def count_problem(self, n: int, with_base: bool) -> str | None:
         """Why ``n`` models (besides the base, if ``with_base``) cannot be merged, or None."""
@@ -112,8 +115,13 @@ def merge_method(
     stochastic: bool = False,
     check: Check | None = None,
     inputs: tuple[int, int | None] = (1, None),
+    planner: str | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn`` as merge method ``name``; global parameters come from its signature."""
+    """Register ``fn`` as merge method ``name``; global parameters come from its signature.
+
+    ``planner`` marks a method whose output is planned from whole layers or experts (copies),
+    not tensor by tensor; ``fn`` then states what each copied tensor is, for the record.
+    """
     per_model = dict(per_model or {})
 
     def register(fn: MethodFn) -> MethodFn:
@@ -147,6 +155,7 @@ def merge_method(
                 choices=choices,
                 check=check,
                 inputs=inputs,
+                planner=planner,
             )
         )
         return fn
