@@ -43,7 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     from splice.errors import SpliceError
-    from splice.merge.run import MergeOptions, describe, run
+    from splice.merge.runner import MergeOptions, describe, run
 
     opts = MergeOptions(  # checks the options before the recipe is read
         device=args.device,

@@ -28,7 +28,7 @@ from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.execute import TensorTask, tensor_seed
-from splice.merge.plan import MergePlan, check_dtypes
+from splice.merge.planner import MergePlan, check_dtypes
 from splice.merge.recipe import Expert, Recipe
 from splice.problems import Problems, open_models
 

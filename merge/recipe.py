@@ -8,13 +8,13 @@ level with per-layer gradients (lists interpolated across layers) and name filte
 ``experts_per_token`` for ``merge_method: moe``. A recipe as mergekit-moe writes it (``experts``
 and no ``merge_method``) is read as ``merge_method: moe``. mergekit-multi's files (several YAML
 documents, each with a ``name`` the later ones use as a model) are read by :func:`read_recipe`
-as a :class:`MultiRecipe` and run by ``splice.merge.run``.
+as a :class:`MultiRecipe` and run by ``splice.merge.runner``.
 
 splice adds ``layer_path`` (Sakana's data-flow merge: an ordered list of ``{model, layer |
 layer_range, scale}`` steps) and ``seed`` (for DARE / DELLA).
 
 Only the schema lives here; checks that need the models (shapes, layer counts) are in
-``splice.merge.plan``.
+``splice.merge.planner``.
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ class Recipe(_Strict):
         if len(docs) > 1:
             raise SpliceError(
                 f"{what} holds {len(docs)} YAML documents (a mergekit-multi recipe); "
-                "`splice merge` runs it (splice.merge.run, or read_recipe to load it)"
+                "`splice merge` runs it (splice.merge.runner, or read_recipe to load it)"
             )
         return cls.from_dict(_one_mapping(docs, what), base_dir=base_dir)
 

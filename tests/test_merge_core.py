@@ -355,3 +355,17 @@ def test_options_are_checked_in_the_library_too():
     for bad in ({"device": "banana"}, {"threads": 0}, {"workers": -2}, {"memory_budget": 0}):
         with pytest.raises(SpliceError):
             MergeOptions(**bad)
+
+
+def test_a_module_path_always_names_the_module():
+    import importlib
+    import types
+
+    for name in ("planner", "runner", "recipe", "params", "moe", "vocab", "chat_template"):
+        assert isinstance(importlib.import_module(f"splice.merge.{name}"), types.ModuleType)
+    import splice.merge
+
+    for name in dir(splice.merge):  # no exported function shadows a submodule of that name
+        obj = getattr(splice.merge, name)
+        if callable(obj) and not isinstance(obj, type):
+            assert importlib.util.find_spec(f"splice.merge.{name}") is None, name
