@@ -44,7 +44,13 @@ if TYPE_CHECKING:
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto``/None -> ``cuda`` when available else ``cpu``; a cuda device must exist."""
+    """``auto``/None -> ``cuda`` when available else ``cpu``; a cuda device must exist.
+
+    ``cpu`` is returned without importing torch, so a verb that only copies files (``splice
+    upscale --solar``) never loads it.
+    """
+    if device == "cpu":
+        return device
     import torch
 
     if device in (None, "", "auto"):

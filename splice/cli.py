@@ -215,5 +215,63 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score models: perplexity on a text and/or the zoo's lm-eval tasks",
+        description="Token-level perplexity on a text (sliding windows, batched) and/or the "
+        "zoo's lm-eval tasks (the path `splice zoo eval` takes), one row per model.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folders")
+    p.add_argument("--ppl", metavar="FILE", help="text to score: a file, 'lm-eval:TASK' or 'zoo'")
+    p.add_argument(
+        "--tasks", help="comma-separated zoo tasks (zoo_math, zoo_lang, zoo_math_lang, ..., all)"
+    )
+    p.add_argument(
+        "--seq-len", type=positive_int, default=128, help="tokens per window (default 128)"
+    )
+    p.add_argument(
+        "--stride", type=positive_int, help="tokens between window starts (default seq-len / 2)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
+    )
+    p.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    p.add_argument("--dtype", default="float32", help="dtype to run the models in (float32)")
+    p.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
+    p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
+    p.add_argument("--json", action="store_true", help='print {"<model>": {"ppl": ..., ...}}')
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_model_options(p, runs_models=True)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from splice.scoring import evaluate, format_table, read_text
+
+    text = read_text(args.ppl) if args.ppl is not None else None
+    scores = evaluate(
+        args.models,
+        text=text,
+        tasks=args.tasks,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        zoo=args.zoo,
+        limit=args.limit,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.json:
+        print_json(scores)
+    else:
+        print(format_table(scores))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -124,9 +124,10 @@ class ExecOptions:
 
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI, so a notebook gets the same one-line errors."""
-        from splice.activations import resolve_device
+        if self.device != "cpu":  # resolving imports torch; a plain-copy run needs none
+            from splice.activations import resolve_device
 
-        self.device = resolve_device(self.device)
+            self.device = resolve_device(self.device)
         for name in ("threads", "workers"):
             value = getattr(self, name)
             if value is not None and (

@@ -1,0 +1,315 @@
+"""Scores of a causal LM: perplexity on a text, and the zoo's lm-eval tasks.
+
+:func:`perplexity` is token-level perplexity with sliding windows (Hugging Face's recipe): the
+text is tokenized once (BOS first, if the tokenizer has one), windows of ``seq_len`` tokens start
+every ``stride`` tokens, and each window scores only the tokens the previous one did not, so
+with ``stride < seq_len`` every token after the first is scored exactly once with at least
+``seq_len - stride`` tokens of context. Windows run in batches; log-probabilities are taken in
+float32 and summed in float64.
+
+:func:`evaluate` scores several models: perplexity on a text and/or the zoo's tasks, the latter
+through :func:`splice.zoo.evaluate` (the path ``splice zoo eval`` takes). It returns plain numbers
+``{model: {"ppl": ..., "zoo_math": ...}}``; ``splice eval`` prints them, and every surgery verb
+reports with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+Model = Union[str, "os.PathLike[str]", "PreTrainedModel"]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """``ppl = exp(nll)``: ``nll`` the mean negative log-likelihood (nats) of ``tokens`` scored
+    tokens, over ``windows`` windows of ``seq_len`` tokens taken every ``stride`` tokens."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+    stride: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
+    """A text file, ``lm-eval:TASK`` (a task's documents) or ``zoo`` (the zoo's calibration
+    text), as :func:`splice.activations.calibration_text` reads them."""
+    from splice.activations import calibration_text
+
+    src = str(source)
+    if not (src.startswith("lm-eval:") or src == "zoo" or Path(src).exists()):
+        raise SpliceError(f"{option} {src}: no such text file (give a file, lm-eval:TASK or zoo)")
+    if Path(src).exists() and not Path(src).is_file():
+        raise SpliceError(f"{option} {src}: not a file")
+    return calibration_text(src)
+
+
+def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
+    """``[N]`` token ids of ``text``: the tokenizer's BOS (if any), then the text's tokens,
+    at most ``max_tokens`` in all (only the lines needed are tokenized)."""
+    import torch
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids: list[int] = [bos] if bos is not None else []
+    lines = text.splitlines(keepends=True)
+    step = 256
+    for k in range(0, len(lines), step):
+        chunk = "".join(lines[k : k + step])
+        ids += tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over ``n_tokens`` tokens: ``(begin, end, first)`` per window, scoring the
+    tokens at positions ``first..end-1`` (each predicted from the window's tokens before it)."""
+    check_window(seq_len, stride, n_tokens)
+    out = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seq_len, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def check_window(
+    seq_len: int, stride: int, n_tokens: int | None = None, what: str = "the text"
+) -> None:
+    """``SpliceError`` unless ``seq_len >= 2``, ``1 <= stride <= seq_len`` and the text
+    (``n_tokens``, when given) fills one window."""
+    for name, value, least in (("seq_len", seq_len, 2), ("stride", stride, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SpliceError(f"{name} must be a whole number of {least} or more, got {value!r}")
+    if stride > seq_len:
+        raise SpliceError(f"stride {stride} is longer than the window ({seq_len} tokens)")
+    if n_tokens is not None and n_tokens < seq_len:
+        raise SpliceError(
+            f"{what} is too short: {n_tokens} tokens, fewer than one window of {seq_len} "
+            "(give a longer text or a smaller --seq-len)"
+        )
+
+
+def perplexity(
+    model: PreTrainedModel,
+    text: str | torch.Tensor,
+    *,
+    tokenizer: Any = None,
+    seq_len: int = 128,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> Perplexity:
+    """Perplexity of ``model`` (on its device) on ``text`` (a string, tokenized with
+    ``tokenizer``, or ``[N]`` token ids). ``stride`` defaults to ``seq_len // 2``."""
+    import torch
+
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise SpliceError("perplexity of a text needs its tokenizer")
+        ids = text_ids(tokenizer, text, max_tokens=max_tokens)
+    else:
+        ids = text.reshape(-1)[:max_tokens] if max_tokens else text.reshape(-1)
+    stride = stride if stride is not None else max(1, seq_len // 2)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpliceError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise SpliceError(f"seq_len {seq_len} exceeds the model's {max_pos} positions")
+    rows = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        raise SpliceError(
+            f"the tokenizer gives token id {int(ids.max())} but the model has {rows} embeddings"
+        )
+    spans = windows(int(ids.numel()), seq_len, stride)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    # windows of one length go together: all but perhaps the last are seq_len long
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    with torch.inference_mode():
+        for width, group in groups.items():
+            for k in range(0, len(group), batch_size):
+                part = group[k : k + batch_size]
+                batch = torch.stack([ids[b:e] for b, e, _ in part]).to(device)
+                logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
+                scored = torch.zeros(len(part), width, dtype=torch.bool, device=device)
+                for row, (b, _e, first) in enumerate(part):
+                    scored[row, first - b :] = True
+                # position p is predicted by the logits at p - 1
+                pred = logits[:, :-1][scored[:, 1:]].float()
+                target = batch[:, 1:][scored[:, 1:]]
+                nll = torch.nn.functional.cross_entropy(pred, target, reduction="none")
+                total += float(nll.double().sum())
+                count += int(target.numel())
+    mean = total / max(count, 1)
+    if not math.isfinite(mean):
+        raise SpliceError("the model's log-likelihood is NaN or inf on this text")
+    return Perplexity(math.exp(mean), mean, count, len(spans), seq_len, stride)
+
+
+# ---- several models ---------------------------------------------------------------------------
+def evaluate(
+    models: Mapping[str, Model] | Sequence[str | os.PathLike[str]],
+    *,
+    text: str | None = None,
+    tasks: str | Sequence[str] | None = None,
+    seq_len: int = 128,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokenizer: str | os.PathLike[str] | Any = None,
+    zoo: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    show_progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Scores of every model: ``{name: {"ppl": perplexity on text, task: accuracy, ...}}``.
+
+    ``models``: folders (named by their path) or a mapping name -> folder or live model.
+    ``text`` is scored with :func:`perplexity` (each folder's own tokenizer; a live model needs
+    ``tokenizer``); ``tasks`` (``"zoo_math,zoo_lang"``, a list, ``"all"``) are the zoo's lm-eval
+    tasks, scored by :func:`splice.zoo.evaluate` (``zoo``: the built zoo whose tasks to use).
+    Every folder is checked before any model is loaded; each is then loaded once, in ``dtype`` on
+    ``device``, scored, and dropped.
+    """
+    from splice.activations import resolve_device
+
+    if text is None and tasks is None:
+        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
+    device = resolve_device(device)
+    task_names: list[str] = []
+    if tasks is not None:
+        from splice.zoo.evaluate import parse_tasks
+
+        task_names = parse_tasks(tasks)
+    if not isinstance(models, Mapping):
+        models = {str(m): m for m in models}
+    if not models:
+        raise SpliceError("no model to score")
+    if text is not None:
+        check_window(seq_len, stride if stride is not None else max(1, seq_len // 2))
+    checked = {
+        name: _check_folder(m, allow_pickle, trust_remote_code)
+        for name, m in models.items()
+        if isinstance(m, str | os.PathLike)
+    }
+    if text is not None and tokenizer is None and len(checked) < len(models):
+        raise SpliceError("perplexity of a live model needs its tokenizer (tokenizer=...)")
+    from splice.progress import progress
+
+    out: dict[str, dict[str, float]] = {}
+    for name in progress(list(models), "eval", enabled=show_progress and len(models) > 1):
+        out[name] = {}
+        if name in checked:
+            from splice.activations import load_model
+
+            model = load_model(
+                checked[name],
+                dtype=dtype,
+                device=device,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                why="a model with NaN or inf weights cannot be scored",
+            )
+        else:
+            model = models[name]
+        if text is not None:
+            tok = _tokenizer(tokenizer if tokenizer is not None else checked[name])
+            ppl = perplexity(
+                model,
+                text,
+                tokenizer=tok,
+                seq_len=seq_len,
+                stride=stride,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+            )
+            out[name]["ppl"] = ppl.ppl
+        if task_names:
+            from splice.zoo.evaluate import evaluate as zoo_evaluate
+
+            tok_src = tokenizer if isinstance(tokenizer, str | os.PathLike) else None
+            if tok_src is None and name in checked and _has_tokenizer(checked[name]):
+                tok_src = checked[name]
+            scores = zoo_evaluate(
+                {name: model},
+                task_names,
+                zoo=zoo,
+                tokenizer=tok_src,
+                limit=limit,
+                show_progress=False,
+            )
+            out[name].update(scores[name])
+        del model
+    return out
+
+
+def _check_folder(path: str | os.PathLike[str], allow_pickle: bool, trust: bool) -> Path:
+    from splice.activations import check_model_code
+    from splice.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+    check_model_code(ckpt.path, trust)
+    ckpt.validate()
+    return ckpt.path
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _tokenizer(source: Any) -> Any:
+    if isinstance(source, str | os.PathLike):
+        from splice.modeling import load_tokenizer
+
+        return load_tokenizer(source)
+    return source
+
+
+def format_table(scores: Mapping[str, Mapping[str, float]], *, markdown: bool = False) -> str:
+    """One row per model, one column per score (``ppl`` first)."""
+    cols = list(dict.fromkeys(c for row in scores.values() for c in row))
+    cols.sort(key=lambda c: c != "ppl")
+    width = max([5, *(len(m) for m in scores)])
+
+    def cell(v: float | None, c: str) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.3f}" if c != "ppl" else f"{v:.4g}"
+
+    if markdown:
+        lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for m, row in scores.items():
+            lines.append(f"| {m} | " + " | ".join(cell(row.get(c), c) for c in cols) + " |")
+        return "\n".join(lines)
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>13}" for c in cols)]
+    for m, row in scores.items():
+        lines.append(f"{m:<{width}}  " + "  ".join(f"{cell(row.get(c), c):>13}" for c in cols))
+    return "\n".join(lines)

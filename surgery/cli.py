@@ -1,0 +1,303 @@
+"""``splice upscale``, ``splice prune`` and ``splice heal``: thin layers over splice.surgery."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from splice.cli import add_model_options, add_output_options, positive_int, print_json
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _calibration_options(p: argparse.ArgumentParser, used_by: str) -> None:
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help=f"text to measure layers on ({used_by}): a text file, 'lm-eval:TASK' or 'zoo'",
+    )
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=128,
+        help="tokens per window, of the calibration and of --ppl (default 128)",
+    )
+    p.add_argument(
+        "--max-samples", type=positive_int, default=64, help="windows to run (default 64)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
+    )
+    p.add_argument(
+        "--calibration-dtype", default="float32", help="dtype to run the model in (float32)"
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder or hub id")
+    p.add_argument("out", nargs="?", help="output folder (written atomically)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    _score_options(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_options(p)
+    add_model_options(p, runs_models=True)
+
+
+def _score_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ppl",
+        metavar="FILE",
+        help="after writing, score the source and the output: perplexity on this text",
+    )
+    p.add_argument(
+        "--tasks", help="after writing, score the source and the output on these zoo tasks"
+    )
+    p.add_argument("--zoo", help="built zoo whose tasks --tasks uses (default: the shared zoo)")
+
+
+def add_upscale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="grow a model in depth: SOLAR, Yi, duplicate, LLaMA-Pro expand, any layer list",
+        description="Depth up-scaling of one model, with exactly one mode. Several models' "
+        "layers in one stack: a mergekit `slices` recipe through `splice merge` does that.",
+    )
+    _common(p)
+    m = p.add_argument_group("modes (exactly one)")
+    m.add_argument(
+        "--solar",
+        type=int,
+        metavar="M",
+        help="SOLAR: two copies, the first without its last M layers, the second without its "
+        "first M (n=32, M=8: 0:24,8:32)",
+    )
+    m.add_argument(
+        "--yi",
+        type=int,
+        metavar="K",
+        help="Yi: duplicate the K consecutive layers whose mean input/output cosine on "
+        "--calibration is highest",
+    )
+    m.add_argument("--duplicate", metavar="A:B", help="duplicate layers [A, B) in place")
+    m.add_argument(
+        "--expand",
+        type=int,
+        metavar="N",
+        help="LLaMA-Pro: N new blocks spread evenly, copies with o_proj/down_proj zeroed "
+        "(the output computes the source's function)",
+    )
+    m.add_argument(
+        "--layers",
+        metavar="SPEC",
+        help="explicit half-open ranges / indices of this model, e.g. 0:24,8:32",
+    )
+    _calibration_options(p, "--yi")
+    p.set_defaults(func=_run_upscale)
+
+
+def add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="remove layers: by angular distance, block influence, or as given",
+        description="Remove N layers chosen on calibration text (--by angular: the contiguous "
+        "block with the smallest angular distance between its input and output, last token; "
+        "--by influence: the N layers of lowest block influence 1 - cos(in, out)), or the "
+        "layers of --drop.",
+    )
+    _common(p)
+    p.add_argument("--n", type=positive_int, metavar="N", help="number of layers to remove")
+    p.add_argument("--by", choices=("angular", "influence"), help="metric (default angular)")
+    p.add_argument("--drop", metavar="LAYERS", help="remove exactly these layers, e.g. 3,4,7")
+    _calibration_options(p, "--n")
+    p.set_defaults(func=_run_prune)
+
+
+def add_heal(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heal",
+        help="short causal-LM fine-tune after surgery (full, new layers only, or LoRA merged)",
+        description="Fine-tune MODEL on a text for a few steps and write a standard checkpoint "
+        "(LoRA adapters merged back).",
+    )
+    p.add_argument("model", help="model folder")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--text", required=True, help="training text: a file, 'lm-eval:TASK' or 'zoo'")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate (1e-4)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (8)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (128)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: a tenth of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for windows and LoRA init (0)")
+    p.add_argument(
+        "--only-new-layers",
+        action="store_true",
+        help="train only the blocks up-scaling added (from the input's splice_surgery.json)",
+    )
+    p.add_argument("--train-layers", metavar="LAYERS", help="train only these layers, e.g. 4,5")
+    p.add_argument("--lora", type=positive_int, metavar="R", help="rank-R LoRA (peft), merged back")
+    p.add_argument("--lora-alpha", type=_positive_float, help="LoRA alpha (default 2R)")
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=2_000_000, help="text tokens read (2M)"
+    )
+    p.add_argument("--train-dtype", default="float32", help="dtype to train in (float32)")
+    _score_options(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_options(p)
+    add_model_options(p, runs_models=True)
+    p.set_defaults(func=_run_heal)
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+def _exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
+    from splice.dtypes import parse_size
+    from splice.errors import SpliceError
+    from splice.execute import ExecOptions
+
+    try:
+        shard = parse_size(args.max_shard_size)
+    except SpliceError as e:
+        raise SpliceError(f"--max-shard-size {args.max_shard_size}: {e}") from None
+    return ExecOptions(
+        device=device,
+        threads=args.threads,
+        max_shard_size=shard,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    if args.calibration is None:
+        return None
+    from splice.surgery.calibration import Calibration
+
+    return Calibration(
+        seq_len=args.seq_len,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.calibration_dtype,
+        include_path=args.include_path,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _finish(result: Any, args: argparse.Namespace) -> None:
+    if not args.dry_run and (args.ppl or args.tasks):
+        from splice.scoring import read_text
+
+        result.score(
+            text=read_text(args.ppl) if args.ppl else None,
+            tasks=args.tasks,
+            zoo=args.zoo,
+            device=args.device,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+        )
+    if args.json:
+        data = result.report.to_dict()
+        data["out"] = str(result.out) if result.out is not None else None
+        print_json(data)
+        return
+    print(result.describe() if args.dry_run else result.report.summary())
+    if result.out is not None:
+        print(f"wrote {result.out}")
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    from splice.errors import SpliceError
+
+    if not args.dry_run and not args.out:
+        raise SpliceError("give an output folder OUT (or --dry-run)")
+    if args.dry_run and (args.ppl or args.tasks):
+        raise SpliceError("--ppl / --tasks score the written output; a --dry-run writes none")
+
+
+def _run_upscale(args: argparse.Namespace) -> None:
+    from splice.surgery.upscale import upscale
+
+    _check_out(args)
+    result = upscale(
+        args.model,
+        args.out,
+        dry_run=args.dry_run,
+        options=_exec_options(args),
+        solar=args.solar,
+        yi=args.yi,
+        duplicate=args.duplicate,
+        expand=args.expand,
+        layers=args.layers,
+        calibration=args.calibration,
+        calib=_calibration(args),
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _finish(result, args)
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from splice.surgery.prune import prune
+
+    _check_out(args)
+    result = prune(
+        args.model,
+        args.out,
+        dry_run=args.dry_run,
+        options=_exec_options(args),
+        n=args.n,
+        by=args.by,
+        calibration=args.calibration,
+        drop=args.drop,
+        calib=_calibration(args),
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _finish(result, args)
+
+
+def _run_heal(args: argparse.Namespace) -> None:
+    from splice.surgery.heal import heal
+
+    args.dry_run = False
+    result = heal(
+        args.model,
+        args.out,
+        text=args.text,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        only_new_layers=args.only_new_layers,
+        train_layers=args.train_layers,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        train_dtype=args.train_dtype,
+        dtype=args.dtype,
+        options=_exec_options(args),
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    _finish(result, args)

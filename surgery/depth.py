@@ -1,0 +1,137 @@
+"""A depth operation as a :class:`splice.output.ModelPlan`: a layer map plus the one writer.
+
+:func:`layer_map_plan` turns a :class:`SurgeryReport`'s layer map into a
+:class:`splice.layerplan.LayerPlan` over one model (every tensor a copy: same dtype, a kernel
+file-to-file copy), replaces the residual writers of the ``zeroed`` layers by zeros
+(LLaMA-Pro), and adds the rewritten config (layer count, per-layer lists such as
+``layer_types``), the source's tokenizer, the card and the ``splice_surgery.json`` record.
+:class:`SurgeryResult` is what every surgery function returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from splice.card import model_card
+from splice.checkpoint import Checkpoint
+from splice.execute import ExecOptions, TensorTask
+from splice.layerplan import LayerPlan, LayerRef
+from splice.output import ModelPlan, write_model
+from splice.surgery.report import RECORD, SurgeryReport
+from splice.target import check_target, lock_target
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _zeros(tensors: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.zeros_like(tensors[0])
+
+
+def layer_map_plan(
+    ckpt: Checkpoint, report: SurgeryReport, *, dtype: str | None = None, tags: tuple = ()
+) -> ModelPlan:
+    """The output model of ``report`` (its ``layers`` and ``zeroed``) drawn from ``ckpt``."""
+    from splice.dtypes import config_with_dtype
+
+    key = str(ckpt.path)
+    models = {key: ckpt}
+    plan = LayerPlan(tuple(LayerRef(key, s) for s in report.layers), key, key)
+    tasks = plan.tasks(models, dtype=dtype)
+    spec = ckpt.arch
+    zeroed = set(report.zeroed)
+    if zeroed:
+        out = []
+        for t in tasks:
+            layer = spec.layer_of(t.name)
+            if layer in zeroed and spec.is_residual_writer(t.name):
+                src = t.sources[0]
+                t = TensorTask.copy(
+                    t.name,
+                    src.model,
+                    src.name,
+                    ckpt[src.name],
+                    dtype=t.dtype,
+                    compute=_zeros,
+                    note=" zeroed (new block)",
+                )
+            out.append(t)
+        tasks = out
+    config = plan.config(models)
+    if dtype:
+        config = config_with_dtype(config, dtype)
+    card = model_card(
+        report.title,
+        [report.source],
+        details=report.card_details(),
+        tags=["surgery", *tags],
+    )
+    return ModelPlan(
+        tasks=tasks,
+        models=models,
+        config=config,
+        tokenizer_from=key,
+        files={RECORD: report.record()},
+        card=card,
+    )
+
+
+@dataclass
+class SurgeryResult:
+    """A planned surgery: the :class:`ModelPlan` to write, its report, and where it went."""
+
+    plan: ModelPlan
+    report: SurgeryReport
+    out: Path | None = None
+
+    def describe(self) -> str:
+        """The report and the tensor plan (``--dry-run``)."""
+        return self.report.summary() + "\n" + self.plan.describe()
+
+    def score(
+        self, *, text: str | None = None, tasks: Any = None, **kwargs: Any
+    ) -> dict[str, dict[str, float]]:
+        """Score the source and the written output (:func:`splice.scoring.evaluate`); the
+        numbers also go into ``report.scores``."""
+        from splice.errors import SpliceError
+        from splice.scoring import evaluate
+
+        if self.out is None:
+            raise SpliceError("nothing was written to score (a dry run)")
+        scores = evaluate(
+            {"source": self.report.source, "output": str(self.out)},
+            text=text,
+            tasks=tasks,
+            **kwargs,
+        )
+        self.report.scores = scores
+        return scores
+
+
+def write_result(
+    result: SurgeryResult, out: str | os.PathLike[str], options: ExecOptions
+) -> SurgeryResult:
+    """Write ``result.plan`` to ``out`` (see :func:`splice.output.write_model`)."""
+    path = write_model(result.plan, out, options)
+    return replace(result, out=path)
+
+
+@contextlib.contextmanager
+def claimed(
+    out: str | os.PathLike[str] | None, options: ExecOptions, inputs: list[Any]
+) -> Iterator[None]:
+    """Lock and check ``out`` before any work (calibration can take long); ``None`` (a dry
+    run): nothing to claim."""
+    if out is None:
+        yield
+        return
+    with lock_target(out):
+        check_target(out, options.overwrite, inputs=inputs)
+        yield

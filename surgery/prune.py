@@ -1,0 +1,119 @@
+"""Layer pruning: remove ``n`` layers chosen on calibration text, or the layers given.
+
+- ``n=N, by="angular"`` (Gromov et al., PruneMe) — the contiguous block ``[l, l+N)`` with the
+  smallest angular distance ``d(l, l+N)`` between the last token's residual stream entering
+  layer ``l`` and leaving layer ``l+N-1`` (windows are unpadded, so the last token is the last
+  real one);
+- ``n=N, by="influence"`` (ShortGPT) — the ``N`` layers of lowest block influence
+  ``1 - cos(in, out)`` (mean over all tokens), not necessarily contiguous;
+- ``drop="3,4,7"`` — exactly these layers.
+
+The report lists the metric of every candidate and the chosen layers. MoE models work the same
+way (a layer goes with all its experts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from splice.checkpoint import open_checkpoint
+from splice.errors import SpliceError
+from splice.execute import ExecOptions
+from splice.surgery import layermaps
+from splice.surgery.calibration import (
+    Calibration,
+    angular_candidates,
+    influence_candidates,
+    layer_report,
+    meta,
+)
+from splice.surgery.depth import SurgeryResult, claimed, layer_map_plan, write_result
+from splice.surgery.report import SurgeryReport
+
+METRICS = ("angular", "influence")
+
+
+def plan_prune(
+    model: str | os.PathLike[str],
+    *,
+    n: int | None = None,
+    by: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    drop: str | list[int] | None = None,
+    calib: Calibration | None = None,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> SurgeryResult:
+    """Plan a pruned copy of ``model`` (nothing is written); see the module docstring."""
+    if (n is None) == (drop is None):
+        raise SpliceError(
+            "prune: give exactly one of --n N (with --by and --calibration) or --drop LAYERS"
+        )
+    if drop is not None and (by is not None or calibration is not None):
+        raise SpliceError("prune --drop takes no --by or --calibration (the layers are given)")
+    if n is not None:
+        by = by or "angular"
+        if by not in METRICS:
+            raise SpliceError(f"--by {by}: choose from {', '.join(METRICS)}")
+        if calibration is None:
+            raise SpliceError(f"prune --n needs --calibration FILE to measure {by} on")
+    ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    ckpt.validate()
+    total = ckpt.num_layers
+    report = SurgeryReport(operation="", source=str(ckpt.path), num_layers=total, layers=[])
+    if drop is not None:
+        gone = layermaps.parse_indices(drop, total)
+        layermaps.without(total, gone)
+        report.operation = f"prune --drop {','.join(map(str, gone))}"
+    else:
+        count = layermaps._whole(n, "--n")
+        if count < 1:
+            raise SpliceError(f"--n {count}: prune at least 1 layer")
+        layermaps.without(total, list(range(count)), "--n")  # refuses n >= total
+        stats = layer_report(
+            ckpt.path,
+            calibration,  # type: ignore[arg-type]
+            calib or Calibration(),
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+        if by == "angular":
+            report.candidates, start = angular_candidates(stats, count)
+            gone = list(range(start, start + count))
+            report.metric, report.better = "angular distance d(l, l+n)", "the lowest is removed"
+        else:
+            report.candidates, gone = influence_candidates(stats, count)
+            report.metric, report.better = (
+                "block influence",
+                ("the lowest is removed" if count == 1 else f"the {count} lowest are removed"),
+            )
+        report.operation = f"prune --n {count} --by {by}"
+        report.meta.update(meta(stats))
+    report.chosen = list(gone)
+    report.removed = list(gone)
+    report.layers = layermaps.without(total, gone)
+    plan = layer_map_plan(ckpt, report, dtype=dtype, tags=("prune",))
+    return SurgeryResult(plan, report)
+
+
+def prune(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    dry_run: bool = False,
+    options: ExecOptions | None = None,
+    **kwargs: Any,
+) -> SurgeryResult:
+    """Prune ``model`` into ``out`` (atomically) as :func:`plan_prune` plans it; with
+    ``dry_run`` only plan. ``out`` is locked and checked before any calibration runs."""
+    opts = options or ExecOptions()
+    if out is None and not dry_run:
+        raise SpliceError("give an output folder OUT (or --dry-run)")
+    target = None if dry_run else out
+    with claimed(target, opts, [model]):
+        result = plan_prune(model, **kwargs)
+        if target is None:
+            return result
+        return write_result(result, target, opts)
