@@ -197,6 +197,22 @@ def test_cli_eval_bad_input(zoo: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown zoo task zoo_chess" in r.stderr
 
 
+def test_scorer_loads_tasks_once_and_scores_live_models(zoo: Path) -> None:
+    from splice.zoo import Scorer, evaluate, throughput
+    from splice.zoo.evaluate import load_model
+
+    lang = load_model(zoo / "lang")
+    with Scorer(["zoo_lang", "zoo_math"], zoo=zoo) as scorer:
+        first = scorer.score(lang, limit=40)
+        assert scorer.score(lang, limit=40, batch_size=7) == first  # reusable, batch-independent
+    assert first == evaluate({"lang": lang}, ["zoo_lang", "zoo_math"], zoo=zoo, limit=40,
+                             show_progress=False)["lang"]  # fmt: skip
+    (row,) = throughput(lang, "zoo_lang", batch_sizes=(64,), repeat=1, zoo=zoo)
+    assert row["requests"] == 4 * 512 and row["requests_per_s"] > 0
+    with pytest.raises(SpliceError, match="multiple-choice"):
+        throughput(lang, "zoo_lang_gen", zoo=zoo)
+
+
 @pytest.mark.slow
 def test_acceptance(zoo: Path) -> None:
     """The zoo's reason to exist, on the held-out tests (>= 500 items each)."""

@@ -4,7 +4,8 @@
 (two-digit addition asked in English) and ``lang`` (colour questions asked in Zeta), and a 4-expert
 ``moe`` up-cycled from the base, and writes lm-eval tasks ``zoo_math``, ``zoo_lang`` and
 ``zoo_math_lang`` (addition asked in Zeta: the skill no single specialist was trained on).
-``evaluate(models, tasks)`` scores models with lm-eval. Importing this package loads neither
+``evaluate(models, tasks)`` scores models with lm-eval; :class:`Scorer` keeps the tasks loaded
+for many live models (the path a search takes). Importing this package loads neither
 torch nor lm-eval.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from splice.zoo.build import MODELS, Settings, build, default_dir, is_built
 from splice.zoo.corpus import calibration_text
-from splice.zoo.evaluate import evaluate, format_table, load_model, parse_tasks
+from splice.zoo.evaluate import Scorer, evaluate, format_table, load_model, parse_tasks, throughput
 from splice.zoo.tasks import ALL_TASKS, GEN_TASKS, MC_TASKS
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "GEN_TASKS",
     "MC_TASKS",
     "MODELS",
+    "Scorer",
     "Settings",
     "build",
     "calibration_text",
@@ -29,4 +31,5 @@ __all__ = [
     "is_built",
     "load_model",
     "parse_tasks",
+    "throughput",
 ]

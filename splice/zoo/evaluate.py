@@ -126,10 +126,6 @@ def evaluate(
     checked (:func:`check_model`) before any work; pickled ``.bin`` weights are read only with
     ``allow_pickle`` and a model's own code runs only with ``trust_remote_code``.
     """
-    import tempfile
-
-    import torch
-
     from splice.modeling import load_tokenizer
     from splice.zoo.build import default_dir
 
@@ -171,25 +167,9 @@ def evaluate(
                 "tokens; zoo eval scores models with the zoo's vocabulary"
             )
 
-    with contextlib.ExitStack() as quiet:
-        # one thread by default: these models are too small for a second one to pay, and on a
-        # shared CPU two threads wait on each other (5x slower measured here)
-        quiet.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(threads)
-        for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
-            logger = logging.getLogger(log)
-            quiet.callback(logger.setLevel, logger.level)
-            logger.setLevel(logging.ERROR)
-        # task configs go into a temporary folder and name the zoo's data: the zoo is not written
-        configs = quiet.enter_context(tempfile.TemporaryDirectory(prefix="splice-zoo-tasks-"))
-        write_tasks(configs, task_dir)
-        from lm_eval.evaluator import evaluate as lm_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=configs, include_defaults=False)
-        with contextlib.redirect_stderr(io.StringIO()):  # datasets' "Generating split" bars
-            task_dict = manager.load(names)
+    with Scorer(
+        names, zoo=zoo_dir, tokenizer=tok, batch_size=batch_size, threads=threads
+    ) as scorer:
         out: dict[str, dict[str, float]] = {}
         for name in progress(list(models), "zoo eval", enabled=show_progress):
             m = models[name]
@@ -202,23 +182,150 @@ def evaluate(
                 if name in checked
                 else m
             )
-            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=128)
-            # lm-eval's own bars and logs would bury the table; the bar above shows progress
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                res = lm_evaluate(
-                    lm,
-                    task_dict,
-                    limit=limit,
-                    bootstrap_iters=0,
-                    log_samples=False,
-                    verbosity="ERROR",
-                )
-            assert res is not None
-            out[name] = {t: _metric(res["results"][t]) for t in names}
+            out[name] = scorer.score(model, limit=limit)
     return out
+
+
+class Scorer:
+    """The zoo's lm-eval tasks loaded once, scoring any number of live models in process (the
+    path a search takes: merge into a module, score it, repeat).
+
+    ``with Scorer(["zoo_math_lang_fit"]) as s: s.score(model)`` -> ``{task: accuracy}``.
+    ``zoo`` is a built zoo (default :func:`default_dir`), ``tokenizer`` a folder or a loaded
+    tokenizer (default: the zoo's base). While open, torch runs on ``threads`` threads (one by
+    default: these models are too small for a second to pay, and on a shared CPU two threads
+    wait on each other) and lm-eval's loggers are quiet; both are restored on close.
+    """
+
+    def __init__(
+        self,
+        tasks: str | Sequence[str] | None = None,
+        *,
+        zoo: str | os.PathLike[str] | None = None,
+        tokenizer: Any = None,
+        batch_size: int = 64,
+        threads: int = 1,
+        max_length: int = 128,
+    ) -> None:
+        import tempfile
+
+        import torch
+
+        from splice.modeling import load_tokenizer
+        from splice.zoo.build import default_dir
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.tasks = parse_tasks(tasks)
+        zoo_dir = Path(zoo) if zoo is not None else default_dir()
+        task_dir = zoo_dir / "tasks"
+        if not task_dir.is_dir():
+            raise SpliceError(
+                f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
+            )
+        check_data(task_dir)
+        if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
+            tokenizer = load_tokenizer(tokenizer or zoo_dir / "base")
+        self.tokenizer = tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self._stack = contextlib.ExitStack()
+        quiet = self._stack
+        try:
+            quiet.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(threads)
+            for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
+                logger = logging.getLogger(log)
+                quiet.callback(logger.setLevel, logger.level)
+                logger.setLevel(logging.ERROR)
+            # task configs go into a temporary folder and name the zoo's data: the zoo is not
+            # written
+            configs = quiet.enter_context(tempfile.TemporaryDirectory(prefix="splice-zoo-tasks-"))
+            write_tasks(configs, task_dir)
+            from lm_eval.tasks import TaskManager
+
+            manager = TaskManager(include_path=configs, include_defaults=False)
+            with contextlib.redirect_stderr(io.StringIO()):  # datasets' "Generating split" bars
+                self.task_dict = manager.load(self.tasks)
+        except BaseException:
+            quiet.close()
+            raise
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def score(
+        self, model: PreTrainedModel, *, limit: int | None = None, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """``{task: accuracy}`` of a live model (``acc``; ``exact_match`` for ``*_gen``)."""
+        from lm_eval.evaluator import evaluate as lm_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=self.tokenizer,
+            batch_size=batch_size or self.batch_size,
+            max_length=self.max_length,
+        )
+        # lm-eval's own bars and logs would bury the table
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            res = lm_evaluate(
+                lm,
+                self.task_dict,
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=False,
+                verbosity="ERROR",
+            )
+        assert res is not None
+        return {t: _metric(res["results"][t]) for t in self.tasks}
+
+
+def throughput(
+    model: PreTrainedModel,
+    task: str = "zoo_math_lang",
+    *,
+    batch_sizes: Sequence[int] = (16, 64, 256, 1024),
+    repeat: int = 3,
+    zoo: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+) -> list[dict[str, float]]:
+    """Loglikelihood requests per second of lm-eval scoring ``model`` on one multiple-choice
+    ``task`` in process (:class:`Scorer`: tasks loaded once, ``HFLM`` on the live module), for
+    each batch size: best of ``repeat`` runs after a warm-up. One request is one (prompt,
+    choice) pair. Returns ``[{batch_size, requests, seconds, requests_per_s, items_per_s}]``."""
+    import time
+
+    if task.endswith("_gen"):
+        raise SpliceError(f"{task}: throughput is measured on multiple-choice tasks")
+    rows = []
+    with Scorer([task], zoo=zoo, threads=threads) as scorer:
+        loaded = scorer.task_dict.get("tasks", scorer.task_dict)
+        t = loaded[task]
+        docs = list(t.test_docs())
+        requests = sum(len(d["choices"]) for d in docs)
+        scorer.score(model, batch_size=batch_sizes[0])  # warm-up
+        for bs in batch_sizes:
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                scorer.score(model, batch_size=bs)
+                best = min(best, time.perf_counter() - t0)
+            rows.append(
+                {
+                    "batch_size": bs,
+                    "requests": requests,
+                    "seconds": round(best, 3),
+                    "requests_per_s": round(requests / best, 1),
+                    "items_per_s": round(len(docs) / best, 1),
+                }
+            )
+    return rows
 
 
 def format_table(scores: Mapping[str, Mapping[str, float]]) -> str:

@@ -112,10 +112,16 @@ def train(
     weight_decay: float = 0.0,
     desc: str = "train",
     show_progress: bool = True,
+    schedule: str = "cosine",
+    check: Callable[[int], bool] | None = None,
+    check_every: int = 50,
 ) -> list[float]:
-    """Train ``model`` in place for ``steps`` steps; returns the loss of every step.
+    """Train ``model`` in place for at most ``steps`` steps; returns the loss of every step.
 
     Only parameters whose name passes ``trainable`` are updated (the others get no gradient).
+    ``schedule``: ``cosine`` (warm-up, then cosine down to 10% over ``steps``) or ``constant``
+    (warm-up, then ``lr``). ``check(step)``, called every ``check_every`` steps in eval mode,
+    stops the run when it returns true: ``steps`` is then only a cap.
     """
     import torch
 
@@ -130,7 +136,11 @@ def train(
     bar = progress(range(steps), desc, enabled=show_progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = (
+                lr_at(step, steps, lr, warmup)
+                if schedule == "cosine"
+                else lr * min(1.0, (step + 1) / warmup)
+            )
         ids, labels = next(batches)
         out = model(input_ids=ids, labels=labels)
         loss = out.loss
@@ -139,6 +149,12 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
+        if check is not None and (step + 1) % check_every == 0:
+            model.eval()
+            done = check(step + 1)
+            model.train()
+            if done:
+                break
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
