@@ -813,10 +813,15 @@ def test_sign_agreement_vs_mergekit():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("lo,hi", [(0, 500), (123, 1000), (250, 700), (999, 1000), (0, 1)])
-def test_chunked_rank_window_matches_a_stable_sort(monkeypatch, dtype, lo, hi):
-    """Radix selection over many chunks == zeroing by a stable argsort of |x| (ties by index)."""
-    monkeypatch.setattr(sp, "CHUNK", 37)  # many chunks, ties spanning chunk borders
+@pytest.mark.parametrize(
+    "lo,hi", [(0, 500), (123, 1000), (250, 700), (999, 1000), (0, 1), (1000, 1000), (400, 400)]
+)
+@pytest.mark.parametrize("row,block", [(37, 16), (100, 1 << 19), (1 << 20, 7)])
+def test_chunked_rank_window_matches_a_stable_sort(monkeypatch, dtype, lo, hi, row, block):
+    """Radix selection over many histogram rows and blocks == zeroing by a stable argsort of
+    |x| (ties by index); an empty window keeps nothing."""
+    monkeypatch.setattr(sp, "ROW", row)  # many rows, ties spanning row borders
+    monkeypatch.setattr(sp, "BLOCK", block)  # ... and block borders
     x = rand(1000, seed=3, scale=0.01).to(dtype)
     x[::7] = x[3]  # many exact ties in magnitude...
     x[1::11] = -x[3]  # ...and of both signs
@@ -832,7 +837,8 @@ def test_chunked_rank_window_matches_a_stable_sort(monkeypatch, dtype, lo, hi):
 def test_chunked_ties_equal_unchunked(monkeypatch):
     tensors, base = inputs("ties", dtype=torch.bfloat16, shape=(64, 48))
     whole = run_case("ties", tensors, base)
-    monkeypatch.setattr(sp, "CHUNK", 100)
+    monkeypatch.setattr(sp, "ROW", 100)
+    monkeypatch.setattr(sp, "BLOCK", 37)
     assert torch.equal(run_case("ties", tensors, base), whole)
 
 
@@ -848,3 +854,142 @@ def test_chunked_new_methods_equal_unchunked(monkeypatch, name):
             m.setattr(ram, "CHUNK", 100)
             m.setattr(sp, "CHUNK", 100)
             assert torch.equal(run_case(name, tensors, base), whole)
+
+
+# ---------------------------------------------------------------- the TIES family, block by block
+
+
+def whole_tensor_gta(tensors, base, *, weight, density, sparsifier, consensus, normalize,
+                     lambda_=1.0, gamma=None):  # fmt: skip
+    """The generalized task arithmetic formula on whole tensors, written plainly: deltas held,
+    ranks by a stable argsort, masks by ``torch.where``; the same dtypes and rounding steps."""
+    dtype, n = base.dtype, base.numel()
+    w = [torch.tensor(x, dtype=dtype) for x in weight]
+    ds = []
+    for i, x in enumerate(tensors):
+        d = (x - base).reshape(-1)
+        if sparsifier and density[i] < 1:
+            keep = int(density[i] * n)
+            if sparsifier == "magnitude":
+                lo, hi = n - max(1, keep), n
+            else:
+                lo = max(0, n - keep - int(gamma[i] * n))
+                hi = lo + keep
+            order = torch.argsort(d.abs().double(), stable=True)
+            d[order[:lo]] = 0
+            d[order[hi:]] = 0
+        ds.append(d * w[i])
+    acc = dtype if len(ds) <= 2 else torch.float32
+    if consensus:
+        mask = sign_agreement(torch.stack(ds), consensus)
+        mixed, div = torch.zeros(n, dtype=acc), torch.zeros(n, dtype=acc)
+        for m, d, wi in zip(mask, ds, w, strict=True):
+            mixed += torch.where(m, d, 0)
+            div += torch.where(m, wi, 0)
+        div = div.to(dtype)
+        div[div == 0] = 1
+    else:
+        mixed = ds[0].to(acc, copy=True)
+        for d in ds[1:]:
+            mixed += d
+        div = sum(w[1:], w[0].float()).to(dtype)
+    out = mixed.to(dtype)
+    if normalize:
+        out /= div
+    if lambda_ != 1:
+        out *= lambda_
+    return (base.reshape(-1) + out).reshape(base.shape)
+
+
+STREAMED = [
+    ("ties", "magnitude", "sum", True, {}),
+    ("ties", "magnitude", "count", False, {"lambda_": 0.7}),
+    ("breadcrumbs", "magnitude_outliers", None, False, {}),
+    ("breadcrumbs_ties", "magnitude_outliers", "sum", True, {}),
+    ("task_arithmetic", None, None, True, {"lambda_": 1.5}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_models", [1, 2, 3])
+@pytest.mark.parametrize("densities", [[0.4, 0.7, 0.25], [0.4, 1.0, 0.25]])
+@pytest.mark.parametrize("name, sparsifier, consensus, normalize, extra", STREAMED)
+def test_streamed_methods_equal_the_whole_tensor_formula(
+    monkeypatch, dtype, n_models, densities, name, sparsifier, consensus, normalize, extra
+):
+    """Ranked, elected and summed block by block (ties at the cuts spanning blocks and rows),
+    the result is the whole-tensor formula's, bit for bit: zeros, equal magnitudes of both
+    signs, a negative and a zero weight, a model kept whole or not."""
+    monkeypatch.setattr(sp, "ROW", 300)
+    monkeypatch.setattr(sp, "BLOCK", 97)
+    base = rand(40, 33, seed=0, scale=0.02).to(dtype)
+    tensors = []
+    for i in range(n_models):
+        x = base + rand(40, 33, seed=i + 1, scale=0.01).to(dtype)
+        x.view(-1)[i::5] = base.view(-1)[i::5]  # zero deltas
+        x.view(-1)[1::7] = base.view(-1)[1::7] + 0.0078125  # many equal magnitudes...
+        x.view(-1)[2::9] = base.view(-1)[2::9] - 0.0078125  # ...of both signs
+        tensors.append(x)
+    weight = [0.6, -0.4, 0.0][:n_models]
+    density = densities[:n_models]
+    params = {"weight": weight, "density": density, "gamma": [0.05, 0.0, 0.1][:n_models]}
+    if consensus:
+        params["consensus_method"] = consensus
+    params["normalize"] = normalize
+    params.update(extra)
+    method = METHODS.get(name)
+    params = {k: v for k, v in params.items() if k in method.per_model or k in
+              {"consensus_method", "normalize", "lambda_"}}  # fmt: skip
+    got = call(name, tensors, base, **params)
+    expected = whole_tensor_gta(
+        tensors, base, weight=weight, density=density if sparsifier else [1.0] * n_models,
+        sparsifier=sparsifier, consensus=consensus, normalize=normalize,
+        lambda_=extra.get("lambda_", 1.0), gamma=params.get("gamma"),
+    )  # fmt: skip
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streamed_ties_with_nan_and_inf_equal_the_whole_tensor_formula(monkeypatch, dtype):
+    """NaN deltas never agree and a NaN vote elects ``-`` (as mergekit's ``get_mask``); infinite
+    deltas agree by their sign: block by block as on the whole tensor."""
+    monkeypatch.setattr(sp, "BLOCK", 64)
+    base = rand(500, seed=0, scale=0.02).to(dtype)
+    a = base + rand(500, seed=1, scale=0.01).to(dtype)
+    b = base + rand(500, seed=2, scale=0.01).to(dtype)
+    a[::17], b[3::19], a[5::23], b[7::29] = float("nan"), float("nan"), float("inf"), -float("inf")
+    for density in ([0.5, 0.5], [1.0, 0.3]):
+        got = call("ties", [a, b], base, weight=[0.7, 0.3], density=density)
+        expected = whole_tensor_gta([a, b], base, weight=[0.7, 0.3], density=density,
+                                    sparsifier="magnitude", consensus="sum", normalize=True)  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_breadcrumbs_keeping_no_entry_keeps_none():
+    """``int(density·n) == 0`` keeps nothing, as in mergekit, even when no outlier is dropped."""
+    x = rand(30, seed=1)
+    assert not sp.magnitude_outliers(x, 0.02, gamma=0.01).any()
+    assert not sp.magnitude_outliers(x, 0.02, gamma=0.1).any()
+    pytest.importorskip("mergekit")
+    from mergekit import sparsify as mk
+
+    assert torch.equal(sp.magnitude_outliers(x, 0.02, gamma=0.01), mk.magnitude_outliers(x, 0.02))
+
+
+def test_presets_register_the_table():
+    """Each preset is registered with its table row's sparsifier, election and defaults."""
+    from splice.merge.methods.task_arithmetic import PRESETS
+
+    assert [p.name for p in PRESETS] == [
+        "task_arithmetic", "ties", "dare_ties", "dare_linear",
+        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    ]  # fmt: skip
+    for p in PRESETS:
+        m = METHODS.get(p.name)
+        assert (m.base, m.per_model, m.stochastic) == ("required", p.per_model, p.stochastic)
+        expected = {"normalize": p.normalize, "rescale": p.rescale, "lambda": 1.0,
+                    "int8_mask": False} | ({"consensus_method": "sum"} if p.elect else {})  # fmt: skip
+        assert m.global_params == expected
+        assert m.choices == ({"consensus_method": ("sum", "count")} if p.elect else {})
+        with pytest.raises(TypeError):
+            m([torch.zeros(2)], torch.zeros(2), weight=[1.0], density=[1.0], bogus=1)

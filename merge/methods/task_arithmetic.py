@@ -1,7 +1,8 @@
 """Task arithmetic and its sparsified / sign-elected presets (TIES, DARE, breadcrumbs, DELLA).
 
 One function, :func:`generalized_task_arithmetic`, does the work; every registered method is a
-preset of (sparsifier × sign election) with mergekit's defaults:
+:class:`Preset` in :data:`PRESETS` (sparsifier × sign election, with mergekit's defaults), as in
+mergekit's ``merge_methods/registry.py``:
 
 =================  ===================  =========  =========  =======
 method             sparsifier           consensus  normalize  rescale
@@ -22,7 +23,9 @@ included; only rankings (float32) and random-mask probabilities (float32) are up
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -47,18 +50,17 @@ def sign_agreement(
     return torch.stack([agrees(d, positive) for d in deltas])
 
 
-def elected_positive(
+def vote(
     deltas: list[torch.Tensor], method: Consensus = "sum", *, int8_mask: bool = False
 ) -> torch.Tensor:
-    """Bool ``[...]``: where the elected sign is ``+`` (the vote's total is >= 0).
+    """The election's total ``[...]``: ``+`` is elected where it is >= 0 (NaN elects ``-``).
 
     The total is accumulated in float32 (as a stacked sum would be) one delta at a time, so no
-    ``[n, ...]`` stack is ever held.
+    ``[n, ...]`` stack is ever held; ``sum`` rounds it once to the deltas' dtype.
     """
     dtype = deltas[0].dtype
     if method == "sum" and len(deltas) <= 2:  # one rounding in the input dtype
-        total = deltas[0] + deltas[1] if len(deltas) == 2 else deltas[0]
-        return total >= 0
+        return deltas[0] + deltas[1] if len(deltas) == 2 else deltas[0]
     total = torch.zeros(deltas[0].shape, dtype=torch.float32, device=deltas[0].device)
     for d in deltas:
         if method == "sum":
@@ -67,7 +69,14 @@ def elected_positive(
             total += d.sign().to(torch.int8 if int8_mask else dtype)
     if method == "sum" and dtype != torch.float32:
         total = total.to(dtype)  # the stacked sum's single rounding
-    return total >= 0
+    return total
+
+
+def elected_positive(
+    deltas: list[torch.Tensor], method: Consensus = "sum", *, int8_mask: bool = False
+) -> torch.Tensor:
+    """Bool ``[...]``: where the elected sign is ``+`` (the :func:`vote`'s total is >= 0)."""
+    return vote(deltas, method, int8_mask=int8_mask) >= 0
 
 
 def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -75,8 +84,60 @@ def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, delta > 0, delta < 0)
 
 
-def _sparsify(
-    d: torch.Tensor,
+# ---- the merge, block by block -------------------------------------------------------------
+# Every step after the sparsifier is elementwise, so the merge runs on blocks of the flattened
+# tensors that stay in cache, the models' blocks stacked ``[m, b]`` so that one operation serves
+# them all. Magnitude ranks are per tensor: they are selected first, exactly, from a pass over
+# the deltas (sparsify.RankWindow), then applied block by block; deltas are recomputed per block
+# (x - base) rather than held. Sign election works on the bit patterns (integer masks, see
+# sparsify.Bits), which on CPU costs a fraction of float compares and torch.where; each float
+# operation (sub, mul, add, div) is the one the whole-tensor formula does, in the same dtype and
+# order, so the result is the same bit for bit.
+
+
+class _Delta:
+    """One model's sparsified task vector ``s(x_i - base)`` (``base`` flat, ``[n]``), by block.
+
+    Streamed (``held`` is None): recomputed per block from ``x`` and ``base``, magnitude ranks
+    (``window``, as :func:`sparsify.magnitude_window` gives them) selected by one pass first.
+    Held: computed whole up front, for what needs the whole tensor (random masks drawn over
+    its shape, L1 rescaling, float64 ranking).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        base: torch.Tensor,
+        held: torch.Tensor | None = None,
+        window: tuple[int, int] | None = None,
+    ) -> None:
+        self.x, self.base = x.reshape(-1), base
+        self.held = None if held is None else held.view(-1)
+        self.window: sparsify.RankWindow | None = None
+        if held is None and window is not None:
+            n, step = self.x.numel(), sparsify.block_size(x)
+            scratch = torch.empty(min(step, n), dtype=x.dtype, device=x.device)
+
+            def keys() -> Iterator[torch.Tensor]:
+                for a in range(0, n, step):
+                    b = min(a + step, n)
+                    d = torch.sub(self.x[a:b], self.base[a:b], out=scratch[: b - a])
+                    yield sparsify.keys_(d)
+
+            self.window = sparsify.RankWindow(keys, n, *window)
+
+    def block_(self, a: int, out: torch.Tensor) -> None:
+        """Flat entries ``a..a+b`` into ``out`` ``[b]``, ``window`` not applied yet."""
+        b = a + out.numel()
+        if self.held is not None:
+            out.copy_(self.held[a:b])
+        else:
+            torch.sub(self.x[a:b], self.base[a:b], out=out)
+
+
+def _delta(
+    x: torch.Tensor,
+    base: torch.Tensor,
     i: int,
     sparsifier: Sparsifier | None,
     density: list[float],
@@ -84,20 +145,195 @@ def _sparsify(
     gamma: list[float] | None,
     epsilon: list[float] | None,
     generator: torch.Generator | None,
-) -> torch.Tensor:
-    if sparsifier == "magnitude":
-        return sparsify.magnitude_(d, density[i], rescale=rescale)
-    if sparsifier == "magnitude_outliers":
+) -> _Delta:
+    """Model ``i``'s task vector (``base`` flat): streamed where its sparsifier allows, else
+    held."""
+    n = x.numel()
+    if sparsifier is None or density[i] >= 1:  # nothing dropped (rescale then does nothing)
+        return _Delta(x, base)
+    streams = not rescale and x.dtype in sparsify.RANKED
+    if sparsifier == "magnitude" and streams:
+        return _Delta(x, base, window=sparsify.magnitude_window(n, density[i]))
+    if sparsifier == "magnitude_outliers" and streams:
         assert gamma is not None
-        return sparsify.magnitude_outliers_(d, density[i], gamma=gamma[i], rescale=rescale)
-    if sparsifier == "random":
-        return sparsify.random(d, density[i], rescale=rescale, generator=generator)
-    if sparsifier == "della":
+        return _Delta(x, base, window=sparsify.outliers_window(n, density[i], gamma[i]))
+    d = (x.reshape(-1) - base).view(x.shape)  # fresh: sparsified in place
+    if sparsifier == "magnitude":
+        d = sparsify.magnitude_(d, density[i], rescale=rescale)
+    elif sparsifier == "magnitude_outliers":
+        assert gamma is not None
+        d = sparsify.magnitude_outliers_(d, density[i], gamma=gamma[i], rescale=rescale)
+    elif sparsifier == "random":
+        d = sparsify.random(d, density[i], rescale=rescale, generator=generator)
+    else:
         assert epsilon is not None
-        return sparsify.della(
-            d, density[i], epsilon=epsilon[i], rescale=rescale, generator=generator
-        )
-    return d
+        d = sparsify.della(d, density[i], epsilon=epsilon[i], rescale=rescale, generator=generator)
+    return _Delta(x, base, held=d)
+
+
+def _finite(deltas: list[_Delta], w: list[torch.Tensor]) -> bool:
+    """Whether every weighted delta is known to be finite: the rank selection saw no inf or NaN
+    in ``x - base``, and its largest magnitude times ``|w|`` cannot overflow."""
+    for d, wi in zip(deltas, w, strict=True):
+        bound = d.window.bound if d.window is not None else None
+        bits = sparsify.BITS[wi.dtype]
+        if bound is None or bound >= bits.inf:
+            return False
+        largest = torch.tensor(bound, dtype=bits.itype).view(wi.dtype).item()
+        if not largest * abs(float(wi)) < torch.finfo(wi.dtype).max / 2:
+            return False
+    return True
+
+
+class _Mix:
+    """``Σ_i m_i w_i d_i`` of a block ``[b]`` of the deltas (stacked ``[m, b]``), ``/ D`` with
+    ``normalize``, in scratch buffers reused from block to block.
+
+    Without ``consensus`` ``m_i = 1`` and ``D`` is the scalar ``divisor``. With it, ``m_i`` marks
+    the weighted deltas that agree with the elected sign and ``D = Σ_i m_i w_i`` (1 where it is
+    0): the masks are integer ops on the bit patterns (all ones where true), ``d`` or ``w`` where
+    agreeing is ``bits & mask`` (``+0`` elsewhere, as ``torch.where(m, d, 0)``). ``ranked``:
+    some delta has a rank window to apply; ``finite`` (every delta known finite) skips the tests
+    for NaN.
+    """
+
+    def __init__(
+        self,
+        w: list[torch.Tensor],
+        consensus: Consensus | None,
+        normalize: bool,
+        int8_mask: bool,
+        divisor: torch.Tensor | None,
+        size: int,
+        like: torch.Tensor,
+        ranked: bool = True,
+        finite: bool = False,
+    ) -> None:
+        self.dtype = like.dtype
+        self.finite = finite  # no delta has an inf or NaN: no total is NaN, no NaN to refuse
+        self.bits = sparsify.BITS[self.dtype]
+        self.consensus, self.normalize, self.int8_mask = consensus, normalize, int8_mask
+        self.divisor = divisor
+        m, device = len(w), like.device
+        self.w = torch.stack(w).view(m, 1)  # the weights, one per row
+        self.shares = self.w.view(self.bits.itype)  # ... and their bit patterns
+        # sums of two terms round once in the input dtype itself; longer sums accumulate in float32
+        self.acc = self.dtype if m <= 2 else torch.float32
+
+        def new(*shape: int, dtype: torch.dtype = self.bits.itype) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        self.deltas, self.mixed = new(m, size, dtype=self.dtype), new(size, dtype=self.acc)
+        self.rounded = new(size, dtype=self.dtype) if self.acc != self.dtype else None
+        if ranked or consensus is not None:
+            self.key, self.masks = new(m, size), new(m, size)
+            self.mask = self.masks[0]
+        self.lows: dict[tuple[int, ...], torch.Tensor] = {}  # per-row lower bounds of kept keys
+        if consensus is not None:
+            self.agree, self.positive = new(m, size), new(size)
+            self.total, self.denominator = new(size, dtype=self.dtype), new(size, dtype=self.acc)
+            self.rounded_d = new(size, dtype=self.dtype) if self.acc != self.dtype else None
+
+    def __call__(self, sources: list[_Delta], a: int, b: int) -> torch.Tensor:
+        """The block of flat entries ``a..b`` ``[b - a]`` (in a scratch buffer, valid until the
+        next call; blocks come in order)."""
+        n = b - a
+        ds = self.deltas[:, :n]
+        for d, row in zip(sources, ds, strict=True):
+            d.block_(a, row)
+        self._rank(sources, a, ds)
+        ds *= self.w  # as w_i * d_i, row by row
+        mixed = self.mixed[:n]
+        if self.consensus is not None:
+            denominator = self._elect(ds)
+        else:
+            mixed.copy_(ds[0])
+            for d in ds[1:]:
+                mixed += d
+            denominator = self.divisor
+        chunk = mixed if self.rounded is None else self.rounded[:n].copy_(mixed)
+        if self.normalize:
+            chunk /= denominator
+        return chunk
+
+    def _rank(self, sources: list[_Delta], a: int, ds: torch.Tensor) -> None:
+        """Zero, in the block of deltas ``ds`` ``[m, b]`` at flat ``a``, what the sources' rank
+        windows drop: in one pass over all rows where each keeps the keys above one bound."""
+        windows = [d.window for d in sources]
+        if all(w is None for w in windows):
+            return
+        n, bits = ds.shape[1], self.bits
+        v, key, mask = ds.view(bits.itype), self.key[:, :n], self.masks[:, :n]
+        torch.bitwise_and(v, bits.magnitude, out=key)
+        top = bits.magnitude + 1
+        pieces = [
+            w.pieces(a, key[i]) if w is not None else [(n, 0, top)] for i, w in enumerate(windows)
+        ]
+        if all(len(p) == 1 and p[0][1] < top == p[0][2] for p in pieces):
+            lows = tuple(p[0][1] for p in pieces)
+            if lows not in self.lows:
+                self.lows[lows] = torch.tensor(lows, dtype=bits.itype, device=ds.device).view(-1, 1)
+            sparsify.keep_keys_(v, key, self.lows[lows], top, mask)
+            return
+        for i, p in enumerate(pieces):
+            start = 0
+            for end, lo, hi in p:
+                part = slice(start, end)
+                sparsify.keep_keys_(v[i, part], key[i, part], lo, hi, mask[i, part])
+                start = end
+
+    def _elect(self, ds: torch.Tensor) -> torch.Tensor | None:
+        """Sums the agreeing deltas ``[m, b]`` into ``mixed``; returns ``D`` (``normalize``)."""
+        m, n = ds.shape
+        b, dtype = self.bits, self.dtype
+        key, agree = self.key[:, :n], self.agree[:, :n]
+        mask, positive = self.mask[:n], self.positive[:n]
+        mixed, denominator = self.mixed[:n], self.denominator[:n]
+        rows = list(ds)
+        if self.consensus == "sum" and m <= 2:
+            total = torch.add(rows[0], rows[1], out=self.total[:n]) if m == 2 else rows[0]
+        else:
+            total = vote(rows, self.consensus or "sum", int8_mask=self.int8_mask)
+        if total.dtype == dtype and self.finite:
+            # + elected: the sign bit is clear. A total of -0 (+ elected by >= 0) is a sum of
+            # ±0 only (sums of nonzero values round to nonzero or +0), so none agrees anyway.
+            torch.bitwise_right_shift(total.view(b.itype), b.shift, out=positive).bitwise_not_()
+        elif total.dtype == dtype:  # + elected: not (negative and nonzero), and not NaN
+            tv = total.view(b.itype)
+            k = torch.bitwise_and(tv, b.magnitude, out=key[0])
+            torch.neg(k, out=mask).bitwise_right_shift_(b.shift)  # nonzero
+            torch.bitwise_right_shift(tv, b.shift, out=positive).bitwise_and_(mask).bitwise_not_()
+            positive &= k.sub_(b.inf + 1).bitwise_right_shift_(b.shift)  # a NaN total elects -
+        else:
+            positive.copy_(total >= 0).neg_()
+        v = ds.view(b.itype)
+        torch.bitwise_and(v, b.magnitude, out=key)
+        torch.neg(key, out=agree).bitwise_right_shift_(b.shift)  # nonzero
+        if not self.finite:  # and not NaN
+            agree &= key.sub_(b.inf + 1).bitwise_right_shift_(b.shift)
+        agree &= torch.bitwise_xor(v, positive, out=key).bitwise_right_shift_(b.shift)  # sign
+        picked = torch.bitwise_and(v, agree, out=key).view(dtype)  # d or +0
+        self._sum(picked, mixed)
+        if not self.normalize:
+            return None
+        self._sum(agree.bitwise_and_(self.shares).view(dtype), denominator)  # w_i or +0
+        if self.rounded_d is not None:
+            denominator = self.rounded_d[:n].copy_(denominator)
+        dv = denominator.view(b.itype)  # ±0 -> 1
+        zero = torch.bitwise_and(dv, b.magnitude, out=mask).sub_(1).bitwise_right_shift_(b.shift)
+        dv ^= torch.bitwise_xor(dv, b.one, out=key[0]).bitwise_and_(zero)
+        return denominator
+
+    @staticmethod
+    def _sum(rows: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = rows[0] + rows[1] + ...`` in ``out``'s dtype, in order (as ``0 + r_0 + ...``:
+        no row holds -0 where the sum could see it)."""
+        if rows.shape[0] == 2 and out.dtype == rows.dtype:
+            torch.add(rows[0], rows[1], out=out)
+            return
+        out.copy_(rows[0])
+        for r in rows[1:]:
+            out += r
 
 
 def generalized_task_arithmetic(
@@ -123,50 +359,37 @@ def generalized_task_arithmetic(
     (1 where it is 0, or ~0 without consensus) when ``normalize``, else 1. Random sparsifiers
     draw from ``generator`` model by model, in order.
 
-    Memory: one task vector per model and a few ``[...]`` temporaries, never an ``[n, ...]``
-    stack; arithmetic stays in the input dtype (weights rounded to it, as mergekit does), sums
-    accumulate in float32 and round once.
+    Memory: the inputs, the result and a few blocks; a task vector is held whole only where
+    its sparsifier needs the whole tensor (random masks, L1 rescale, float64 ranking).
+    Arithmetic stays in the input dtype (weights rounded to it, as mergekit does), sums of
+    more than two terms accumulate in float32 and round once.
     """
     if not tensors:
         return base.clone()
     dtype = base.dtype
     w = [torch.tensor(x, dtype=dtype, device=base.device) for x in weight]
-    deltas = []
-    for i, x in enumerate(tensors):  # d is fresh (x - base): sparsify and weight it in place
-        d = _sparsify(x - base, i, sparsifier, density, rescale, gamma, epsilon, generator)
-        deltas.append(d.mul_(w[i]))
+    base_flat = base.reshape(-1)
+    deltas = [
+        _delta(x, base_flat, i, sparsifier, density, rescale, gamma, epsilon, generator)
+        for i, x in enumerate(tensors)
+    ]
+    divisor = None
     if consensus is None:
         divisor = sum(w[1:], w[0].float()).to(dtype)
         if divisor.abs() < 1e-8:
             divisor = torch.ones((), dtype=dtype, device=base.device)
-    result = torch.empty_like(base)
-    flat = [d.view(-1) for d in deltas]
-    out, base_flat = result.view(-1), base.reshape(-1)
-    # sums of two terms round once in the input dtype itself; longer sums accumulate in float32
-    acc = dtype if len(deltas) <= 2 else torch.float32
-    for start in range(0, out.numel(), sparsify.CHUNK):  # chunked: temporaries stay small
-        part = slice(start, start + sparsify.CHUNK)
-        ds = [d[part] for d in flat]
-        if consensus is not None:
-            positive = elected_positive(ds, consensus, int8_mask=int8_mask)
-            mixed = torch.zeros(ds[0].shape, dtype=acc, device=base.device)
-            divisor = torch.zeros_like(mixed)
-            for i, d in enumerate(ds):
-                agree = agrees(d, positive)
-                mixed += torch.where(agree, d, 0)
-                divisor += torch.where(agree, w[i], 0)
-            divisor = divisor.to(dtype)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = ds[0].to(acc, copy=True)
-            for d in ds[1:]:
-                mixed += d
-        chunk = mixed.to(dtype)
-        if normalize:
-            chunk /= divisor
+    result = torch.empty(base.shape, dtype=dtype, device=base.device)
+    out = result.view(-1)
+    step = max(1, min(sparsify.block_size(base), out.numel()))
+    ranked = any(d.window is not None for d in deltas)
+    finite = _finite(deltas, w) if consensus is not None else False
+    mix = _Mix(w, consensus, normalize, int8_mask, divisor, step, base, ranked, finite)
+    for a in range(0, out.numel(), step):
+        b = min(a + step, out.numel())
+        chunk = mix(deltas, a, b)
         if lambda_ != 1:
             chunk *= lambda_
-        torch.add(base_flat[part], chunk, out=out[part])
+        torch.add(base_flat[a:b], chunk, out=out[a:b])
     return result
 
 
@@ -184,195 +407,123 @@ def _check(params: dict[str, Any]) -> Iterator[tuple[int | None, str]]:
             yield i, f"density {d:g} ± epsilon {e:g} must lie in (0, 1)"
 
 
-@merge_method(
-    "task_arithmetic", base="required", per_model={"weight": None, "density": 1.0}, check=_check
-)
-def task_arithmetic(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-) -> torch.Tensor:
-    """Task arithmetic (Ilharco et al.): ``base + λ Σ_i w_i (x_i - base)`` [/ Σ w_i].
-
-    ``density``, ``rescale`` and ``int8_mask`` are accepted and have no effect, as in mergekit.
-    """
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, sparsifier=None, consensus=None,
-        normalize=normalize, rescale=rescale, lambda_=lambda_, int8_mask=int8_mask,
-    )  # fmt: skip
+# ---- the presets ---------------------------------------------------------------------------
 
 
-@merge_method("ties", base="required", per_model={"weight": None, "density": 1.0}, check=_check)
-def ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = True,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    consensus_method: Consensus = "sum",
-) -> torch.Tensor:
-    """TIES (Yadav et al.): trim each task vector by magnitude, elect signs, disjoint mean."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, sparsifier="magnitude",
-        consensus=consensus_method, normalize=normalize, rescale=rescale, lambda_=lambda_,
-        int8_mask=int8_mask,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Preset:
+    """A registered method: a sparsifier, whether signs are elected, mergekit's defaults."""
+
+    name: str
+    sparsifier: Sparsifier | None
+    elect: bool  # TIES sign election (takes ``consensus_method``, default ``sum``)
+    normalize: bool
+    rescale: bool
+    doc: str
+
+    @property
+    def stochastic(self) -> bool:
+        """Random masks: the method takes the executor's per-tensor ``generator``."""
+        return self.sparsifier in ("random", "della")
+
+    @property
+    def per_model(self) -> dict[str, float | None]:
+        """Per-model parameters and their defaults (``None``: the recipe must give it)."""
+        extra = {"magnitude_outliers": {"gamma": 0.01}, "della": {"epsilon": 0.15}}
+        return {"weight": None, "density": 1.0, **extra.get(self.sparsifier or "", {})}
 
 
-@merge_method(
-    "dare_ties",
-    base="required",
-    per_model={"weight": None, "density": 1.0},
-    stochastic=True,
-    check=_check,
-)
-def dare_ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    consensus_method: Consensus = "sum",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE (Yu et al.) + TIES sign election: random drop with rescale, then elect signs."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, sparsifier="random",
-        consensus=consensus_method, normalize=normalize, rescale=rescale, lambda_=lambda_,
-        int8_mask=int8_mask, generator=generator,
-    )  # fmt: skip
+PRESETS = (
+    Preset(
+        "task_arithmetic", None, False, False, False,
+        "Task arithmetic (Ilharco et al.): ``base + λ Σ_i w_i (x_i - base)`` [/ Σ w_i].\n\n"
+        "``density``, ``rescale`` and ``int8_mask`` are accepted and have no effect, as in "
+        "mergekit.",
+    ),
+    Preset(
+        "ties", "magnitude", True, True, False,
+        "TIES (Yadav et al.): trim each task vector by magnitude, elect signs, disjoint mean.",
+    ),
+    Preset(
+        "dare_ties", "random", True, False, True,
+        "DARE (Yu et al.) + TIES sign election: random drop with rescale, then elect signs.",
+    ),
+    Preset(
+        "dare_linear", "random", False, False, True,
+        "DARE (Yu et al.): random drop with rescale, then task arithmetic.",
+    ),
+    Preset(
+        "breadcrumbs", "magnitude_outliers", False, False, False,
+        "Model breadcrumbs (Davari & Belilovsky): drop outliers and small values, then add.",
+    ),
+    Preset(
+        "breadcrumbs_ties", "magnitude_outliers", True, False, False,
+        "Breadcrumbs sparsification with TIES sign election.",
+    ),
+    Preset(
+        "della", "della", True, True, True,
+        "DELLA (Deep et al.): magnitude-ranked random drop with rescale, then elect signs.",
+    ),
+    Preset(
+        "della_linear", "della", False, False, True,
+        "DELLA sparsification, then task arithmetic (no sign election).",
+    ),
+)  # fmt: skip
 
 
-@merge_method(
-    "dare_linear",
-    base="required",
-    per_model={"weight": None, "density": 1.0},
-    stochastic=True,
-    check=_check,
-)
-def dare_linear(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE (Yu et al.): random drop with rescale, then task arithmetic."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, sparsifier="random", consensus=None,
-        normalize=normalize, rescale=rescale, lambda_=lambda_, int8_mask=int8_mask,
-        generator=generator,
-    )  # fmt: skip
+def _signature(p: Preset) -> inspect.Signature:
+    """``(tensors, base, *, <per-model lists>, normalize, rescale, lambda_, int8_mask,
+    [consensus_method], [generator])`` with the preset's defaults."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("tensors", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=list[torch.Tensor]),
+        inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=torch.Tensor),
+        *(inspect.Parameter(k, kw, annotation=list[float]) for k in p.per_model),
+        inspect.Parameter("normalize", kw, default=p.normalize, annotation=bool),
+        inspect.Parameter("rescale", kw, default=p.rescale, annotation=bool),
+        inspect.Parameter("lambda_", kw, default=1.0, annotation=float),
+        inspect.Parameter("int8_mask", kw, default=False, annotation=bool),
+    ]  # fmt: skip
+    if p.elect:
+        params.append(
+            inspect.Parameter("consensus_method", kw, default="sum", annotation=Consensus)
+        )
+    if p.stochastic:
+        params.append(
+            inspect.Parameter("generator", kw, default=None, annotation=torch.Generator | None)
+        )
+    return inspect.Signature(params, return_annotation=torch.Tensor)
 
 
-_BREADCRUMBS = {"weight": None, "density": 1.0, "gamma": 0.01}
+def _method(p: Preset) -> Any:
+    """The preset as a method function: its signature's arguments, to
+    :func:`generalized_task_arithmetic` with the preset's sparsifier and election."""
+    sig = _signature(p)
+
+    def method(*args: Any, **kwargs: Any) -> torch.Tensor:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return generalized_task_arithmetic(
+            a["tensors"], a["base"], weight=a["weight"], density=a["density"],
+            sparsifier=p.sparsifier, consensus=a["consensus_method"] if p.elect else None,
+            normalize=a["normalize"], rescale=a["rescale"], lambda_=a["lambda_"],
+            int8_mask=a["int8_mask"], gamma=a.get("gamma"), epsilon=a.get("epsilon"),
+            generator=a.get("generator"),
+        )  # fmt: skip
+
+    method.__name__ = method.__qualname__ = p.name
+    method.__doc__ = p.doc
+    method.__signature__ = sig  # type: ignore[attr-defined]
+    method.__annotations__ = {k: v.annotation for k, v in sig.parameters.items()}
+    method.__annotations__["return"] = torch.Tensor
+    return method
 
 
-@merge_method("breadcrumbs", base="required", per_model=_BREADCRUMBS, check=_check)
-def breadcrumbs(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-) -> torch.Tensor:
-    """Model breadcrumbs (Davari & Belilovsky): drop outliers and small values, then add."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, gamma=gamma,
-        sparsifier="magnitude_outliers", consensus=None, normalize=normalize,
-        rescale=rescale, lambda_=lambda_, int8_mask=int8_mask,
-    )  # fmt: skip
-
-
-@merge_method("breadcrumbs_ties", base="required", per_model=_BREADCRUMBS, check=_check)
-def breadcrumbs_ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    consensus_method: Consensus = "sum",
-) -> torch.Tensor:
-    """Breadcrumbs sparsification with TIES sign election."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, gamma=gamma,
-        sparsifier="magnitude_outliers", consensus=consensus_method, normalize=normalize,
-        rescale=rescale, lambda_=lambda_, int8_mask=int8_mask,
-    )  # fmt: skip
-
-
-_DELLA = {"weight": None, "density": 1.0, "epsilon": 0.15}
-
-
-@merge_method("della", base="required", per_model=_DELLA, stochastic=True, check=_check)
-def della(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    normalize: bool = True,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    consensus_method: Consensus = "sum",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DELLA (Deep et al.): magnitude-ranked random drop with rescale, then elect signs."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
-        consensus=consensus_method, normalize=normalize, rescale=rescale, lambda_=lambda_,
-        int8_mask=int8_mask, generator=generator,
-    )  # fmt: skip
-
-
-@merge_method("della_linear", base="required", per_model=_DELLA, stochastic=True, check=_check)
-def della_linear(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor,
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DELLA sparsification, then task arithmetic (no sign election)."""
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
-        consensus=None, normalize=normalize, rescale=rescale, lambda_=lambda_,
-        int8_mask=int8_mask, generator=generator,
-    )  # fmt: skip
+METHOD_FNS = {}
+for _p in PRESETS:
+    METHOD_FNS[_p.name] = merge_method(
+        _p.name, base="required", per_model=_p.per_model, stochastic=_p.stochastic, check=_check
+    )(_method(_p))
