@@ -1,1 +1,36 @@
-"""splice.evolve"""
+"""splice.evolve: CMA-ES over merge recipes, scored by lm-eval in memory, resumable.
+
+from splice.evolve import EvolveConfig, evolve, resume, report
+result = evolve("search.yml", "runs/a")      # RUN written after every generation
+resume("runs/a")                             # continues to the uninterrupted result
+print(format_report(report("runs/a")))
+
+Modules: ``config`` (the schema; mergekit-evolve files run unchanged), ``genome`` (genes <->
+recipes), ``scorer`` (lm-eval tasks loaded once, HFLM on the live module), ``search`` (the
+loop, the run folder), ``report``, ``cli``. Importing it loads neither torch nor lm-eval.
+"""
+
+from splice.evolve.config import EvolveConfig, GenomeSpec, LmEvalArgs, SearchSettings, TaskSpec
+from splice.evolve.genome import GENOMES, ParameterGenome, build_genome, check_genome
+from splice.evolve.report import EvolveReport, format_report, plot_history, report
+from splice.evolve.search import EvolveResult, default_popsize, evolve, resume
+
+__all__ = [
+    "GENOMES",
+    "EvolveConfig",
+    "EvolveReport",
+    "EvolveResult",
+    "GenomeSpec",
+    "LmEvalArgs",
+    "ParameterGenome",
+    "SearchSettings",
+    "TaskSpec",
+    "build_genome",
+    "check_genome",
+    "default_popsize",
+    "evolve",
+    "format_report",
+    "plot_history",
+    "report",
+    "resume",
+]

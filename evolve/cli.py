@@ -1,0 +1,86 @@
+"""``splice evolve``: CMA-ES over merge recipes, scored by lm-eval, resumable.
+
+splice evolve CONFIG.yml --out RUN [--device cuda] [--max-fevals N] [--tasks-dir DIR]
+splice evolve resume RUN
+splice evolve report RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splice.cli import positive_int
+
+ACTIONS = ("resume", "report")
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evolve",
+        help="evolve a merge recipe with CMA-ES, scored by lm-eval (mergekit-evolve configs run)",
+        description="Search merge recipes with CMA-ES: candidates are merged into one resident "
+        "model and scored by lm-eval in memory; RUN is written after every generation. "
+        "`splice evolve resume RUN` continues a run, `splice evolve report RUN` shows it.",
+    )
+    p.add_argument("config", metavar="CONFIG|resume|report", help="config YAML, or an action")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run folder (for resume / report)")
+    p.add_argument("--out", help="run folder to write (a new one, or a run of the same config)")
+    p.add_argument("--device", help="device for merging and scoring (overrides the config)")
+    p.add_argument(
+        "--max-fevals", type=positive_int, help="stop after N candidates (whole generations)"
+    )
+    p.add_argument("--tasks-dir", help="folder of local lm-eval YAML tasks")
+    p.add_argument("--top", type=positive_int, default=5, help="report: candidates to list")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    from splice.errors import SpliceError
+
+    show = not args.no_progress and sys.stderr.isatty()
+    if args.config in ACTIONS:
+        if not args.run:
+            raise SpliceError(f"splice evolve {args.config} RUN: give the run folder")
+        extra = [o for o in ("out", "device", "max_fevals", "tasks_dir") if getattr(args, o)]
+        if extra:
+            raise SpliceError(
+                f"splice evolve {args.config}: --{extra[0].replace('_', '-')} does not apply "
+                "(a run keeps its configuration)"
+            )
+        if args.config == "report":
+            from splice.evolve.report import format_report, report
+
+            rep = report(args.run, top=args.top)
+            if rep.history:
+                rep.plot(rep.run / "fitness.png")
+            print(format_report(rep))
+            return
+        from splice.evolve.search import resume
+
+        _summary(resume(args.run, show_progress=show))
+        return
+    if args.run:
+        raise SpliceError(f"unexpected argument {args.run!r}; give the run folder with --out")
+    if not args.out:
+        raise SpliceError("give the run folder with --out RUN")
+    from splice.evolve.search import evolve
+
+    result = evolve(
+        args.config,
+        args.out,
+        max_fevals=args.max_fevals,
+        device=args.device,
+        tasks_dir=args.tasks_dir,
+        show_progress=show,
+    )
+    _summary(result)
+
+
+def _summary(result) -> None:
+    best = "none" if result.best_fitness is None else f"{result.best_fitness:.4f}"
+    print(
+        f"{result.run}: {result.generation}/{result.generations} generations, "
+        f"{result.evaluations} candidates, best fitness {best}; best recipe {result.run / 'best.yml'}"
+    )

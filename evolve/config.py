@@ -1,0 +1,363 @@
+"""The evolve configuration: one frozen pydantic model, validated before anything is loaded.
+
+A mergekit-evolve file runs unchanged, with its meaning::
+
+    genome:
+      models: [math, lang]          # the sources (or top-level ``sources:``)
+      merge_method: ties            # ties dare_ties task_arithmetic linear slerp della breadcrumbs
+      base_model: base
+      layer_granularity: 2          # one set of genes per 2 layers (0: one set for all layers)
+      normalize: null               # null: true for ties, dare_ties, linear (mergekit's default)
+      allow_negative_weights: false # weights span [-1, 1] instead of [0, 1]
+      filters: [self_attn, mlp]     # a gene set per filter, plus one for the other tensors
+      smooth: false                 # true: values interpolated across layers (gradients)
+    tasks:
+      - name: zoo_math_lang_fit
+        weight: 1.0
+        metric: acc,none
+    limit: 100                      # mergekit's top-level lm-eval settings ...
+    num_fewshot: 0
+    shuffle: false                  # shuffle each task's documents (seeded) before ``limit``
+    random_init: false              # start from a uniformly random point instead
+
+splice's own keys: ``lm_eval:`` (batch_size, limit, num_fewshot, apply_chat_template,
+fewshot_as_multiturn, shuffle, max_length), ``search:`` (popsize, sigma0, seed, generations,
+max_fevals, start), a task's ``higher_is_better``, ``dtype``, ``device``, ``tokenizer``,
+``tasks_dir`` and ``zoo``. A file without a ``search`` section is read as mergekit-evolve's and
+starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every gene starts at
+``search.start`` (0.5).
+
+Genes are in [0, 1] (CMA-ES runs with those bounds); a gene maps linearly onto its parameter's
+range: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``), ``density`` [0, 1] (DELLA:
+inside ``(epsilon, 1 - epsilon)``), slerp's per-model scores [0, 1]. ``genome.ranges`` overrides
+a range, ``genome.parameters`` fixes other method parameters (``epsilon``, ``lambda``, ``gamma``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from splice.errors import SpliceError
+
+#: merge methods a parameter-space genome can drive, and the genes each takes per source
+METHOD_GENES: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "della": ("weight", "density"),
+    "breadcrumbs": ("weight", "density"),
+    "slerp": ("t",),
+}
+NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic", "della", "breadcrumbs")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class TaskSpec(_Frozen):
+    """One lm-eval task in the fitness: ``weight * metric`` (negated when lower is better).
+
+    ``higher_is_better: null`` takes the task's own declaration for the metric (lm-eval's
+    ``higher_is_better``), true where it declares none.
+    """
+
+    name: str = Field(min_length=1)
+    weight: float = 1.0
+    metric: str = "acc,none"
+    higher_is_better: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def metric_key(self) -> str:
+        """``acc`` -> ``acc,none`` (lm-eval's result key: metric, filter)."""
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+
+class LmEvalArgs(_Frozen):
+    """How lm-eval scores a candidate (the same for every candidate)."""
+
+    batch_size: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    #: null: apply the tokenizer's chat template when it has one (mergekit-evolve: always)
+    apply_chat_template: bool | None = None
+    fewshot_as_multiturn: bool = False
+    shuffle: bool = False
+    max_length: int | None = Field(None, ge=1)
+
+
+class SearchSettings(_Frozen):
+    """CMA-ES settings. ``popsize`` null: 4 + floor(3 ln d); the run stops after
+    ``generations`` or once ``max_fevals`` candidates are scored (whole generations: at most
+    ``ceil(max_fevals / popsize)``), or when CMA-ES itself stops; with neither, 100 fevals
+    (mergekit-evolve's default)."""
+
+    popsize: int | None = Field(None, ge=2)
+    sigma0: float = Field(1 / 6, gt=0)
+    seed: int = Field(0, ge=0)
+    generations: int | None = Field(None, ge=1)
+    max_fevals: int | None = Field(None, ge=1)
+    #: a gene value in [0, 1] for every gene, or mergekit-evolve's starting point
+    start: float | Literal["mergekit"] = 0.5
+
+    @field_validator("start")
+    @classmethod
+    def _in_box(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 <= v <= 1:
+            raise ValueError(f"start {v} must be in [0, 1] (genes live in [0, 1])")
+        return v
+
+
+class GenomeSpec(_Frozen):
+    """mergekit-evolve's genome definition, plus ``space``, ``ranges`` and ``parameters``."""
+
+    models: list[str] = Field(min_length=1)
+    merge_method: str
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    layer_granularity: int = Field(0, ge=0)
+    normalize: bool | None = None
+    allow_negative_weights: bool = False
+    filters: list[str] | None = None
+    smooth: bool = False
+    space: Literal["parameter"] = "parameter"
+    #: parameter -> [low, high] that genes 0 and 1 map to
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    #: fixed method parameters, the same in every candidate (``lambda``, ``epsilon``, ...)
+    parameters: dict[str, float | bool | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenomeSpec:
+        m = self.merge_method
+        if m not in METHOD_GENES:
+            raise ValueError(
+                f"merge_method {m!r} cannot be evolved; choose from: {', '.join(METHOD_GENES)}"
+            )
+        if m in NEEDS_BASE and not self.base_model:
+            raise ValueError(f"merge_method {m} needs a base_model")
+        if m == "slerp":
+            if self.smooth:
+                raise ValueError("smooth is not supported for slerp (as in mergekit-evolve)")
+            if self.filters:
+                raise ValueError("filters are not supported for slerp (as in mergekit-evolve)")
+            if len(self.models) < 2:
+                raise ValueError("slerp needs at least two models")
+        if self.filters is not None and len(set(self.filters)) != len(self.filters):
+            raise ValueError("filters are given twice")
+        genes = METHOD_GENES[m]
+        for key, (lo, hi) in self.ranges.items():
+            if key not in genes:
+                raise ValueError(
+                    f"ranges: {key!r} is not a gene of {m} (it has {', '.join(genes)})"
+                )
+            if not lo < hi:
+                raise ValueError(f"ranges: {key} [{lo}, {hi}] must have low < high")
+        for key in self.parameters:
+            if key in genes:
+                raise ValueError(f"parameters: {key!r} is a gene of {m}; set its range instead")
+        return self
+
+    def range_of(self, gene: str) -> tuple[float, float]:
+        """The values genes 0 and 1 decode to."""
+        if gene in self.ranges:
+            return self.ranges[gene]
+        if gene == "weight":
+            return (-1.0, 1.0) if self.allow_negative_weights else (0.0, 1.0)
+        if gene == "density" and self.merge_method == "della":
+            eps = abs(float(self.parameters.get("epsilon", 0.15)))
+            return (round(eps + 0.01, 6), round(1 - eps - 0.01, 6))
+        return (0.0, 1.0)
+
+    def normalize_flag(self) -> bool:
+        """mergekit-evolve's default: normalize ties, dare_ties and linear merges."""
+        if self.normalize is not None:
+            return self.normalize
+        return self.merge_method in ("ties", "dare_ties", "linear")
+
+
+_MERGEKIT_TOP = ("limit", "num_fewshot", "shuffle", "apply_chat_template", "fewshot_as_multiturn")
+
+
+class EvolveConfig(_Frozen):
+    """A whole search: what to merge (genome), how to score (tasks, lm_eval), how to search."""
+
+    genome: GenomeSpec
+    tasks: list[TaskSpec] = Field(min_length=1)
+    lm_eval: LmEvalArgs = Field(default_factory=LmEvalArgs)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    random_init: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    device: str = "cpu"
+    tokenizer: str | None = None
+    tasks_dir: str | None = None
+    zoo: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_layout(cls, data: Any) -> Any:
+        """mergekit-evolve's file: top-level lm-eval keys go to ``lm_eval``, no ``search``
+        section means mergekit-evolve's start; top-level ``sources`` / ``base_model`` fill the
+        genome."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        lm = dict(data.get("lm_eval") or {})
+        for key in _MERGEKIT_TOP:
+            if key in data:
+                if key in lm:
+                    raise ValueError(f"{key} is given twice (top level and lm_eval)")
+                lm[key] = data.pop(key)
+        if lm:
+            data["lm_eval"] = lm
+        if "search" not in data:
+            data["search"] = {"start": "mergekit"}
+        genome = data.get("genome")
+        if isinstance(genome, dict):
+            genome = dict(genome)
+            for top, key in (("sources", "models"), ("base_model", "base_model")):
+                if top in data:
+                    if key in genome:
+                        raise ValueError(f"{top} is given twice (top level and genome.{key})")
+                    genome[key] = data.pop(top)
+            data["genome"] = genome
+        return data
+
+    @model_validator(mode="after")
+    def _tasks_once(self) -> EvolveConfig:
+        names = [(t.name, t.metric_key) for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("a task and metric is listed twice")
+        if all(t.weight == 0 for t in self.tasks):
+            raise ValueError("every task has weight 0: the fitness would be constant")
+        return self
+
+    # ---- reading ------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> EvolveConfig:
+        """Read a config file (plain YAML data only); relative model, tokenizer, tasks_dir and
+        zoo paths are taken relative to the file's folder when they exist there."""
+        p = Path(path)
+        if not p.is_file():
+            raise SpliceError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise SpliceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(data, base_dir=p.parent, what=f"config {path}")
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, base_dir: Path | None = None, *, what: str = "config"
+    ) -> EvolveConfig:
+        """Validate ``data``; ``SpliceError``, one line per problem."""
+        if not isinstance(data, dict):
+            raise SpliceError(f"{what} must be a mapping with genome and tasks")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as e:
+            raise SpliceError(_format(e, what)) from None
+        return config.with_paths(base_dir) if base_dir is not None else config
+
+    def with_paths(self, base_dir: Path) -> EvolveConfig:
+        """Relative paths that exist under ``base_dir`` made absolute."""
+
+        def near(ref: str | None) -> str | None:
+            if ref is None or os.path.isabs(ref) or os.path.exists(ref):
+                return ref
+            candidate = base_dir / ref
+            return str(candidate.resolve()) if candidate.exists() else ref
+
+        g = self.genome
+        genome = g.model_copy(
+            update={
+                "models": [near(m) for m in g.models],
+                "base_model": near(g.base_model),
+                "tokenizer_source": near(g.tokenizer_source),
+            }
+        )
+        return self.model_copy(
+            update={
+                "genome": genome,
+                "tokenizer": near(self.tokenizer),
+                "tasks_dir": near(self.tasks_dir),
+                "zoo": near(self.zoo),
+            }
+        )
+
+    def with_overrides(self, **changes: Any) -> EvolveConfig:
+        """The config with CLI overrides (``max_fevals``, ``device``, ``tasks_dir``; ``None``:
+        unchanged), validated again."""
+        data = self.model_dump(mode="json")
+        if changes.get("max_fevals") is not None:
+            data["search"]["max_fevals"] = changes["max_fevals"]
+            data["search"]["generations"] = None
+        for key in ("device", "tasks_dir"):
+            if changes.get(key) is not None:
+                data[key] = str(changes[key])
+        return EvolveConfig.from_dict(data)
+
+    # ---- identity -----------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of the config: a run folder belongs to one config."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def differences(self, other: EvolveConfig) -> list[str]:
+        """Dotted keys whose values differ between the two configs."""
+        out: list[str] = []
+        _diff(self.model_dump(mode="json"), other.model_dump(mode="json"), "", out)
+        return out
+
+    def source_models(self) -> list[str]:
+        """Every model the merge reads: base first, then the genome's models."""
+        refs = [self.genome.base_model, *self.genome.models]
+        return list(dict.fromkeys(r for r in refs if r))
+
+    def tokenizer_ref(self) -> str:
+        """The tokenizer candidates are scored with (``tokenizer``, else the genome's
+        ``tokenizer_source``, else the base model, else the first model)."""
+        return (
+            self.tokenizer
+            or self.genome.tokenizer_source
+            or self.genome.base_model
+            or self.genome.models[0]
+        )
+
+
+def _diff(a: Any, b: Any, where: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in dict.fromkeys([*a, *b]):
+            _diff(a.get(k), b.get(k), f"{where}.{k}" if where else str(k), out)
+    elif a != b:
+        out.append(where)
+
+
+def _format(e: ValidationError, what: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "too_short":
+            msg = "must not be empty"
+        lines.append(f"{what}: {loc}: {msg}" if loc else f"{what}: {msg}")
+    return "\n".join(dict.fromkeys(lines))

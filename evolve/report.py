@@ -1,0 +1,130 @@
+"""What a run folder says: the best candidates, the winning recipe, fitness per generation.
+
+``report(run)`` returns an :class:`EvolveReport` (data); ``format_report`` makes it text and
+``plot_history`` draws fitness per generation (matplotlib, Agg, outside pyplot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from splice.errors import SpliceError
+
+
+@dataclass
+class EvolveReport:
+    """A run folder read back: ``top`` candidates (best first), the history, the best recipe."""
+
+    run: Path
+    generation: int
+    generations: int
+    evaluations: int
+    failed: int
+    stop: str | None
+    top: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    best_recipe: str | None
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
+        return plot_history(self.history, path)
+
+
+def report(run: str | os.PathLike[str], *, top: int = 5) -> EvolveReport:
+    """Read ``run`` (its state: what the last finished generation left)."""
+    from splice.evolve.search import load_state
+
+    run = Path(run)
+    state = load_state(run)
+    records = state["records"]
+    ok = [r for r in records if r["fitness"] is not None]
+    ranked = sorted(ok, key=lambda r: (-r["fitness"], r["generation"], r["index"]))
+    best = run / "best.yml"
+    return EvolveReport(
+        run=run,
+        generation=state["generation"],
+        generations=state["generations"],
+        evaluations=len(records),
+        failed=len(records) - len(ok),
+        stop=state["stop"],
+        top=ranked[:top],
+        history=list(state["history"]),
+        best_recipe=best.read_text() if best.is_file() else None,
+    )
+
+
+def format_report(rep: EvolveReport) -> str:
+    """The report as text: status, the top candidates with their scores, the best recipe."""
+    status = rep.stop or "unfinished (splice evolve resume RUN continues it)"
+    lines = [
+        f"run {rep.run}: generation {rep.generation}/{rep.generations}, "
+        f"{rep.evaluations} candidates ({rep.failed} failed); {status}",
+    ]
+    if not rep.top:
+        lines.append("no candidate scored yet")
+        return "\n".join(lines)
+    cols = list(dict.fromkeys(k for r in rep.top for k in r["scores"]))
+    head = f"{'rank':>4}  {'gen.idx':>7}  {'fitness':>9}  " + "  ".join(f"{c:>12}" for c in cols)
+    head += f"  {'merge s':>7}  {'eval s':>7}"
+    lines += ["", "best candidates:", head]
+    for k, r in enumerate(rep.top, 1):
+        scores = "  ".join(f"{r['scores'].get(c, math.nan):>12.4f}" for c in cols)
+        lines.append(
+            f"{k:>4}  {str(r['generation']) + '.' + str(r['index']):>7}  {r['fitness']:>9.4f}  "
+            f"{scores}  {r.get('merge_s', math.nan):>7.3f}  {r.get('eval_s', math.nan):>7.3f}"
+        )
+    if rep.best_recipe:
+        lines += ["", "winning recipe (best.yml):", rep.best_recipe.rstrip()]
+    return "\n".join(lines)
+
+
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | None = None):
+    """Fitness per generation (best, mean, best so far) as a matplotlib ``Figure``; saved as
+    PNG to ``path`` when given (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    gens = [h["generation"] for h in history]
+
+    def col(key: str) -> list[float]:
+        return [math.nan if h.get(key) is None else h[key] for h in history]
+
+    ax.plot(gens, col("best"), "o-", label="generation best")
+    ax.plot(gens, col("mean"), "s--", label="generation mean")
+    ax.plot(gens, col("best_so_far"), "-", label="best so far")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    return fig
+
+
+def read_candidates(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """``RUN/candidates.jsonl`` as records."""
+    path = Path(run) / "candidates.jsonl"
+    if not path.is_file():
+        raise SpliceError(f"{run}: not an evolve run folder (no candidates.jsonl)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_best(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """``RUN/best.yml`` as a recipe dict."""
+    path = Path(run) / "best.yml"
+    if not path.is_file():
+        raise SpliceError(f"{run}: no best.yml yet (no candidate has scored)")
+    return yaml.safe_load(path.read_text())

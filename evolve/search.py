@@ -1,0 +1,469 @@
+"""The search: CMA-ES (pycma, ask/tell) over a genome, candidates merged and scored in memory,
+the run folder written atomically after every generation.
+
+``evolve(config, out)`` runs a search into the run folder ``out``; ``resume(out)`` continues it
+to exactly the result an uninterrupted run gives. The run folder::
+
+    config.yml        the configuration (CLI overrides applied); the run belongs to it
+    state.pkl         the whole state after the last finished generation: the pickled
+                      ``cma.CMAEvolutionStrategy``, the numpy random state it draws from, every
+                      scored candidate, the per-generation history
+    candidates.jsonl  one line per scored candidate: generation, index, genes, recipe,
+                      per-task scores, fitness, merge and evaluation seconds, error
+    best.yml          the best recipe so far, runnable by ``splice merge best.yml OUT``
+    history.json      per generation: best, mean, best so far, evaluations, seconds
+    fitness.png       fitness per generation (written when the run ends)
+
+Every file is written to a temporary name and renamed into place (``os.replace``), state first;
+a kill loses at most the generation in flight. CMA-ES samples from a private
+``numpy.random.RandomState`` (its ``randn`` option, pickled with the strategy: by default it
+draws from numpy's global generator, and a pickled strategy would then come back with a copy
+of whatever state that generator had when it was saved); anything else it draws from numpy's
+global generator comes from a state kept in ``state.pkl`` and installed around each ``ask`` /
+``tell`` only. Whatever the evaluation does with numpy's generators, the samples are the same.
+
+One resident model: the sources are :class:`~splice.resident.ResidentCheckpoint` s (read once,
+then kept in memory on the device), the module is built once with
+:func:`~splice.resident.empty_model`, and each candidate's recipe is merged into it in place
+with :func:`~splice.merge.merge_into`; lm-eval's tasks are loaded once and ``HFLM`` wraps the
+live module. Nothing is read from disk or written per candidate after the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from splice.errors import SpliceError, SpliceWarning
+from splice.evolve.config import EvolveConfig
+from splice.evolve.genome import ParameterGenome, build_genome, check_genome
+
+if TYPE_CHECKING:
+    import torch
+
+    from splice.evolve.scorer import TaskScorer
+    from splice.merge.runner import MergeOptions
+
+STATE = "state.pkl"
+CONFIG = "config.yml"
+DEFAULT_MAX_FEVALS = 100  # mergekit-evolve's default
+
+
+def default_popsize(dim: int) -> int:
+    """CMA-ES's default population: 4 + floor(3 ln d)."""
+    return 4 + math.floor(3 * math.log(dim))
+
+
+@dataclass
+class EvolveResult:
+    """Where a search stands: the best candidate so far and how far it got."""
+
+    run: Path
+    generation: int
+    generations: int
+    evaluations: int
+    best_genes: list[float] | None
+    best_fitness: float | None
+    best_scores: dict[str, float] | None
+    best_recipe: dict[str, Any] | None
+    stop: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None
+
+
+# ---- the in-memory candidate path ----------------------------------------------------------------
+class Candidates:
+    """Merges and scores candidates in one resident module (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: EvolveConfig,
+        genome: ParameterGenome,
+        sources: dict[str, Any],
+        scorer: TaskScorer,
+        options: MergeOptions,
+    ) -> None:
+        self.config, self.genome, self.sources = config, genome, sources
+        self.scorer, self.options = scorer, options
+        self.module: torch.nn.Module | None = None
+
+    def merge(self, x: np.ndarray) -> dict[str, Any]:
+        """Merge genes ``x`` ``[d]`` into the resident module; returns the recipe."""
+        from splice.merge.runner import merge_into, plan
+        from splice.resident import empty_model
+
+        recipe = self.genome.recipe(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpliceWarning)
+            p = plan(recipe, self.options, self.sources)
+            if self.module is None:
+                self.module = empty_model(
+                    p.config, device=self.options.device, dtype=self.config.dtype
+                )
+            merge_into(self.module, p, self.sources, self.options)
+        return recipe
+
+    def evaluate(self, x: np.ndarray) -> dict[str, Any]:
+        """One candidate's record; a merge or evaluation that fails scores NaN (worst) and
+        keeps its error."""
+        rec: dict[str, Any] = {"genes": [float(v) for v in x], "recipe": None, "scores": {}}
+        t0 = time.perf_counter()
+        try:
+            rec["recipe"] = self.genome.recipe(x)
+            self.merge(x)
+            t1 = time.perf_counter()
+            rec["merge_s"] = round(t1 - t0, 4)
+            assert self.module is not None
+            rec["scores"] = self.scorer.score(self.module)
+            rec["eval_s"] = round(time.perf_counter() - t1, 4)
+            fit = self.scorer.fitness(rec["scores"])
+            if not math.isfinite(fit):
+                raise ValueError("the fitness is not a finite number")
+            rec["fitness"], rec["error"] = fit, None
+        except Exception as e:  # a failed candidate scores worst; the run goes on
+            lines = str(e).strip().splitlines()
+            rec["fitness"] = None
+            rec["error"] = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+            rec.setdefault("merge_s", round(time.perf_counter() - t0, 4))
+        return rec
+
+
+def _sources(config: EvolveConfig, device: str) -> dict[str, Any]:
+    from splice.problems import open_models
+    from splice.resident import ResidentCheckpoint
+
+    opened = open_models(config.source_models())
+    return {
+        ref: ResidentCheckpoint.of(ckpt, device=device, dtype=config.dtype)
+        for ref, ckpt in opened.items()
+    }
+
+
+def prepare(config: EvolveConfig) -> tuple[ParameterGenome, dict[str, Any], MergeOptions]:
+    """Check everything that can be checked without reading a tensor: the device, the models'
+    headers and the genome's start and bounds. Returns (genome, sources, merge options)."""
+    from splice.activations import resolve_device
+    from splice.merge.runner import MergeOptions
+
+    device = resolve_device(config.device)
+    options = MergeOptions(device=device, show_progress=False, threads=config_threads(config))
+    sources = _sources(config, device)
+    genome = build_genome(config, sources)
+    check_genome(genome, sources, options, start_point(config, genome))
+    return genome, sources, options
+
+
+def config_threads(config: EvolveConfig) -> int | None:
+    return 1 if config.device == "cpu" else None
+
+
+def start_point(config: EvolveConfig, genome: ParameterGenome) -> np.ndarray:
+    s = config.search
+    return genome.start(s.start, random_init=config.random_init, seed=s.seed)
+
+
+def planned_generations(config: EvolveConfig, popsize: int) -> int:
+    """Generations the run makes (unless CMA-ES stops first)."""
+    s = config.search
+    if s.generations is not None:
+        return s.generations
+    return math.ceil((s.max_fevals or DEFAULT_MAX_FEVALS) / popsize)
+
+
+# ---- CMA-ES with its own random stream ------------------------------------------------------------
+@contextlib.contextmanager
+def _cma_random(state: dict[str, Any]) -> Iterator[None]:
+    """numpy's global generator set to ``state['np']`` inside, saved back there on exit, and
+    the caller's generator state restored."""
+    outer = np.random.get_state()
+    np.random.set_state(state["np"])
+    try:
+        yield
+    finally:
+        state["np"] = np.random.get_state()
+        np.random.set_state(outer)
+
+
+def _new_state(config: EvolveConfig, genome: ParameterGenome) -> dict[str, Any]:
+    import cma
+
+    s = config.search
+    popsize = s.popsize or default_popsize(genome.dim)
+    state: dict[str, Any] = {
+        "fingerprint": config.fingerprint(),
+        "config": config.model_dump(mode="json"),
+        "np": np.random.RandomState(s.seed).get_state(),
+        "generation": 0,
+        "generations": planned_generations(config, popsize),
+        "records": [],
+        "history": [],
+        "stop": None,
+    }
+    opts = {
+        "bounds": [0, 1],
+        "popsize": popsize,
+        "seed": np.nan,  # the stream is ours: a private generator, pickled with the strategy
+        "randn": np.random.RandomState(s.seed).randn,
+        "verbose": -9,
+        "verb_disp": 0,
+        "verb_log": 0,
+        "maxiter": state["generations"],
+    }
+    with _cma_random(state), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state["es"] = cma.CMAEvolutionStrategy(start_point(config, genome), s.sigma0, opts)
+    return state
+
+
+# ---- the run folder --------------------------------------------------------------------------------
+def _write(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically: a temporary file beside it, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The record with the highest fitness (the earliest among equals)."""
+    best = None
+    for r in records:
+        if r["fitness"] is not None and (best is None or r["fitness"] > best["fitness"]):
+            best = r
+    return best
+
+
+def best_yaml(rec: dict[str, Any]) -> str:
+    head = (
+        f"# splice evolve: best candidate (generation {rec['generation']}, index "
+        f"{rec['index']}, fitness {rec['fitness']:.6g}); run with `splice merge THIS OUT`\n"
+    )
+    return head + yaml.safe_dump(rec["recipe"], sort_keys=False)
+
+
+def save(run: Path, state: dict[str, Any]) -> None:
+    """The run folder's files from ``state``: ``state.pkl`` first, so that a view (what an
+    observer polls) never shows a generation the state lacks; a resume rewrites the views."""
+    _write(run / STATE, pickle.dumps(state))
+    lines = "".join(json.dumps(r) + "\n" for r in state["records"])
+    _write(run / "candidates.jsonl", lines.encode())
+    _write(run / "history.json", (json.dumps(state["history"], indent=1) + "\n").encode())
+    best = _best(state["records"])
+    if best is not None:
+        _write(run / "best.yml", best_yaml(best).encode())
+
+
+def load_state(run: Path) -> dict[str, Any]:
+    """``state.pkl`` of a run folder (our own file: pickled by :func:`save`)."""
+    path = run / STATE
+    if not path.is_file():
+        raise SpliceError(f"{run}: not an evolve run folder (no {STATE})")
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except Exception as e:
+        raise SpliceError(f"{path}: cannot read the run state ({type(e).__name__})") from None
+    return state
+
+
+def _result(run: Path, state: dict[str, Any]) -> EvolveResult:
+    best = _best(state["records"])
+    return EvolveResult(
+        run=run,
+        generation=state["generation"],
+        generations=state["generations"],
+        evaluations=len(state["records"]),
+        best_genes=best["genes"] if best else None,
+        best_fitness=best["fitness"] if best else None,
+        best_scores=best["scores"] if best else None,
+        best_recipe=best["recipe"] if best else None,
+        stop=state["stop"],
+        history=list(state["history"]),
+    )
+
+
+def _refuse_other(run: Path, config: EvolveConfig, state: dict[str, Any]) -> None:
+    if state["fingerprint"] == config.fingerprint():
+        return
+    started = EvolveConfig.model_validate(state["config"])
+    changed = started.differences(config)
+    raise SpliceError(
+        f"{run} holds a run of another configuration (changed: {', '.join(changed[:4]) or '?'}"
+        f"{', ...' if len(changed) > 4 else ''}); use a new --out folder"
+    )
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+Progress = Callable[[dict[str, Any]], None]
+
+
+def evolve(
+    config: EvolveConfig | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_fevals: int | None = None,
+    device: str | None = None,
+    tasks_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = False,
+    on_generation: Progress | None = None,
+) -> EvolveResult:
+    """Run the search of ``config`` (an :class:`EvolveConfig` or a YAML file) into the run
+    folder ``out``. An existing run folder of the same configuration is resumed; one of another
+    is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's."""
+    if not isinstance(config, EvolveConfig):
+        config = EvolveConfig.from_yaml(config)
+    config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
+    run = Path(out)
+    if (run / STATE).is_file():
+        _refuse_other(run, config, load_state(run))
+        return _run(run, config, show_progress, on_generation)
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
+    genome, sources, options = prepare(config)  # before the folder is made
+    run.mkdir(parents=True, exist_ok=True)
+    _write(run / CONFIG, config.to_yaml().encode())
+    state = _new_state(config, genome)
+    save(run, state)
+    return _run(run, config, show_progress, on_generation, (genome, sources, options))
+
+
+def resume(
+    run: str | os.PathLike[str],
+    *,
+    show_progress: bool = False,
+    on_generation: Progress | None = None,
+) -> EvolveResult:
+    """Continue the run in ``run`` from its last finished generation (its ``config.yml``; a
+    config changed since the run began is refused)."""
+    run = Path(run)
+    state = load_state(run)
+    config = EvolveConfig.from_yaml(run / CONFIG)
+    _refuse_other(run, config, state)
+    return _run(run, config, show_progress, on_generation)
+
+
+def _run(
+    run: Path,
+    config: EvolveConfig,
+    show_progress: bool,
+    on_generation: Progress | None,
+    prepared: tuple[ParameterGenome, dict[str, Any], MergeOptions] | None = None,
+) -> EvolveResult:
+    state = load_state(run)
+    if state["stop"] is not None:
+        return _result(run, state)
+    genome, sources, options = prepared or prepare(config)
+    from splice.evolve.scorer import TaskScorer
+    from splice.modeling import load_tokenizer
+
+    save(run, state)  # the views match the state again (a kill may have left newer ones)
+    tokenizer = load_tokenizer(config.tokenizer_ref())
+    with TaskScorer(
+        config.tasks,
+        tokenizer=tokenizer,
+        args=config.lm_eval,
+        tasks_dir=config.tasks_dir,
+        zoo=config.zoo,
+        seed=config.search.seed,
+    ) as scorer:
+        candidates = Candidates(config, genome, sources, scorer, options)
+        bar = _bar(state, show_progress)
+        try:
+            while state["stop"] is None:
+                _generation(state, candidates)
+                save(run, state)
+                if on_generation is not None:
+                    on_generation(state["history"][-1])
+                if bar is not None:
+                    h = state["history"][-1]
+                    bar.set_postfix_str(
+                        f"best {h['best_so_far']:.4g} mean {h['mean']:.4g} "
+                        f"{h['per_minute']:.1f}/min",
+                        refresh=False,
+                    )
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    with contextlib.suppress(Exception):
+        from splice.evolve.report import plot_history
+
+        plot_history(state["history"], run / "fitness.png")
+    return _result(run, state)
+
+
+def _bar(state: dict[str, Any], enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=state["generations"],
+        initial=state["generation"],
+        desc="evolve",
+        unit="gen",
+        dynamic_ncols=True,
+    )
+
+
+def _generation(state: dict[str, Any], candidates: Candidates) -> None:
+    """Ask, score, tell: one generation, recorded in ``state``."""
+    es = state["es"]
+    t0 = time.perf_counter()
+    with _cma_random(state):
+        xs = es.ask()
+    gen = state["generation"]
+    records = []
+    for i, x in enumerate(xs):
+        rec = {"generation": gen, "index": i, **candidates.evaluate(np.asarray(x))}
+        if rec["error"]:
+            warnings.warn(
+                f"candidate {gen}.{i} failed: {rec['error']}", SpliceWarning, stacklevel=2
+            )
+        records.append(rec)
+    fits = [r["fitness"] for r in records if r["fitness"] is not None]
+    worst = -min(fits) + 1.0 if fits else 1.0  # CMA-ES minimizes; failures rank last
+    costs = [-r["fitness"] if r["fitness"] is not None else worst for r in records]
+    with _cma_random(state), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        es.tell(xs, costs)
+    state["records"].extend(records)
+    state["generation"] = gen + 1
+    best = _best(state["records"])
+    seconds = time.perf_counter() - t0
+    state["history"].append(
+        {
+            "generation": gen,
+            "best": max(fits) if fits else None,
+            "mean": float(np.mean(fits)) if fits else math.nan,
+            "best_so_far": best["fitness"] if best else math.nan,
+            "failed": len(records) - len(fits),
+            "evaluations": len(state["records"]),
+            "seconds": round(seconds, 3),
+            "per_minute": round(60 * len(records) / seconds, 2) if seconds > 0 else 0.0,
+            "sigma": float(es.sigma),
+        }
+    )
+    if state["generation"] >= state["generations"]:
+        state["stop"] = f"{state['generations']} generations done"
+    else:
+        stop = {k: v for k, v in es.stop().items() if k != "maxiter"}
+        if stop:
+            state["stop"] = "cma: " + ", ".join(sorted(stop))

@@ -1,0 +1,98 @@
+"""``splice evolve``: bad input is one line and exit code 2; run, report and resume verbs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+from evolve_helpers import config_dict, write_config, write_tasks
+
+from splice.cli import main
+
+pytest.importorskip("cma")
+pytest.importorskip("lm_eval")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("evolve_cli_tasks"))
+
+
+def one_error(capsys, argv) -> str:
+    """Run ``splice ARGV``; it must fail with exit code 2 and one line on stderr."""
+    capsys.readouterr()  # what fixtures printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("splice: error: ")
+    return err[0]
+
+
+def test_empty_task_list(capsys, trio, tasks, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", {**config_dict(trio, tasks), "tasks": []})
+    assert "tasks: must not be empty" in one_error(
+        capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")]
+    )
+
+
+def test_unknown_task(capsys, trio, tasks, tmp_path):
+    data = config_dict(trio, tasks)
+    data["tasks"] = [{"name": "tiny_nope"}]
+    cfg = write_config(tmp_path / "c.yml", data)
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")])
+    assert "unknown task tiny_nope" in line
+
+
+def test_genome_whose_bounds_decode_to_an_invalid_recipe(capsys, trio, tasks, tmp_path):
+    data = config_dict(trio, tasks)
+    data["genome"] = {
+        **data["genome"],
+        "merge_method": "della",
+        "ranges": {"density": [0.05, 0.5]},  # 0.05 - epsilon 0.15 < 0
+    }
+    cfg = write_config(tmp_path / "c.yml", data)
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")])
+    assert "genome: genes at 0 decodes to a recipe that cannot run" in line
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_sources_of_different_architectures(capsys, trio, tasks, tmp_path):
+    other = make_tiny(tmp_path / "mistral", "mistral", layers=4)
+    data = config_dict(trio, tasks)
+    data["genome"]["models"] = [str(trio["ft1"]), str(other)]
+    cfg = write_config(tmp_path / "c.yml", data)
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")])
+    assert "architecture mismatch" in line
+
+
+def test_cuda_without_cuda(capsys, trio, tasks, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = write_config(tmp_path / "c.yml", config_dict(trio, tasks))
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r"), "--device", "cuda"])
+    assert "no CUDA device" in line
+
+
+def test_run_report_and_a_resume_folder_of_another_config(capsys, trio, tasks, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yml", config_dict(trio, tasks, generations=2))
+    assert main(["evolve", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 generations, 8 candidates" in out
+    assert main(["evolve", "report", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "best candidates:" in text and "merge_method: ties" in text
+    assert (run / "fitness.png").is_file()
+    # --max-fevals overrides the config: another configuration for this folder
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(run), "--max-fevals", "12"])
+    assert "another configuration" in line and "search.max_fevals" in line
+    # a finished run resumes to itself
+    assert main(["evolve", "resume", str(run)]) == 0
+    assert "2/2 generations" in capsys.readouterr().out
+    line = one_error(capsys, ["evolve", "resume", str(tmp_path)])
+    assert "not an evolve run folder" in line
+    line = one_error(capsys, ["evolve", "resume", str(run), "--max-fevals", "3"])
+    assert "--max-fevals does not apply" in line
