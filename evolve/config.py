@@ -125,7 +125,7 @@ class GenomeSpec(_Frozen):
     """mergekit-evolve's genome definition, plus ``space``, ``ranges`` and ``parameters``."""
 
     models: list[str] = Field(min_length=1)
-    merge_method: str
+    merge_method: str | None = None  # parameter space: required; data-flow: passthrough
     base_model: str | None = None
     tokenizer_source: str | None = None
     layer_granularity: int = Field(0, ge=0)
@@ -133,7 +133,10 @@ class GenomeSpec(_Frozen):
     allow_negative_weights: bool = False
     filters: list[str] | None = None
     smooth: bool = False
-    space: Literal["parameter"] = "parameter"
+    #: ``parameter`` (mergekit-evolve's genome) or ``dataflow`` (Sakana's layer path)
+    space: Literal["parameter", "dataflow"] = "parameter"
+    #: data-flow: how many times every model's layers are laid out as slots (Sakana's r)
+    repeats: int = Field(3, ge=1)
     #: parameter -> [low, high] that genes 0 and 1 map to
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     #: fixed method parameters, the same in every candidate (``lambda``, ``epsilon``, ...)
@@ -141,7 +144,11 @@ class GenomeSpec(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> GenomeSpec:
+        if self.space == "dataflow":
+            return self._dataflow()
         m = self.merge_method
+        if m is None:
+            raise ValueError("merge_method is required (space: parameter)")
         if m not in METHOD_GENES:
             raise ValueError(
                 f"merge_method {m!r} cannot be evolved; choose from: {', '.join(METHOD_GENES)}"
@@ -170,10 +177,37 @@ class GenomeSpec(_Frozen):
                 raise ValueError(f"parameters: {key!r} is a gene of {m}; set its range instead")
         return self
 
+    def _dataflow(self) -> GenomeSpec:
+        if self.merge_method not in (None, "passthrough", "layer_path"):
+            raise ValueError(
+                f"space dataflow decodes to a layer_path (passthrough), not {self.merge_method}"
+            )
+        for key, value in (("filters", self.filters), ("smooth", self.smooth)):
+            if value:
+                raise ValueError(f"{key} is a parameter-space setting (space: dataflow)")
+        if self.layer_granularity or self.parameters:
+            raise ValueError("layer_granularity and parameters are parameter-space settings")
+        for key, (lo, hi) in self.ranges.items():
+            if key != "scale":
+                raise ValueError(f"ranges: {key!r} is not a data-flow gene (it has scale)")
+            if not 0 < lo < hi:
+                raise ValueError(f"ranges: scale [{lo}, {hi}] must have 0 < low < high")
+        return self
+
+    @property
+    def genes(self) -> tuple[str, ...]:
+        """The per-model genes of the method (data-flow: indicator and scale per slot)."""
+        if self.space == "dataflow":
+            return ("on", "scale")
+        assert self.merge_method is not None
+        return METHOD_GENES[self.merge_method]
+
     def range_of(self, gene: str) -> tuple[float, float]:
         """The values genes 0 and 1 decode to."""
         if gene in self.ranges:
             return self.ranges[gene]
+        if gene == "scale":
+            return (0.5, 2.0)
         if gene == "weight":
             return (-1.0, 1.0) if self.allow_negative_weights else (0.0, 1.0)
         if gene == "density" and self.merge_method == "della":

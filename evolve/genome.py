@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.errors import SpliceError
-from splice.evolve.config import METHOD_GENES, EvolveConfig, GenomeSpec
+from splice.evolve.config import EvolveConfig, GenomeSpec
 from splice.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class ParameterGenome:
 
     @property
     def genes(self) -> tuple[str, ...]:
-        return METHOD_GENES[self.spec.merge_method]
+        return self.spec.genes
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -219,19 +219,27 @@ class ParameterGenome:
         return slices
 
 
+#: what every genome space provides: ``dim``, ``names()``, ``start(...)``, ``corners()``,
+#: ``recipe(x)``
+Genome = Any
+
+
 def _label(ref: str) -> str:
     return os.path.basename(os.path.normpath(ref)) or ref
 
 
-def build_genome(config: EvolveConfig, models: Mapping[str, Checkpoint]) -> ParameterGenome:
+def build_genome(config: EvolveConfig, models: Mapping[str, Checkpoint]) -> Genome:
     """The genome of ``config`` over the opened source ``models`` (headers only)."""
-    cls = GENOMES.get(config.genome.space)
-    first = models[config.genome.models[0]]
-    return cls(config.genome, first.num_layers, config.dtype, config.search.seed)
+    spec = config.genome
+    cls = GENOMES.get(spec.space)
+    if spec.space == "dataflow":
+        layers = tuple(models[m].num_layers for m in spec.models)
+        return cls(spec, layers, config.dtype, config.search.seed)
+    return cls(spec, models[spec.models[0]].num_layers, config.dtype, config.search.seed)
 
 
 def check_genome(
-    genome: ParameterGenome,
+    genome: Genome,
     models: Mapping[str, Checkpoint],
     options: MergeOptions,
     x0: np.ndarray | None = None,

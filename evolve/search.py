@@ -48,7 +48,7 @@ import yaml
 
 from splice.errors import SpliceError, SpliceWarning
 from splice.evolve.config import EvolveConfig
-from splice.evolve.genome import ParameterGenome, build_genome, check_genome
+from splice.evolve.genome import Genome, build_genome, check_genome
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ class Candidates:
     def __init__(
         self,
         config: EvolveConfig,
-        genome: ParameterGenome,
+        genome: Genome,
         sources: dict[str, Any],
         scorer: TaskScorer,
         options: MergeOptions,
@@ -101,13 +101,26 @@ class Candidates:
         self.config, self.genome, self.sources = config, genome, sources
         self.scorer, self.options = scorer, options
         self.module: torch.nn.Module | None = None
+        self.paths: Any = None  # PathModels, for data-flow genomes
 
     def merge(self, x: np.ndarray) -> dict[str, Any]:
-        """Merge genes ``x`` ``[d]`` into the resident module; returns the recipe."""
+        """Merge genes ``x`` ``[d]`` into the resident module (data-flow genes: point the path
+        model at the path's shared layers); returns the recipe."""
         from splice.merge.runner import merge_into, plan
         from splice.resident import empty_model
 
         recipe = self.genome.recipe(x)
+        if recipe.get("layer_path"):
+            from splice.evolve.dataflow import PathModels
+
+            if self.paths is None:
+                self.paths = PathModels(
+                    self.sources, self.genome.donor, self.options, self.config.dtype
+                )
+                for src in self.sources.values():
+                    src.release()  # the modules hold the weights now
+            self.module = self.paths.build(recipe["layer_path"])
+            return recipe
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpliceWarning)
             p = plan(recipe, self.options, self.sources)
@@ -154,7 +167,7 @@ def _sources(config: EvolveConfig, device: str) -> dict[str, Any]:
     }
 
 
-def prepare(config: EvolveConfig) -> tuple[ParameterGenome, dict[str, Any], MergeOptions]:
+def prepare(config: EvolveConfig) -> tuple[Genome, dict[str, Any], MergeOptions]:
     """Check everything that can be checked without reading a tensor: the device, the models'
     headers and the genome's start and bounds. Returns (genome, sources, merge options)."""
     from splice.activations import resolve_device
@@ -172,7 +185,7 @@ def config_threads(config: EvolveConfig) -> int | None:
     return 1 if config.device == "cpu" else None
 
 
-def start_point(config: EvolveConfig, genome: ParameterGenome) -> np.ndarray:
+def start_point(config: EvolveConfig, genome: Genome) -> np.ndarray:
     s = config.search
     return genome.start(s.start, random_init=config.random_init, seed=s.seed)
 
@@ -199,7 +212,7 @@ def _cma_random(state: dict[str, Any]) -> Iterator[None]:
         np.random.set_state(outer)
 
 
-def _new_state(config: EvolveConfig, genome: ParameterGenome) -> dict[str, Any]:
+def _new_state(config: EvolveConfig, genome: Genome) -> dict[str, Any]:
     import cma
 
     s = config.search
@@ -364,7 +377,7 @@ def _run(
     config: EvolveConfig,
     show_progress: bool,
     on_generation: Progress | None,
-    prepared: tuple[ParameterGenome, dict[str, Any], MergeOptions] | None = None,
+    prepared: tuple[Genome, dict[str, Any], MergeOptions] | None = None,
 ) -> EvolveResult:
     state = load_state(run)
     if state["stop"] is not None:

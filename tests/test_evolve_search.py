@@ -78,15 +78,19 @@ def test_best_yml_runs_through_splice_merge_and_matches_the_in_memory_candidate(
     assert torch.equal(logits(out), logits(cand.module))
 
 
-def test_candidates_read_and_write_nothing_after_warm_up(trio, tasks, monkeypatch):
-    """Merge + score of later candidates: no tensor bytes read, no file opened."""
+@pytest.mark.parametrize("space", ["parameter", "dataflow"])
+def test_candidates_read_and_write_nothing_after_warm_up(trio, tasks, space):
+    """Merge (or path) + score of later candidates: no tensor bytes read, no file opened."""
     from test_resident import counting_reads
 
     from splice.evolve.scorer import TaskScorer
     from splice.evolve.search import Candidates, prepare, start_point
     from splice.modeling import load_tokenizer
 
-    cfg = EvolveConfig.from_dict(config_dict(trio, tasks))
+    data = config_dict(trio, tasks)
+    if space == "dataflow":
+        data["genome"] = {"models": data["genome"]["models"], "space": "dataflow", "repeats": 2}
+    cfg = EvolveConfig.from_dict(data)
     genome, sources, options = prepare(cfg)
     tok = load_tokenizer(cfg.tokenizer_ref())
     with TaskScorer(cfg.tasks, tokenizer=tok, args=cfg.lm_eval, tasks_dir=tasks) as scorer:
