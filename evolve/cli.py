@@ -32,6 +32,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tasks-dir", help="folder of local lm-eval YAML tasks")
     p.add_argument("--top", type=positive_int, default=5, help="report: candidates to list")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="report: score the sources, naive merges and the winner on the report tasks",
+    )
+    p.add_argument("--tasks", help="report --table: comma-separated report tasks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
 
@@ -56,6 +62,11 @@ def run_cli(args: argparse.Namespace) -> None:
             if rep.history:
                 rep.plot(rep.run / "fitness.png")
             print(format_report(rep))
+            if args.table:
+                from splice.evolve.report import format_table, report_table
+
+                tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
+                print("\nreport split:\n" + format_table(report_table(args.run, tasks)))
             return
         from splice.evolve.search import resume
 

@@ -238,6 +238,9 @@ class EvolveConfig(_Frozen):
     tokenizer: str | None = None
     tasks_dir: str | None = None
     zoo: str | None = None
+    #: tasks ``splice evolve report --table`` scores the sources, naive merges and the winner
+    #: on (never the fitness); default: ``X`` for every fitness task ``X_fit`` (the zoo's splits)
+    report_tasks: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -356,6 +359,31 @@ class EvolveConfig(_Frozen):
         """Dotted keys whose values differ between the two configs."""
         out: list[str] = []
         _diff(self.model_dump(mode="json"), other.model_dump(mode="json"), "", out)
+        return out
+
+    def report_split(self) -> list[str]:
+        """The report tasks: ``report_tasks``, else ``X`` for each fitness task ``X_fit``."""
+        if self.report_tasks is not None:
+            return list(self.report_tasks)
+        names = [t.name.removesuffix("_fit") for t in self.tasks if t.name.endswith("_fit")]
+        return list(dict.fromkeys(names))
+
+    def split_warnings(self) -> list[str]:
+        """A fitness task that is also a report task (the report would be scored on what the
+        search fitted), or a zoo report split used as fitness while a fitness split exists."""
+        fit = [t.name for t in self.tasks]
+        out = [
+            f"task {n} is both a fitness and a report task: the report would score what the "
+            "search fitted"
+            for n in fit
+            if n in self.report_split()
+        ]
+        zoo_report = ("zoo_math", "zoo_lang", "zoo_math_lang")
+        out += [
+            f"task {n} is a zoo report split; search on {n}_fit and report on {n}"
+            for n in fit
+            if n in zoo_report and n not in self.report_split()
+        ]
         return out
 
     def source_models(self) -> list[str]:

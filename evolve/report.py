@@ -128,3 +128,90 @@ def read_best(run: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise SpliceError(f"{run}: no best.yml yet (no candidate has scored)")
     return yaml.safe_load(path.read_text())
+
+
+# ---- the report-split table ------------------------------------------------------------------
+def naive_recipes(config: Any) -> dict[str, dict[str, Any]]:
+    """The baselines a winner is compared with: every source alone, and the naive merges of
+    the genome's models (linear with equal weights; the genome's method at its start point)."""
+    from splice.evolve.genome import _label
+
+    g = config.genome
+    rows: dict[str, dict[str, Any]] = {}
+    for ref in config.source_models():
+        rows[_label(ref)] = {"merge_method": "passthrough", "models": [{"model": ref}]}
+    if len(g.models) > 1:
+        rows["linear (equal weights)"] = {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": 1 / len(g.models)}} for m in g.models],
+            "dtype": config.dtype,
+        }
+    if g.space == "parameter" and g.merge_method != "linear":
+        from splice.evolve.genome import build_genome
+        from splice.evolve.search import start_point
+        from splice.problems import open_models
+
+        genome = build_genome(config, open_models(config.source_models()))
+        rows[f"{g.merge_method} (start)"] = genome.recipe(start_point(config, genome))
+    return rows
+
+
+def report_table(
+    run: str | os.PathLike[str], tasks: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """``{row: {task: score}}`` on the report tasks (``tasks``, else the config's report split):
+    the sources, the naive merges and the winner (``best.yml``), each merged in memory."""
+    import warnings
+
+    from splice.errors import SpliceWarning
+    from splice.evolve.config import EvolveConfig, TaskSpec
+    from splice.evolve.scorer import TaskScorer
+    from splice.evolve.search import CONFIG, config_threads
+    from splice.merge.runner import MergeOptions, merge_into, plan
+    from splice.modeling import load_tokenizer
+    from splice.resident import empty_model
+
+    run = Path(run)
+    config = EvolveConfig.from_yaml(run / CONFIG)
+    names = tasks or config.report_split()
+    if not names:
+        raise SpliceError(
+            "no report tasks: set report_tasks in the config or give --tasks (fitness tasks "
+            "named X_fit report on X)"
+        )
+    fitted = [t.name for t in config.tasks if t.name in names]
+    if fitted:
+        warnings.warn(
+            f"report task {fitted[0]} is also a fitness task", SpliceWarning, stacklevel=2
+        )
+    rows = naive_recipes(config)
+    rows["winner"] = read_best(run)
+    opts = MergeOptions(device=config.device, show_progress=False, threads=config_threads(config))
+    out: dict[str, dict[str, float]] = {}
+    with TaskScorer(
+        [TaskSpec(name=n) for n in names],
+        tokenizer=load_tokenizer(config.tokenizer_ref()),
+        args=config.lm_eval,
+        tasks_dir=config.tasks_dir,
+        zoo=config.zoo,
+        seed=config.search.seed,
+    ) as scorer:
+        for label, recipe in rows.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SpliceWarning)
+                p = plan(recipe, opts)
+                module = empty_model(p.config, device=opts.device, dtype=config.dtype)
+                merge_into(module, p, options=opts)
+            out[label] = scorer.score(module)
+    return out
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """One row per model, one column per task."""
+    cols = list(dict.fromkeys(c for row in table.values() for c in row))
+    width = max([5, *(len(r) for r in table)])
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>14}" for c in cols)]
+    for label, row in table.items():
+        cells = "  ".join(f"{row.get(c, math.nan):>14.4f}" for c in cols)
+        lines.append(f"{label:<{width}}  {cells}")
+    return "\n".join(lines)

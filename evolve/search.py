@@ -343,6 +343,8 @@ def evolve(
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
+    for line in config.split_warnings():
+        warnings.warn(line, SpliceWarning, stacklevel=2)
     run = Path(out)
     if (run / STATE).is_file():
         _refuse_other(run, config, load_state(run))

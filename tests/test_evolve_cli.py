@@ -86,6 +86,12 @@ def test_run_report_and_a_resume_folder_of_another_config(capsys, trio, tasks, t
     text = capsys.readouterr().out
     assert "best candidates:" in text and "merge_method: ties" in text
     assert (run / "fitness.png").is_file()
+    assert main(["evolve", "report", str(run), "--table", "--tasks", "tiny_mc"]) == 0
+    printed = capsys.readouterr()
+    assert "splice: warning: report task tiny_mc is also a fitness task" in printed.err
+    table = printed.out.split("report split:")[1].splitlines()
+    labels = [line.split("  ")[0].strip() for line in table[2:]]
+    assert labels == ["base", "ft1", "ft2", "linear (equal weights)", "ties (start)", "winner"]
     # --max-fevals overrides the config: another configuration for this folder
     line = one_error(capsys, ["evolve", str(cfg), "--out", str(run), "--max-fevals", "12"])
     assert "another configuration" in line and "search.max_fevals" in line
@@ -96,3 +102,21 @@ def test_run_report_and_a_resume_folder_of_another_config(capsys, trio, tasks, t
     assert "not an evolve run folder" in line
     line = one_error(capsys, ["evolve", "resume", str(run), "--max-fevals", "3"])
     assert "--max-fevals does not apply" in line
+
+
+def test_a_mergekit_evolve_file_runs_unchanged(capsys, trio, tasks, tmp_path):
+    """mergekit-evolve's documented layout (dare_ties, filters, top-level limit / num_fewshot /
+    shuffle), only the paths pointed at the tiny models; its tasks found with --tasks-dir."""
+    from test_evolve_config import MERGEKIT_DOC
+
+    from splice.evolve.search import load_state
+
+    cfg = tmp_path / "mergekit.yml"
+    cfg.write_text(MERGEKIT_DOC.format(**{k: str(v) for k, v in trio.items()}))
+    run = tmp_path / "run"
+    argv = ["evolve", str(cfg), "--out", str(run), "--tasks-dir", str(tasks), "--max-fevals", "13"]
+    assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    state = load_state(run)
+    assert len(state["records"]) == 13  # popsize 4 + floor(3 ln 24), one generation
+    assert all(r["error"] is None for r in state["records"])
+    assert all(len(r["scores"]) == 2 for r in state["records"])

@@ -191,3 +191,17 @@ def test_bounds_that_decode_to_an_invalid_recipe_are_refused(trio):
         check_genome(g, models, MergeOptions(show_progress=False))
     assert "genome: every gene at 1 decodes to a recipe that cannot run" in str(e.value)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_zoo_fitness_and_report_splits_by_name():
+    """zoo v2's names: a fitness task X_fit reports on X; fitting a report split warns."""
+    base = {"genome": {"models": ["a"], "merge_method": "linear"}}
+    cfg = EvolveConfig.from_dict({**base, "tasks": ["zoo_math_fit", "zoo_lang_fit"]})
+    assert cfg.report_split() == ["zoo_math", "zoo_lang"] and cfg.split_warnings() == []
+    cfg = EvolveConfig.from_dict({**base, "tasks": ["zoo_math_lang"]})
+    assert cfg.split_warnings() == [
+        "task zoo_math_lang is a zoo report split; search on zoo_math_lang_fit and report on "
+        "zoo_math_lang"
+    ]
+    cfg = EvolveConfig.from_dict({**base, "tasks": ["t"], "report_tasks": ["t"]})
+    assert "both a fitness and a report task" in cfg.split_warnings()[0]
