@@ -74,7 +74,9 @@ class DataFlowGenome:
         on = [f"on.{_label(m)}.{i}.r{r}" for (m, i), r in zip(self.slots, reps, strict=True)]
         return on + [name.replace("on.", "scale.", 1) for name in on]
 
-    def start(self, start: float | str = 0.5, *, random_init: bool = False, seed: int = 0):
+    def start(
+        self, start: float | str = 0.5, *, random_init: bool = False, seed: int = 0
+    ) -> np.ndarray:
         """x0 ``[2T]``: the first model's layers once, every scale 1 (``random_init``: uniform)."""
         if random_init:
             return np.random.default_rng(seed).uniform(0, 1, self.dim)

@@ -94,7 +94,9 @@ class ParameterGenome:
         return out
 
     # ---- start --------------------------------------------------------------------------------
-    def start(self, start: float | str = 0.5, *, random_init: bool = False, seed: int = 0):
+    def start(
+        self, start: float | str = 0.5, *, random_init: bool = False, seed: int = 0
+    ) -> np.ndarray:
         """x0 ``[d]``: every gene at ``start``, mergekit-evolve's start (``"mergekit"``: weights
         1/n, densities 1), or uniform in [0, 1] (``random_init``, seeded)."""
         if random_init:

@@ -84,7 +84,7 @@ def format_report(rep: EvolveReport) -> str:
     return "\n".join(lines)
 
 
-def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | None = None):
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | None = None) -> Any:
     """Fitness per generation (best, mean, best so far) as a matplotlib ``Figure``; saved as
     PNG to ``path`` when given (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def fitness(tasks: Sequence[TaskSpec], scores: Mapping[str, float], higher: Mapping[str, bool]):
+def fitness(
+    tasks: Sequence[TaskSpec], scores: Mapping[str, float], higher: Mapping[str, bool]
+) -> float:
     """``sum_i weight_i * score_i``, with ``score_i`` negated where lower is better
     (``higher[task name]``). NaN if a score is missing or not finite."""
     total = 0.0
@@ -150,12 +152,19 @@ class TaskScorer:
         return loaded
 
     def _directions(self) -> dict[str, bool]:
-        """Per score column: whether higher is better (the config's, else the task's)."""
+        """Per score column: whether higher is better (the config's, else the task's). A metric
+        the task does not compute is a ``SpliceError`` here, before any candidate runs."""
         tasks = dict(_leaves(self.task_dict))
         out = {}
         for t in self.tasks:
             declared = None
             task = tasks.get(t.name)
+            metrics = _metrics(task)
+            name = t.metric_key.split(",")[0]
+            if metrics and name not in metrics:
+                raise SpliceError(
+                    f"task {t.name} has no metric {name} (it computes {', '.join(metrics)})"
+                )
             if task is not None:
                 with contextlib.suppress(Exception):
                     declared = task.higher_is_better().get(t.metric_key.split(",")[0])
@@ -214,6 +223,14 @@ class TaskScorer:
 
     def fitness(self, scores: Mapping[str, float]) -> float:
         return fitness(self.tasks, scores, self.higher)
+
+
+def _metrics(task: Any) -> list[str]:
+    """The metric names a task computes (empty where lm-eval does not say)."""
+    try:
+        return [str(m) for m in task.aggregation()]
+    except Exception:
+        return []
 
 
 def _leaves(task_dict: Any) -> list[tuple[str, Any]]:

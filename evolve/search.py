@@ -351,12 +351,17 @@ def evolve(
         return _run(run, config, show_progress, on_generation)
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
-    genome, sources, options = prepare(config)  # before the folder is made
-    run.mkdir(parents=True, exist_ok=True)
-    _write(run / CONFIG, config.to_yaml().encode())
-    state = _new_state(config, genome)
-    save(run, state)
-    return _run(run, config, show_progress, on_generation, (genome, sources, options))
+    genome, sources, options = prepare(config)  # all checked before the folder is made
+    scorer = open_scorer(config)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        _write(run / CONFIG, config.to_yaml().encode())
+        state = _new_state(config, genome)
+        save(run, state)
+    except BaseException:
+        scorer.close()
+        raise
+    return _run(run, config, show_progress, on_generation, (genome, sources, options, scorer))
 
 
 def resume(
@@ -374,30 +379,40 @@ def resume(
     return _run(run, config, show_progress, on_generation)
 
 
+def open_scorer(config: EvolveConfig) -> TaskScorer:
+    """The config's tasks loaded (unknown tasks and metrics are refused here)."""
+    from splice.evolve.scorer import TaskScorer
+    from splice.modeling import load_tokenizer
+
+    return TaskScorer(
+        config.tasks,
+        tokenizer=load_tokenizer(config.tokenizer_ref()),
+        args=config.lm_eval,
+        tasks_dir=config.tasks_dir,
+        zoo=config.zoo,
+        seed=config.search.seed,
+    )
+
+
 def _run(
     run: Path,
     config: EvolveConfig,
     show_progress: bool,
     on_generation: Progress | None,
-    prepared: tuple[Genome, dict[str, Any], MergeOptions] | None = None,
+    prepared: tuple[Genome, dict[str, Any], MergeOptions, TaskScorer] | None = None,
 ) -> EvolveResult:
     state = load_state(run)
     if state["stop"] is not None:
+        if prepared is not None:
+            prepared[3].close()
         return _result(run, state)
-    genome, sources, options = prepared or prepare(config)
-    from splice.evolve.scorer import TaskScorer
-    from splice.modeling import load_tokenizer
-
+    if prepared is None:
+        genome, sources, options = prepare(config)
+        scorer = open_scorer(config)
+    else:
+        genome, sources, options, scorer = prepared
     save(run, state)  # the views match the state again (a kill may have left newer ones)
-    tokenizer = load_tokenizer(config.tokenizer_ref())
-    with TaskScorer(
-        config.tasks,
-        tokenizer=tokenizer,
-        args=config.lm_eval,
-        tasks_dir=config.tasks_dir,
-        zoo=config.zoo,
-        seed=config.search.seed,
-    ) as scorer:
+    with scorer:
         candidates = Candidates(config, genome, sources, scorer, options)
         bar = _bar(state, show_progress)
         try:

@@ -44,6 +44,15 @@ def test_unknown_task(capsys, trio, tasks, tmp_path):
     cfg = write_config(tmp_path / "c.yml", data)
     line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")])
     assert "unknown task tiny_nope" in line
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_unknown_metric(capsys, trio, tasks, tmp_path):
+    data = config_dict(trio, tasks)
+    data["tasks"] = [{"name": "tiny_mc", "metric": "f1"}]
+    cfg = write_config(tmp_path / "c.yml", data)
+    line = one_error(capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r")])
+    assert "task tiny_mc has no metric f1 (it computes acc)" in line
 
 
 def test_genome_whose_bounds_decode_to_an_invalid_recipe(capsys, trio, tasks, tmp_path):
