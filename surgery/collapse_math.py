@@ -1,0 +1,252 @@
+"""The arithmetic of expert collapsing: pure functions on one layer's tensors (float64).
+
+Notation: ``E`` experts of intermediate width ``I`` on a residual stream of width ``H``;
+``w1`` (gate) and ``w3`` (up) are ``[E, I, H]``, ``w2`` (down) ``[E, H, I]``, the router
+``[E, H]``; an expert computes ``w2_e · (act(w1_e x) * (w3_e x))``. Calibration rows are ``x``
+``[n, H]`` (the MoE block's normed input) and ``y`` ``[n, H]`` (its output). Nothing here reads
+files or knows tensor names: :mod:`splice.surgery.collapse` owns those.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Act = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Experts:
+    """One MoE layer: ``w1``, ``w3`` ``[E, I, H]``, ``w2`` ``[E, H, I]``, ``router`` ``[E, H]``."""
+
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+    router: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.w1.shape[0]
+
+    def hidden(self, x: torch.Tensor, act: Act) -> torch.Tensor:
+        """``[E, n, I]``: every expert's intermediate on every row of ``x`` ``[n, H]``."""
+        return act(torch.einsum("nh,eih->eni", x, self.w1)) * torch.einsum(
+            "nh,eih->eni", x, self.w3
+        )
+
+    def outputs(self, x: torch.Tensor, act: Act) -> torch.Tensor:
+        """``[E, n, H]``: every expert's output (unweighted) on every row."""
+        return torch.einsum("eni,ehi->enh", self.hidden(x, act), self.w2)
+
+    def permuted(self, perms: list[torch.Tensor]) -> Experts:
+        """Each expert's intermediate neurons reordered by ``perms[e]`` ``[I]`` (new j <- old
+        ``perms[e][j]``); the function of every expert is unchanged."""
+        idx = torch.stack(perms)  # [E, I]
+        rows = idx[:, :, None].expand_as(self.w1)
+        return Experts(
+            self.w1.gather(1, rows),
+            self.w3.gather(1, rows),
+            self.w2.gather(2, idx[:, None, :].expand_as(self.w2)),
+            self.router,
+        )
+
+
+def routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing of router logits ``[n, E]``: ``(probs [n, E], gates [n, E])`` — the
+    softmax, and the top-``k`` probabilities renormalised to sum to 1 (zero elsewhere)."""
+    probs = torch.softmax(logits, dim=-1)
+    top = torch.topk(probs, top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+    return probs, gates / gates.sum(-1, keepdim=True)
+
+
+def moe_forward(
+    experts: Experts, x: torch.Tensor, top_k: int, act: Act, block: int = 1024
+) -> torch.Tensor:
+    """``[n, H]``: the MoE block's output on ``x`` (every expert evaluated on every row, in
+    blocks of ``block`` rows)."""
+    out = []
+    for lo in range(0, x.shape[0], block):
+        xb = x[lo : lo + block]
+        _, gates = routing(xb @ experts.router.T, top_k)
+        out.append(torch.einsum("ne,enh->nh", gates, experts.outputs(xb, act)))
+    return torch.cat(out)
+
+
+def mlp_forward(
+    w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, act: Act
+) -> torch.Tensor:
+    """``[n, H]``: a dense gated MLP (``w1``, ``w3`` ``[I, H]``, ``w2`` ``[H, I]``) on ``x``."""
+    return (act(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def relative_error(y: torch.Tensor, approx: torch.Tensor) -> float:
+    """``‖y − approx‖_F / ‖y‖_F``."""
+    return float(torch.linalg.norm(y - approx) / torch.linalg.norm(y).clamp(min=1e-30))
+
+
+# ---- alignment ---------------------------------------------------------------------------------
+def neuron_features(experts: Experts) -> torch.Tensor:
+    """``[E, I, 3H]``: each intermediate neuron's weights (its w1 row, w3 row and w2 column),
+    unit-normalised, so that matching neurons have cosine 1."""
+    f = torch.cat([experts.w1, experts.w3, experts.w2.transpose(1, 2)], dim=-1)
+    return f / torch.linalg.norm(f, dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def align_permutations(experts: Experts, reference: int) -> list[torch.Tensor]:
+    """Per expert, the permutation ``[I]`` of its neurons that best matches expert
+    ``reference``'s (``scipy.optimize.linear_sum_assignment`` maximising the summed cosine of
+    the neurons' weights, MC-SMoE's weight matching); the reference keeps the identity."""
+    from scipy.optimize import linear_sum_assignment
+
+    f = neuron_features(experts)
+    width = f.shape[1]
+    perms = []
+    for e in range(experts.count):
+        if e == reference:
+            perms.append(torch.arange(width))
+            continue
+        sim = (f[reference] @ f[e].T).numpy()  # [I_ref, I_e]
+        rows, cols = linear_sum_assignment(sim, maximize=True)
+        perm = np.empty(width, dtype=np.int64)
+        perm[rows] = cols
+        perms.append(torch.from_numpy(perm))
+    return perms
+
+
+def moved_fraction(perms: list[torch.Tensor]) -> float:
+    """Share of the neurons of all experts that a permutation moved."""
+    moved = sum(int((p != torch.arange(p.numel())).sum()) for p in perms)
+    return moved / max(1, sum(p.numel() for p in perms))
+
+
+def weight_spread(experts: Experts, weights: torch.Tensor) -> float:
+    """``Σ_e w_e ‖W_e − W̄‖² / Σ_e w_e ‖W_e‖²`` over the concatenated w1, w3, w2 (``W̄`` the
+    ``weights``-average): 0 when the experts are equal; what averaging throws away."""
+    flat = torch.cat(
+        [experts.w1.flatten(1), experts.w3.flatten(1), experts.w2.flatten(1)], dim=1
+    )  # [E, P]
+    mean = weights @ flat
+    num = (weights * ((flat - mean) ** 2).sum(1)).sum()
+    return float(num / (weights * (flat**2).sum(1)).sum().clamp(min=1e-30))
+
+
+def average(experts: Experts, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(w1 [I, H], w3 [I, H], w2 [H, I])``: the ``weights`` ``[E]``-weighted mean expert."""
+    return (
+        torch.einsum("e,eih->ih", weights, experts.w1),
+        torch.einsum("e,eih->ih", weights, experts.w3),
+        torch.einsum("e,ehi->hi", weights, experts.w2),
+    )
+
+
+# ---- slice: one wide MLP of E·I neurons, sliced to I and refit ----------------------------------
+def wide_scores(experts: Experts, mean_gate: torch.Tensor) -> torch.Tensor:
+    """``[E, I]``: the scale of each neuron's column in the wide MLP, its mean routing weight
+    times the norm of its down-projection column (``mean_gate`` ``[E]``)."""
+    return mean_gate[:, None] * torch.linalg.norm(experts.w2, dim=1)
+
+
+def select_neurons(
+    h: torch.Tensor, scale: torch.Tensor, keep: int
+) -> tuple[list[int], list[float]]:
+    """The ``keep`` columns of the wide intermediate ``h`` ``[n, E·I]`` (scaled by ``scale``
+    ``[E·I]``) that contribute most: greedy pivoted Gram-Schmidt, so each pick is the neuron
+    whose scaled activation has the largest part not yet explained by the neurons picked
+    before (a neuron duplicated in several experts is kept once). When the sample has fewer
+    independent directions than ``keep`` the rest follow by scaled norm. Returns the flat
+    indices ``e·I + j`` in pick order and the residual norm at each pick."""
+    r = h * scale[None, :]
+    norms = (r * r).sum(0)
+    first = float(norms.max())
+    order = torch.argsort(norms, descending=True, stable=True).tolist()
+    picked: list[int] = []
+    gains: list[float] = []
+    taken = torch.zeros(r.shape[1], dtype=torch.bool)
+    for _ in range(keep):
+        res = torch.where(taken, torch.zeros_like(norms), norms)
+        p = int(torch.argmax(res))
+        if float(res[p]) <= 1e-20 * max(first, 1e-300):
+            break
+        picked.append(p)
+        gains.append(math.sqrt(float(res[p])))
+        taken[p] = True
+        q = r[:, p] / math.sqrt(float((r[:, p] ** 2).sum()))
+        r = r - q[:, None] * (q @ r)[None, :]
+        norms = (r * r).sum(0)
+    for p in order:  # rank-deficient sample: fill up by the original scaled norm
+        if len(picked) == keep:
+            break
+        if not taken[p]:
+            picked.append(p)
+            gains.append(0.0)
+            taken[p] = True
+    return picked, gains
+
+
+def ridge_refit(h: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``W [H, k]`` minimising ``‖y − h Wᵀ‖² + λ‖W‖²`` for ``h`` ``[n, k]``, ``y`` ``[n, H]``,
+    with ``λ = ridge · trace(hᵀh) / k`` (float64 normal equations, a Cholesky solve)."""
+    gram = h.T @ h
+    lam = ridge * float(torch.trace(gram)) / gram.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, h.T @ y).T
+
+
+# ---- fewer experts: HC-SMoE grouping, NAEE pruning --------------------------------------------
+def group_experts(outputs: torch.Tensor, k: int) -> list[list[int]]:
+    """HC-SMoE: ``k`` groups of experts by the cosine distance of their outputs ``[E, n, H]``
+    on calibration rows (``scipy.cluster.hierarchy``, average linkage, the tree cut at
+    exactly ``k`` clusters); groups ordered by their smallest expert."""
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import pdist
+
+    count = outputs.shape[0]
+    if k >= count:
+        return [[e] for e in range(count)]
+    feats = outputs.reshape(count, -1).numpy()
+    dist = np.clip(pdist(feats, metric="cosine"), 0.0, None)
+    labels = cut_tree(linkage(dist, method="average"), n_clusters=k).reshape(-1)
+    groups: dict[int, list[int]] = {}
+    for e, g in enumerate(labels):
+        groups.setdefault(int(g), []).append(e)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def subset_output(
+    logits: torch.Tensor, outputs: torch.Tensor, keep: list[int], top_k: int
+) -> torch.Tensor:
+    """``[n, H]``: the MoE output with only the experts ``keep`` (router rows restricted,
+    top-``k`` renormalised among them), from ``logits`` ``[n, E]`` and ``outputs`` ``[E, n, H]``."""
+    _, gates = routing(logits[:, keep], top_k)
+    return torch.einsum("ne,enh->nh", gates, outputs[keep])
+
+
+def prune_experts(
+    logits: torch.Tensor,
+    outputs: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    top_k: int,
+    exhaustive_limit: int = 5000,
+) -> tuple[list[int], float]:
+    """NAEE: the ``k`` experts whose keeping (the others removed) reconstructs ``y`` best:
+    every subset when there are at most ``exhaustive_limit``, else greedy backward
+    elimination. Returns the kept experts (sorted) and their relative error."""
+    count = outputs.shape[0]
+
+    def err(keep: list[int]) -> float:
+        return relative_error(y, subset_output(logits, outputs, keep, top_k))
+
+    if math.comb(count, k) <= exhaustive_limit:
+        best = min((list(c) for c in itertools.combinations(range(count), k)), key=err)
+        return best, err(best)
+    keep = list(range(count))
+    while len(keep) > k:
+        keep = min(([e for e in keep if e != d] for d in keep), key=err)
+    return keep, err(keep)
