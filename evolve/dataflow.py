@@ -15,6 +15,10 @@ with the scales folded into the residual writers. In a search no weight is copie
 :class:`PathModels` runs the resident sources' own layer modules in path order, each behind a
 :class:`Scaled` wrapper. The start: the first model's layers once (the first repetition's
 slots of it on, 0.75; the others off, 0.25), every scale 1.
+
+Both in sequence (Sakana's PS + DFS): name a finished parameter-space run folder as a model;
+``splice.evolve.search.with_winners`` merges its ``best.yml`` once into ``RUN/winner`` and the
+data-flow search uses that folder.
 """
 
 from __future__ import annotations

@@ -167,6 +167,43 @@ def _sources(config: EvolveConfig, device: str) -> dict[str, Any]:
     }
 
 
+def with_winners(config: EvolveConfig) -> EvolveConfig:
+    """Parameter space + data flow in sequence: a genome model (or base) that is an evolve run
+    folder stands for that run's winner, ``RUN/winner``, written once from ``RUN/best.yml`` by
+    ``splice merge`` (the one model a search writes; its candidates stay in memory). Returns
+    the config naming the winners' folders."""
+    from splice.merge.runner import MergeOptions
+    from splice.merge.runner import run as merge_run
+
+    winners: dict[str, str] = {}
+    for ref in config.source_models():
+        folder = Path(ref)
+        if not (folder / STATE).is_file():
+            continue
+        winner = folder / "winner"
+        if not (winner / "config.json").is_file():
+            if not (folder / "best.yml").is_file():
+                raise SpliceError(f"{ref}: an evolve run with no scored candidate yet")
+            if load_state(folder)["stop"] is None:
+                warnings.warn(
+                    f"{ref} is unfinished; its best candidate so far is used",
+                    SpliceWarning,
+                    stacklevel=3,
+                )
+            merge_run(folder / "best.yml", winner, MergeOptions(show_progress=False))
+        winners[ref] = str(winner)
+    if not winners:
+        return config
+    g = config.genome
+    genome = g.model_copy(
+        update={
+            "models": [winners.get(m, m) for m in g.models],
+            "base_model": winners.get(g.base_model, g.base_model) if g.base_model else None,
+        }
+    )
+    return config.model_copy(update={"genome": genome})
+
+
 def prepare(config: EvolveConfig) -> tuple[Genome, dict[str, Any], MergeOptions]:
     """Check everything that can be checked without reading a tensor: the device, the models'
     headers and the genome's start and bounds. Returns (genome, sources, merge options)."""
@@ -343,6 +380,7 @@ def evolve(
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
+    config = with_winners(config)
     for line in config.split_warnings():
         warnings.warn(line, SpliceWarning, stacklevel=2)
     run = Path(out)

@@ -100,3 +100,20 @@ def test_a_dataflow_search_runs(trio, tmp_path):
     }
     result = evolve(EvolveConfig.from_dict(data), tmp_path / "run")
     assert result.done and result.evaluations == 8 and result.best_recipe["layer_path"]
+
+
+def test_parameter_then_dataflow_in_sequence(trio, tmp_path):
+    """A finished parameter-space run named as a model of a data-flow search stands for its
+    winner (merged once to RUN/winner); the data-flow winner's recipe runs on it."""
+    from splice.merge import MergeOptions, run
+
+    tasks = write_tasks(tmp_path / "tasks")
+    ps = evolve(EvolveConfig.from_dict(config_dict(trio, tasks, generations=1)), tmp_path / "ps")
+    data = config_dict(trio, tasks, generations=1)
+    data["genome"] = {"models": [str(ps.run), str(trio["ft2"])], "space": "dataflow", "repeats": 1}
+    dfs = evolve(EvolveConfig.from_dict(data), tmp_path / "dfs")
+    winner = ps.run / "winner"
+    assert (winner / "config.json").is_file()
+    assert dfs.best_recipe["base_model"] == str(winner)
+    assert {s["model"] for s in dfs.best_recipe["layer_path"]} <= {str(winner), str(trio["ft2"])}
+    assert run(dfs.run / "best.yml", tmp_path / "out", MergeOptions(show_progress=False)).is_dir()
