@@ -31,6 +31,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--max-fevals", type=positive_int, help="stop after N candidates (whole generations)"
     )
     p.add_argument("--tasks-dir", help="folder of local lm-eval YAML tasks")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="processes scoring candidates, one resident model each (same result; cuda: one "
+        "GPU each)",
+    )
     p.add_argument("--top", type=positive_int, default=5, help="report: candidates to list")
     p.add_argument(
         "--table",
@@ -70,7 +77,7 @@ def run_cli(args: argparse.Namespace) -> None:
             return
         from splice.evolve.search import resume
 
-        _summary(resume(args.run, show_progress=show))
+        _summary(resume(args.run, show_progress=show, workers=args.workers))
         return
     if args.run:
         raise SpliceError(f"unexpected argument {args.run!r}; give the run folder with --out")
@@ -85,6 +92,7 @@ def run_cli(args: argparse.Namespace) -> None:
         device=args.device,
         tasks_dir=args.tasks_dir,
         show_progress=show,
+        workers=args.workers,
     )
     _summary(result)
 

@@ -373,10 +373,12 @@ def evolve(
     tasks_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = False,
     on_generation: Progress | None = None,
+    workers: int = 1,
 ) -> EvolveResult:
     """Run the search of ``config`` (an :class:`EvolveConfig` or a YAML file) into the run
-    folder ``out``. An existing run folder of the same configuration is resumed; one of another
-    is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's."""
+        folder ``out``. An existing run folder of the same configuration is resumed; one of another
+        is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
+    processes score the candidates (the result does not depend on it)."""
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
@@ -386,7 +388,7 @@ def evolve(
     run = Path(out)
     if (run / STATE).is_file():
         _refuse_other(run, config, load_state(run))
-        return _run(run, config, show_progress, on_generation)
+        return _run(run, config, show_progress, on_generation, workers=workers)
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
     genome, sources, options = prepare(config)  # all checked before the folder is made
@@ -399,7 +401,8 @@ def evolve(
     except BaseException:
         scorer.close()
         raise
-    return _run(run, config, show_progress, on_generation, (genome, sources, options, scorer))
+    prepared = (genome, sources, options, scorer)
+    return _run(run, config, show_progress, on_generation, prepared, workers=workers)
 
 
 def resume(
@@ -407,6 +410,7 @@ def resume(
     *,
     show_progress: bool = False,
     on_generation: Progress | None = None,
+    workers: int = 1,
 ) -> EvolveResult:
     """Continue the run in ``run`` from its last finished generation (its ``config.yml``; a
     config changed since the run began is refused)."""
@@ -414,7 +418,7 @@ def resume(
     state = load_state(run)
     config = EvolveConfig.from_yaml(run / CONFIG)
     _refuse_other(run, config, state)
-    return _run(run, config, show_progress, on_generation)
+    return _run(run, config, show_progress, on_generation, workers=workers)
 
 
 def open_scorer(config: EvolveConfig) -> TaskScorer:
@@ -438,7 +442,13 @@ def _run(
     show_progress: bool,
     on_generation: Progress | None,
     prepared: tuple[Genome, dict[str, Any], MergeOptions, TaskScorer] | None = None,
+    *,
+    workers: int = 1,
 ) -> EvolveResult:
+    from splice.evolve.executors import InProcess, Workers
+
+    if workers < 1:
+        raise SpliceError(f"workers must be 1 or more, got {workers}")
     state = load_state(run)
     if state["stop"] is not None:
         if prepared is not None:
@@ -451,11 +461,15 @@ def _run(
         genome, sources, options, scorer = prepared
     save(run, state)  # the views match the state again (a kill may have left newer ones)
     with scorer:
-        candidates = Candidates(config, genome, sources, scorer, options)
+        if workers > 1:
+            scorer.close()  # checked; each worker loads its own
+            executor: Any = Workers(config, workers)
+        else:
+            executor = InProcess(Candidates(config, genome, sources, scorer, options))
         bar = _bar(state, show_progress)
         try:
             while state["stop"] is None:
-                _generation(state, candidates)
+                _generation(state, executor.map)
                 save(run, state)
                 if on_generation is not None:
                     on_generation(state["history"][-1])
@@ -468,6 +482,7 @@ def _run(
                     )
                     bar.update(1)
         finally:
+            executor.close()
             if bar is not None:
                 bar.close()
     with contextlib.suppress(Exception):
@@ -491,16 +506,19 @@ def _bar(state: dict[str, Any], enabled: bool) -> Any:
     )
 
 
-def _generation(state: dict[str, Any], candidates: Candidates) -> None:
-    """Ask, score, tell: one generation, recorded in ``state``."""
+def _generation(
+    state: dict[str, Any], score: Callable[[list[np.ndarray]], list[dict[str, Any]]]
+) -> None:
+    """Ask, score (``score(xs)``: one record per genes, in order), tell: one generation,
+    recorded in ``state``."""
     es = state["es"]
     t0 = time.perf_counter()
     with _cma_random(state):
         xs = es.ask()
     gen = state["generation"]
     records = []
-    for i, x in enumerate(xs):
-        rec = {"generation": gen, "index": i, **candidates.evaluate(np.asarray(x))}
+    for i, done in enumerate(score([np.asarray(x) for x in xs])):
+        rec = {"generation": gen, "index": i, **done}
         if rec["error"]:
             warnings.warn(
                 f"candidate {gen}.{i} failed: {rec['error']}", SpliceWarning, stacklevel=2

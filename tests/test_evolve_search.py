@@ -188,3 +188,12 @@ def test_resuming_with_another_config_is_refused(finished, trio, tasks, tmp_path
     with pytest.raises(SpliceError) as e:
         resume(edited)
     assert "search.popsize" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_two_worker_processes_give_the_in_process_result(trio, tasks, tmp_path):
+    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
+    here = evolve(cfg, tmp_path / "here")
+    there = evolve(cfg, tmp_path / "there", workers=2)
+    mine = [(r["genes"], r["scores"]) for r in load_state(here.run)["records"]]
+    theirs = [(r["genes"], r["scores"]) for r in load_state(there.run)["records"]]
+    assert mine == theirs and there.best_fitness == here.best_fitness

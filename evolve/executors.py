@@ -1,0 +1,98 @@
+"""Where candidates are scored: in this process (default) or in ``N`` worker processes on one
+machine, each with its own resident model, sources and loaded tasks (``--workers N``).
+
+A generation's candidates are handed out in order and their records come back in order, and
+every candidate's merge and score depend on its genes alone (each merge overwrites the whole
+module; DARE/DELLA masks are seeded per tensor), so the same seed gives the same run on any
+number of workers. With ``device: cuda`` worker ``i`` runs on ``cuda:i`` (modulo the devices
+present); a worker runs torch on one thread on the CPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from splice.evolve.config import EvolveConfig
+    from splice.evolve.search import Candidates
+
+
+class InProcess:
+    """Candidates scored one after the other on the resident model of this process."""
+
+    def __init__(self, candidates: Candidates) -> None:
+        self.candidates = candidates
+
+    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        return [self.candidates.evaluate(np.asarray(x)) for x in xs]
+
+    def close(self) -> None:
+        pass
+
+
+def worker_devices(device: str, n: int) -> list[str]:
+    """One device per worker: ``cuda`` spreads them over the GPUs, anything else is shared."""
+    if device != "cuda":
+        return [device] * n
+    import torch
+
+    count = max(1, torch.cuda.device_count())
+    return [f"cuda:{i % count}" for i in range(n)]
+
+
+class Workers:
+    """``n`` spawned processes, each with a resident model (see the module docstring)."""
+
+    def __init__(self, config: EvolveConfig, n: int) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        slots = ctx.Queue()
+        for dev in worker_devices(config.device, n):
+            slots.put(dev)
+        self.pool = ProcessPoolExecutor(
+            max_workers=n,
+            mp_context=ctx,
+            initializer=_init,
+            initargs=(config.model_dump(mode="json"), slots),
+        )
+
+    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        futures = [self.pool.submit(_evaluate, [float(v) for v in x]) for x in xs]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: Any = None
+
+
+def _init(config: dict[str, Any], slots: Any) -> None:
+    """In a worker: this worker's device, then sources, module and tasks, once."""
+    import os
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from splice.evolve.config import EvolveConfig
+    from splice.evolve.search import Candidates, open_scorer, prepare
+
+    device = slots.get()
+    cfg = EvolveConfig.model_validate({**config, "device": device})
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(1)
+    genome, sources, options = prepare(cfg)
+    global _WORKER
+    _WORKER = Candidates(cfg, genome, sources, open_scorer(cfg), options)
+
+
+def _evaluate(x: list[float]) -> dict[str, Any]:
+    return _WORKER.evaluate(np.asarray(x))
