@@ -36,7 +36,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=1,
         help="processes scoring candidates, one resident model each (same result; cuda: one "
-        "GPU each)",
+        "GPU each); with --ray, the number of actors",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="score candidates on Ray actors of the cluster at ADDRESS (the ray extra)",
     )
     p.add_argument("--top", type=positive_int, default=5, help="report: candidates to list")
     p.add_argument(
@@ -77,7 +82,7 @@ def run_cli(args: argparse.Namespace) -> None:
             return
         from splice.evolve.search import resume
 
-        _summary(resume(args.run, show_progress=show, workers=args.workers))
+        _summary(resume(args.run, show_progress=show, workers=args.workers, ray=args.ray))
         return
     if args.run:
         raise SpliceError(f"unexpected argument {args.run!r}; give the run folder with --out")
@@ -93,6 +98,7 @@ def run_cli(args: argparse.Namespace) -> None:
         tasks_dir=args.tasks_dir,
         show_progress=show,
         workers=args.workers,
+        ray=args.ray,
     )
     _summary(result)
 

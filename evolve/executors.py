@@ -1,5 +1,6 @@
-"""Where candidates are scored: in this process (default) or in ``N`` worker processes on one
-machine, each with its own resident model, sources and loaded tasks (``--workers N``).
+"""Where candidates are scored: in this process (default), in ``N`` worker processes on one
+machine (``--workers N``) or in ``N`` Ray actors (``--ray auto|ADDRESS``), each worker with its
+own resident model, sources and loaded tasks.
 
 A generation's candidates are handed out in order and their records come back in order, and
 every candidate's merge and score depend on its genes alone (each merge overwrites the whole
@@ -76,8 +77,10 @@ _WORKER: Any = None
 def _init(config: dict[str, Any], slots: Any) -> None:
     """In a worker: this worker's device, then sources, module and tasks, once."""
     import os
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from splice.evolve.config import EvolveConfig
@@ -96,3 +99,53 @@ def _init(config: dict[str, Any], slots: Any) -> None:
 
 def _evaluate(x: list[float]) -> dict[str, Any]:
     return _WORKER.evaluate(np.asarray(x))
+
+
+class RayActors:
+    """``n`` Ray actors, each with a resident model (``--ray auto|ADDRESS``; the ``ray`` extra).
+
+    Joins the Ray instance this process already started (``ray.init(...)``), else connects to
+    ``address`` (``auto``: the running cluster). An actor asks Ray for one GPU when the config's
+    device is a CUDA device, else one CPU. Candidates are handed out in order and come back in
+    order (``ActorPool.map``), so the run is the in-process run.
+    """
+
+    def __init__(self, config: EvolveConfig, n: int, address: str = "auto") -> None:
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError:
+            from splice.errors import SpliceError
+
+            raise SpliceError("--ray needs Ray: pip install 'splice[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
+        gpu = config.device.startswith("cuda")
+        device = "cuda" if gpu else config.device
+        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_RayWorker)
+        data = config.model_dump(mode="json")
+        self.actors = [actor.remote(data, device) for _ in range(n)]
+        self.pool = ActorPool(self.actors)
+        self._ray = ray
+
+    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        genes = [[float(v) for v in x] for x in xs]
+        return list(self.pool.map(lambda a, x: a.evaluate.remote(x), genes))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+
+
+class _RayWorker:
+    """A Ray actor: a worker's sources, module and tasks, built once (see :func:`_init`)."""
+
+    def __init__(self, config: dict[str, Any], device: str) -> None:
+        import queue
+
+        slots: queue.Queue[str] = queue.Queue()
+        slots.put(device)
+        _init(config, slots)
+
+    def evaluate(self, x: list[float]) -> dict[str, Any]:
+        return _evaluate(x)

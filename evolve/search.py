@@ -374,11 +374,13 @@ def evolve(
     show_progress: bool = False,
     on_generation: Progress | None = None,
     workers: int = 1,
+    ray: str | None = None,
 ) -> EvolveResult:
     """Run the search of ``config`` (an :class:`EvolveConfig` or a YAML file) into the run
-        folder ``out``. An existing run folder of the same configuration is resumed; one of another
-        is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
-    processes score the candidates (the result does not depend on it)."""
+            folder ``out``. An existing run folder of the same configuration is resumed; one of another
+            is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
+        processes score the candidates, or ``workers`` Ray actors with ``ray`` (``auto``, an address;
+    a Ray instance this process started is used as it is); the result does not depend on either."""
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
@@ -388,7 +390,7 @@ def evolve(
     run = Path(out)
     if (run / STATE).is_file():
         _refuse_other(run, config, load_state(run))
-        return _run(run, config, show_progress, on_generation, workers=workers)
+        return _run(run, config, show_progress, on_generation, workers=workers, ray=ray)
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
     genome, sources, options = prepare(config)  # all checked before the folder is made
@@ -402,7 +404,7 @@ def evolve(
         scorer.close()
         raise
     prepared = (genome, sources, options, scorer)
-    return _run(run, config, show_progress, on_generation, prepared, workers=workers)
+    return _run(run, config, show_progress, on_generation, prepared, workers=workers, ray=ray)
 
 
 def resume(
@@ -411,6 +413,7 @@ def resume(
     show_progress: bool = False,
     on_generation: Progress | None = None,
     workers: int = 1,
+    ray: str | None = None,
 ) -> EvolveResult:
     """Continue the run in ``run`` from its last finished generation (its ``config.yml``; a
     config changed since the run began is refused)."""
@@ -418,7 +421,7 @@ def resume(
     state = load_state(run)
     config = EvolveConfig.from_yaml(run / CONFIG)
     _refuse_other(run, config, state)
-    return _run(run, config, show_progress, on_generation, workers=workers)
+    return _run(run, config, show_progress, on_generation, workers=workers, ray=ray)
 
 
 def open_scorer(config: EvolveConfig) -> TaskScorer:
@@ -444,8 +447,9 @@ def _run(
     prepared: tuple[Genome, dict[str, Any], MergeOptions, TaskScorer] | None = None,
     *,
     workers: int = 1,
+    ray: str | None = None,
 ) -> EvolveResult:
-    from splice.evolve.executors import InProcess, Workers
+    from splice.evolve.executors import InProcess, RayActors, Workers
 
     if workers < 1:
         raise SpliceError(f"workers must be 1 or more, got {workers}")
@@ -461,9 +465,12 @@ def _run(
         genome, sources, options, scorer = prepared
     save(run, state)  # the views match the state again (a kill may have left newer ones)
     with scorer:
-        if workers > 1:
+        if ray is not None:
+            scorer.close()  # checked; each actor loads its own
+            executor: Any = RayActors(config, workers, ray)
+        elif workers > 1:
             scorer.close()  # checked; each worker loads its own
-            executor: Any = Workers(config, workers)
+            executor = Workers(config, workers)
         else:
             executor = InProcess(Candidates(config, genome, sources, scorer, options))
         bar = _bar(state, show_progress)

@@ -197,3 +197,18 @@ def test_two_worker_processes_give_the_in_process_result(trio, tasks, tmp_path):
     mine = [(r["genes"], r["scores"]) for r in load_state(here.run)["records"]]
     theirs = [(r["genes"], r["scores"]) for r in load_state(there.run)["records"]]
     assert mine == theirs and there.best_fitness == here.best_fitness
+
+
+def test_ray_actors_give_the_in_process_result(trio, tasks, tmp_path):
+    """On a local Ray instance (the ray extra; CI installs it)."""
+    ray = pytest.importorskip("ray")
+    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
+    here = evolve(cfg, tmp_path / "here")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        there = evolve(cfg, tmp_path / "there", workers=2, ray="auto")
+    finally:
+        ray.shutdown()
+    mine = [(r["genes"], r["scores"]) for r in load_state(here.run)["records"]]
+    theirs = [(r["genes"], r["scores"]) for r in load_state(there.run)["records"]]
+    assert mine == theirs and there.best_fitness == here.best_fitness
