@@ -13,7 +13,7 @@ The path decodes into a ``layer_path`` recipe (``merge_method: passthrough``; em
 final norm and head from ``base_model``, else the first model), which ``splice merge`` writes
 with the scales folded into the residual writers. In a search no weight is copied:
 :class:`PathModels` runs the resident sources' own layer modules in path order, each behind a
-:class:`Scaled` wrapper. The start: the first model's layers once (the first repetition's
+``Step`` wrapper (its scale, its own KV-cache slot). The start: the first model's layers once (the first repetition's
 slots of it on, 0.75; the others off, 0.25), every scale 1.
 
 Both in sequence (Sakana's PS + DFS): name a finished parameter-space run folder as a model;
@@ -132,29 +132,36 @@ def dataflow_genome(spec: GenomeSpec, models: Mapping[str, Checkpoint], dtype: s
 
 
 # ---- the in-memory path model -------------------------------------------------------------------
-def _scaled_class() -> type:
+def _step_class() -> type:
     import torch
 
-    class Scaled(torch.nn.Module):
-        """A shared decoder layer run on the stream times ``scale`` (no weight is copied)."""
+    class Step(torch.nn.Module):
+        """Position ``index`` of a path: a shared decoder layer run on the stream times
+        ``scale``, its attention using cache slot ``index`` (a layer met twice on a path would
+        otherwise write its KV cache twice). No weight is copied."""
 
-        def __init__(self, layer: torch.nn.Module, scale: float) -> None:
+        def __init__(self, layer: torch.nn.Module, scale: float, index: int) -> None:
             super().__init__()
-            self.layer, self.scale = layer, scale
+            self.layer, self.scale, self.index = layer, scale, index
             if hasattr(layer, "attention_type"):
                 self.attention_type = layer.attention_type
+            self._slots = [m for m in layer.modules() if hasattr(m, "layer_idx")]
 
         def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return self.layer(hidden_states * self.scale, *args, **kwargs)
+            for m in self._slots:
+                m.layer_idx = self.index
+            if self.scale != 1.0:
+                hidden_states = hidden_states * self.scale
+            return self.layer(hidden_states, *args, **kwargs)
 
-    return Scaled
+    return Step
 
 
 class PathModels:
     """Every source as a live module (loaded once from the resident sources); :meth:`build`
     returns the donor's module with its decoder layers replaced by the path's (shared modules,
-    scaled by :class:`Scaled`), its config's layer count set, and ``use_cache`` off (a layer
-    met twice on a path would otherwise write its KV cache twice)."""
+    each behind a ``Step``: its scale and its own KV-cache slot) and its config's layer count
+    (and ``layer_types``) set."""
 
     def __init__(
         self,
@@ -188,18 +195,16 @@ class PathModels:
             for ref, m in self.modules.items()
         }
         self.shell = self.modules[donor]
-        self.shell.config.use_cache = False
-        self.Scaled = _scaled_class()
+        self.Step = _step_class()
 
     def build(self, steps: list[dict[str, Any]]) -> torch.nn.Module:
         """The donor module running ``steps`` (a ``layer_path``: ``{model, layer, scale}``)."""
         import torch
 
-        layers = []
-        for s in steps:
-            layer = self.layers[s["model"]][s["layer"]]
-            scale = float(s.get("scale", 1.0))
-            layers.append(layer if scale == 1.0 else self.Scaled(layer, scale))
+        layers = [
+            self.Step(self.layers[s["model"]][s["layer"]], float(s.get("scale", 1.0)), j)
+            for j, s in enumerate(steps)
+        ]
         parent, _, attr = self.container.rpartition(".")
         owner = self.shell.get_submodule(parent) if parent else self.shell
         setattr(owner, attr, torch.nn.ModuleList(layers))

@@ -117,3 +117,28 @@ def test_parameter_then_dataflow_in_sequence(trio, tmp_path):
     assert dfs.best_recipe["base_model"] == str(winner)
     assert {s["model"] for s in dfs.best_recipe["layer_path"]} <= {str(winner), str(trio["ft2"])}
     assert run(dfs.run / "best.yml", tmp_path / "out", MergeOptions(show_progress=False)).is_dir()
+
+
+def test_a_path_that_repeats_a_layer_generates_with_a_kv_cache(trio):
+    """Each path position has its own cache slot: cached greedy decoding == uncached."""
+    from splice.evolve.dataflow import PathModels
+    from splice.merge import MergeOptions
+    from splice.resident import ResidentCheckpoint
+
+    f1 = str(trio["ft1"])
+    sources = {f1: ResidentCheckpoint(trio["ft1"])}
+    paths = PathModels(sources, f1, MergeOptions(show_progress=False), "float32")
+    steps = [{"model": f1, "layer": i, "scale": s} for i, s in [(0, 1), (1, 1.5), (1, 1), (2, 1)]]
+    module = paths.build(steps)
+    ids, nxt = torch.tensor([[5, 9, 17, 33]]), torch.tensor([[40]])
+    with torch.no_grad():
+        full = module(torch.cat([ids, nxt], 1), use_cache=False).logits[0, -1]
+        prefill = module(ids, use_cache=True)
+        cache = prefill.past_key_values
+        assert len(cache.layers) == 4  # one slot per path position
+        step = module(nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        cached = module.generate(ids, use_cache=True, **kw)
+        plain = module.generate(ids, use_cache=False, **kw)
+    assert torch.allclose(step, full, atol=1e-5)
+    assert torch.equal(cached, plain)
