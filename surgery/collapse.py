@@ -22,7 +22,8 @@
 - ``align`` — before any averaging, each expert's intermediate neurons are permuted to match a
   reference expert (the most used one; expert 0 without calibration) by
   ``scipy.optimize.linear_sum_assignment`` on the cosine similarity of the neurons' weights
-  (MC-SMoE); the report says the share of neurons moved and the error before and after.
+  (MC-SMoE); the report says the share of the non-reference experts' neurons moved, and the
+  error (and the experts' weight spread) before and after.
 
 What is approximated, plainly: a dense MLP cannot route, so every dense method replaces the
 token-dependent gates ``g_e(x)`` by constants (a mean of experts is exact only when the experts
@@ -278,13 +279,25 @@ def _check_options(
         raise SpliceError(f"max_rows {max_rows}: must be a whole number of 1 or more")
 
 
-def _check_model(ckpt: Checkpoint) -> None:
-    model_type = ckpt.config.get("model_type")
+def _refuse_unsupported(ref: str | os.PathLike[str]) -> None:
+    """A known MoE type without a spec is refused before the checkpoint is opened (which
+    would infer a spec for it, with a warning)."""
+    import json
+
+    file = Path(ref) / "config.json"
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # not a local folder with a readable config: open_checkpoint says why
     if model_type in UNSUPPORTED:
         raise SpliceError(
             f"collapse: model type {model_type!r} is not supported ({UNSUPPORTED[model_type]}); "
             f"supported: {', '.join(SUPPORTED)}"
         )
+
+
+def _check_model(ckpt: Checkpoint) -> None:
+    model_type = ckpt.config.get("model_type")
     spec = ckpt.arch
     experts = spec.num_experts(ckpt.config) if spec.experts is not None else None
     if spec.experts is None or not experts:
@@ -514,11 +527,12 @@ def _merged(ex: Experts, members: list[int], weights: Any, align: bool, ref: int
     sub = cm.Experts(ex.w1[members], ex.w3[members], ex.w2[members], ex.router[members])
     perms, moved, before, after = None, None, None, None
     if align and len(members) > 1:
-        perms = cm.align_permutations(sub, members.index(ref))
+        at = members.index(ref)
+        perms = cm.align_permutations(sub, at)
         before = cm.weight_spread(sub, weights)
         sub = sub.permuted(perms)
         after = cm.weight_spread(sub, weights)
-        moved = cm.moved_fraction(perms)
+        moved = cm.moved_fraction([p for j, p in enumerate(perms) if j != at])
     w1, w3, w2 = cm.average(sub, weights)
     merged = cm.Experts(w1[None], w3[None], w2[None], (weights @ sub.router)[None])
     return merged, perms, moved, before, after
@@ -620,7 +634,7 @@ def _decide(
         if opts.align:
             unaligned.append(_merged(ex, members, w, False, gref)[0])
             if mv is not None:
-                moved.append(mv * len(members))
+                moved.append(mv * (len(members) - 1))
                 before.append(b)
                 after.append(a)
         mix[g, members] = w
@@ -638,7 +652,7 @@ def _decide(
     rec.error = cm.relative_error(y, cm.moe_forward(stack(parts), x, out_k, act))
     if opts.align:
         rec.error_unaligned = cm.relative_error(y, cm.moe_forward(stack(unaligned), x, out_k, act))
-        total = sum(len(m) for m in groups if len(m) > 1)
+        total = sum(len(m) - 1 for m in groups)
         rec.moved = sum(moved) / total if total else 0.0
         rec.spread_before = float(np.mean(before)) if before else 0.0
         rec.spread_after = float(np.mean(after)) if after else 0.0
@@ -857,6 +871,7 @@ def plan_collapse(
     _check_options(
         method, calibration, intermediate_size, keep_experts, top_k, prune, align, ridge, max_rows
     )
+    _refuse_unsupported(moe)
     ckpt = open_checkpoint(moe, allow_pickle=allow_pickle)
     ckpt.validate()
     _check_model(ckpt)
