@@ -129,3 +129,14 @@ def test_a_mergekit_evolve_file_runs_unchanged(capsys, trio, tasks, tmp_path):
     assert len(state["records"]) == 13  # popsize 4 + floor(3 ln 24), one generation
     assert all(r["error"] is None for r in state["records"])
     assert all(len(r["scores"]) == 2 for r in state["records"])
+
+
+def test_progress_bar_shows_generation_best_mean_and_rate(capsys, trio, tasks, tmp_path):
+    from splice.evolve import evolve
+    from splice.evolve.config import EvolveConfig
+
+    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
+    capsys.readouterr()
+    evolve(cfg, tmp_path / "run", show_progress=True)
+    err = capsys.readouterr().err
+    assert "evolve" in err and "2/2" in err and "best " in err and "mean " in err and "/min" in err

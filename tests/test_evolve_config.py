@@ -205,3 +205,13 @@ def test_zoo_fitness_and_report_splits_by_name():
     ]
     cfg = EvolveConfig.from_dict({**base, "tasks": ["t"], "report_tasks": ["t"]})
     assert "both a fitness and a report task" in cfg.split_warnings()[0]
+
+
+@pytest.mark.parametrize("name", ["zoo_ps.yml", "zoo_dfs.yml", "mergekit_evolve.yml"])
+def test_example_configs_validate(name):
+    """The examples (zoo v2) are valid configs (nothing is loaded)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "evolve" / name
+    cfg = EvolveConfig.from_yaml(path)
+    assert cfg.report_split() == ["zoo_math_lang"] and cfg.split_warnings() == []
