@@ -4,28 +4,44 @@
 ``prune(model, out, n=N, by="angular" | "influence", calibration= | drop=...)`` and
 ``heal(model, out, text=, steps=)`` return a :class:`SurgeryResult` (the
 :class:`~splice.output.ModelPlan` and a report: the layer map, the chosen layers, every
-candidate's metric); ``plan_upscale`` / ``plan_prune`` plan without writing. Importing this
-package loads no torch.
+candidate's metric); ``plan_upscale`` / ``plan_prune`` plan without writing.
+``slice_model(model, out, sparsity=, calibration=, basis="per-layer" | "shared")`` (SliceGPT)
+returns a :class:`SliceResult` with a :class:`SliceReport`; ``load_sliced`` loads a per-layer
+output. ``collapse(moe, out, method="uniform" | "frequency" | "slice", keep_experts=k,
+prune=, align=)`` turns an MoE into a dense model or one of fewer experts (a
+:class:`CollapseReport`). Importing this package loads no torch.
 """
 
 from splice.surgery.calibration import Calibration
+from splice.surgery.collapse import CollapseReport, LayerCollapse, collapse, plan_collapse
 from splice.surgery.depth import SurgeryResult, layer_map_plan
 from splice.surgery.heal import HealReport, heal
 from splice.surgery.prune import plan_prune, prune
 from splice.surgery.report import RECORD, SurgeryReport, read_record
+from splice.surgery.sliced import load_sliced
+from splice.surgery.slicing import SliceReport, SliceResult, plan_slice, slice_model
 from splice.surgery.upscale import plan_upscale, upscale
 
 __all__ = [
     "RECORD",
     "Calibration",
+    "CollapseReport",
     "HealReport",
+    "LayerCollapse",
+    "SliceReport",
+    "SliceResult",
     "SurgeryReport",
     "SurgeryResult",
+    "collapse",
     "heal",
     "layer_map_plan",
+    "load_sliced",
+    "plan_collapse",
     "plan_prune",
+    "plan_slice",
     "plan_upscale",
     "prune",
     "read_record",
+    "slice_model",
     "upscale",
 ]

@@ -301,3 +301,117 @@ def _run_heal(args: argparse.Namespace) -> None:
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )
     _finish(result, args)
+
+
+# ---- splice slice -------------------------------------------------------------------------
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def add_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slice",
+        help="SliceGPT: rotate the residual stream into its PCA basis, delete trailing dims",
+        description="Fold the RMSNorm scales into the linears they feed, rotate the residual "
+        "stream into the PCA basis of its normed activations on --calibration, and delete the "
+        "last dimensions. --basis per-layer is SliceGPT (a basis per block, shortcut matrices "
+        "between blocks: load with splice.surgery.load_sliced); --basis shared writes a "
+        "standard checkpoint of the same family with a smaller hidden_size.",
+    )
+    _common(p)
+    p.add_argument(
+        "--sparsity",
+        type=_number,
+        default=0.25,
+        help="fraction of the hidden dims to delete, in [0, 1) (default 0.25)",
+    )
+    p.add_argument(
+        "--basis",
+        choices=("per-layer", "shared"),
+        default="per-layer",
+        help="a PCA basis per block input (SliceGPT) or one for the whole stream (default "
+        "per-layer)",
+    )
+    _calibration_options(p, "required")
+    p.set_defaults(func=_run_slice)
+
+
+def _run_slice(args: argparse.Namespace) -> None:
+    from splice.surgery.slicing import slice_model
+
+    _check_out(args)
+    result = slice_model(
+        args.model,
+        args.out,
+        sparsity=args.sparsity,
+        calibration=args.calibration,
+        basis=args.basis,
+        dry_run=args.dry_run,
+        options=_exec_options(args),
+        calib=_calibration(args),
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _finish(result, args)
+
+
+# ---- splice collapse ----------------------------------------------------------------------
+def add_collapse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "collapse",
+        help="MoE -> dense MLP (uniform, frequency, slice refit) or MoE -> k experts",
+        description="Collapse every MoE layer of a Mixtral model: into one dense MLP (written "
+        "as the matching dense architecture, Mixtral -> Mistral) by the experts' mean "
+        "(uniform), their mean weighted by routing probability on --calibration (frequency), "
+        "or the E experts' most contributing neurons with the down projection refit by ridge "
+        "least squares (slice); or into k experts (--keep-experts: merged by output "
+        "similarity, or --prune: the k that reconstruct the layer best).",
+    )
+    _common(p)
+    p.add_argument("--method", choices=("uniform", "frequency", "slice"), default="uniform",
+                   help="how a dense MLP is made (default uniform)")  # fmt: skip
+    p.add_argument("--intermediate-size", type=positive_int, metavar="I",
+                   help="slice: neurons to keep (default the experts' width)")  # fmt: skip
+    p.add_argument("--keep-experts", type=positive_int, metavar="K",
+                   help="a smaller MoE of K experts instead of a dense model")  # fmt: skip
+    p.add_argument("--top-k", type=positive_int, metavar="N",
+                   help="experts per token of the --keep-experts result (default the source's)")  # fmt: skip
+    p.add_argument("--prune", action="store_true",
+                   help="--keep-experts: keep the K best experts instead of merging groups")  # fmt: skip
+    p.add_argument("--align", action="store_true",
+                   help="permute each expert's neurons to a reference expert before averaging")  # fmt: skip
+    p.add_argument("--ridge", type=float, default=1e-6,
+                   help="slice: ridge, relative to the Gram matrix's mean diagonal (1e-6)")  # fmt: skip
+    p.add_argument("--max-rows", type=positive_int, default=4096,
+                   help="calibration rows per layer used to select and fit (4096)")  # fmt: skip
+    _calibration_options(p, "frequency, slice, --keep-experts")
+    p.set_defaults(func=_run_collapse)
+
+
+def _run_collapse(args: argparse.Namespace) -> None:
+    from splice.surgery.collapse import collapse
+
+    _check_out(args)
+    result = collapse(
+        args.model,
+        args.out,
+        dry_run=args.dry_run,
+        options=_exec_options(args),
+        method=args.method,
+        calibration=args.calibration,
+        intermediate_size=args.intermediate_size,
+        keep_experts=args.keep_experts,
+        top_k=args.top_k,
+        prune=args.prune,
+        align=args.align,
+        ridge=args.ridge,
+        max_rows=args.max_rows,
+        calib=_calibration(args),
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+    )
+    _finish(result, args)
