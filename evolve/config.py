@@ -27,6 +27,11 @@ max_fevals, start), a task's ``higher_is_better``, ``dtype``, ``device``, ``toke
 starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every gene starts at
 ``search.start`` (0.5).
 
+``genome.space: dataflow`` is Sakana's data-flow genome (``splice.evolve.dataflow``): the
+genome's models, ``repeats`` (r, default 3) and ``ranges.scale``; it has no merge method, and
+its start is its own (the first model's layers once, every scale 1), whatever ``search.start``.
+A genome model that is a finished evolve run folder stands for that run's winner.
+
 Genes are in [0, 1] (CMA-ES runs with those bounds); a gene maps linearly onto its parameter's
 range: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``), ``density`` [0, 1] (DELLA:
 inside ``(epsilon, 1 - epsilon)``), slerp's per-model scores [0, 1]. ``genome.ranges`` overrides
@@ -285,7 +290,9 @@ class EvolveConfig(_Frozen):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> EvolveConfig:
         """Read a config file (plain YAML data only); relative model, tokenizer, tasks_dir and
-        zoo paths are taken relative to the file's folder when they exist there."""
+        zoo paths are taken relative to the file's folder when they exist there (else to the
+        current folder), and made absolute, so a run folder's config names the same models
+        from anywhere."""
         p = Path(path)
         if not p.is_file():
             raise SpliceError(f"{path}: no such config file")
@@ -312,10 +319,12 @@ class EvolveConfig(_Frozen):
         """Relative paths that exist under ``base_dir`` made absolute."""
 
         def near(ref: str | None) -> str | None:
-            if ref is None or os.path.isabs(ref) or os.path.exists(ref):
+            if ref is None or os.path.isabs(ref):
                 return ref
             candidate = base_dir / ref
-            return str(candidate.resolve()) if candidate.exists() else ref
+            if candidate.exists():
+                return str(candidate.resolve())
+            return os.path.abspath(ref) if os.path.exists(ref) else ref  # else a hub id
 
         g = self.genome
         genome = g.model_copy(

@@ -383,6 +383,7 @@ def evolve(
     a Ray instance this process started is used as it is); the result does not depend on either."""
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
+    config = config.with_paths(Path.cwd())  # the run folder's config names absolute paths
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
     config = with_winners(config)
     for line in config.split_warnings():

@@ -191,7 +191,7 @@ def test_resuming_with_another_config_is_refused(finished, trio, tasks, tmp_path
 
 
 def test_two_worker_processes_give_the_in_process_result(trio, tasks, tmp_path):
-    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
+    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2, popsize=2))
     here = evolve(cfg, tmp_path / "here")
     there = evolve(cfg, tmp_path / "there", workers=2)
     mine = [(r["genes"], r["scores"]) for r in load_state(here.run)["records"]]
@@ -202,7 +202,7 @@ def test_two_worker_processes_give_the_in_process_result(trio, tasks, tmp_path):
 def test_ray_actors_give_the_in_process_result(trio, tasks, tmp_path):
     """On a local Ray instance (the ray extra; CI installs it)."""
     ray = pytest.importorskip("ray")
-    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
+    cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2, popsize=2))
     here = evolve(cfg, tmp_path / "here")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
