@@ -1,0 +1,176 @@
+"""SliceGPT slicing of the zoo base (and any other model), scored on held-out text (README table).
+
+    python examples/slice_zoo.py [--zoo DIR] [--model NAME=DIR ...] [--calibration zoo]
+                                 [--sparsities 0.1,0.2,0.3,0.5] [--tasks none|mc|LIST]
+                                 [--out DIR] [--json FILE]
+
+For every model (default: the zoo's ``base``; ``--model`` adds others, e.g. one whose residual
+stream is not low-rank: a benchmark checkpoint or a zoo model trained wider) and every
+sparsity, both bases: ``--basis per-layer`` (SliceGPT, loaded with
+``splice.surgery.load_sliced``) and ``--basis shared`` (a stock checkpoint). Each row: the
+perplexity on the held-out text (sliding windows of the zoo's training length), the new
+hidden size, the parameter count, the mean retained variance of the normed stream over the
+block inputs, and for the shared basis the variance of all block inputs together. Everything
+goes through ``splice.surgery.slice_model`` and ``splice.scoring.evaluate``. The held-out text
+is the built zoo's ``text/heldout.txt`` when it ships one, else zoo text drawn with its own
+seed. Prints a markdown table and writes ``benchmarks/results/slice_zoo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+
+HELDOUT_SEED = 777_001
+
+
+def heldout_text(zoo: Path, model: Path, path: Path | None) -> str:
+    """``path`` if given, else the zoo's shipped held-out text, else zoo text of another seed."""
+    if path is not None:
+        return path.read_text()
+    shipped = zoo / "text" / "heldout.txt"
+    if shipped.is_file():
+        return shipped.read_text()
+    from splice.modeling import load_tokenizer
+    from splice.zoo import calibration_text
+
+    tok = load_tokenizer(model)
+    joiner = f"{tok.eos_token or ''}{tok.bos_token or ''}" or "\n"
+    return joiner.join(calibration_text(400, seed=HELDOUT_SEED).splitlines()) + "\n"
+
+
+def load_source(folder: Path):
+    from splice.modeling import load_causal_lm
+
+    return load_causal_lm(folder)
+
+
+def parse_models(items: list[str], zoo: Path) -> dict[str, Path]:
+    if not items:
+        return {"base": zoo / "base"}
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        out[name if sep else Path(item).name] = Path(folder if sep else item)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--zoo", type=Path, help="built zoo (default: splice.zoo.default_dir())")
+    ap.add_argument("--model", action="append", default=[], help="NAME=DIR (default: zoo base)")
+    ap.add_argument("--calibration", default="zoo", help="calibration text (default zoo)")
+    ap.add_argument("--heldout", type=Path, help="held-out text (default: the zoo's)")
+    ap.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/splice-slice-zoo"))
+    ap.add_argument("--seq-len", type=int, default=64, help="window length (zoo training: 64)")
+    ap.add_argument("--max-samples", type=int, default=128, help="calibration windows (128)")
+    ap.add_argument(
+        "--tasks", default="none", help="'none', 'mc' (the zoo's multiple choice), a list"
+    )
+    ap.add_argument("--limit", type=int, help="score only the first N items of each task")
+    ap.add_argument(
+        "--json", type=Path, default=Path(__file__).parents[1] / "benchmarks/results/slice_zoo.json"
+    )
+    args = ap.parse_args()
+
+    import torch
+
+    from splice.execute import ExecOptions
+    from splice.scoring import evaluate, format_table
+    from splice.surgery import Calibration, load_sliced, slice_model
+    from splice.zoo import default_dir
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    zoo = args.zoo or default_dir()
+    sources = parse_models(args.model, zoo)
+    for folder in sources.values():
+        if not (folder / "config.json").is_file():
+            sys.exit(f"{folder}: no model here (build the zoo first: `splice zoo build {zoo}`)")
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    opts = ExecOptions(overwrite=True, show_progress=False)
+    calib = Calibration(seq_len=args.seq_len, max_samples=args.max_samples, batch_size=16)
+    tasks = None if args.tasks == "none" else args.tasks
+    if tasks == "mc":
+        from splice.zoo import MC_TASKS
+
+        tasks = list(MC_TASKS)
+    score_kw = dict(
+        seq_len=args.seq_len,
+        stride=args.seq_len // 2,
+        batch_size=16,
+        limit=args.limit,
+        zoo=zoo if tasks else None,
+    )
+    table: dict[str, dict[str, float]] = {}
+    records: dict[str, dict] = {}
+    for label, src in sources.items():
+        heldout = heldout_text(zoo, src, args.heldout)
+        first = evaluate({label: str(src)}, text=heldout, tasks=tasks, **score_kw)[label]
+        cfg = json.loads((src / "config.json").read_text())
+        count = sum(p.numel() for p in load_source(src).parameters())
+        table[label] = {**first, "hidden": cfg["hidden_size"], "params (k)": count / 1e3}
+        for sparsity in sparsities:
+            for basis in ("per-layer", "shared"):
+                name = f"{label} {basis} {sparsity:.0%}"
+                t = time.perf_counter()
+                res = slice_model(
+                    src, args.out / name.replace(" ", "_").replace("%", ""), sparsity=sparsity,
+                    calibration=args.calibration, basis=basis, calib=calib, options=opts,
+                )  # fmt: skip
+                model = str(res.out) if basis == "shared" else load_sliced(res.out)
+                row = evaluate({name: model}, text=heldout, tasks=tasks, tokenizer=str(src),
+                               **score_kw)[name]  # fmt: skip
+                rep = res.report
+                table[name] = {
+                    **row,
+                    "hidden": rep.new_hidden_size,
+                    "params (k)": rep.params_output / 1e3,
+                    "params share": rep.params_output / rep.params_source,
+                    "retained (mean)": rep.mean_retained,
+                    "retained (all, shared)": rep.total_retained
+                    if rep.total_retained is not None
+                    else float("nan"),
+                }
+                records[name] = {**rep.to_dict(), "seconds": time.perf_counter() - t}
+                print(f"{name}: ppl {row['ppl']:.3f}", file=sys.stderr)
+    print(format_table(table, markdown=True))
+    for label in sources:
+        for sparsity in sparsities:
+            per, shared = (
+                table[f"{label} {b} {sparsity:.0%}"]["ppl"] for b in ("per-layer", "shared")
+            )
+            verdict = "at or below" if per <= shared else "ABOVE"
+            print(
+                f"{label} {sparsity:.0%}: per-layer ppl {per:.3f} is {verdict} shared {shared:.3f}"
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            dict(
+                models={k: str(v) for k, v in sources.items()},
+                calibration=args.calibration,
+                seq_len=args.seq_len,
+                max_samples=args.max_samples,
+                scores=table,
+                reports=records,
+                total_seconds=time.perf_counter() - start,
+            ),
+            indent=2,
+            default=float,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
