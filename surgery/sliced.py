@@ -5,7 +5,7 @@ A decoder layer of the families slicing supports is two pre-norm residual blocks
 the layer's own transformers modules (no copies), with two optional ``[*, *]`` matrices on the
 residual path (row vectors, ``x @ M``):
 
-- ``proj`` ``[D, D]`` at the input, ``x <- x @ P`` with ``P = Q_d Q_dᵀ``: the sliced model
+- ``proj`` ``Q_d`` ``[D, d]`` at the input, ``x <- x @ Q_d @ Q_dᵀ``: the sliced model
   simulated at full width in the original coordinates (calibration runs on this);
 - ``shortcut`` ``[d, d]`` on the residual only, ``x @ S + f(norm(x))`` with
   ``S = Q_kᵀ Q_{k+1}``: SliceGPT's per-layer basis change between two blocks (its
@@ -59,8 +59,9 @@ def _module_class() -> type:
             if args:
                 raise TypeError("Block takes the hidden states and keyword arguments only")
             x = hidden_states
-            if self.proj is not None:
-                x = x @ self.proj.to(x.dtype)
+            if self.proj is not None:  # [D, d] orthonormal columns: x <- x Q_d Q_dᵀ
+                q = self.proj.to(x.dtype)
+                x = (x @ q) @ q.T
             if self.block is None:
                 return x
             h = self.norm(x)

@@ -384,7 +384,7 @@ def compute_bases(
             qs.append(q.cpu())
             kept = float(vals[:d].clamp_min(0).sum() / vals.clamp_min(0).sum())
             retained.append({**_block_label(k, n_layers), "value": kept})
-            blocks[k].proj = (q @ q.T).to(param.device, param.dtype)
+            blocks[k].proj = q.to(param.device, param.dtype)
 
         run(live, windows, [gram], after_layer=after, **common)
     else:
@@ -393,7 +393,7 @@ def compute_bases(
         vals, vecs = pca(gram.take(0))
         q = vecs[:, :d].contiguous()
         total = float(vals[:d].clamp_min(0).sum() / vals.clamp_min(0).sum())
-        proj = (q @ q.T).to(param.device, param.dtype)
+        proj = q.to(param.device, param.dtype)
         for b in blocks:
             b.proj = proj
         (kept,) = run(live, windows, [KeptEnergy(q)], **common)
