@@ -72,7 +72,9 @@ class TaskSpec(_Frozen):
     """One lm-eval task in the fitness: ``weight * metric`` (negated when lower is better).
 
     ``higher_is_better: null`` takes the task's own declaration for the metric (lm-eval's
-    ``higher_is_better``), true where it declares none.
+    ``higher_is_better``), true where it declares none; but a negative ``weight`` on a metric
+    the task declares lower-is-better is mergekit-evolve's way of minimizing it, and is read so
+    (negated once, with a warning).
     """
 
     name: str = Field(min_length=1)

@@ -170,9 +170,11 @@ class TaskScorer:
                     declared = task.higher_is_better().get(t.metric_key.split(",")[0])
             higher = t.higher_is_better if t.higher_is_better is not None else declared
             if t.higher_is_better is None and declared is False and t.weight < 0:
+                higher = True  # mergekit-evolve's convention: the weight's sign says it
                 warnings.warn(
-                    f"task {t.name}: {t.metric} is lower-is-better and its weight is negative; "
-                    "splice already negates it, so the two cancel (set higher_is_better)",
+                    f"task {t.name}: {t.metric} is lower-is-better and its weight is negative: "
+                    "read as mergekit-evolve's way of minimizing it (negated once); set "
+                    "higher_is_better to say otherwise",
                     SpliceWarning,
                     stacklevel=3,
                 )

@@ -212,3 +212,37 @@ def test_ray_actors_give_the_in_process_result(trio, tasks, tmp_path):
     mine = [(r["genes"], r["scores"]) for r in load_state(here.run)["records"]]
     theirs = [(r["genes"], r["scores"]) for r in load_state(there.run)["records"]]
     assert mine == theirs and there.best_fitness == here.best_fitness
+
+
+def test_scorer_directions_shuffle_and_fitness(trio, tasks):
+    """higher_is_better: the task's declaration unless the config says; a negative weight on
+    a lower-is-better metric is mergekit-evolve's minimization (negated once, warned); shuffle
+    is seeded."""
+    import warnings
+
+    from splice.evolve.config import LmEvalArgs, TaskSpec
+    from splice.evolve.scorer import TaskScorer, fitness
+    from splice.modeling import load_tokenizer
+
+    tok = load_tokenizer(trio["base"])
+    specs = [
+        TaskSpec(name="tiny_ll", metric="perplexity", weight=-1.0),  # mergekit's habit
+        TaskSpec(name="tiny_mc", higher_is_better=False),
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = TaskScorer(specs, tokenizer=tok, args=LmEvalArgs(shuffle=True), tasks_dir=tasks, seed=3)
+    assert any("mergekit-evolve's way of minimizing" in str(w.message) for w in seen)
+    assert s.higher == {"tiny_ll:perplexity,none": True, "tiny_mc": False}
+    scores = {"tiny_ll:perplexity,none": 10.0, "tiny_mc": 0.5}
+    assert fitness(specs, scores, s.higher) == pytest.approx(-10.0 - 0.5)  # both minimized
+    assert np.isnan(fitness(specs, {"tiny_mc": 0.5}, s.higher))
+    from splice.evolve.scorer import _leaves
+
+    docs = [d["prompt"] for d in dict(_leaves(s.task_dict))["tiny_mc"].test_docs()]
+    plain = [json.loads(x)["prompt"] for x in (tasks / "tiny.jsonl").read_text().splitlines()]
+    assert sorted(docs) == sorted(plain) and docs != plain
+    s.close()
+    again = TaskScorer(specs, tokenizer=tok, args=LmEvalArgs(shuffle=True), tasks_dir=tasks, seed=3)
+    assert [d["prompt"] for d in dict(_leaves(again.task_dict))["tiny_mc"].test_docs()] == docs
+    again.close()
