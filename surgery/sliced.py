@@ -182,6 +182,7 @@ def load_sliced(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from splice.activations import resolve_device
     from splice.dtypes import to_torch
 
     folder = Path(path)
@@ -228,4 +229,4 @@ def load_sliced(
                 raise SpliceError(f"{folder}: tensor {name} is missing")
             blocks[2 * i + j].shortcut = shortcuts[name]
     as_layers(model, blocks, old, layers_path)
-    return model.to(device).eval()
+    return model.to(resolve_device(device)).eval()

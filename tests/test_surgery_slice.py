@@ -240,3 +240,15 @@ def test_unsupported_architecture_is_one_line(unsupported, tmp_path, capsys):
     assert len(lines) == 1
     with pytest.raises(SpliceError, match="not supported"):
         plan_slice(unsupported, calibration=windows())
+
+
+def test_cli_scores_a_per_layer_output(tiny_models, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(word_text())
+    text = str(tmp_path / "t.txt")
+    args = ["slice", str(tiny_models["llama"]), str(tmp_path / "o"), "--calibration", text,
+            "--seq-len", "24", "--max-samples", "8", "--ppl", text, "--json", "--device", "auto"]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["basis"] == "per-layer" and data["new_hidden_size"] == 24
+    assert set(data["scores"]) == {"source", "output"}
+    assert np.isfinite(data["scores"]["output"]["ppl"])
