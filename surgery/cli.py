@@ -335,6 +335,13 @@ def add_slice(sub: argparse._SubParsersAction) -> None:
         help="a PCA basis per block input (SliceGPT) or one for the whole stream (default "
         "per-layer)",
     )
+    p.add_argument(
+        "--pca-of",
+        choices=("normed", "raw"),
+        default="normed",
+        help="PCA of the stream with each token scaled to rms 1 (what the readers see; "
+        "default) or as it is (SliceGPT)",
+    )
     _calibration_options(p, "required")
     p.set_defaults(func=_run_slice)
 
@@ -349,6 +356,7 @@ def _run_slice(args: argparse.Namespace) -> None:
         sparsity=args.sparsity,
         calibration=args.calibration,
         basis=args.basis,
+        stream=args.pca_of,
         dry_run=args.dry_run,
         options=_exec_options(args),
         calib=_calibration(args),

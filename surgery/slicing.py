@@ -6,8 +6,8 @@ embeddings ``E <- E·Q``, readers (q/k/v, gate/up, router, experts' w1/w3) ``W <
 writers (o_proj, down_proj, experts' w2) ``W <- Qᵀ·W``, the head ``W <- W·diag(γ_final)·Q``.
 Keeping the first ``d`` columns of ``Q`` (``Q_d`` ``[D, d]``) deletes the stream's trailing
 dimensions. The PCA is of the rms-normed stream entering each block (the stream each reader
-sees, every token weighted alike), ``Σ x̃ᵀx̃`` in float64 on the calibration text, ``eigh``.
-(SliceGPT itself takes the PCA of the un-normed stream; its big-norm tokens weigh more.)
+sees, every token weighted alike), ``Σ x̃ᵀx̃`` in float64 on the calibration text, ``eigh``;
+``stream="raw"`` takes it of the un-normed stream as SliceGPT does (big-norm tokens weigh more).
 
 - ``basis="per-layer"`` is SliceGPT: one basis ``Q_k`` per block input (attention and MLP of
   every layer, and the head), each computed on the model whose earlier blocks are already
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from splice.activations import Capture
 
 BASES = ("per-layer", "shared")
+#: what the PCA is of: the stream each token scaled to rms 1 (what readers see), or as it is
+STREAMS = ("normed", "raw")
 #: the record beside the weights of a sliced output
 RECORD = "splice_slicing.json"
 
@@ -65,7 +67,7 @@ class SliceReport:
     """One slicing of ``source``: ``hidden_size`` ``D`` -> ``new_hidden_size`` ``d``.
 
     ``retained`` has one entry per block input (``layer``, ``block`` attn / mlp / head,
-    ``value``): the fraction of the rms-normed stream's energy there that lies in the kept
+    ``value``): the fraction of the (rms-normed, or raw) stream's energy there in the kept
     ``d`` dimensions, measured on the model whose earlier blocks are sliced (per-layer: the top
     ``d`` eigenvalues over the trace of that block's Gram matrix). ``total_retained`` (shared):
     the same fraction of the Gram matrices of all blocks summed, on the unsliced model.
@@ -82,6 +84,7 @@ class SliceReport:
     params_output: int
     retained: list[dict[str, Any]] = field(default_factory=list)
     total_retained: float | None = None
+    stream: str = "normed"
     meta: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -107,7 +110,7 @@ class SliceReport:
         lines = [
             self.title,
             f"  parameters: {self.params_source:,} -> {self.params_output:,} ({share:.1%})",
-            f"  retained variance of the normed stream, per block input (mean "
+            f"  retained variance of the {self.stream} stream, per block input (mean "
             f"{self.mean_retained:.4f}):",
         ]
         by_layer: dict[Any, list[str]] = {}
@@ -268,12 +271,15 @@ def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -
 
 
 # ---- collectors -----------------------------------------------------------------------------------
-def _normed_rows(c: Capture) -> torch.Tensor:
-    """``[n, D]`` float64: the real tokens' stream entering the block, each row scaled to rms 1."""
+def _stream_rows(c: Capture, stream: str) -> torch.Tensor:
+    """``[n, D]`` float64: the real tokens' stream entering the block, each row scaled to rms 1
+    (``stream="normed"``) or as it is (``"raw"``, SliceGPT's choice)."""
     import torch
 
     r = c.rows("input")
     r = r.to("cpu" if r.device.type == "mps" else r.device, torch.float64)
+    if stream == "raw":
+        return r
     return r / r.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
 
 
@@ -284,12 +290,13 @@ class StreamGram(Collector):
 
     site: str = "layer"
     summed: bool = False
+    stream: str = "normed"
 
     def start(self, model: Any, num_layers: int) -> None:
         self._sums: dict[int, torch.Tensor] = {}
 
     def update(self, c: Capture) -> None:
-        r = _normed_rows(c)
+        r = _stream_rows(c, self.stream)
         key = 0 if self.summed else int(c.layer)
         g = r.T @ r
         self._sums[key] = self._sums[key] + g if key in self._sums else g
@@ -309,13 +316,14 @@ class KeptEnergy(Collector):
 
     basis: Any = None
     site: str = "layer"
+    stream: str = "normed"
 
     def start(self, model: Any, num_layers: int) -> None:
         self._kept: dict[int, float] = {}
         self._total: dict[int, float] = {}
 
     def update(self, c: Capture) -> None:
-        r = _normed_rows(c)
+        r = _stream_rows(c, self.stream)
         k = int(c.layer)
         kept = float((r @ self.basis.to(r.device)).pow(2).sum())
         self._kept[k] = self._kept.get(k, 0.0) + kept
@@ -347,6 +355,7 @@ def compute_bases(
     calib: Calibration,
     d: int,
     basis: str,
+    stream: str = "normed",
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]], float | None]:
     """The kept bases ``Q_d`` ``[D, d]`` float64 (one per block input, ``2L + 1``; shared: the
     same for all), the retained variance of each, and (shared) of all together. ``live`` is
@@ -376,7 +385,7 @@ def compute_bases(
         show_progress=calib.show_progress,
     )
     if basis == "per-layer":
-        gram = StreamGram()
+        gram = StreamGram(stream=stream)
 
         def after(k: int, _: Any) -> None:
             vals, vecs = pca(gram.take(k))
@@ -388,7 +397,7 @@ def compute_bases(
 
         run(live, windows, [gram], after_layer=after, **common)
     else:
-        gram = StreamGram(summed=True)
+        gram = StreamGram(summed=True, stream=stream)
         run(live, windows, [gram], **common)
         vals, vecs = pca(gram.take(0))
         q = vecs[:, :d].contiguous()
@@ -396,7 +405,7 @@ def compute_bases(
         proj = q.to(param.device, param.dtype)
         for b in blocks:
             b.proj = proj
-        (kept,) = run(live, windows, [KeptEnergy(q)], **common)
+        (kept,) = run(live, windows, [KeptEnergy(q, stream=stream)], **common)
         retained = [{**_block_label(k, n_layers), "value": v} for k, v in kept.items()]
         qs = [q.cpu()] * len(blocks)
     as_layers(live, blocks, old, path)
@@ -568,6 +577,7 @@ def plan_slice(
     sparsity: float = 0.25,
     calibration: str | os.PathLike[str] | torch.Tensor | None = None,
     basis: str = "per-layer",
+    stream: str = "normed",
     calib: Calibration | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
@@ -583,6 +593,8 @@ def plan_slice(
     sparsity = _check_sparsity(sparsity)
     if basis not in BASES:
         raise SpliceError(f"--basis {basis}: choose from {', '.join(BASES)}")
+    if stream not in STREAMS:
+        raise SpliceError(f"--pca-of {stream}: choose from {', '.join(STREAMS)}")
     if calibration is None:
         raise SpliceError("slice needs --calibration FILE (a text file, lm-eval:TASK or zoo)")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
@@ -600,14 +612,15 @@ def plan_slice(
         allow_pickle=allow_pickle,
         why="slicing needs finite weights",
     )
-    qs, retained, total = compute_bases(live, ckpt, windows, calib, d, basis)
+    qs, retained, total = compute_bases(live, ckpt, windows, calib, d, basis, stream)
     if not isinstance(calibration, (str, os.PathLike)):
         calibration = f"{windows.shape[0]} given windows"
     tasks = _tasks(ckpt, qs, d, basis, dtype)
     config = _config(ckpt, d, basis, dtype)
     source_params = sum(math.prod(i.shape) for i in ckpt.tensors.values())
     report = SliceReport(
-        operation=f"slice --sparsity {sparsity:g} --basis {basis}",
+        operation=f"slice --sparsity {sparsity:g} --basis {basis}"
+        + (f" --pca-of {stream}" if stream != "normed" else ""),
         source=str(ckpt.path),
         basis=basis,
         sparsity=sparsity,
@@ -618,6 +631,7 @@ def plan_slice(
         params_output=sum(math.prod(t.shape) for t in tasks),
         retained=retained,
         total_retained=total,
+        stream=stream,
         meta={
             "calibration": str(calibration),
             "samples": int(windows.shape[0]),

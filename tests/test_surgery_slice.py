@@ -252,3 +252,18 @@ def test_cli_scores_a_per_layer_output(tiny_models, tmp_path, capsys):
     assert data["basis"] == "per-layer" and data["new_hidden_size"] == 24
     assert set(data["scores"]) == {"source", "output"}
     assert np.isfinite(data["scores"]["output"]["ppl"])
+
+
+def test_raw_stream_pca_is_slicegpts_choice(tiny_models):
+    """``stream="raw"`` (SliceGPT's PCA, of the un-normed stream): the first block's retained
+    variance is the top-d eigenvalue share of the raw embedding rows' Gram matrix."""
+    src = tiny_models["llama"]
+    ids = windows()
+    emb = load(src).model.embed_tokens.weight.detach().double()
+    x = emb[ids.reshape(-1)]
+    ev = np.linalg.eigvalsh((x.T @ x).numpy())[::-1]
+    res = plan_slice(src, sparsity=0.5, calibration=ids, stream="raw", calib=CALIB)
+    assert res.report.retained[0]["value"] == pytest.approx(ev[:16].sum() / ev.sum(), abs=1e-9)
+    assert res.report.stream == "raw"
+    with pytest.raises(SpliceError, match="--pca-of"):
+        plan_slice(src, calibration=ids, stream="rms")
