@@ -267,3 +267,24 @@ def test_raw_stream_pca_is_slicegpts_choice(tiny_models):
     assert res.report.stream == "raw"
     with pytest.raises(SpliceError, match="--pca-of"):
         plan_slice(src, calibration=ids, stream="rms")
+
+
+def test_writer_biases_rotate_with_their_weights(tmp_path):
+    """o_proj / down_proj biases live in the stream: ``b <- b Q``; reader biases stay."""
+    from conftest import make_tiny
+
+    src = make_tiny(tmp_path / "biased", "llama", attention_bias=True, mlp_bias=True, seed=3)
+    with torch.no_grad():  # transformers initialises biases at zero: make them matter
+        m = load(src)
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+        m.save_pretrained(src)
+    for basis in ("shared", "per-layer"):
+        res = slice_model(
+            src, tmp_path / basis, sparsity=0.25, calibration=windows(), basis=basis,
+            calib=CALIB, options=OPTS,
+        )  # fmt: skip
+        with torch.no_grad():
+            mem = res.model(IDS).logits
+        assert (output_logits(res) - mem).abs().max() < 1e-4, basis
