@@ -19,6 +19,7 @@ seed. Prints a markdown table and writes ``benchmarks/results/slice_zoo.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--calibration", default="zoo", help="calibration text (default zoo)")
     ap.add_argument("--heldout", type=Path, help="held-out text (default: the zoo's)")
     ap.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
+    ap.add_argument(
+        "--pca-of", default="normed", help="normed, raw (SliceGPT's), or normed,raw for both"
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/splice-slice-zoo"))
     ap.add_argument("--seq-len", type=int, default=64, help="window length (zoo training: 64)")
     ap.add_argument("--max-samples", type=int, default=128, help="calibration windows (128)")
@@ -96,6 +100,11 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             sys.exit(f"{folder}: no model here (build the zoo first: `splice zoo build {zoo}`)")
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    streams = args.pca_of.split(",")
+
+    def tail(stream: str) -> str:
+        return f" {stream}" if len(streams) > 1 else ""
+
     opts = ExecOptions(overwrite=True, show_progress=False)
     calib = Calibration(seq_len=args.seq_len, max_samples=args.max_samples, batch_size=16)
     tasks = None if args.tasks == "none" else args.tasks
@@ -118,13 +127,14 @@ def main() -> None:
         cfg = json.loads((src / "config.json").read_text())
         count = sum(p.numel() for p in load_source(src).parameters())
         table[label] = {**first, "hidden": cfg["hidden_size"], "params (k)": count / 1e3}
-        for sparsity in sparsities:
+        for sparsity, stream in itertools.product(sparsities, streams):
             for basis in ("per-layer", "shared"):
-                name = f"{label} {basis} {sparsity:.0%}"
+                name = f"{label} {basis} {sparsity:.0%}" + tail(stream)
                 t = time.perf_counter()
                 res = slice_model(
                     src, args.out / name.replace(" ", "_").replace("%", ""), sparsity=sparsity,
-                    calibration=args.calibration, basis=basis, calib=calib, options=opts,
+                    calibration=args.calibration, basis=basis, stream=stream, calib=calib,
+                    options=opts,
                 )  # fmt: skip
                 model = str(res.out) if basis == "shared" else load_sliced(res.out)
                 row = evaluate({name: model}, text=heldout, tasks=tasks, tokenizer=str(src),
@@ -143,15 +153,11 @@ def main() -> None:
                 records[name] = {**rep.to_dict(), "seconds": time.perf_counter() - t}
                 print(f"{name}: ppl {row['ppl']:.3f}", file=sys.stderr)
     print(format_table(table, markdown=True))
-    for label in sources:
-        for sparsity in sparsities:
-            per, shared = (
-                table[f"{label} {b} {sparsity:.0%}"]["ppl"] for b in ("per-layer", "shared")
-            )
-            verdict = "at or below" if per <= shared else "ABOVE"
-            print(
-                f"{label} {sparsity:.0%}: per-layer ppl {per:.3f} is {verdict} shared {shared:.3f}"
-            )
+    for label, sparsity, stream in itertools.product(sources, sparsities, streams):
+        key = f"{sparsity:.0%}{tail(stream)}"
+        per, shared = (table[f"{label} {b} {key}"]["ppl"] for b in ("per-layer", "shared"))
+        verdict = "at or below" if per <= shared else "ABOVE"
+        print(f"{label} {key}: per-layer ppl {per:.3f} is {verdict} shared {shared:.3f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
