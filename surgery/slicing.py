@@ -446,8 +446,8 @@ def _tasks(
     def const(value: torch.Tensor) -> Any:
         return lambda _: value
 
-    def reads(q: torch.Tensor, scale: float = 1.0) -> Any:  # [out, D] x γ [D] -> [out, d]
-        return lambda t: ((t[0] * (t[1] + offset)) @ q.to(t[0].device)) * scale
+    def reads(q: torch.Tensor) -> Any:  # [out, D] · diag(γ [D]) · Q_d [D, d] -> [out, d]
+        return lambda t: (t[0] * (t[1] + offset)) @ q.to(t[0].device)
 
     def writes(q: torch.Tensor) -> Any:  # [D, in] -> [d, in]; bias [D] -> [d]
         return lambda t: q.to(t[0].device).T @ t[0] if t[0].dim() == 2 else t[0] @ q.to(t[0].device)
