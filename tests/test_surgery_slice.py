@@ -288,3 +288,83 @@ def test_writer_biases_rotate_with_their_weights(tmp_path):
         with torch.no_grad():
             mem = res.model(IDS).logits
         assert (output_logits(res) - mem).abs().max() < 1e-4, basis
+
+
+def slicegpt_reference(src, ids: torch.Tensor, d: int, eval_ids: torch.Tensor) -> torch.Tensor:
+    """SliceGPT's procedure written out in float64 on the stock llama modules: fold the norms,
+    PCA of the raw stream, and per layer rotate + slice the attention inputs, PCA of the
+    stream between attention and MLP, rotate + slice o_proj and the MLP inputs, PCA of the
+    layer's output, rotate + slice down_proj; the residual path carries ``Q_prevᵀ Q_next``
+    (sliced); RMSNorm divides by the original width ``D``. Returns the logits on
+    ``eval_ids``."""
+    m = load(src).double()
+    big = m.config.hidden_size
+    eps = m.config.rms_norm_eps
+
+    def rmsn(x):
+        return x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) / big + eps)
+
+    def pca(h):
+        r = h.reshape(-1, h.shape[-1])
+        _, vecs = torch.linalg.eigh(r.T @ r)
+        return vecs.flip(1)
+
+    def lin(module, w):
+        module.weight = torch.nn.Parameter(w.contiguous())
+
+    with torch.no_grad():
+        for layer in m.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, mods in (
+                (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+            ):
+                for mod in mods:
+                    lin(mod, mod.weight * norm.weight)
+        head = m.lm_head.weight * m.model.norm.weight
+
+        def positions(x):
+            return m.model.rotary_emb(x, torch.arange(x.shape[1])[None])
+
+        x = m.model.embed_tokens(ids)
+        xe = m.model.embed_tokens(eval_ids)
+        q = pca(x)
+        s, se = x @ q[:, :d], xe @ q[:, :d]  # the sliced stream, calibration and evaluation
+        for layer in m.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for mod in (attn.q_proj, attn.k_proj, attn.v_proj):
+                lin(mod, mod.weight @ q[:, :d])
+            shortcut = q[:, :d].T  # [d, D] until the next basis is known
+            mid = s @ shortcut + attn(hidden_states=rmsn(s), position_embeddings=positions(s))[0]
+            qm = pca(mid)
+            attn_q = shortcut @ qm[:, :d]
+            lin(attn.o_proj, qm[:, :d].T @ attn.o_proj.weight)
+            for mod in (mlp.gate_proj, mlp.up_proj):
+                lin(mod, mod.weight @ qm[:, :d])
+            s_mid = s @ attn_q + attn(hidden_states=rmsn(s), position_embeddings=positions(s))[0]
+            e_mid = se @ attn_q + attn(hidden_states=rmsn(se), position_embeddings=positions(se))[0]
+            out = s_mid @ qm[:, :d].T + mlp(rmsn(s_mid))
+            qn = pca(out)
+            mlp_q = qm[:, :d].T @ qn[:, :d]
+            lin(mlp.down_proj, qn[:, :d].T @ mlp.down_proj.weight)
+            s = s_mid @ mlp_q + mlp(rmsn(s_mid))
+            se = e_mid @ mlp_q + mlp(rmsn(e_mid))
+            q = qn
+        return rmsn(se) @ (head @ q[:, :d]).T
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25])
+def test_per_layer_raw_equals_a_slicegpt_reference(tiny_models, tmp_path, sparsity):
+    """``basis="per-layer", stream="raw"`` against SliceGPT's procedure re-done by hand."""
+    src = tiny_models["llama"]
+    ids = windows()
+    d = 32 if sparsity == 0 else 24
+    want = slicegpt_reference(src, ids, d, IDS)
+    res = slice_model(
+        src, tmp_path / "o", sparsity=sparsity, calibration=ids, stream="raw", calib=CALIB,
+        options=OPTS,
+    )  # fmt: skip
+    got = output_logits(res).double()
+    if sparsity == 0:
+        assert (want - logits(src).double()).abs().max() < 1e-6  # the reference itself
+    assert (got - want).abs().max() < 1e-5  # measured 1.4e-7; the normed PCA differs by 5e-2
