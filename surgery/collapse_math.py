@@ -153,32 +153,41 @@ def wide_scores(experts: Experts, mean_gate: torch.Tensor) -> torch.Tensor:
 
 
 def select_neurons(
-    h: torch.Tensor, scale: torch.Tensor, keep: int
+    h: torch.Tensor, scale: torch.Tensor, keep: int, gram_limit: int = 8192
 ) -> tuple[list[int], list[float]]:
     """The ``keep`` columns of the wide intermediate ``h`` ``[n, E·I]`` (scaled by ``scale``
-    ``[E·I]``) that contribute most: greedy pivoted Gram-Schmidt, so each pick is the neuron
-    whose scaled activation has the largest part not yet explained by the neurons picked
-    before (a neuron duplicated in several experts is kept once). When the sample has fewer
-    independent directions than ``keep`` the rest follow by scaled norm. Returns the flat
-    indices ``e·I + j`` in pick order and the residual norm at each pick."""
-    r = h * scale[None, :]
-    norms = (r * r).sum(0)
-    first = float(norms.max())
-    order = torch.argsort(norms, descending=True, stable=True).tolist()
+    ``[E·I]``) that contribute most: greedy pivoting (a partial pivoted Cholesky of the scaled
+    Gram matrix), so each pick is the neuron whose scaled activation has the largest part not
+    explained by the neurons picked before (a neuron duplicated in several experts is kept
+    once). The Gram matrix ``[E·I, E·I]`` is formed when ``E·I <= gram_limit``; above, each
+    pick computes its column from ``h`` (one pass). When the sample has fewer independent
+    directions than ``keep`` the rest follow by scaled norm. Returns the flat indices
+    ``e·I + j`` in pick order and the residual norm at each pick."""
+    hs = h * scale[None, :]
+    width = hs.shape[1]
+    gram = hs.T @ hs if width <= gram_limit else None
+
+    def column(p: int) -> torch.Tensor:
+        return gram[:, p] if gram is not None else hs.T @ hs[:, p]
+
+    resid = (hs * hs).sum(0)  # squared norm of each column's unexplained part
+    first = float(resid.max())
+    order = torch.argsort(resid, descending=True, stable=True).tolist()
+    factor = torch.zeros((width, keep), dtype=hs.dtype)
+    taken = torch.zeros(width, dtype=torch.bool)
     picked: list[int] = []
     gains: list[float] = []
-    taken = torch.zeros(r.shape[1], dtype=torch.bool)
-    for _ in range(keep):
-        res = torch.where(taken, torch.zeros_like(norms), norms)
-        p = int(torch.argmax(res))
-        if float(res[p]) <= 1e-20 * max(first, 1e-300):
+    for t in range(keep):
+        p = int(torch.argmax(resid.masked_fill(taken, -math.inf)))
+        top = float(resid[p])
+        if top <= 1e-12 * max(first, 1e-300):
             break
-        picked.append(p)
-        gains.append(math.sqrt(float(res[p])))
+        col = (column(p) - factor[:, :t] @ factor[p, :t]) / math.sqrt(top)
+        factor[:, t] = col
+        resid = resid - col * col
         taken[p] = True
-        q = r[:, p] / math.sqrt(float((r[:, p] ** 2).sum()))
-        r = r - q[:, None] * (q @ r)[None, :]
-        norms = (r * r).sum(0)
+        picked.append(p)
+        gains.append(math.sqrt(top))
     for p in order:  # rank-deficient sample: fill up by the original scaled norm
         if len(picked) == keep:
             break
