@@ -393,3 +393,34 @@ def test_bad_input_is_one_line_and_exit_code_2(which, extra, message, models, ba
 def test_api_errors_are_splice_errors(models):
     with pytest.raises(SpliceError, match="choose from"):
         plan_collapse(models["random"], method="mean")
+
+
+def test_neuron_selection_is_scipys_pivoted_qr():
+    """The greedy pick order equals column-pivoted QR's (scipy), with the Gram matrix formed
+    or each column computed on demand; a duplicated column is never picked twice."""
+    from scipy.linalg import qr
+
+    from splice.surgery.collapse_math import select_neurons
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 120, generator=g, dtype=torch.float64)
+    h = torch.cat([h, h[:, :40]], dim=1)  # 40 neurons duplicated (as in identical experts)
+    scale = torch.rand(160, generator=g, dtype=torch.float64) + 0.5
+    scale[120:] = scale[:40]
+    _, piv = qr((h * scale).numpy(), mode="r", pivoting=True)
+    for limit in (8192, 0):
+        picks, gains = select_neurons(h, scale, 100, gram_limit=limit)
+        assert picks == piv[:100].tolist()
+        assert len({p % 120 for p in picks}) == 100 and all(x > 0 for x in gains)
+
+
+def test_packed_checkpoints_collapse_as_the_per_expert_layout(models, tmp_path):
+    from test_packed_experts import pack
+
+    packed = pack(models["random"], tmp_path / "packed")
+    (tmp_path / "text.txt").write_text(models["text"].read_text())
+    kw = dict(method="slice", calibration=models["text"], calib=CALIB)
+    a = collapse(models["random"], tmp_path / "a", **kw)
+    b = collapse(packed, tmp_path / "b", **kw)
+    assert [r.error for r in a.report.layers] == [r.error for r in b.report.layers]
+    torch.testing.assert_close(logits(a.out), logits(b.out), rtol=0, atol=0)
