@@ -401,9 +401,11 @@ def add_collapse(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_collapse(args: argparse.Namespace) -> None:
+    from splice.malloc import pin_mmap_threshold
     from splice.surgery.collapse import collapse
 
     _check_out(args)
+    pin_mmap_threshold()  # per-layer float64 temporaries of many sizes: keep the heap from growing
     result = collapse(
         args.model,
         args.out,
