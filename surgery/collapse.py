@@ -445,8 +445,10 @@ def _stream_layers(
     ckpt: Checkpoint, windows: torch.Tensor, calib: Calibration, on_layer: Any
 ) -> None:
     """Run the source model layer by layer on ``windows``: before layer ``i`` its weights are
-    read (layer ``i-1``'s dropped), after it ``on_layer(i, x [n, H], y [n, H])`` gets the MoE
-    block's input and output rows (float64, CPU)."""
+    read, and layer ``i-1`` is decided (``on_layer(i-1, x [n, H], y [n, H])`` gets its MoE
+    block's input and output rows, float64 on the CPU) and dropped; the last layer after the
+    run. Each layer runs once per batch (no ``after_layer``: the runner feeds the next layer
+    the outputs of the pass the collector saw)."""
     from splice.activations import Collector, run
 
     model = _skeleton(ckpt, calib.device, calib.dtype)
@@ -456,15 +458,16 @@ def _stream_layers(
     keys = list(layers[0].state_dict().keys())
     rows = type("BlockRows", (_BlockRows, Collector), {})()
 
-    def before(i: int) -> None:
-        if i > 0:
-            layers[i - 1].to("meta")
-        state = _layer_state(ckpt, i, keys, calib.dtype, calib.device)
-        layers[i].load_state_dict(state, assign=True, strict=True)
-
-    def after(i: int, _collectors: Any) -> None:
+    def finish(i: int) -> None:
+        layers[i].to("meta")
         x, y = rows.take()
         on_layer(i, x, y)
+
+    def before(i: int) -> None:
+        if i > 0:
+            finish(i - 1)
+        state = _layer_state(ckpt, i, keys, calib.dtype, calib.device)
+        layers[i].load_state_dict(state, assign=True, strict=True)
 
     try:
         run(
@@ -475,10 +478,10 @@ def _stream_layers(
             batch_size=calib.batch_size,
             sequential=True,
             before_layer=before,
-            after_layer=after,
             layer_prefix=spec.layer_prefix,
             show_progress=calib.show_progress,
         )
+        finish(len(layers) - 1)
     finally:
         layers.to("meta")
 
