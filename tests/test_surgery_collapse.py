@@ -424,3 +424,17 @@ def test_packed_checkpoints_collapse_as_the_per_expert_layout(models, tmp_path):
     b = collapse(packed, tmp_path / "b", **kw)
     assert [r.error for r in a.report.layers] == [r.error for r in b.report.layers]
     torch.testing.assert_close(logits(a.out), logits(b.out), rtol=0, atol=0)
+
+
+def test_upcycled_experts_keep_their_neurons(models, tmp_path):
+    """Experts up-cycled from one dense MLP (plus noise) already correspond neuron for neuron:
+    alignment moves nothing and uniform lands on the dense MLP up to the noise's mean."""
+    from analysis_helpers import upcycle_moe
+    from conftest import make_tiny
+
+    dense = make_tiny(tmp_path / "dense", "mistral", layers=2, seed=5)
+    moe = upcycle_moe(dense, tmp_path / "moe", experts=4, noise=0.05)
+    res = collapse(moe, tmp_path / "o", method="uniform", align=True,
+                   calibration=models["text"], calib=CALIB)  # fmt: skip
+    assert all(r.moved == 0.0 and r.error < 0.05 for r in res.report.layers)
+    torch.testing.assert_close(logits(res.out), logits(dense), atol=0.05, rtol=0)
