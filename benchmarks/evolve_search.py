@@ -2,6 +2,7 @@
 minute, in process and with ``--workers 2``.
 
     python benchmarks/evolve_search.py                 # the zoo (zoo_math_lang_fit, v2)
+    python benchmarks/evolve_search.py --zoo /path/to/zoo
     python benchmarks/evolve_search.py --tiny          # tiny random llamas + a tiny local task
     python benchmarks/evolve_search.py --generations 4 --workers 2
 
@@ -73,11 +74,24 @@ def tiny_setup(root: Path) -> tuple[dict[str, str], Path, list[str]]:
     return paths, tasks, ["tiny_mc"]
 
 
-def zoo_setup() -> tuple[dict[str, str], Path | None, list[str]]:
+def zoo_setup(zoo: Path | None, root: Path) -> tuple[dict[str, str], Path | None, list[str]]:
+    """The zoo's base, math and lang, and its combined fitness split (task configs for the
+    ``*_fit`` splits written as examples/evolve_zoo.py does; a zoo without them, v1, falls back
+    to ``zoo_math_lang`` with a note)."""
+    import sys
+
     from splice.zoo.build import default_dir
 
-    zoo = default_dir()
-    return {n: str(zoo / n) for n in ("base", "math", "lang")}, None, ["zoo_math_lang_fit"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from evolve_zoo import zoo_tasks
+
+    zoo = (zoo or default_dir()).resolve()
+    tasks_dir, have = zoo_tasks(zoo, root / "tasks")
+    task = "zoo_math_lang_fit"
+    if task not in have:
+        print(f"NOTE: {zoo} has no {task} (zoo v1): timing zoo_math_lang instead", file=sys.stderr)
+        task = "zoo_math_lang"
+    return {n: str(zoo / n) for n in ("base", "math", "lang")}, tasks_dir, [task]
 
 
 def measure(config: EvolveConfig, out: Path, workers: int) -> dict:
@@ -103,6 +117,7 @@ def measure(config: EvolveConfig, out: Path, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random models, not the zoo")
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the zoo)")
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--popsize", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
@@ -110,17 +125,27 @@ def main() -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="splice-evolve-bench-"))
     try:
-        models, tasks_dir, tasks = tiny_setup(tmp) if args.tiny else zoo_setup()
+        models, tasks_dir, tasks = tiny_setup(tmp) if args.tiny else zoo_setup(args.zoo, tmp)
+        genome = {
+            "models": [m for k, m in models.items() if k != "base"],
+            "merge_method": "ties",
+            "base_model": models["base"],
+            "layer_granularity": 2,
+        }
+        if not args.tiny:  # the parameter-space genome of examples/evolve_zoo.py
+            genome.update(
+                merge_method="task_arithmetic",
+                layer_granularity=1,
+                filters=["self_attn", "mlp"],
+                ranges={"weight": [0.0, 2.0]},
+            )
         data = {
-            "genome": {
-                "models": [m for k, m in models.items() if k != "base"],
-                "merge_method": "ties",
-                "base_model": models["base"],
-                "layer_granularity": 2 if args.tiny else 0,
-            },
+            "genome": genome,
             "tasks": tasks,
+            "lm_eval": {"batch_size": 64},
             "search": {"popsize": args.popsize, "generations": args.generations, "seed": 0},
             "tasks_dir": str(tasks_dir) if tasks_dir else None,
+            "zoo": None if args.tiny else str(Path(models["base"]).parent),
         }
         config = EvolveConfig.from_dict(data)
         rows = [measure(config, tmp / "run1", 1)]
@@ -129,9 +154,13 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {
-        "setup": "tiny llama (8 layers, hidden 64), 250-item MC task" if args.tiny else "zoo",
+        "setup": "tiny llama (8 layers, hidden 64), 250-item MC task"
+        if args.tiny
+        else f"zoo {Path(models['base']).parent}",
         "tasks": tasks,
-        "genome": "ties, 2 models + base" + (", layer_granularity 2" if args.tiny else ""),
+        "genome": "ties, 2 models + base, layer_granularity 2"
+        if args.tiny
+        else "task_arithmetic, 2 models + base, layer_granularity 1, filters self_attn/mlp",
         "popsize": args.popsize,
         "generations": args.generations,
         "threads_per_process": 1,
