@@ -3,9 +3,12 @@
 1. Build the zoo, or reuse it (it is committed in ``assets/zoo``; ``make zoo`` rebuilds it).
 2. Merge its two specialists with splice recipes (mergekit schema): linear, task arithmetic,
    TIES, DARE-TIES, written to ``out/demo/`` as ordinary checkpoints.
-3. Score everything on the zoo's held-out tasks with lm-eval: each merge should carry both
+3. Evolve: a short parameter-space search (``splice.evolve``, CMA-ES, about a minute) for a
+   task-arithmetic merge with per-layer weights (30 candidates), scored next to the others
+   (``examples/evolve_zoo.py`` runs the full searches: PS, DFS, PS+DFS).
+4. Score everything on the zoo's held-out tasks with lm-eval: each merge should carry both
    skills, which no specialist has.
-4. Analyze: base vs each specialist, layer redundancy of base (weights and activations), and the
+5. Analyze: base vs each specialist, layer redundancy of base (weights and activations), and the
    MoE's experts vs base, saved under ``out/demo/analysis/``.
 """
 
@@ -38,6 +41,64 @@ def merge_step(zoo: Path, out: Path) -> dict[str, Path]:
     return {name: run(recipes[name], out / name.split()[0], opts) for name in DEMO_MERGES}
 
 
+def search_step(zoo: Path, out: Path, fevals: int = 30) -> dict[str, Path]:
+    """A short parameter-space search on the zoo (the genome of ``examples/evolve_zoo.py``,
+    ``fevals`` candidates, one torch thread), its winner written to ``out/evolved``; returns
+    ``{label: folder}`` for the score table. Fitness on ``zoo_math_lang_fit``; a zoo without
+    fitness splits (v1) searches on ``zoo_math_lang`` itself, with a printed note."""
+    import shutil
+    import time
+    import warnings
+
+    import torch
+    from evolve_zoo import fitness_tasks, ps_config, zoo_tasks
+
+    from splice.evolve import EvolveConfig, evolve
+    from splice.merge import MergeOptions, run
+
+    torch.set_num_threads(1)
+    run_dir = out / "evolve-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tasks_dir, have = zoo_tasks(zoo, out / "evolve-tasks")
+    tasks, note = fitness_tasks(have, 0.0)
+    if note:
+        print(f"\n{note}\n", file=sys.stderr)
+    settings = argparse_defaults(ps_fevals=fevals)
+    common = {
+        "tasks": tasks,
+        "zoo": str(zoo),
+        "lm_eval": {"batch_size": 64},
+        **({"tasks_dir": str(tasks_dir)} if tasks_dir else {}),
+    }
+    config = EvolveConfig.from_dict(ps_config(zoo, common, settings))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evolve(config, run_dir)
+    print(
+        f"evolve: {res.evaluations} candidates in {time.perf_counter() - t0:.0f} s, best fitness "
+        f"{res.best_fitness:.3f} on {', '.join(task['name'] for task in tasks)}; run folder {run_dir}",
+        file=sys.stderr,
+    )
+    assert res.best_recipe is not None
+    label = f"evolved (PS, {res.evaluations} candidates)" + (" [fitted on report]" if note else "")
+    return {
+        label: run(
+            res.best_recipe, out / "evolved", MergeOptions(overwrite=True, show_progress=False)
+        )
+    }
+
+
+def argparse_defaults(**changes: object) -> object:
+    """``examples/evolve_zoo.py``'s search settings (its defaults, ``changes`` applied)."""
+    import evolve_zoo
+
+    ns = evolve_zoo.parser().parse_args([])
+    for key, value in changes.items():
+        setattr(ns, key, value)
+    return ns
+
+
 def analysis_step(zoo: Path, out: Path) -> None:
     """Run every analysis on the zoo and save the reports under ``out``."""
     from splice.analysis import compare_experts, compare_layers, compare_models
@@ -64,6 +125,7 @@ def main() -> int:
     zoo = build()
     print(f"zoo: {zoo}\n", file=sys.stderr)
     merged = merge_step(zoo, out)
+    merged |= search_step(zoo, out)
     models = {n: zoo / n for n in ("base", "math", "lang", "moe")} | merged
     scores = evaluate(models, ["zoo_math", "zoo_lang", "zoo_math_lang"], zoo=zoo)
     print("accuracy on the zoo's held-out tasks (multiple choice; chance is 0.25)\n")

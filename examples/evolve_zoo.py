@@ -108,7 +108,7 @@ def fitness_tasks(have: set[str], skill_weight: float) -> tuple[list[dict[str, A
     else:
         note = (
             "NOTE: this zoo has no *_fit splits (zoo v1): the searches fit the report splits "
-            "themselves, so the PS/DFS rows below are scored on what they fitted"
+            "themselves, so the evolved rows below are scored on what they fitted"
         )
     tasks = [
         {"name": n, "weight": w, "metric": "acc,none"}
