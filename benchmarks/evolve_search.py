@@ -135,7 +135,7 @@ def main() -> None:
         if not args.tiny:  # the parameter-space genome of examples/evolve_zoo.py
             genome.update(
                 merge_method="task_arithmetic",
-                layer_granularity=1,
+                layer_granularity=2,
                 filters=["self_attn", "mlp"],
                 ranges={"weight": [0.0, 2.0]},
             )
@@ -160,7 +160,7 @@ def main() -> None:
         "tasks": tasks,
         "genome": "ties, 2 models + base, layer_granularity 2"
         if args.tiny
-        else "task_arithmetic, 2 models + base, layer_granularity 1, filters self_attn/mlp",
+        else "task_arithmetic, 2 models + base, layer_granularity 2, filters self_attn/mlp",
         "popsize": args.popsize,
         "generations": args.generations,
         "threads_per_process": 1,
