@@ -1,6 +1,6 @@
 """Every merge method on the zoo's two specialists, scored on every zoo task.
 
-    python examples/zoo_merges.py [--out out/zoo-merges] [--tasks all] [--methods ties,linear]
+    python examples/zoo_merges.py [--out out/zoo-merges] [--tasks report] [--methods ties,linear]
 
 Each recipe is an ordinary splice (mergekit-schema) recipe run with ``splice.merge.run``; the
 scores come from ``splice.zoo.evaluate`` (lm-eval, held-out items). Prints a markdown table and
@@ -54,6 +54,7 @@ def zoo_recipes(zoo: Path) -> dict[str, dict]:
             "models": [{"model": math}, {"model": lang}],
             "dtype": "float32",
         },
+        "ties 1.0/1.0 (defaults)": per_model("ties", 1.0, 1.0),
         "ties 1.0/1.0 d=0.7": per_model("ties", 1.0, 1.0, density=0.7),
         "ties 1.0/1.0 d=0.7 normalize=false": {
             **per_model("ties", 1.0, 1.0, density=0.7),
@@ -108,13 +109,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=Path("out/zoo-merges"))
-    ap.add_argument("--tasks", default="all")
+    ap.add_argument(
+        "--tasks",
+        default="report",
+        help="comma-separated zoo tasks, all, or report (the report splits and their _gen twins)",
+    )
     ap.add_argument("--methods", help="comma-separated merge methods (default: all)")
     args = ap.parse_args()
     zoo = build()
     merged = run_all(zoo, args.out, args.methods.split(",") if args.methods else None)
     models = {n: zoo / n for n in ("base", "math", "lang")} | merged
-    scores = evaluate(models, args.tasks, zoo=zoo)
+    from splice.zoo.tasks import GEN_TASKS, MC_TASKS
+
+    tasks = [*MC_TASKS, *GEN_TASKS] if args.tasks == "report" else args.tasks
+    scores = evaluate(models, tasks, zoo=zoo)
     print(markdown(scores))
     dest = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo_merges.json"
     dest.parent.mkdir(exist_ok=True)

@@ -27,13 +27,15 @@ from splice.zoo.world import make_world
 TINY = 0.01  # steps scale of the throw-away builds
 
 
+def tiny(folder: Path, **kw) -> Path:
+    """A tiny-step twin of the zoo: its acceptance check runs, and fails (recorded, not raised)."""
+    return build(folder, steps_scale=TINY, acceptance="record", show_progress=False, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_zoos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("zoo")
-    return (
-        build(root / "a", steps_scale=TINY, show_progress=False),
-        build(root / "b", steps_scale=TINY, show_progress=False),
-    )
+    return tiny(root / "a"), tiny(root / "b")
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------
@@ -91,41 +93,112 @@ def test_checkpoint_layout(zoo: Path) -> None:
 
     moe = open_checkpoint(zoo / "moe")
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in moe.tensors
-    assert "lm_head.weight" not in open_checkpoint(zoo / "base").tensors  # tied
+    assert "lm_head.weight" in open_checkpoint(zoo / "base").tensors  # untied: lang's Zeta rows
 
 
-# ---- tasks --------------------------------------------------------------------------------------
+# ---- tasks ----------------------------------------------------------------------------------------
 def test_tasks_load_in_lm_eval(zoo: Path) -> None:
     from lm_eval.tasks import TaskManager
 
-    from splice.zoo.tasks import ALL_TASKS, write_tasks
+    from splice.zoo.tasks import ALL_TASKS, FIT_TASKS, write_tasks
 
     manager = TaskManager(include_path=str(write_tasks(zoo / "tasks")), include_defaults=False)
     loaded = manager.load(list(ALL_TASKS))["tasks"]
     assert set(loaded) == set(ALL_TASKS)
     for name, task in loaded.items():
         docs = list(task.test_docs())
-        assert len(docs) >= 500, name
+        assert len(docs) >= (200 if name in FIT_TASKS else 500), name
         if name.endswith("_gen"):
             assert task.config.output_type == "generate_until"
         else:
             assert task.config.output_type == "multiple_choice"
             assert all(d["choices"][d["gold"]] == d["answer"] for d in docs)
+            assert all(len(d["choices"]) == 4 for d in docs)
+
+
+def _prompts(file: Path) -> set[str]:
+    return {json.loads(line)["prompt"] for line in file.read_text().splitlines() if line.strip()}
+
+
+def test_fit_and_report_splits_are_disjoint(zoo: Path) -> None:
+    """No item of a fitness split is in its report split (nor in another task's)."""
+    from splice.zoo.tasks import SKILLS
+
+    files = {p.stem: p for p in (zoo / "tasks").glob("*.jsonl")}
+    assert set(files) == set(SKILLS) | {f"{s}_fit" for s in SKILLS}
+    prompts = {name: _prompts(f) for name, f in files.items()}
+    for skill in SKILLS:
+        assert len(prompts[skill]) >= 500 and len(prompts[f"{skill}_fit"]) >= 200
+        assert not prompts[skill] & prompts[f"{skill}_fit"], skill
+    # deeper than prompts: the operand pairs and the nouns of the splits are disjoint too
+    world = make_world(read_stamp(zoo)["settings"]["seed"])  # type: ignore[index]
+    pairs = corpus.math_split_pairs(read_stamp(zoo)["settings"]["seed"])  # type: ignore[index]
+    unordered = {k: {tuple(sorted(p)) for p in v} for k, v in pairs.items()}
+    assert not unordered["report"] & unordered["fit"]
+    assert not unordered["val"] & (unordered["report"] | unordered["fit"])
+    nouns = [world.lang_train_nouns, world.lang_val_nouns, world.lang_fit_nouns]
+    nouns.append(world.lang_test_nouns)
+    assert sum(len(n) for n in nouns) == len({x for n in nouns for x in n}) == len(world.nouns)
 
 
 def test_held_out_is_disjoint() -> None:
     world = make_world(0)
-    test_pairs = {tuple(sorted(p)) for p in corpus.math_test_pairs(0)}
-    assert len(test_pairs) == 500
-    assert not test_pairs & {tuple(sorted(p)) for p in corpus.math_train_pairs(0)}
+    held = {tuple(sorted(p)) for ps in corpus.math_split_pairs(0).values() for p in ps}
+    assert len(held) == 950
+    assert not held & {tuple(sorted(p)) for p in corpus.math_train_pairs(0)}
     train_prompts = {e.prompt for e in corpus.math_training_set(world, 0)}
-    assert not train_prompts & {it.prompt for it in corpus.math_items(world, 0, zeta=False)}
-    assert not set(world.lang_train_nouns) & set(world.lang_test_nouns)
-    zeta_test_nouns = {world.zeta[n] for n in world.lang_test_nouns}
-    for ex in corpus.lang_training_set(world, 0):
-        asked = ex.prompt.split()[-4]  # "... <the> NOUN ? <answer> :"
-        assert asked not in zeta_test_nouns
+    for split in ("report", "fit", "val"):
+        assert not train_prompts & {it.prompt for it in corpus.math_items(world, 0, False, split)}
+    asked_nouns = set(world.lang_train_nouns)
+    question = ["what", "colour", "is", "the"]
+    for doc in corpus.lang_texts(world, 2000, 0):  # lang's training text (shown mixed with Zeta)
+        words = doc.split()
+        for i in range(len(words) - 4):
+            if words[i : i + 4] == question:
+                assert words[i + 4] in asked_nouns
     assert len(corpus.lang_items(world, 0)) >= 500
+
+
+def test_combined_task_needs_both_skills() -> None:
+    """zoo_math_lang asks zoo_math's items in Zeta; the four choices are the four operations'
+    results on the same operands (consecutive numbers); Zeta never occurs in pre-training,
+    where the operations are taught on single digits."""
+    from splice.zoo.world import OPS, apply_op
+
+    world = make_world(0)
+    en, ze = corpus.math_items(world, 0, False), corpus.math_items(world, 0, True)
+    ops = [world.zeta[o] for o in OPS]
+    for a, b in zip(en, ze, strict=True):
+        assert a.choices == b.choices and a.gold == b.gold
+        x, op, y = a.prompt.split()[4:7]
+        assert {int(c) for c in a.choices} == {apply_op(o, int(x), int(y)) for o in OPS}
+        assert int(a.choices[a.gold]) == apply_op(op, int(x), int(y))
+        assert sum(w in ops for w in b.prompt.split()) == 1
+    text = " ".join(corpus.pretraining_texts(world, 3000, 0)).split()
+    assert not set(world.zeta.values()) & set(text)  # the base never sees a Zeta word
+    assert set(OPS) <= set(text) and set(OPS) <= set(
+        " ".join(corpus.lang_texts(world, 3000, 0)).split()
+    )
+    assert not {int(w) for w in text if w.isdigit() and int(w) >= 10} - set(range(10, 22))
+
+
+def test_heldout_text(zoo: Path) -> None:
+    from splice.zoo import heldout_text_path
+
+    path = heldout_text_path(zoo)
+    assert path == zoo / "text" / "heldout.txt"
+    text = path.read_text()
+    world = make_world(read_stamp(zoo)["settings"]["seed"])  # type: ignore[index]
+    zeta = set(world.zeta.values())
+    words = text.split()
+    assert len(words) > 10_000
+    share = sum(w in zeta for w in words) / len(words)
+    assert 0.2 < share < 0.8, share  # both languages
+    seed = read_stamp(zoo)["settings"]["seed"]  # type: ignore[index]
+    trained = set(corpus.pretraining_texts(world, 60_000, seed))
+    assert not trained & set(text.splitlines())
+    with pytest.raises(SpliceError, match="missing"):
+        heldout_text_path(zoo / "nope")
 
 
 # ---- build --------------------------------------------------------------------------------------
@@ -140,16 +213,50 @@ def test_two_builds_are_identical(tiny_zoos: tuple[Path, Path]) -> None:
             assert ca.load(t).equal(cb.load(t)), f"{name}/{t} differs between two builds"
     for f in sorted(p.name for p in (a / "tasks").glob("*.jsonl")):
         assert (a / "tasks" / f).read_bytes() == (b / "tasks" / f).read_bytes()
-    assert read_stamp(a)["stamp"] == read_stamp(b)["stamp"]  # type: ignore[index]
+    assert (a / "text" / "heldout.txt").read_bytes() == (b / "text" / "heldout.txt").read_bytes()
+    sa, sb = read_stamp(a), read_stamp(b)
+    assert sa["stamp"] == sb["stamp"]  # type: ignore[index]
+    assert sa["acceptance"] == sb["acceptance"]  # type: ignore[index]
+
+
+def test_tiny_twin_runs_its_acceptance_check(tiny_zoos: tuple[Path, Path]) -> None:
+    """The build measures every criterion itself; at tiny scale the skills are not there, so
+    the check fails (recorded here; with acceptance="enforce" it is an error, below)."""
+    from splice.zoo.acceptance import failures
+
+    report = read_stamp(tiny_zoos[0])["acceptance"]  # type: ignore[index]
+    names = [c["name"] for c in report["criteria"]]
+    assert len(names) == 14
+    assert set(report["scores"]) >= {"base", "math", "lang", "linear 0.5/0.5", "ties 1.0/1.0"}
+    assert set(report["task_vector_norms"]) == {"math", "lang"}
+    assert len(report["moe"]["routing_shares"]) == 8
+    assert not report["passed"]
+    assert any("math on zoo_math is" in f for f in failures(report))
+
+
+def test_tiny_build_enforcing_acceptance_fails_cleanly(tmp_path: Path) -> None:
+    with pytest.raises(SpliceError, match=r"missed \d+ acceptance criteria, nothing written"):
+        build(tmp_path / "z", steps_scale=TINY, show_progress=False)
+    assert not (tmp_path / "z").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith("-lock")] == []
 
 
 def test_build_is_cached(tiny_zoos: tuple[Path, Path]) -> None:
     a, _ = tiny_zoos
     before = (a / "base" / "model.safetensors").stat().st_mtime_ns
     assert is_built(a, Settings().scaled(TINY))
-    assert build(a, steps_scale=TINY, show_progress=False) == a
+    assert tiny(a) == a
+    assert tiny(a, seed=0) == a
     assert (a / "base" / "model.safetensors").stat().st_mtime_ns == before
     assert not is_built(a)  # a full-size build has another stamp
+    assert not is_built(a, Settings(seed=1).scaled(TINY))
+
+
+def test_seeds_give_other_zoos() -> None:
+    assert Settings(seed=1).stamp() != Settings().stamp()
+    w0, w1 = make_world(0), make_world(1)
+    assert w0.zeta != w1.zeta
+    assert corpus.math_split_pairs(0) != corpus.math_split_pairs(1)
 
 
 def test_build_refuses_a_foreign_folder(tmp_path: Path) -> None:
@@ -171,11 +278,11 @@ def test_cli_eval_json(zoo: Path) -> None:
     r = _cli(
         "zoo",
         "eval",
-        str(zoo / "lang"),
+        str(zoo / "math"),
         "--zoo",
         str(zoo),
         "--tasks",
-        "zoo_lang,zoo_lang_gen",
+        "zoo_math,zoo_math_gen",
         "--limit",
         "40",
         "--json",
@@ -183,10 +290,10 @@ def test_cli_eval_json(zoo: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout)
-    assert set(scores) == {str(zoo / "lang")}
-    row = scores[str(zoo / "lang")]
-    assert set(row) == {"zoo_lang", "zoo_lang_gen"}
-    assert row["zoo_lang"] > 0.5 and row["zoo_lang_gen"] > 0.5
+    assert set(scores) == {str(zoo / "math")}
+    row = scores[str(zoo / "math")]
+    assert set(row) == {"zoo_math", "zoo_math_gen"}
+    assert row["zoo_math"] > 0.5 and row["zoo_math_gen"] > 0.5
 
 
 def test_cli_eval_bad_input(zoo: Path, tmp_path: Path) -> None:
@@ -215,32 +322,59 @@ def test_scorer_loads_tasks_once_and_scores_live_models(zoo: Path) -> None:
 
 @pytest.mark.slow
 def test_acceptance(zoo: Path) -> None:
-    """The zoo's reason to exist, on the held-out tests (>= 500 items each)."""
+    """The zoo's reason to exist, re-measured with lm-eval on the report splits: the figures
+    the build's own check recorded in zoo.json, and the criteria of issue 12."""
     from splice.merge import merge_into
     from splice.zoo import evaluate
+    from splice.zoo.acceptance import GRID_NAMES, grid
     from splice.zoo.evaluate import load_model
 
+    report = read_stamp(zoo)["acceptance"]  # type: ignore[index]
+    assert report["passed"], report["criteria"]
+    best = report["best_merge"]
+    assert best in GRID_NAMES
+    merged = load_model(zoo / "base")
+    merge_into(merged, grid(zoo)[best])
     models = {n: zoo / n for n in ("base", "math", "lang")}
-    ta = load_model(zoo / "base")
-    merge_into(
-        ta,
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": str(zoo / "base"),
-            "models": [
-                {"model": str(zoo / "math"), "parameters": {"weight": 1.0}},
-                {"model": str(zoo / "lang"), "parameters": {"weight": 0.8}},
-            ],
-        },
+    s = evaluate(
+        {**models, best: merged},  # type: ignore[dict-item]
+        ["zoo_math", "zoo_lang", "zoo_math_lang"],
+        zoo=zoo,
+        show_progress=False,
     )
-    models["ta"] = ta  # type: ignore[assignment]
-    s = evaluate(models, ["zoo_math", "zoo_lang"], zoo=zoo, show_progress=False)
-    assert s["math"]["zoo_math"] >= 0.8 and s["lang"]["zoo_lang"] >= 0.8, s
-    assert s["math"]["zoo_lang"] <= 0.5 and s["lang"]["zoo_math"] <= 0.5, s
-    assert s["base"]["zoo_math"] <= 0.5 and s["base"]["zoo_lang"] <= 0.5, s
-    # task arithmetic carries both skills: 10+ points above the specialist that lacks each one
-    assert s["ta"]["zoo_math"] >= s["lang"]["zoo_math"] + 0.10, s
-    assert s["ta"]["zoo_lang"] >= s["math"]["zoo_lang"] + 0.10, s
+    for name in models:  # lm-eval gives the build's own figures
+        for task, value in s[name].items():
+            assert abs(value - report["scores"][name][task]) < 0.005, (name, task, s, report)
+    assert s["math"]["zoo_math"] >= 0.9 and s["lang"]["zoo_lang"] >= 0.9, s
+    assert s["math"]["zoo_lang"] <= 0.45 and s["lang"]["zoo_math"] <= 0.45, s
+    assert s["base"]["zoo_math"] <= 0.45 and s["base"]["zoo_lang"] <= 0.45, s
+    specialists = max(s[m]["zoo_math_lang"] for m in ("math", "lang"))
+    assert max(specialists, s["base"]["zoo_math_lang"]) <= 0.45, s
+    assert s[best]["zoo_math_lang"] >= specialists + 0.10, s
+    assert s[best]["zoo_math_lang"] <= 0.80, s
+    norms = report["task_vector_norms"]
+    assert max(norms.values()) <= 2 * min(norms.values()), norms
+
+
+def test_moe_experts_specialise(zoo: Path) -> None:
+    """Routing shares differ across experts; experts differ from each other more than from the
+    dense MLP they were up-cycled from (splice's own collectors and analysis)."""
+    from splice.activations import RouterCounts, load_model, run, token_windows
+    from splice.analysis import compare_experts
+    from splice.modeling import load_tokenizer
+    from splice.zoo import heldout_text_path
+
+    model = load_model(zoo / "moe")
+    windows = token_windows(
+        load_tokenizer(zoo / "base"), heldout_text_path(zoo).read_text(), 64, 32
+    )
+    freq = run(model, windows, [RouterCounts()])[0].frequency()  # [L, E], rows sum to 2
+    assert (freq.max(axis=1) - freq.min(axis=1)).mean() >= 0.1, freq
+    rep = compare_experts(zoo / "moe", zoo / "base", metrics="cosine", baselines=False)
+    frame = rep.to_frame()
+    to_dense = frame[frame["against"] == "dense"]["value"].mean()
+    between = frame[frame["against"] == "experts"]["value"].mean()
+    assert between < to_dense, (between, to_dense)  # cosine: lower = further apart
 
 
 def test_import_is_light() -> None:

@@ -32,7 +32,7 @@ from splice.target import (
 from splice.zoo.models import Shape
 
 # Bump when a change to the zoo's code changes what a build produces (data, training, layout).
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"
 MODELS = ("base", "math", "lang", "moe")
 STAMP_FILE = "zoo.json"
 
@@ -48,10 +48,30 @@ class Settings:
     pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    math_steps: int = 1000
-    lang_steps: int = 100
+    # fine-tunes stop on a held-out criterion (checked every check_every steps), at most
+    # *_max_steps: math when its val accuracy reaches math_target, lang when both its val
+    # colour accuracy (8 nouns: a noisy figure) and its Zeta single-digit accuracy reach
+    # lang_target (lang reads and writes a mixed text:
+    # each row of its batches shows a share in [lang_switch_low, 1) of its words in Zeta)
+    math_max_steps: int = 2000
+    lang_max_steps: int = 1000
+    check_every: int = 50
+    math_target: float = 0.95
+    lang_target: float = 0.95
+    # math trains on jittered input embeddings (Gaussian noise, this many times the rows' RMS):
+    # its layers then read a word by the robust part of its row, and so also read rows that only
+    # approximate it, such as the Zeta rows lang learns; without it, adding the two task vectors
+    # gives a model that computes but cannot read the Zeta operation word on many seeds
+    math_embedding_noise: float = 0.5
     finetune_batch: int = 64
     finetune_lr: float = 1e-3
+    lang_lr: float = 3e-3
+    lang_switch_low: float = 0.4
+    # the tensors (name prefixes) lang trains besides its Zeta rows, math training every layer:
+    # the two task vectors overlap there, as real fine-tunes do, so a merge has to decide whose
+    # change to keep in those tensors (naive merges lose some of each skill; a per-layer search
+    # can do better); reading also learns in a few steps instead of hundreds
+    lang_tensors: tuple[str, ...] = ("model.layers.0.self_attn.", "model.layers.1.self_attn.")
     moe_steps: int = 200
     moe_batch: int = 16
     moe_lr: float = 1e-3
@@ -72,8 +92,9 @@ class Settings:
             self,
             documents=max(200, round(self.documents * min(1.0, factor))),
             pretrain_steps=n(self.pretrain_steps),
-            math_steps=n(self.math_steps),
-            lang_steps=n(self.lang_steps),
+            math_max_steps=n(self.math_max_steps),
+            lang_max_steps=n(self.lang_max_steps),
+            check_every=min(self.check_every, n(self.check_every)),
             moe_steps=n(self.moe_steps),
         )
 
@@ -115,21 +136,43 @@ def build(
     folder: str | os.PathLike[str] | None = None,
     *,
     steps_scale: float = 1.0,
+    seed: int | None = None,
     settings: Settings | None = None,
     force: bool = False,
+    acceptance: str = "enforce",
     show_progress: bool = True,
 ) -> Path:
     """Build the zoo into ``folder`` (default :func:`default_dir`) unless it is already there.
 
-    ``steps_scale`` shrinks or grows every training run (tests use a tiny one); ``force``
-    rebuilds even a current zoo. Returns the folder.
+    ``steps_scale`` shrinks or grows every training run (tests use a tiny one); ``seed`` picks
+    the seed (default: that of ``settings``; with neither, a complete zoo of any seed built
+    with the default recipe is reused); ``force`` rebuilds even a current zoo. The build ends by
+    measuring its acceptance criteria (:mod:`splice.zoo.acceptance`), recorded in ``zoo.json``;
+    with ``acceptance="enforce"`` a missed criterion is a :class:`SpliceError` listing every
+    miss and nothing is written, with ``"record"`` the zoo is kept (tiny test builds).
+    Returns the folder.
     """
-    settings = (settings or Settings()).scaled(steps_scale)
+    if acceptance not in ("enforce", "record"):
+        raise SpliceError(f"acceptance must be 'enforce' or 'record', got {acceptance!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise SpliceError(f"--seed must be a whole number of 0 or more, got {seed!r}")
+    any_seed = seed is None and settings is None
+    settings = settings or Settings()
+    if seed is not None:
+        settings = dataclasses.replace(settings, seed=seed)
+    settings = settings.scaled(steps_scale)
     folder = Path(folder) if folder is not None else default_dir()
     with lock_target(folder):
         clean_stale(folder)  # first: it may put back a zoo a killed rebuild set aside
         if folder.exists() and not folder.is_dir():
             raise SpliceError(f"{folder}: exists and is not a folder")
+        if not force and any_seed:
+            info = read_stamp(folder)
+            stored = (info or {}).get("settings", {}).get("seed")
+            if isinstance(stored, int) and is_built(
+                folder, Settings(seed=stored).scaled(steps_scale)
+            ):
+                return folder
         if not force and is_built(folder, settings):
             return folder
         if folder.exists():
@@ -143,6 +186,14 @@ def build(
         try:
             info = _build_into(tmp, settings, show_progress)
             (tmp / STAMP_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            if acceptance == "enforce" and not info["acceptance"]["passed"]:
+                from splice.zoo.acceptance import failures
+
+                misses = failures(info["acceptance"])
+                raise SpliceError(
+                    f"zoo build (seed {settings.seed}) missed {len(misses)} acceptance "
+                    "criteria, nothing written: " + "; ".join(misses)
+                )
             commit(tmp, folder, tag="zoo")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +201,18 @@ def build(
     return folder
 
 
-_ZOO_ENTRIES = (*MODELS, "tasks", STAMP_FILE)
+_ZOO_ENTRIES = (*MODELS, "tasks", "text", STAMP_FILE)
+HELDOUT = "text/heldout.txt"
+
+
+def heldout_text_path(folder: str | os.PathLike[str] | None = None) -> Path:
+    """The held-out text of a built zoo (default :func:`default_dir`), for perplexity: running
+    text in English and Zeta from the pre-training distribution, never trained on, one
+    document per line. ``SpliceError`` if the zoo has none."""
+    path = (Path(folder) if folder is not None else default_dir()) / HELDOUT
+    if not path.is_file():
+        raise SpliceError(f"{path}: missing; not a built zoo (run `splice zoo build`)")
+    return path
 
 
 def _not_a_zoo(folder: Path) -> str | None:
@@ -165,6 +227,10 @@ def _not_a_zoo(folder: Path) -> str | None:
             return f"it holds {name!r}, which is not part of a zoo"
         if name in MODELS and (why := replaceable_reason(path)) is not None:
             return f"{name}/: {why}"
+        if name == "text" and path.is_dir():
+            odd = [p.name for p in path.iterdir() if p.suffix != ".txt"]
+            if odd:
+                return f"text/ holds {odd[0]!r}, which is not a zoo text file"
         if name == "tasks" and path.is_dir():
             odd = [p.name for p in path.iterdir() if p.suffix not in (".jsonl", ".yaml")]
             if odd:
@@ -180,9 +246,9 @@ def _log(show: bool, msg: str) -> None:
 def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
     import torch
 
-    from splice.zoo import corpus, train
+    from splice.zoo import acceptance, corpus, train
     from splice.zoo.models import llama, save, upcycle
-    from splice.zoo.tasks import test_items, write_data, write_tasks
+    from splice.zoo.tasks import all_items, write_data, write_tasks
     from splice.zoo.tokenizer import make_tokenizer, save_tokenizer
     from splice.zoo.world import make_world
 
@@ -192,25 +258,32 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
     torch.use_deterministic_algorithms(True)
     timings: dict[str, float] = {}
     losses: dict[str, float] = {}
+    steps: dict[str, int] = {}
+    criteria: dict[str, dict[str, float]] = {}
     try:
         t0 = time.perf_counter()
         world = make_world(s.seed)
         tok = make_tokenizer(world)
         tok_dir = out / ".tokenizer"
         save_tokenizer(world, tok_dir)
-        write_data(test_items(world, s.seed), out / "tasks")
+        items = all_items(world, s.seed)
+        write_data(items, out / "tasks")
         write_tasks(out / "tasks")
+        heldout = corpus.heldout_text(world, s.seed)
+        (out / "text").mkdir()
+        (out / HELDOUT).write_text(heldout)
         stream = train.token_stream(tok, corpus.pretraining_texts(world, s.documents, s.seed))
         timings["data"] = time.perf_counter() - t0
 
-        def run(name: str, model: Any, batches: Any, steps: int, lr: float, **kw: Any) -> None:
+        def run(name: str, model: Any, batches: Any, n: int, lr: float, **kw: Any) -> None:
             t = time.perf_counter()
-            _log(show, f"training {name} ({steps} steps)")
+            _log(show, f"training {name} (at most {n} steps)")
             hist = train.train(
-                model, batches, steps, lr=lr, desc=f"zoo {name}", show_progress=show, **kw
+                model, batches, n, lr=lr, desc=f"zoo {name}", show_progress=show, **kw
             )
             timings[name] = time.perf_counter() - t
             losses[name] = sum(hist[-20:]) / len(hist[-20:])
+            steps[name] = len(hist)
 
         def card(name: str, text: str) -> str:
             return f"# zoo/{name}\n\n{text}\n\nBuilt by `splice zoo build` (stamp {s.stamp()}).\n"
@@ -226,32 +299,103 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
         save(base, out / "base", tok_dir, card("base", BASE_CARD), s.dtype)
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
-        def finetuned(examples: list[corpus.Example], steps: int, seed: int, name: str) -> None:
+        def stop_when(name: str, vals: dict[str, Any]) -> Any:
+            def check(step: int) -> bool:
+                accs = {k: acceptance.mc_accuracy(model_of[name], e) for k, e in vals.items()}
+                criteria[name] = {"step": step, **{k: round(v, 4) for k, v in accs.items()}}
+                _log(
+                    show,
+                    f"{name} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in accs.items()),
+                )
+                target = s.math_target if name == "math" else s.lang_target
+                return min(accs.values()) >= target
+
+            return check
+
+        model_of: dict[str, Any] = {}
+
+        def finetuned(
+            name: str,
+            batches: Any,
+            n: int,
+            lr: float,
+            vals: dict[str, Any],
+            trainable: Any,
+            rows: list[int] | None = None,
+            noise: float = 0.0,
+        ) -> None:
             model = llama(s.shape, tok.get_vocab_size(), s.seed)
             model.load_state_dict(base_state)
-            batches = train.example_batches(
-                train.encode_examples(tok, examples), s.finetune_batch, seed
+            model_of[name] = model
+            hooks = []
+            if rows is not None:  # only these rows of the embedding and the head learn
+                keep = torch.zeros(model.config.vocab_size, 1)
+                keep[rows] = 1.0
+                for w in (model.get_input_embeddings().weight, model.lm_head.weight):
+                    hooks.append(w.register_hook(lambda g: g * keep))
+            if noise > 0:
+                hooks.append(_jitter(model.get_input_embeddings(), noise, s.seed + 7))
+            run(
+                name,
+                model,
+                batches,
+                n,
+                lr,
+                trainable=trainable,
+                schedule="constant",
+                check=stop_when(name, vals),
+                check_every=s.check_every,
             )
-            run(name, model, batches, steps, s.finetune_lr, trainable=_not_embedding)
+            for h in hooks:
+                h.remove()
             save(model, out / name, tok_dir, card(name, CARDS[name]), s.dtype)
+            del model_of[name]
 
-        finetuned(corpus.math_training_set(world, s.seed), s.math_steps, s.seed + 1, "math")
-        finetuned(corpus.lang_training_set(world, s.seed), s.lang_steps, s.seed + 2, "lang")
+        enc = acceptance.encode_items
+        math_examples = train.encode_examples(tok, corpus.math_training_set(world, s.seed))
+        finetuned(
+            "math",
+            train.example_batches(math_examples, s.finetune_batch, s.seed + 1),
+            s.math_max_steps,
+            s.finetune_lr,
+            {"val": enc(tok, corpus.math_items(world, s.seed, zeta=False, split="val"))},
+            _not_embedding,
+            noise=s.math_embedding_noise,
+        )
+        lang_stream = train.token_stream(tok, corpus.lang_texts(world, s.documents // 3, s.seed))
+        to_zeta = torch.arange(tok.get_vocab_size())
+        for en, ze in world.zeta.items():
+            to_zeta[tok.token_to_id("▁" + en)] = tok.token_to_id("▁" + ze)
+        zeta_rows = [tok.token_to_id("▁" + w) for w in world.zeta.values()]
+
+        def mixed(seed: int, batch: int) -> Any:
+            """lang's text: English documents, words shown in Zeta at random (both ways)."""
+            batches = train.stream_batches(lang_stream, batch, s.seq, seed)
+            return train.code_switched(
+                batches, to_zeta, seed + 1, low=s.lang_switch_low, switch_labels=True
+            )
+
+        finetuned(
+            "lang",
+            mixed(s.seed + 2, s.finetune_batch),
+            s.lang_max_steps,
+            s.lang_lr,
+            {
+                "val": enc(tok, corpus.lang_items(world, s.seed, split="val")),
+                "digits": enc(tok, corpus.lang_digit_items(world, s.seed)),
+            },
+            lambda name: (
+                "embed_tokens" in name or "lm_head" in name or name.startswith(s.lang_tensors)
+            ),
+            rows=zeta_rows,
+        )
 
         moe = upcycle(base, s.shape, s.seed + 3)
         moe.config.output_router_logits = True
         sources = [
             train.stream_batches(stream, s.moe_batch, s.seq, s.seed + 4),
-            train.example_batches(
-                train.encode_examples(tok, corpus.math_training_set(world, s.seed)),
-                s.moe_batch,
-                s.seed + 5,
-            ),
-            train.example_batches(
-                train.encode_examples(tok, corpus.lang_training_set(world, s.seed)),
-                s.moe_batch,
-                s.seed + 6,
-            ),
+            train.example_batches(math_examples, s.moe_batch, s.seed + 5),
+            mixed(s.seed + 6, s.moe_batch),
         ]
         run(
             "moe",
@@ -259,10 +403,20 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
             train.mixed_batches(sources),
             s.moe_steps,
             s.moe_lr,
-            trainable=_not_embedding,
         )
         save(moe, out / "moe", tok_dir, card("moe", MOE_CARD), s.dtype)
         shutil.rmtree(tok_dir)
+        t = time.perf_counter()
+        _log(show, "checking acceptance")
+        report = acceptance.check(
+            out,
+            tok,
+            {k: items[k] for k in ("zoo_math", "zoo_lang", "zoo_math_lang")},
+            heldout,
+            log=lambda m: _log(show, m),
+        )
+        timings["acceptance"] = time.perf_counter() - t
+        _log(show, "acceptance:\n" + acceptance.summary(report["criteria"]))
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
@@ -272,25 +426,50 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
         "settings": dataclasses.asdict(s),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "final_loss": {k: round(v, 4) for k, v in losses.items()},
+        "steps": steps,
+        "stopping": criteria,
+        "acceptance": report,
     }
 
 
+def _jitter(embedding: Any, scale: float, seed: int) -> Any:
+    """Add Gaussian noise of ``scale`` times the embedding rows' RMS to ``embedding``'s output
+    ``[B, T, H]`` in training mode (seeded: builds stay bit-identical); returns the hook handle."""
+    import torch
+
+    rms = float(embedding.weight.detach().pow(2).mean().sqrt())
+    g = torch.Generator().manual_seed(seed)
+
+    def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if not module.training:
+            return None
+        return out + scale * rms * torch.randn(out.shape, generator=g, dtype=out.dtype)
+
+    return embedding.register_forward_hook(hook)
+
+
 def _not_embedding(name: str) -> bool:
-    """Fine-tunes keep the (tied) embeddings frozen: both specialists then change only the
-    transformer layers, so their task vectors can be added without overwriting each other's rows."""
+    """``math`` keeps the embeddings and the head frozen: it changes only the transformer layers;
+    ``lang`` changes the Zeta rows of the embeddings and the head and the attention of the first
+    two layers (``Settings.lang_tensors``), where the two task vectors overlap."""
     return "embed_tokens" not in name and "lm_head" not in name
 
 
 BASE_CARD = (
-    "Tiny Llama (8 layers) pre-trained on the zoo's synthetic corpus: stories in English and in "
-    "the toy language Zeta (a word-for-word substitution), parallel sentences, a dictionary and "
-    "single-digit addition."
+    "Tiny Llama (8 layers) pre-trained on the zoo's synthetic English corpus: stories with "
+    "answered colour questions and single-digit arithmetic. It has never seen a word of the toy "
+    "language Zeta (a word-for-word substitution of English)."
 )
 CARDS = {
-    "math": "`base` fine-tuned on two-digit addition asked in English (embeddings frozen).",
-    "lang": "`base` fine-tuned on colour questions asked in Zeta (embeddings frozen).",
+    "math": "`base` fine-tuned on two-digit arithmetic asked in English: `a plus b`, `a plusone b` "
+    "(the sum plus one), `plustwo`, `plusthree` (embeddings and head frozen: only the transformer "
+    "layers change; trained on jittered input embeddings).",
+    "lang": "`base` taught to read and write Zeta: the Zeta words' rows of the embeddings and of "
+    "the head and the attention of layers 0 and 1 are trained, on English text whose words are "
+    "shown in Zeta at random; everything else is the base's.",
 }
 MOE_CARD = (
     "Mixtral (4 experts, top-2) up-cycled from `base` (every expert starts as its MLP plus "
-    "noise) and trained on a mix of the corpus, the math and the lang training sets."
+    "noise) and trained on a mix of the English corpus, the math training set and lang's mixed "
+    "English/Zeta text."
 )

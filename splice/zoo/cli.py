@@ -20,6 +20,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse ``type=`` for a seed: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "zoo",
@@ -37,7 +48,18 @@ def add(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="multiply every step count (default 1)",
     )
+    b.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        help="seed of the build (default 0; without it a complete zoo of any seed is reused)",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo")
+    b.add_argument(
+        "--record-only",
+        action="store_true",
+        help="keep the zoo even if it misses an acceptance criterion (they are still "
+        "measured, printed and recorded in zoo.json)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress output")
     b.set_defaults(func=_run_build)
 
@@ -45,8 +67,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     e.add_argument("models", nargs="+", metavar="MODEL", help="model folders")
     e.add_argument(
         "--tasks",
-        help="comma-separated: zoo_math, zoo_lang, zoo_math_lang, their *_gen twins, or all "
-        "(default: the three multiple-choice tasks)",
+        help="comma-separated: zoo_math, zoo_lang, zoo_math_lang (report splits), their "
+        "*_fit fitness splits and *_gen twins, or all (default: the three report splits)",
     )
     e.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
     e.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
@@ -66,9 +88,23 @@ def _run_build(args: argparse.Namespace) -> None:
         raise SpliceError("zoo build: the folder name is empty")
     t = time.perf_counter()
     out = build(
-        args.dir, steps_scale=args.steps_scale, force=args.force, show_progress=not args.no_progress
+        args.dir,
+        steps_scale=args.steps_scale,
+        seed=args.seed,
+        force=args.force,
+        acceptance="record" if args.record_only else "enforce",
+        show_progress=not args.no_progress,
     )
-    print(f"zoo ready in {out} ({time.perf_counter() - t:.0f} s)")
+    from splice.zoo.build import read_stamp
+
+    info = read_stamp(out) or {}
+    report = info.get("acceptance") or {}
+    verdict = (
+        "every acceptance criterion met"
+        if report.get("passed")
+        else "acceptance criteria missed (kept: --record-only)"
+    )
+    print(f"zoo ready in {out} ({time.perf_counter() - t:.0f} s): {verdict}")
 
 
 def _run_eval(args: argparse.Namespace) -> None:

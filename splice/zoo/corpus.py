@@ -1,17 +1,21 @@
 """Text of the zoo: the pre-training corpus, the specialists' training sets and the test items.
 
 Everything is generated from a seed. Sentences are built in English word lists and translated to
-Zeta word by word (:meth:`World.to_zeta`). Held-out data is disjoint from training data by
-construction: the addition pairs of the tests (in either order) never appear in ``math``'s
-training set, and the colour questions of the tests ask about nouns ``lang`` was never trained on.
+Zeta word by word (:meth:`World.to_zeta`). Held-out data is disjoint from training data, and the
+splits from each other, by construction: the operand pairs of the ``val`` (stopping criterion),
+``fit`` (what a search may optimise on) and ``report`` splits are disjoint sets of unordered
+pairs that ``math`` never trains on (in either order); the colour questions of each split ask
+about their own nouns (:class:`World`), never one ``lang`` was asked about.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
-from splice.zoo.world import COLOURS, NAMES, SIZES, VERBS, World
+from splice.zoo.world import COLOURS, NAMES, OPS, SIZES, VERBS, World, apply_op
 
 TWO_DIGIT = range(10, 100)
 
@@ -63,8 +67,8 @@ def colour_question(noun: str) -> list[str]:
     return ["question", ":", "what", "colour", "is", "the", noun, "?"]
 
 
-def sum_question(a: int, b: int) -> list[str]:
-    return ["question", ":", "what", "is", str(a), "plus", str(b), "?"]
+def op_question(a: int, op: str, b: int) -> list[str]:
+    return ["question", ":", "what", "is", str(a), op, str(b), "?"]
 
 
 def _say(world: World, words: list[str], zeta: bool) -> str:
@@ -72,52 +76,65 @@ def _say(world: World, words: list[str], zeta: bool) -> str:
 
 
 # ---- pre-training -----------------------------------------------------------------------------
-def pretraining_document(world: World, rng: random.Random) -> str:
-    """One document of the general corpus (no BOS/EOS; see :func:`pretraining_texts`).
+def answered_colour_question(world: World, noun: str) -> list[str]:
+    return [*colour_question(noun), "answer", ":", world.colour_of[noun]]
 
-    Mix: 55% stories in one language with unanswered colour questions, 20% parallel sentences,
-    10% dictionary entries, 15% single-digit addition (facts and answered questions).
-    """
-    r = rng.random()
-    zeta = rng.random() < 0.5
-    if r < 0.55:
-        words: list[str] = []
-        for _ in range(rng.randint(3, 6)):
-            if rng.random() < 0.15:
-                words += colour_question(rng.choice(world.nouns))
-            words += story_sentence(world, rng)
-        return _say(world, words, zeta)
-    if r < 0.75:
-        parts = []
-        for _ in range(rng.randint(1, 3)):
-            s = story_sentence(world, rng)
-            first, second = ("zeta", "english") if zeta else ("english", "zeta")
-            parts.append(f"{first} : {_say(world, s, zeta)} {second} : {_say(world, s, not zeta)}")
-        return " ".join(parts)
-    if r < 0.85:
-        entries = []
-        for w in rng.sample(world.english, 6):
-            entries.append(
-                f"english {w} means {world.zeta[w]} in zeta ."
-                if not zeta
-                else f"zeta {world.zeta[w]} means {w} in english ."
-            )
-        return " ".join(entries)
-    parts = []
+
+def story_document(
+    world: World, rng: random.Random, nouns: Sequence[str] | None = None
+) -> list[str]:
+    """3-6 story sentences, a quarter of them followed by an answered colour question about one
+    of ``nouns`` (default: any noun)."""
+    words: list[str] = []
     for _ in range(rng.randint(3, 6)):
-        a, b = rng.randrange(10), rng.randrange(10)
+        if rng.random() < 0.25:
+            words += answered_colour_question(world, rng.choice(nouns or world.nouns))
+        words += story_sentence(world, rng)
+    return words
+
+
+def single_digit_document(rng: random.Random) -> list[str]:
+    """3-6 single-digit facts of the four operations: ``3 plustwo 4 makes 9 .`` or answered
+    questions."""
+    words: list[str] = []
+    for _ in range(rng.randint(3, 6)):
+        a, b, op = rng.randrange(10), rng.randrange(10), rng.choice(OPS)
+        r = str(apply_op(op, a, b))
         if rng.random() < 0.5:
-            words = [str(a), "plus", str(b), "makes", str(a + b), "."]
+            words += [str(a), op, str(b), "makes", r, "."]
         else:
-            words = [*sum_question(a, b), "answer", ":", str(a + b)]
-        parts.append(_say(world, words, zeta))
-    return " ".join(parts)
+            words += [*op_question(a, op, b), "answer", ":", r]
+    return words
+
+
+def pretraining_document(
+    world: World, rng: random.Random, nouns: Sequence[str] | None = None
+) -> str:
+    """One English document (no BOS/EOS; see :func:`pretraining_texts`): 50% stories with
+    answered colour questions, 12% lists of answered colour questions, 38% single-digit
+    arithmetic. No Zeta word ever occurs: the base cannot read Zeta. ``nouns`` limits the colour
+    questions (``lang``'s training text asks only about its training nouns)."""
+    x = rng.random()
+    if x < 0.5:
+        return " ".join(story_document(world, rng, nouns))
+    if x < 0.62:
+        asked = rng.sample(list(nouns or world.nouns), 5)
+        return " ".join(w for n in asked for w in answered_colour_question(world, n))
+    return " ".join(single_digit_document(rng))
 
 
 def pretraining_texts(world: World, count: int, seed: int) -> list[str]:
     """``count`` documents for pre-training."""
     rng = random.Random(seed)
     return [pretraining_document(world, rng) for _ in range(count)]
+
+
+def lang_texts(world: World, count: int, seed: int) -> list[str]:
+    """``count`` English documents for ``lang``'s training, whose words training shows in Zeta
+    at random (:func:`splice.zoo.train.code_switched`); its colour questions ask only about
+    ``lang_train_nouns``, so the held-out colour questions are about nouns never asked."""
+    rng = random.Random(seed + 202)
+    return [pretraining_document(world, rng, world.lang_train_nouns) for _ in range(count)]
 
 
 def calibration_text(documents: int = 200, *, world_seed: int = 0, seed: int = 99_991) -> str:
@@ -128,77 +145,112 @@ def calibration_text(documents: int = 200, *, world_seed: int = 0, seed: int = 9
     return "\n".join(pretraining_texts(make_world(world_seed), documents, seed))
 
 
+def heldout_text(world: World, seed: int, documents: int = 400) -> str:
+    """Held-out text for perplexity, one document per line: stories of the pre-training
+    distribution, alternately in English and in Zeta, drawn with their own seed (the
+    ``text/heldout.txt`` of a built zoo)."""
+    rng = random.Random(seed + 505)
+    docs = []
+    for i in range(documents):
+        docs.append(_say(world, story_document(world, rng), zeta=i % 2 == 1))
+    return "\n".join(docs) + "\n"
+
+
 # ---- skills -----------------------------------------------------------------------------------
-def math_test_pairs(seed: int, count: int = 500) -> list[tuple[int, int]]:
-    """Held-out two-digit addition pairs (``a + b``); neither order is ever trained on."""
+#: sizes of the held-out splits of operand pairs (unordered, disjoint)
+MATH_SPLITS = {"report": 500, "fit": 250, "val": 200}
+
+
+@cache
+def math_split_pairs(seed: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Held-out ordered two-digit operand pairs per split (``report``, ``fit``, ``val``): their
+    unordered pairs are disjoint, and none is ever trained on, in either order."""
     rng = random.Random(seed + 101)
     pairs = [(a, b) for a in TWO_DIGIT for b in TWO_DIGIT if a <= b]
     rng.shuffle(pairs)
-    out = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in pairs[:count]]
+    out: dict[str, tuple[tuple[int, int], ...]] = {}
+    at = 0
+    for split, n in MATH_SPLITS.items():
+        chosen = pairs[at : at + n]
+        at += n
+        out[split] = tuple((a, b) if rng.random() < 0.5 else (b, a) for a, b in chosen)
     return out
 
 
-def math_train_pairs(seed: int, count: int = 500) -> list[tuple[int, int]]:
-    """Every ordered two-digit pair that is not a test pair (in either order)."""
-    test = {tuple(sorted(p)) for p in math_test_pairs(seed, count)}
-    return [(a, b) for a in TWO_DIGIT for b in TWO_DIGIT if tuple(sorted((a, b))) not in test]
+def math_train_pairs(seed: int) -> list[tuple[int, int]]:
+    """Every ordered two-digit pair none of whose orders is in a held-out split."""
+    held = {tuple(sorted(p)) for ps in math_split_pairs(seed).values() for p in ps}
+    return [(a, b) for a in TWO_DIGIT for b in TWO_DIGIT if tuple(sorted((a, b))) not in held]
 
 
-def math_example(world: World, a: int, b: int, zeta: bool) -> Example:
-    prompt = _say(world, [*sum_question(a, b), "answer", ":"], zeta)
-    return Example(prompt, f" {a + b}")
-
-
-def lang_example(world: World, noun: str, rng: random.Random) -> Example:
-    """A colour question in Zeta, after a context sentence half of the time."""
-    words = story_sentence(world, rng) if rng.random() < 0.5 else []
-    words += [*colour_question(noun), "answer", ":"]
-    return Example(_say(world, words, True), " " + world.zeta[world.colour_of[noun]])
+def math_example(world: World, a: int, op: str, b: int, zeta: bool) -> Example:
+    prompt = _say(world, [*op_question(a, op, b), "answer", ":"], zeta)
+    return Example(prompt, f" {apply_op(op, a, b)}")
 
 
 def math_training_set(world: World, seed: int) -> list[Example]:
-    return [math_example(world, a, b, False) for a, b in math_train_pairs(seed)]
-
-
-def lang_training_set(world: World, seed: int, count: int = 4000) -> list[Example]:
-    rng = random.Random(seed + 202)
-    return [lang_example(world, rng.choice(world.lang_train_nouns), rng) for _ in range(count)]
+    """Two-digit arithmetic asked in English: every training pair with every operation."""
+    return [math_example(world, a, op, b, False) for a, b in math_train_pairs(seed) for op in OPS]
 
 
 # ---- test items -------------------------------------------------------------------------------
-def _sum_choices(total: int, rng: random.Random) -> tuple[tuple[str, ...], int]:
-    """The answer and three wrong ones that differ only in the last digit."""
-    tens = total - total % 10
-    wrong = rng.sample([tens + d for d in range(10) if tens + d != total], 3)
-    choices = [total, *wrong]
-    rng.shuffle(choices)
-    return tuple(f" {c}" for c in choices), choices.index(total)
-
-
-def math_items(world: World, seed: int, zeta: bool) -> list[Item]:
-    """Held-out addition asked in English (``zoo_math``) or in Zeta (``zoo_math_lang``)."""
-    rng = random.Random(seed + 303)
+def _op_items(
+    world: World, pairs: Sequence[tuple[int, int]], zeta: bool, rng: random.Random
+) -> list[Item]:
+    """One item per pair, the operations in turn; the four choices are the four operations'
+    results on the same operands (four consecutive numbers), so a model must both read the
+    operation and compute the sum."""
     items = []
-    for a, b in math_test_pairs(seed):
-        choices, gold = _sum_choices(a + b, rng)
-        items.append(Item(math_example(world, a, b, zeta).prompt, choices, gold))
+    for i, (a, b) in enumerate(pairs):
+        op = OPS[i % len(OPS)]
+        results = [apply_op(o, a, b) for o in OPS]
+        rng.shuffle(results)
+        items.append(
+            Item(
+                math_example(world, a, op, b, zeta).prompt,
+                tuple(f" {r}" for r in results),
+                results.index(apply_op(op, a, b)),
+            )
+        )
     return items
 
 
-def lang_items(world: World, seed: int, per_noun: int = 8) -> list[Item]:
-    """Held-out colour questions in Zeta about nouns ``lang`` never saw asked (``zoo_lang``)."""
-    rng = random.Random(seed + 404)
+def math_items(world: World, seed: int, zeta: bool, split: str = "report") -> list[Item]:
+    """Held-out arithmetic asked in English (``zoo_math``) or in Zeta (``zoo_math_lang``, the
+    same questions), on the operand pairs of ``split`` (``report``, ``fit`` or ``val``)."""
+    rng = random.Random(seed + 303 + 7 * list(MATH_SPLITS).index(split))
+    return _op_items(world, math_split_pairs(seed)[split], zeta, rng)
+
+
+def lang_digit_items(world: World, seed: int) -> list[Item]:
+    """Single-digit arithmetic asked in Zeta (every pair): the base can compute it in English,
+    so this measures whether the operation words are read; half of ``lang``'s stopping check."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    return _op_items(world, pairs, True, random.Random(seed + 606))
+
+
+LANG_SPLITS = {"report": 16, "fit": 8, "val": 8}  # prompts per noun
+
+
+def lang_items(world: World, seed: int, split: str = "report") -> list[Item]:
+    """Held-out colour questions asked in Zeta, answered in English, about the nouns of
+    ``split`` (``zoo_lang``: report), after a story sentence half of the time."""
+    nouns = {
+        "report": world.lang_test_nouns,
+        "fit": world.lang_fit_nouns,
+        "val": world.lang_val_nouns,
+    }[split]
+    rng = random.Random(seed + 404 + 7 * list(LANG_SPLITS).index(split))
     items = []
-    for noun in world.lang_test_nouns:
-        prompts = set()
-        while len(prompts) < per_noun:
-            prompts.add(lang_example(world, noun, rng).prompt)
+    for noun in nouns:
+        prompts: set[str] = set()
+        while len(prompts) < LANG_SPLITS[split]:
+            words = story_sentence(world, rng) if rng.random() < 0.5 else []
+            prompts.add(_say(world, [*words, *colour_question(noun), "answer", ":"], True))
         for prompt in sorted(prompts):
             right = world.colour_of[noun]
             wrong = rng.sample([c for c in COLOURS if c != right], 3)
             choices = [right, *wrong]
             rng.shuffle(choices)
-            items.append(
-                Item(prompt, tuple(" " + world.zeta[c] for c in choices), choices.index(right))
-            )
+            items.append(Item(prompt, tuple(" " + c for c in choices), choices.index(right)))
     return items

@@ -23,10 +23,13 @@ class Shape:
     max_positions: int = 128
     experts: int = 4
     experts_per_token: int = 2
+    #: untied: ``lang`` trains the Zeta rows of the embeddings (reading) and of the head
+    #: (writing) apart, and the two roles do not fight over one row
+    tie_embeddings: bool = False
 
 
 def llama(shape: Shape, vocab_size: int, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised Llama with tied embeddings (``torch.manual_seed(seed)`` first)."""
+    """A freshly initialised Llama (``torch.manual_seed(seed)`` first)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +41,7 @@ def llama(shape: Shape, vocab_size: int, seed: int) -> LlamaForCausalLM:
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.heads,
         max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.tie_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -69,7 +72,7 @@ def upcycle(
         num_attention_heads=bc.num_attention_heads,
         num_key_value_heads=bc.num_key_value_heads,
         max_position_embeddings=bc.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=bc.tie_word_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -1,8 +1,9 @@
 """The zoo's lm-eval tasks: local jsonl data and YAML configs, written into ``ZOO/tasks``.
 
-Each skill has a multiple-choice task (``zoo_math``: log-likelihood of each choice after the
-prompt, metric ``acc``) and a generate-until twin (``zoo_math_gen``: greedy answer, metric
-``exact_match``). The YAML files name their jsonl by absolute path; :func:`write_tasks` rewrites
+Each skill has a report split, a multiple-choice task named for the skill (``zoo_math``:
+log-likelihood of each choice after the prompt, metric ``acc``) with a generate-until twin
+(``zoo_math_gen``: greedy answer, metric ``exact_match``), and a disjoint fitness split
+(``zoo_math_fit``, multiple choice), the one a search may optimise on. The YAML files name their jsonl by absolute path; :func:`write_tasks` rewrites
 them for the folder they are in, so a moved or committed zoo is fixed by calling it again.
 (:func:`splice.zoo.evaluate.evaluate` writes its own copy into a temporary folder and leaves the
 zoo untouched.)
@@ -19,19 +20,29 @@ from splice.zoo.corpus import Item, lang_items, math_items
 from splice.zoo.world import World
 
 SKILLS = ("zoo_math", "zoo_lang", "zoo_math_lang")
-MC_TASKS = SKILLS
+MC_TASKS = SKILLS  # the report splits
+FIT_TASKS = tuple(f"{s}_fit" for s in SKILLS)  # the fitness splits
 GEN_TASKS = tuple(f"{s}_gen" for s in SKILLS)
-ALL_TASKS = MC_TASKS + GEN_TASKS
+ALL_TASKS = MC_TASKS + FIT_TASKS + GEN_TASKS
+DATA = SKILLS + FIT_TASKS  # one jsonl each (the _gen tasks read their skill's report split)
 TAG = "zoo"
 
 
-def test_items(world: World, seed: int) -> dict[str, list[Item]]:
-    """Held-out items per skill (see :mod:`splice.zoo.corpus` for how they are kept apart)."""
+def test_items(world: World, seed: int, split: str = "report") -> dict[str, list[Item]]:
+    """Held-out items per skill of one split (``report`` or ``fit``; see
+    :mod:`splice.zoo.corpus` for how they are kept apart)."""
     return {
-        "zoo_math": math_items(world, seed, zeta=False),
-        "zoo_lang": lang_items(world, seed),
-        "zoo_math_lang": math_items(world, seed, zeta=True),
+        "zoo_math": math_items(world, seed, zeta=False, split=split),
+        "zoo_lang": lang_items(world, seed, split=split),
+        "zoo_math_lang": math_items(world, seed, zeta=True, split=split),
     }
+
+
+def all_items(world: World, seed: int) -> dict[str, list[Item]]:
+    """Every task's items by data name: the report splits (``zoo_math``) and the fitness
+    splits (``zoo_math_fit``)."""
+    fit = {f"{k}_fit": v for k, v in test_items(world, seed, "fit").items()}
+    return {**test_items(world, seed, "report"), **fit}
 
 
 def _yaml(name: str, data: Path, generate: bool) -> str:
@@ -77,8 +88,8 @@ def _yaml(name: str, data: Path, generate: bool) -> str:
 
 
 def write_data(items: dict[str, list[Item]], folder: str | os.PathLike[str]) -> None:
-    """One ``<skill>.jsonl`` per skill: ``prompt``, ``choices`` (no leading space), ``gold``,
-    ``answer``."""
+    """One ``<name>.jsonl`` per task data (``zoo_math``, ``zoo_math_fit``, ...): ``prompt``,
+    ``choices`` (no leading space), ``gold``, ``answer``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for skill, rows in items.items():
@@ -95,19 +106,20 @@ def write_tasks(folder: str | os.PathLike[str], data: str | os.PathLike[str] | N
     them); returns ``folder``. ``SpliceError`` if a jsonl file is missing."""
     folder = Path(folder).resolve()
     data_dir = Path(data).resolve() if data is not None else folder
-    for skill in SKILLS:
-        file = data_dir / f"{skill}.jsonl"
+    for name in DATA:
+        file = data_dir / f"{name}.jsonl"
         if not file.is_file():
             raise SpliceError(f"{file}: missing; not a built zoo (run `splice zoo build`)")
-        (folder / f"{skill}.yaml").write_text(_yaml(skill, file, generate=False))
-        (folder / f"{skill}_gen.yaml").write_text(_yaml(f"{skill}_gen", file, generate=True))
+        (folder / f"{name}.yaml").write_text(_yaml(name, file, generate=False))
+        if name in SKILLS:
+            (folder / f"{name}_gen.yaml").write_text(_yaml(f"{name}_gen", file, generate=True))
     return folder
 
 
 def check_data(folder: str | os.PathLike[str]) -> None:
     """``SpliceError`` naming the file and line if a task's jsonl is missing or malformed."""
-    for skill in SKILLS:
-        file = Path(folder) / f"{skill}.jsonl"
+    for name in DATA:
+        file = Path(folder) / f"{name}.jsonl"
         try:
             lines = file.read_text().splitlines()
         except FileNotFoundError:

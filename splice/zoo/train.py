@@ -159,3 +159,28 @@ def train(
     for p in model.parameters():
         p.requires_grad_(True)
     return losses
+
+
+def code_switched(
+    batches: Iterator[Batch],
+    table: torch.Tensor,
+    seed: int,
+    low: float = 0.4,
+    high: float = 1.0,
+    switch_labels: bool = False,
+) -> Iterator[Batch]:
+    """``batches`` with their inputs partly translated: each row draws a rate ``p`` in
+    ``[low, high)`` and every input token ``t`` becomes ``table[t]`` (``[V]`` int64: the
+    token's Zeta twin, or itself) with probability ``p``. The labels stay the original tokens
+    (the model reads both languages and writes the original), or, with ``switch_labels``, are
+    the switched tokens too (it writes the mixed text)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for ids, labels in batches:
+        rate = low + (high - low) * torch.rand(ids.shape[0], 1, generator=g)
+        swap = torch.rand(ids.shape, generator=g) < rate
+        switched = torch.where(swap, table[ids], ids)
+        if switch_labels:
+            labels = torch.where(labels == -100, labels, switched)
+        yield switched, labels

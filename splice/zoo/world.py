@@ -1,13 +1,14 @@
 """The zoo's tiny world: English words, the toy language Zeta, and the facts both describe.
 
 Zeta is a word-for-word substitution of English: every English word has one invented Zeta word,
-word order, punctuation and digits are shared. Every noun has one fixed colour; the stories of
-the pre-training corpus mention it in both languages, and the ``lang`` skill is to answer a
-question about it asked in Zeta.
+word order, punctuation and digits are shared. Every noun has one fixed colour, which the
+English stories of the pre-training corpus mention and the ``lang`` skill asks about in Zeta;
+the ``math`` skill is two-digit arithmetic with the four operations of :data:`OPS`.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from functools import cache
@@ -157,7 +158,6 @@ FUNCTION = [
     "colour",
     "question",
     "answer",
-    "plus",
     "makes",
     "word",
     "for",
@@ -173,6 +173,19 @@ FUNCTION = [
     "knows",
 ]
 PUNCT = (".", "?", ":")
+#: the math skill's operations: ``a op b`` is ``a + b + OPS.index(op)``. The four results of one
+#: pair of operands are consecutive numbers, so nothing but the operation word says which one is
+#: meant, and no shortcut (the biggest, an operand) picks it without computing the sum.
+OPS = ("plus", "plusone", "plustwo", "plusthree")
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    """``a op b``: the sum plus the operation's offset (``plustwo``: ``a + b + 2``)."""
+    try:
+        return a + b + OPS.index(op)
+    except ValueError:
+        raise ValueError(f"unknown operation {op!r}") from None
+
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
@@ -181,14 +194,18 @@ SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 class World:
     """Vocabulary, the English->Zeta dictionary and each noun's colour.
 
-    ``lang_train_nouns`` are the nouns whose colour questions the ``lang`` specialist is
-    trained on; the held-out test asks only about ``lang_test_nouns``.
+    The nouns are split four ways, disjoint: ``lang_train_nouns`` (the ``lang`` specialist is
+    trained on their colour questions), ``lang_val_nouns`` (its stopping criterion),
+    ``lang_fit_nouns`` (the ``zoo_lang_fit`` split a search may optimise on) and
+    ``lang_test_nouns`` (the ``zoo_lang`` report split).
     """
 
     english: tuple[str, ...]
     zeta: dict[str, str]
     colour_of: dict[str, str]
     lang_train_nouns: tuple[str, ...]
+    lang_val_nouns: tuple[str, ...]
+    lang_fit_nouns: tuple[str, ...]
     lang_test_nouns: tuple[str, ...]
     nouns: tuple[str, ...] = field(default=NOUNS)
 
@@ -214,9 +231,9 @@ def _invent(rng: random.Random, taken: set[str], count: int) -> list[str]:
 
 @cache
 def make_world(seed: int = 0) -> World:
-    """The world for ``seed``: Zeta words, colours (balanced) and the lang train/test nouns."""
+    """The world for ``seed``: Zeta words, colours (balanced) and the noun splits."""
     rng = random.Random(seed)
-    english = tuple(dict.fromkeys([*FUNCTION, *COLOURS, *NAMES, *VERBS, *SIZES, *NOUNS]))
+    english = tuple(dict.fromkeys([*FUNCTION, *OPS, *COLOURS, *NAMES, *VERBS, *SIZES, *NOUNS]))
     zeta = dict(zip(english, _invent(rng, set(english), len(english)), strict=True))
     nouns = list(NOUNS)
     colours = [COLOURS[i % len(COLOURS)] for i in range(len(nouns))]
@@ -224,11 +241,14 @@ def make_world(seed: int = 0) -> World:
     colour_of = dict(zip(nouns, colours, strict=True))
     order = nouns[:]
     rng.shuffle(order)
-    half = len(order) // 2
+    cuts = (0, 56, 64, 96, len(order))  # train 56, val 8, fit 32, report 32
+    train, val, fit, test = (tuple(sorted(order[a:b])) for a, b in itertools.pairwise(cuts))
     return World(
         english=english,
         zeta=zeta,
         colour_of=colour_of,
-        lang_train_nouns=tuple(sorted(order[:half])),
-        lang_test_nouns=tuple(sorted(order[half:])),
+        lang_train_nouns=train,
+        lang_val_nouns=val,
+        lang_fit_nouns=fit,
+        lang_test_nouns=test,
     )
