@@ -152,6 +152,9 @@ def main() -> None:
             "time_ratio": s.wall_s / k.wall_s,
             "rss_ratio": s.peak_rss_mb / k.peak_rss_mb,
             "max_abs_diff": diff,
+            # every run, in order: on a shared machine the spread shows others' load
+            "splice_runs_s": [round(r.wall_s, 2) for r in runs["splice"]],
+            "mergekit_runs_s": [round(r.wall_s, 2) for r in runs["mergekit"]],
         }
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
     print(
