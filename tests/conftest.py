@@ -18,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 #: test-only dependencies (pyproject's dev extra): a test that skips for want of one passes
 #: vacuously, so under CI=true such a skip is a failure
-REQUIRED_IN_CI = ("mergekit", "lm_eval", "lm-eval", "hypothesis", "cma", "peft")
+# importorskip reasons name the module quoted: "'ray'" (a bare "ray" would match "array")
+REQUIRED_IN_CI = ("mergekit", "lm_eval", "lm-eval", "hypothesis", "cma", "peft", "'ray'")
 
 
 @pytest.hookimpl(hookwrapper=True)
