@@ -134,34 +134,10 @@ def zoo_stamp(zoo: Path) -> str | None:
 
 # ---- the naive merges ---------------------------------------------------------------------------
 def naive_grid(zoo: Path) -> dict[str, dict[str, Any]]:
-    """The zoo's fixed grid of naive merges of ``math`` and ``lang``."""
-    try:
-        from splice.zoo.acceptance import grid  # zoo v2's code
+    """The zoo's fixed grid of naive merges of ``math`` and ``lang`` (the one its build checks)."""
+    from splice.zoo.acceptance import grid
 
-        return grid(zoo)
-    except ImportError:
-        pass
-    base, m, lang = str(zoo / "base"), str(zoo / "math"), str(zoo / "lang")
-
-    def two(method: str, wm: float, wl: float, with_base: bool = True) -> dict[str, Any]:
-        r: dict[str, Any] = {
-            "merge_method": method,
-            "models": [
-                {"model": m, "parameters": {"weight": wm}},
-                {"model": lang, "parameters": {"weight": wl}},
-            ],
-            "dtype": "float32",
-        }
-        if with_base:
-            r["base_model"] = base
-        return r
-
-    out = {"linear 0.5/0.5": two("linear", 0.5, 0.5, with_base=False)}
-    for a in (0.5, 0.8, 1.0):
-        for b in (0.5, 0.8, 1.0):
-            out[f"task_arithmetic {a}/{b}"] = two("task_arithmetic", a, b)
-    out["ties 1.0/1.0"] = two("ties", 1.0, 1.0)
-    return out
+    return grid(zoo)
 
 
 # ---- the searches ---------------------------------------------------------------------------------

@@ -97,29 +97,6 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def choice_loglik_padded(model: torch.nn.Module, enc: Encoded, batch: int = 512) -> list[float]:
-    """:func:`choice_loglik` the plain way (every row whole, right-padded): the reference."""
-    import torch
-
-    out: list[float] = []
-    with torch.no_grad():
-        for s in range(0, len(enc.rows), batch):
-            part = enc.rows[s : s + batch]
-            width = max(len(ids) for ids, _ in part)
-            ids = torch.zeros((len(part), width), dtype=torch.long)
-            mask = torch.zeros((len(part), width), dtype=torch.long)
-            for r, (seq, _) in enumerate(part):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            for r, (seq, n) in enumerate(part):
-                target = torch.tensor(seq[n:])
-                lp = logp[r, n - 1 : len(seq) - 1].gather(1, target[:, None])
-                out.append(float(lp.double().sum()))
-    return out
-
-
 def mc_accuracy(model: torch.nn.Module, enc: Encoded, batch: int = 256) -> float:
     """lm-eval's ``acc`` of ``model`` on encoded items (ties go to the first choice)."""
     ll = choice_loglik(model, enc, batch)

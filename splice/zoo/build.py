@@ -299,7 +299,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
         save(base, out / "base", tok_dir, card("base", BASE_CARD), s.dtype)
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
-        def stop_when(name: str, vals: dict[str, Any]) -> Any:
+        def stop_when(name: str, vals: dict[str, Any], target: float) -> Any:
             def check(step: int) -> bool:
                 accs = {k: acceptance.mc_accuracy(model_of[name], e) for k, e in vals.items()}
                 criteria[name] = {"step": step, **{k: round(v, 4) for k, v in accs.items()}}
@@ -307,7 +307,6 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
                     show,
                     f"{name} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in accs.items()),
                 )
-                target = s.math_target if name == "math" else s.lang_target
                 return min(accs.values()) >= target
 
             return check
@@ -320,6 +319,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
             n: int,
             lr: float,
             vals: dict[str, Any],
+            target: float,
             trainable: Any,
             rows: list[int] | None = None,
             noise: float = 0.0,
@@ -343,7 +343,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
                 lr,
                 trainable=trainable,
                 schedule="constant",
-                check=stop_when(name, vals),
+                check=stop_when(name, vals, target),
                 check_every=s.check_every,
             )
             for h in hooks:
@@ -359,6 +359,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
             s.math_max_steps,
             s.finetune_lr,
             {"val": enc(tok, corpus.math_items(world, s.seed, zeta=False, split="val"))},
+            s.math_target,
             _not_embedding,
             noise=s.math_embedding_noise,
         )
@@ -384,6 +385,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
                 "val": enc(tok, corpus.lang_items(world, s.seed, split="val")),
                 "digits": enc(tok, corpus.lang_digit_items(world, s.seed)),
             },
+            s.lang_target,
             lambda name: (
                 "embed_tokens" in name or "lm_head" in name or name.startswith(s.lang_tensors)
             ),
