@@ -62,7 +62,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--calibration",
         required=True,
-        help="a text file, 'lm-eval:TASK' (an lm-eval task's documents), or 'zoo'",
+        help="a text file, 'lm-eval:TASK' (an lm-eval task's documents), 'zoo' (English) "
+        "or 'zoo:both' (English and Zeta)",
     )
     a.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     a.add_argument(

@@ -9,8 +9,8 @@ same number of steps (Solar, Yi and the base: every parameter; expand: only its 
 LLaMA-Pro does). Everything goes through ``splice.surgery`` and ``splice.scoring.evaluate``
 (perplexity with sliding windows; the zoo's tasks through ``splice.zoo.evaluate``). Three texts
 of the zoo's pre-training distribution, drawn with their own seeds: calibration (which layers),
-healing, and the held-out text the perplexity is measured on (a built zoo's
-``text/heldout.txt`` when it has one). Prints a markdown table and writes
+healing, and the held-out text the perplexity is measured on (the English documents of a built
+zoo's ``text/heldout.txt`` when it has one: base and math never saw Zeta). Prints a markdown table and writes
 ``benchmarks/results/surgery_zoo.json``.
 """
 
@@ -36,7 +36,7 @@ def texts(zoo: Path, work: Path, args: argparse.Namespace) -> dict[str, Path]:
     documents are joined as the zoo's training stream has them, ``doc <eos><bos> doc``, so no
     separator the models never saw (a newline) is scored."""
     from splice.modeling import load_tokenizer
-    from splice.zoo import calibration_text
+    from splice.zoo import calibration_text, heldout_documents
 
     tok = load_tokenizer(zoo / "base")
     joiner = f"{tok.eos_token or ''}{tok.bos_token or ''}" or "\n"
@@ -44,12 +44,11 @@ def texts(zoo: Path, work: Path, args: argparse.Namespace) -> dict[str, Path]:
     sizes = {"calibration": 200, "heal": args.heal_documents, "heldout": 400}
     for name, seed in SEEDS.items():
         path = work / f"{name}.txt"
-        shipped = zoo / "text" / "heldout.txt"
-        if name == "heldout" and shipped.is_file():
-            path = shipped
+        if name == "heldout" and (zoo / "text" / "heldout.txt").is_file():
+            docs = heldout_documents(zoo, "en")  # base and math never saw Zeta
         else:
             docs = calibration_text(sizes[name], seed=seed).splitlines()
-            path.write_text(joiner.join(docs) + "\n")
+        path.write_text(joiner.join(docs) + "\n")
         out[name] = path
     return out
 

@@ -178,12 +178,13 @@ def load_model(
 
 # ---- calibration text ---------------------------------------------------------------------------
 def calibration_text(source: str | os.PathLike[str], *, include_path: str | None = None) -> str:
-    """Text of a calibration source: a text file, ``lm-eval:TASK`` or ``zoo``."""
+    """Text of a calibration source: a text file, ``lm-eval:TASK``, or the zoo's corpus: ``zoo``
+    (English), ``zoo:both`` (English and Zeta alternately), ``zoo:zeta``."""
     src = str(source)
     if src.startswith("lm-eval:"):
         text = _lm_eval_text(src.removeprefix("lm-eval:"), include_path)
-    elif src == "zoo" and not Path(src).exists():
-        text = _zoo_text()
+    elif src in ZOO_SOURCES and not Path(src).exists():
+        text = _zoo_text(ZOO_SOURCES[src])
     else:
         path = Path(src)
         if not path.is_file():
@@ -223,7 +224,11 @@ def _lm_eval_text(task: str, include_path: str | None) -> str:
     return "\n\n".join(texts)
 
 
-def _zoo_text() -> str:
+#: calibration sources drawn from the zoo's corpus: source name -> language
+ZOO_SOURCES = {"zoo": "en", "zoo:en": "en", "zoo:both": "both", "zoo:zeta": "zeta"}
+
+
+def _zoo_text(language: str) -> str:
     try:
         from splice.zoo import calibration_text as zoo_text
     except ImportError:
@@ -231,7 +236,7 @@ def _zoo_text() -> str:
             "--calibration zoo: this build has no zoo corpus (splice.zoo.calibration_text); "
             "give a text file instead"
         ) from None
-    return zoo_text()
+    return zoo_text(language=language)
 
 
 def token_windows(tokenizer: Any, text: str, seq_len: int, max_samples: int) -> torch.Tensor:

@@ -48,12 +48,12 @@ class Perplexity:
 
 
 def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
-    """A text file, ``lm-eval:TASK`` (a task's documents) or ``zoo`` (the zoo's calibration
-    text), as :func:`splice.activations.calibration_text` reads them."""
-    from splice.activations import calibration_text
+    """A text file, ``lm-eval:TASK`` (a task's documents) or ``zoo`` / ``zoo:both`` (the zoo's
+    calibration text, English / both languages), as :func:`splice.activations.calibration_text` reads them."""
+    from splice.activations import ZOO_SOURCES, calibration_text
 
     src = str(source)
-    if not (src.startswith("lm-eval:") or src == "zoo" or Path(src).exists()):
+    if not (src.startswith("lm-eval:") or src in ZOO_SOURCES or Path(src).exists()):
         raise SpliceError(f"{option} {src}: no such text file (give a file, lm-eval:TASK or zoo)")
     if Path(src).exists() and not Path(src).is_file():
         raise SpliceError(f"{option} {src}: not a file")

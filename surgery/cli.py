@@ -23,7 +23,8 @@ def _calibration_options(p: argparse.ArgumentParser, used_by: str) -> None:
     p.add_argument(
         "--calibration",
         metavar="FILE",
-        help=f"text to measure layers on ({used_by}): a text file, 'lm-eval:TASK' or 'zoo'",
+        help=f"text to measure layers on ({used_by}): a text file, 'lm-eval:TASK', "
+        "'zoo' (English) or 'zoo:both' (English and Zeta)",
     )
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument(

@@ -201,6 +201,38 @@ def test_heldout_text(zoo: Path) -> None:
         heldout_text_path(zoo / "nope")
 
 
+def test_zoo_calibration_languages() -> None:
+    from splice.activations import calibration_text as source_text
+    from splice.zoo import calibration_text
+
+    world = make_world(0)
+    only_zeta = set(world.zeta.values()) - set(world.zeta)
+    en = calibration_text(40).splitlines()
+    both = calibration_text(40, language="both").splitlines()
+    zeta = calibration_text(40, language="zeta").splitlines()
+    assert len(en) == len(both) == len(zeta) == 40
+    assert not any(w in only_zeta for doc in en for w in doc.split())
+    is_zeta = [any(w in only_zeta for w in doc.split()) for doc in both]
+    assert is_zeta == [i % 2 == 1 for i in range(40)]
+    assert all(any(w in only_zeta for w in doc.split()) for doc in zeta)
+    assert source_text("zoo") == calibration_text() == source_text("zoo:en")
+    assert source_text("zoo:both") == calibration_text(language="both")
+    assert not set(both) & set(corpus.heldout_text(world, 0).splitlines())
+
+
+def test_heldout_documents_by_language(zoo: Path) -> None:
+    from splice.zoo import heldout_documents
+
+    world = make_world(read_stamp(zoo)["settings"]["seed"])  # type: ignore[index]
+    zeta = set(world.zeta.values()) - set(world.zeta)  # words that exist only in Zeta
+    en, ze = heldout_documents(zoo, "en"), heldout_documents(zoo, "zeta")
+    assert len(en) == len(ze) == len(heldout_documents(zoo)) // 2
+    assert not any(w in zeta for doc in en for w in doc.split())
+    assert all(sum(w in zeta for w in doc.split()) > len(doc.split()) / 3 for doc in ze)
+    with pytest.raises(SpliceError, match="expected en, zeta or both"):
+        heldout_documents(zoo, "fr")
+
+
 # ---- build --------------------------------------------------------------------------------------
 def test_two_builds_are_identical(tiny_zoos: tuple[Path, Path]) -> None:
     from splice.checkpoint import open_checkpoint

@@ -14,7 +14,15 @@ lm-eval.
 
 from __future__ import annotations
 
-from splice.zoo.build import MODELS, Settings, build, default_dir, heldout_text_path, is_built
+from splice.zoo.build import (
+    MODELS,
+    Settings,
+    build,
+    default_dir,
+    heldout_documents,
+    heldout_text_path,
+    is_built,
+)
 from splice.zoo.corpus import calibration_text
 from splice.zoo.evaluate import Scorer, evaluate, format_table, load_model, parse_tasks, throughput
 from splice.zoo.tasks import ALL_TASKS, FIT_TASKS, GEN_TASKS, MC_TASKS
@@ -32,6 +40,7 @@ __all__ = [
     "default_dir",
     "evaluate",
     "format_table",
+    "heldout_documents",
     "heldout_text_path",
     "is_built",
     "load_model",

@@ -215,6 +215,18 @@ def heldout_text_path(folder: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
+def heldout_documents(
+    folder: str | os.PathLike[str] | None = None, language: str = "both"
+) -> list[str]:
+    """The held-out documents of a built zoo, ``language`` ``"en"`` (what ``base`` and ``math``
+    read: their perplexity means something only here), ``"zeta"`` or ``"both"``. The file
+    alternates English and Zeta documents, English first (:func:`corpus.heldout_text`)."""
+    if language not in ("en", "zeta", "both"):
+        raise SpliceError(f"language {language!r}: expected en, zeta or both")
+    docs = heldout_text_path(folder).read_text().splitlines()
+    return docs if language == "both" else docs[0::2] if language == "en" else docs[1::2]
+
+
 def _not_a_zoo(folder: Path) -> str | None:
     """Why ``folder`` is not a zoo splice may replace (``None``: empty, or a zoo and nothing else)."""
     entries = {p.name: p for p in folder.iterdir()}

@@ -137,12 +137,25 @@ def lang_texts(world: World, count: int, seed: int) -> list[str]:
     return [pretraining_document(world, rng, world.lang_train_nouns) for _ in range(count)]
 
 
-def calibration_text(documents: int = 200, *, world_seed: int = 0, seed: int = 99_991) -> str:
+def calibration_text(
+    documents: int = 200, *, world_seed: int = 0, seed: int = 99_991, language: str = "en"
+) -> str:
     """Fresh documents from the zoo's pre-training distribution, one per line, for activation
-    analysis (``--calibration zoo``); drawn with another seed than the training corpus."""
+    analysis; drawn with another seed than the training corpus. ``language="en"``
+    (``--calibration zoo``): English, what ``base`` and ``math`` read; ``"both"``
+    (``--calibration zoo:both``): English and Zeta alternately, the held-out text's distribution
+    and what ``lang`` and ``moe`` were trained on; ``"zeta"``: Zeta only."""
     from splice.zoo.world import make_world
 
-    return "\n".join(pretraining_texts(make_world(world_seed), documents, seed))
+    world = make_world(world_seed)
+    if language == "en":
+        return "\n".join(pretraining_texts(world, documents, seed))
+    if language not in ("both", "zeta"):
+        raise ValueError(f"language {language!r}: expected en, both or zeta")
+    rng = random.Random(seed + 606)
+    docs = [story_document(world, rng) for _ in range(documents)]
+    zeta = [language == "zeta" or i % 2 == 1 for i in range(documents)]
+    return "\n".join(_say(world, d, zeta=z) for d, z in zip(docs, zeta, strict=True))
 
 
 def heldout_text(world: World, seed: int, documents: int = 400) -> str:
