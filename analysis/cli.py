@@ -102,6 +102,13 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
         "--threads", type=positive_int, help="torch CPU threads (default: torch's choice)"
     )
     p.add_argument("--no-figures", action="store_true", help="write no PNG")
+    p.add_argument(
+        "--scale",
+        choices=("shared", "fixed", "auto"),
+        default="shared",
+        help="heatmap colours: one range for all panels of a figure (shared, default), the "
+        "metric's natural range, e.g. [-1, 1] for cosine (fixed), or each panel its own (auto)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -131,7 +138,12 @@ def _setup(args: argparse.Namespace) -> str:
 
 def _finish(report: Any, args: argparse.Namespace) -> None:
     if args.out is not None:
-        report.save(args.out, figures=not args.no_figures, overwrite=args.overwrite)
+        report.save(
+            args.out,
+            figures=not args.no_figures,
+            overwrite=args.overwrite,
+            scale=getattr(args, "scale", "shared"),
+        )
     print(report.summary())
     if args.out is not None:
         print(f"wrote {args.out}")

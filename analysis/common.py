@@ -13,7 +13,7 @@ import numpy as np
 
 from splice.activations import check_finite
 from splice.analysis.metrics import Baseline, Metric, flat, nbytes_of
-from splice.analysis.report import SimilarityMatrix
+from splice.analysis.report import SimilarityMatrix, null_per
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 
@@ -175,6 +175,7 @@ def layers_by_kinds(
     for r in rs:
         values[layers.index(r["layer"]), kinds.index(r["kind"])] = r["value"]
     gauss = [r["baseline_gaussian"] for r in rs if r["baseline_gaussian"] is not None]
+    per_kind = null_per(rs, metric)
     return SimilarityMatrix(
         f"{metric} per layer and kind",
         metric,
@@ -184,6 +185,7 @@ def layers_by_kinds(
         "layer",
         "kind",
         float(np.nanmean(gauss)) if gauss else None,
+        col_baselines=[per_kind.get(k) for k in kinds] if gauss else None,
     )
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,40 @@ if TYPE_CHECKING:
 
 #: metrics where lower means more similar (distances); heatmaps flip their colour map
 DISTANCES = ("frobenius", "frobenius_rel", "angular_distance", "block_influence")
+
+#: the natural range of each metric, used by ``scale="fixed"``; None: no bound (the data's
+#: shared minimum or maximum is used). Unlisted metrics get the shared range.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "cosine": (-1.0, 1.0),  # flattened weights: either sign
+    "svd_cosine": (0.0, 1.0),  # singular values are >= 0
+    "eig_cosine": (0.0, 1.0),  # eigenvalue moduli are >= 0
+    "cka": (0.0, 1.0),
+    "frobenius": (0.0, None),
+    "frobenius_rel": (0.0, None),
+    "angular_distance": (0.0, 1.0),  # arccos(cos) / pi
+    "angular_distance_next": (0.0, 1.0),
+    "io_cosine": (-1.0, 1.0),
+    "block_influence": (0.0, 2.0),  # 1 - cosine
+    "task_cosine": (-1.0, 1.0),  # analysis/tasks.py
+    "sign_conflict": (0.0, 1.0),  # a fraction of entries
+    "sign_conflict_elected": (0.0, 1.0),
+    "topk_overlap": (0.0, 1.0),
+    "delta_norm": (0.0, None),
+    "delta_norm_rel": (0.0, None),
+}
+
+#: colour scales of :meth:`SimilarityReport.plot`: ``shared`` one range for all panels of the
+#: figure (the default), ``fixed`` the metric's natural range (:data:`RANGES`), ``auto`` each
+#: panel its own data's range
+SCALES = ("shared", "fixed", "auto")
+
+#: the null fields a record may carry, and how a legend names them
+NULLS = {
+    "baseline_gaussian": "Gaussian",
+    "baseline_other_layer": "other layer",
+    "baseline_other_token": "other token",
+    "baseline_other_sample": "other sample",
+}
 
 
 def _clean(x: Any) -> Any:
@@ -56,7 +91,9 @@ class SimilarityMatrix:
     """A labelled matrix ``values[rows, cols]`` of one metric, with its null baseline.
 
     ``baseline_gaussian`` is the mean of the metric between the row tensors and Gaussian
-    matrices of their shapes and norms (None where not computed).
+    matrices of their shapes and norms (None where not computed). ``col_baselines`` holds that
+    null per column where the columns are different tensor kinds (a layers × kinds matrix):
+    one mean over kinds would mix, say, norm vectors into the projections' null.
     """
 
     title: str
@@ -68,12 +105,17 @@ class SimilarityMatrix:
     col_name: str = "layer"
     baseline_gaussian: float | None = None
     panel: bool = True  # drawn by SimilarityReport.plot (False: data only, e.g. one per layer)
+    col_baselines: list[float | None] | None = None  # Gaussian null per column (kinds)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64)
         if self.values.shape != (len(self.rows), len(self.cols)):
             raise ValueError(
                 f"{self.title}: values {self.values.shape} vs {len(self.rows)}×{len(self.cols)} labels"
+            )
+        if self.col_baselines is not None and len(self.col_baselines) != len(self.cols):
+            raise ValueError(
+                f"{self.title}: {len(self.col_baselines)} column baselines for {len(self.cols)} columns"
             )
 
     def to_frame(self) -> pd.DataFrame:
@@ -96,6 +138,7 @@ class SimilarityMatrix:
                 "values": self.values.tolist(),
                 "baseline_gaussian": self.baseline_gaussian,
                 "panel": self.panel,
+                "col_baselines": self.col_baselines,
             }
         )
 
@@ -114,32 +157,71 @@ class SimilarityMatrix:
             d.get("col_name", "layer"),
             d.get("baseline_gaussian"),
             d.get("panel", True),
+            d.get("col_baselines"),
         )
 
-    def plot(self, ax: Any = None, *, annotate: bool | None = None) -> Figure:
-        """Heatmap of the matrix (returns the Figure; draws on ``ax`` when given)."""
+    def plot(
+        self,
+        ax: Any = None,
+        *,
+        annotate: bool | None = None,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        colorbar: bool = True,
+        note: str | None = None,
+    ) -> Figure:
+        """Heatmap of the matrix (returns the Figure; draws on ``ax`` when given).
+
+        ``vmin`` / ``vmax`` fix the colour range (default: this matrix's own minimum and
+        maximum); values outside it take the end colours and the colour bar shows an arrow.
+        ``note`` is a line added under the title.
+        """
         if ax is None:
-            size = (min(2 + 0.35 * len(self.cols), 14), min(1.5 + 0.3 * len(self.rows), 12))
-            fig = _figure(size)
+            fig = _figure(self.size())
             ax = fig.subplots()
         else:
             fig = ax.figure
         cmap = "viridis_r" if self.metric in DISTANCES else "viridis"
-        im = ax.imshow(np.ma.masked_invalid(self.values), cmap=cmap, aspect="auto")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        ax.set_xticks(range(len(self.cols)), self.cols, rotation=90 if len(self.cols) > 6 else 0)
+        data = np.ma.masked_invalid(self.values)
+        im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+        if colorbar:
+            fig.colorbar(im, ax=ax, shrink=0.8, extend=_extend([self], *im.get_clim()))
+        cols = self.cols
+        if self.col_baselines is not None:
+            cols = [
+                f"{c} ({_fmt_null(b)})" for c, b in zip(self.cols, self.col_baselines, strict=True)
+            ]
+        ax.set_xticks(range(len(cols)), cols, rotation=90 if len(self.cols) > 6 else 0)
         ax.set_yticks(range(len(self.rows)), self.rows)
         ax.set_xlabel(self.col_name)
         ax.set_ylabel(self.row_name)
-        title = self.title
-        if self.baseline_gaussian is not None:
+        title = textwrap.fill(self.title, 64)
+        if self.col_baselines is not None:
+            title += f"\n(Gaussian baseline per {self.col_name} in brackets)"
+        elif self.baseline_gaussian is not None:
             title += f"\n(Gaussian baseline {self.baseline_gaussian:.3g})"
+        if note:
+            title += f"\n{note}"
         ax.set_title(title, fontsize=9)
         if annotate or (annotate is None and self.values.size <= 64):
+            finite = self.values[np.isfinite(self.values)]
+            digits = 3 if finite.size and np.ptp(finite) < 0.1 else 2
             for (i, j), v in np.ndenumerate(self.values):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+                    r, g, b, _ = im.cmap(im.norm(v))
+                    ink = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+                    ax.text(
+                        j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=6, color=ink
+                    )
         return fig
+
+    def size(self) -> tuple[float, float]:
+        """A figure size (inches) that fits the matrix, its labels and its colour bar."""
+        label = max((len(c) for c in self.cols), default=1) if len(self.cols) > 6 else 1
+        return (
+            min(2.5 + 0.4 * len(self.cols), 14),
+            min(2.2 + 0.3 * len(self.rows) + 0.07 * label, 12),
+        )
 
 
 @dataclass
@@ -203,8 +285,17 @@ class SimilarityReport:
             path = path / "report.json"
         return cls.from_dict(json.loads(path.read_text()))
 
-    def save(self, out: str | Path, *, figures: bool = True, overwrite: bool = True) -> list[Path]:
+    def save(
+        self,
+        out: str | Path,
+        *,
+        figures: bool = True,
+        overwrite: bool = True,
+        scale: str = "shared",
+    ) -> list[Path]:
         """Write ``report.json``, ``records.csv``, ``matrices/*.csv`` and ``*.png`` into ``out``.
+
+        ``scale`` is the figures' colour scale (:data:`SCALES`, see :meth:`plot`).
 
         The folder is built beside ``out`` and renamed into place at the end, so ``out`` holds
         either the complete new report or what it held before. An existing ``out`` is replaced
@@ -212,6 +303,7 @@ class SimilarityReport:
         (:func:`check_out`); otherwise ``SpliceError`` and nothing is touched. Returns the
         written paths (under ``out``).
         """
+        check_scale(scale)
         out = check_out(out, overwrite=overwrite)
         full = Path(os.path.abspath(out))
         try:
@@ -223,7 +315,7 @@ class SimilarityReport:
             ) from None
         try:
             tmp.chmod(0o777 & ~_umask())
-            written = [p.relative_to(tmp) for p in self._write(tmp, figures)]
+            written = [p.relative_to(tmp) for p in self._write(tmp, figures, scale)]
             _commit(tmp, full)
         except OSError as e:
             raise SpliceError(
@@ -233,7 +325,7 @@ class SimilarityReport:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
         return [out / p for p in written]
 
-    def _write(self, out: Path, figures: bool) -> list[Path]:
+    def _write(self, out: Path, figures: bool, scale: str = "shared") -> list[Path]:
         """The report's files into the (new, empty) folder ``out``."""
         written = [out / "report.json", out / "records.csv"]
         written[0].write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -258,7 +350,7 @@ class SimilarityReport:
                 ) from None
             for metric in self.plot_metrics():
                 path = out / f"{_slug(self.analysis + '_' + metric)}.png"
-                self.plot(metric).savefig(path, dpi=90)
+                self.plot(metric, scale=scale).savefig(path, dpi=90)
                 written.append(path)
         return written
 
@@ -273,52 +365,222 @@ class SimilarityReport:
         ]
         return list(dict.fromkeys(panels + lines))
 
-    def plot(self, metric: str | None = None, *, max_panels: int = 12) -> Figure:
+    def limits(self, metric: str, scale: str = "shared") -> tuple[float | None, float | None]:
+        """The colour range ``(vmin, vmax)`` of ``metric``'s figure under ``scale``.
+
+        ``shared``: the minimum and maximum over every panel of the metric (or over its
+        records' values where it has no panel); ``fixed``: the metric's natural range
+        (:data:`RANGES`; an open end, or an unlisted metric, takes the shared value);
+        ``auto``: ``(None, None)``, each panel its own range.
+        """
+        check_scale(scale)
+        if scale == "auto":
+            return None, None
+        mats = [m for m in self.matrices.values() if m.metric == metric and m.panel]
+        if mats:
+            finite = np.concatenate([m.values[np.isfinite(m.values)] for m in mats])
+        else:
+            vs = [r.get("value") for r in self.values(metric)]
+            finite = np.array([v for v in vs if v is not None and math.isfinite(v)], dtype=float)
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (None, None)
+        if scale == "fixed":
+            fixed_lo, fixed_hi = RANGES.get(metric, (None, None))
+            lo = fixed_lo if fixed_lo is not None else lo
+            hi = fixed_hi if fixed_hi is not None else hi
+        return lo, hi
+
+    def plot(
+        self,
+        metric: str | None = None,
+        *,
+        scale: str = "shared",
+        vmin: float | None = None,
+        vmax: float | None = None,
+        max_panels: int = 12,
+    ) -> Figure:
         """A Figure for ``metric`` (default: the first): heatmaps of its matrices, or lines.
 
         Matrices of the metric are drawn as heatmaps side by side (at most ``max_panels``);
-        activation reports add the per-layer lines (input/output cosine, block influence).
+        activation reports add the per-layer lines (input/output cosine, block influence) with
+        their nulls, standard errors (where the records carry them) and the recommended
+        block. ``scale`` (:meth:`limits`) sets the colours: ``shared`` (default) one range and
+        one colour bar for every panel, so panels compare; ``fixed`` the metric's natural
+        range; ``auto`` each panel its own. ``vmin`` / ``vmax`` override either end (pass
+        :func:`shared_limits` of several reports to compare them). On line plots they set the
+        y range, and ``fixed`` the metric's range.
         """
         metric = metric or self.plot_metrics()[0]
-        mats = [m for m in self.matrices.values() if m.metric == metric and m.panel]
-        mats = mats[:max_panels]
+        lo, hi = self.limits(metric, scale)
+        lo, hi = (vmin if vmin is not None else lo), (vmax if vmax is not None else hi)
+        if lo is not None and hi is not None and lo > hi:
+            raise SpliceError(f"vmin {lo} is above vmax {hi}")
+        all_mats = [m for m in self.matrices.values() if m.metric == metric and m.panel]
+        mats = all_mats[:max_panels]
         if not mats:
-            return self._line_plot(metric)
+            fixed = scale == "fixed" or vmin is not None or vmax is not None
+            return self._line_plot(metric, (lo, hi) if fixed else (None, None))
         cols = min(len(mats), 3)
         rows = math.ceil(len(mats) / cols)
-        fig = _figure((5.2 * cols, 4.2 * rows))
+        w, h = (max(s) for s in zip(*(m.size() for m in mats), strict=True))
+        fig = _figure((w * cols, h * rows + 0.4))
         axes = fig.subplots(rows, cols, squeeze=False)
+        one_bar = lo is not None and hi is not None
         for ax, m in zip(axes.flat, mats, strict=False):
-            m.plot(ax=ax)
+            m.plot(ax=ax, vmin=lo, vmax=hi, colorbar=not one_bar, note=self._panel_note(m))
+            self._mark_matrix(ax, m)
+        used = list(axes.flat)[: len(mats)]
         for ax in list(axes.flat)[len(mats) :]:
             ax.set_visible(False)
+        if one_bar:
+            fig.colorbar(
+                used[0].images[0],
+                ax=used,
+                shrink=0.8 if rows > 1 else 0.95,
+                extend=_extend(all_mats, lo, hi),
+                label=f"{metric} ({'shared' if scale == 'shared' else scale} scale)"
+                if vmin is None and vmax is None
+                else metric,
+            )
         fig.suptitle(self._title(metric), fontsize=10)
         return fig
 
     def _title(self, metric: str) -> str:
         """``analysis: metric — A vs B`` with models by their shortest distinct path tails."""
-        return f"{self.analysis}: {metric} — {' vs '.join(short_names(self.models))}"
+        names = " vs ".join(short_names(self.models))
+        return textwrap.fill(f"{self.analysis}: {metric} — {names}", 90)
 
-    def _line_plot(self, metric: str) -> Figure:
-        """One line per ``kind`` (or a single line) of ``metric`` against the layer index."""
-        fig = _figure((7, 4))
+    def _panel_note(self, m: SimilarityMatrix) -> str | None:
+        """The null of an activation heatmap (no Gaussian there): another sample's distance."""
+        if m.metric == "angular_distance" and m.row_name == "n":
+            b = _mean(r.get("baseline_other_sample") for r in self.values("angular_distance_next"))
+            if math.isfinite(b):
+                return f"null (other sample, n = 1): {b:.3g}; framed: the block to prune per n"
+        return None
+
+    def _mark_matrix(self, ax: Any, m: SimilarityMatrix) -> None:
+        """On the d(l, l+n) heatmap: a frame on each n's block to prune, a thick one on the chosen."""
+        from matplotlib.patches import Rectangle
+
+        blocks = self.recommendations.get("prune_blocks")
+        if not (m.metric == "angular_distance" and m.row_name == "n" and blocks):
+            return
+        chosen = self._chosen_block()
+        for b in blocks:
+            if str(b["n"]) in m.rows and str(b["start"]) in m.cols:
+                y, x = m.rows.index(str(b["n"])), m.cols.index(str(b["start"]))
+                thick = chosen is not None and b["n"] == chosen["n"]
+                frame = Rectangle(
+                    (x - 0.5, y - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    ec="red",
+                    lw=3 if thick else 1.2,
+                    gid="recommended_block" if thick else "recommended",
+                )
+                ax.add_patch(frame)
+
+    def _chosen_block(self) -> dict[str, Any] | None:
+        """The block of L // 4 layers to prune (the one the summary prints), or None."""
+        blocks = self.recommendations.get("prune_blocks") or []
+        n_layers = self.meta.get("num_layers") or len(blocks) + 1
+        quarter = max(1, n_layers // 4)
+        return next((b for b in blocks if b.get("n") == quarter), None)
+
+    def _line_plot(self, metric: str, ylim: tuple[float | None, float | None]) -> Figure:
+        """One line per ``kind`` (or a single line) of ``metric`` against the layer index.
+
+        Standard errors (a record's ``se``, ``value_se`` or ``<metric>_se``) are error bars;
+        each null is a grey band from its lowest to its highest value over the layers, with a
+        dashed line at its mean; on activation reports the block to prune is a shaded span and
+        the layer this metric would drop first a star.
+        """
+        fig = _figure((7.5, 4.2))
         ax = fig.subplots()
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in self.values(metric):
-            if r.get("layer") is not None:
+            if r.get("layer") is not None and r.get("value") is not None:
                 groups.setdefault(str(r.get("kind", metric)), []).append(r)
+        with_se = False
         for label, rs in groups.items():
             rs = sorted(rs, key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in rs], [r["value"] for r in rs], marker=".", label=label)
-            base = [r.get("baseline_gaussian") for r in rs]
-            if all(b is not None for b in base):
-                ax.plot([r["layer"] for r in rs], base, ls="--", lw=0.8, color="grey")
+            xs, ys = [r["layer"] for r in rs], [r["value"] for r in rs]
+            (line,) = ax.plot(xs, ys, marker=".", label=label)
+            se = [_stderr(r, metric) for r in rs]
+            if any(e is not None for e in se):
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[0.0 if e is None else e for e in se],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    elinewidth=1,
+                    capsize=3,
+                    label=None if with_se else "± 1 standard error",
+                )
+                with_se = True
+        self._draw_nulls(ax, metric)
+        self._mark_line(ax, metric, groups)
         ax.set_xlabel("layer")
         ax.set_ylabel(metric)
+        if ylim != (None, None):
+            ax.set_ylim(*ylim)
         ax.set_title(self._title(metric), fontsize=10)
-        if len(groups) > 1:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
         return fig
+
+    def _draw_nulls(self, ax: Any, metric: str) -> None:
+        """Each null of ``metric`` (over its layers and kinds): a band from min to max, its mean."""
+        shades = iter([("0.55", "--"), ("tab:brown", ":"), ("0.3", "-.")])
+        for key, name in NULLS.items():
+            vs = [r.get(key) for r in self.values(metric) if r.get("layer") is not None]
+            vs = [v for v in vs if v is not None and math.isfinite(v)]
+            if not vs:
+                continue
+            colour, style = next(shades, ("0.55", "--"))
+            lo, hi, mean = min(vs), max(vs), sum(vs) / len(vs)
+            span = (
+                f" (layers {lo:.2g} to {hi:.2g})" if hi - lo > 1e-3 * max(abs(mean), 1e-9) else ""
+            )
+            if hi > lo:
+                ax.axhspan(lo, hi, color=colour, alpha=0.15, lw=0, gid=f"null_band:{key}")
+            ax.axhline(
+                mean,
+                color=colour,
+                ls=style,
+                lw=1,
+                gid=f"null:{key}",
+                label=f"null, {name}: {mean:.3g}{span}",
+            )
+
+    def _mark_line(self, ax: Any, metric: str, groups: dict[str, list[dict[str, Any]]]) -> None:
+        """The block to prune (span) and the layer ``metric`` itself would drop first (star)."""
+        chosen = self._chosen_block()
+        if chosen is not None:
+            a, b = chosen["layers"]
+            ax.axvspan(
+                a - 0.5,
+                b + 0.5,
+                color="tab:orange",
+                alpha=0.18,
+                lw=0,
+                gid="recommended_block",
+                label=f"prune {chosen['n']}: layers {a}-{b} (min angular distance)",
+            )
+        first = _first_pick(self.recommendations, metric)
+        rs = next(iter(groups.values()), []) if len(groups) == 1 else []
+        y = next((r["value"] for r in rs if r["layer"] == first), None)
+        if first is not None and y is not None:
+            ax.plot(
+                [first],
+                [y],
+                "*",
+                ms=13,
+                color="tab:red",
+                ls="none",
+                gid="recommended",
+                label=f"first to drop by {metric}: layer {first}",
+            )
 
     # ---- text ------------------------------------------------------------------------------------
     def summary(self, max_rows: int = 40) -> str:
@@ -386,6 +648,81 @@ def short_names(paths: Sequence[str]) -> list[str]:
         if len(set(names)) == len(names):
             return names
     return [str(p) for p in paths]
+
+
+def null_per(
+    records: Sequence[dict[str, Any]],
+    metric: str,
+    by: str = "kind",
+    null: str = "baseline_gaussian",
+) -> dict[Any, float | None]:
+    """Mean of the ``null`` field of ``metric``'s per-layer records, per value of ``by``.
+
+    None for a group with no finite null (e.g. a spectrum metric on norm vectors). One mean
+    per kind, not over all kinds: norm vectors and projections have different nulls.
+    """
+    out: dict[Any, list[float]] = {}
+    for r in records:
+        if r.get("metric") == metric and r.get("layer") is not None:
+            v = r.get(null)
+            vs = out.setdefault(r.get(by), [])
+            if v is not None and math.isfinite(v):
+                vs.append(float(v))
+    return {k: (sum(vs) / len(vs) if vs else None) for k, vs in out.items()}
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise SpliceError(f"scale {scale!r}: choose from {', '.join(SCALES)}")
+    return scale
+
+
+def shared_limits(
+    reports: Sequence[SimilarityReport], metric: str, scale: str = "shared"
+) -> tuple[float | None, float | None]:
+    """One colour range for ``metric`` across ``reports``, to pass as ``plot(vmin=, vmax=)``.
+
+    ``lo, hi = shared_limits([math, lang], "cosine")`` then ``math.plot("cosine", vmin=lo,
+    vmax=hi)`` and the same for ``lang``: equal colours mean equal values in both figures.
+    """
+    ends = [r.limits(metric, scale) for r in reports if metric in r.metrics()]
+    los = [lo for lo, _ in ends if lo is not None]
+    his = [hi for _, hi in ends if hi is not None]
+    return (min(los) if los else None), (max(his) if his else None)
+
+
+def _first_pick(recommendations: dict[str, Any], metric: str) -> int | None:
+    """The layer ``metric`` would prune first on an activation report (None if it names none)."""
+    if metric == "angular_distance_next":
+        blocks = recommendations.get("prune_blocks") or []
+        return next((b["start"] for b in blocks if b.get("n") == 1), None)
+    order = recommendations.get(f"prune_order_{metric}")
+    return int(order[0]) if order else None
+
+
+def _stderr(r: dict[str, Any], metric: str) -> float | None:
+    """A record's standard error, under whichever name it carries, or None."""
+    for key in ("se", "value_se", f"{metric}_se"):
+        v = r.get(key)
+        if v is not None and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def _extend(mats: Sequence[SimilarityMatrix], lo: float | None, hi: float | None) -> str:
+    """``extend`` for a colour bar: an arrow at each end some value lies beyond."""
+    vs = [m.values[np.isfinite(m.values)] for m in mats]
+    finite = np.concatenate(vs) if vs else np.array([])
+    if not finite.size or lo is None or hi is None:
+        return "neither"
+    below, above = bool(finite.min() < lo), bool(finite.max() > hi)
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+        (below, above), "neither"
+    )
+
+
+def _fmt_null(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.2g}"
 
 
 def _figure(size: tuple[float, float]) -> Figure:
