@@ -1,14 +1,16 @@
 """splice.analysis: per-layer weight and activation similarities with null baselines.
 
-``compare_models(A, B)``, ``compare_layers(M)``, ``compare_experts(MOE, DENSE)`` (weights) and
-``analyze_activations(M, text)`` return a :class:`SimilarityReport` (``.to_frame()``,
+``compare_models(A, B)``, ``compare_layers(M)``, ``compare_experts(MOE, DENSE)`` (weights),
+``analyze_activations(M, text)`` and ``task_vectors(BASE, [A, B])`` return a
+:class:`SimilarityReport` (``.to_frame()``,
 ``.plot()``, ``.save(dir)``). Metrics are registered in ``METRICS``. Importing this package
 loads neither pandas nor matplotlib (nor torch).
 """
 
-from splice.analysis import metrics, report, weights
+from splice.analysis import metrics, report, tasks, weights
 from splice.analysis.metrics import DEFAULT_METRICS, METRICS, Metric, gaussian_like
 from splice.analysis.report import SimilarityMatrix, SimilarityReport
+from splice.analysis.tasks import task_vectors
 from splice.analysis.weights import compare_experts, compare_layers, compare_models
 
 __all__ = [
@@ -23,5 +25,7 @@ __all__ = [
     "gaussian_like",
     "metrics",
     "report",
+    "task_vectors",
+    "tasks",
     "weights",
 ]

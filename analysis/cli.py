@@ -50,6 +50,28 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_model_options(e)
     e.set_defaults(func=_run_experts)
 
+    t = verbs.add_parser(
+        "tasks",
+        help="task vectors of fine-tunes against their base: norms, cosine, sign conflicts",
+        description="Per layer and tensor kind, the task vectors A - BASE, B - BASE, ...: their "
+        "norms, pairwise cosine, sign-conflict fraction, overlap of the top-k largest entries, "
+        "and (two or more) the fraction disagreeing with TIES's elected sign, each with the "
+        "value for an independent Gaussian task vector as null.",
+    )
+    t.add_argument("base", help="base model folder")
+    t.add_argument("models", nargs="*", help="fine-tuned model folders (same architecture)")
+    t.add_argument(
+        "--top-k",
+        type=float,
+        default=0.1,
+        help="fraction of entries in each top-k set, in (0, 1] (default 0.1)",
+    )
+    t.add_argument("--kinds", help="comma-separated tensor kinds to compare (default: all)")
+    t.add_argument("--no-baselines", action="store_true", help="skip the null baselines")
+    _common(t, metrics=False)
+    add_model_options(t)
+    t.set_defaults(func=_run_tasks)
+
     a = verbs.add_parser(
         "activations",
         help="layer input/output cosine, block influence, angular distance on calibration text",
@@ -136,7 +158,7 @@ def _setup(args: argparse.Namespace) -> str:
     return device
 
 
-def _finish(report: Any, args: argparse.Namespace) -> None:
+def _finish(report: Any, args: argparse.Namespace, summary: Any = None) -> None:
     if args.out is not None:
         report.save(
             args.out,
@@ -144,7 +166,7 @@ def _finish(report: Any, args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             scale=getattr(args, "scale", "shared"),
         )
-    print(report.summary())
+    print(summary(report) if summary is not None else report.summary())
     if args.out is not None:
         print(f"wrote {args.out}")
 
@@ -203,3 +225,21 @@ def _run_activations(args: argparse.Namespace) -> None:
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )
     _finish(report, args)
+
+
+def _run_tasks(args: argparse.Namespace) -> None:
+    from splice.analysis import tasks
+
+    device = _setup(args)
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds is not None else None
+    report = tasks.task_vectors(
+        args.base,
+        args.models,
+        top_k=args.top_k,
+        device=device,
+        baselines=not args.no_baselines,
+        kinds=kinds,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+        allow_pickle=args.allow_pickle,
+    )
+    _finish(report, args, tasks.summary)
