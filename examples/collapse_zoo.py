@@ -9,8 +9,8 @@ and frequency with ``--align``; the best single expert per layer (``--keep-exper
 expert, i.e. dense); ``--keep-experts 2`` merged (HC-SMoE) and pruned (NAEE), with top-k 2.
 Everything goes through ``splice.surgery.collapse`` and ``splice.scoring.evaluate``
 (perplexity with sliding windows of the zoo's training length; the zoo's tasks through
-``splice.zoo.evaluate``). Calibration is ``--calibration`` (default ``zoo``: the zoo's
-pre-training distribution); the held-out text is the built zoo's ``text/heldout.txt`` when it
+``splice.zoo.evaluate``). Calibration is ``--calibration`` (default ``zoo:both``: the zoo's
+stories in English and Zeta, as the MoE was trained); the held-out text is the built zoo's ``text/heldout.txt`` when it
 ships one, else zoo text drawn with its own seed. Prints a markdown table (with each row's mean
 relative reconstruction error) and writes ``benchmarks/results/collapse_zoo.json``.
 """
@@ -30,17 +30,20 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 HELDOUT_SEED = 777_001
 
 
-def heldout_text(zoo: Path, moe: Path, work: Path) -> str:
+def heldout_text(zoo: Path) -> str:
+    """The zoo's held-out text: one document per line, English and Zeta alternately."""
     shipped = zoo / "text" / "heldout.txt"
     if shipped.is_file():
         return shipped.read_text()
-    from splice.modeling import load_tokenizer
     from splice.zoo import calibration_text
 
-    tok = load_tokenizer(moe)
-    joiner = f"{tok.eos_token or ''}{tok.bos_token or ''}" or "\n"
-    docs = calibration_text(400, seed=HELDOUT_SEED).splitlines()
-    return joiner.join(docs) + "\n"
+    return calibration_text(400, seed=HELDOUT_SEED, language="both") + "\n"
+
+
+def halves(heldout: str) -> dict[str, str]:
+    """The held-out text's English and Zeta documents (it alternates them, English first)."""
+    docs = heldout.splitlines()
+    return {"en": "\n".join(docs[0::2]) + "\n", "zeta": "\n".join(docs[1::2]) + "\n"}
 
 
 def runs(width: int) -> dict[str, dict]:
@@ -63,7 +66,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--zoo", type=Path, help="built zoo (default: splice.zoo.default_dir())")
     ap.add_argument("--moe", type=Path, help="the MoE to collapse (default: the zoo's moe)")
-    ap.add_argument("--calibration", default="zoo", help="calibration text (default zoo)")
+    ap.add_argument(
+        "--calibration",
+        default="zoo:both",
+        help="calibration text (default zoo:both: English and Zeta, as the MoE was trained)",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/splice-collapse-zoo"))
     ap.add_argument("--seq-len", type=int, default=64, help="window length (zoo training: 64)")
     ap.add_argument("--max-samples", type=int, default=128, help="calibration windows (128)")
@@ -91,7 +98,7 @@ def main() -> None:
         sys.exit(f"{moe}: no model here; build the zoo first (`splice zoo build {zoo}`)")
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_text(zoo, moe, work)
+    heldout = heldout_text(zoo)
     cfg = json.loads((moe / "config.json").read_text())
     width = int(cfg["intermediate_size"])
     opts = ExecOptions(overwrite=True, show_progress=False)
@@ -114,6 +121,11 @@ def main() -> None:
     scores = evaluate(models, text=heldout, tasks=tasks, seq_len=args.seq_len,
                       stride=args.seq_len // 2, batch_size=16, limit=args.limit,
                       zoo=zoo if tasks else None)  # fmt: skip
+    for lang, text in halves(heldout).items():
+        part = evaluate(models, text=text, seq_len=args.seq_len, stride=args.seq_len // 2,
+                        batch_size=16)  # fmt: skip
+        for name, row in part.items():
+            scores[name][f"ppl {lang}"] = row["ppl"]
     for name, row in scores.items():
         row["recon error"] = errors[name] if errors[name] is not None else float("nan")
     print(format_table(scores, markdown=True))
