@@ -98,6 +98,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
     )
     a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    a.add_argument(
+        "--compare",
+        metavar="B",
+        help="a second model (same tokenizer, depth and width): report the linear CKA and "
+        "cosine of the two models' hidden states per layer instead",
+    )
     _common(a, metrics=False)
     add_model_options(a, runs_models=True)
     a.set_defaults(func=_run_activations)
@@ -210,6 +216,8 @@ def _run_experts(args: argparse.Namespace) -> None:
 def _run_activations(args: argparse.Namespace) -> None:
     from splice.analysis.activations import analyze_activations
 
+    if args.compare:
+        return _run_compare(args)
     device = _setup(args)
     report = analyze_activations(
         args.model,
@@ -243,3 +251,24 @@ def _run_tasks(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
     )
     _finish(report, args, tasks.summary)
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from splice.analysis import compare
+
+    device = _setup(args)
+    report = compare.compare_activations(
+        args.model,
+        args.compare,
+        args.calibration,
+        seq_len=args.seq_len,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        include_path=args.include_path,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    _finish(report, args, compare.summary)
