@@ -476,6 +476,7 @@ class SimilarityReport:
                     fill=False,
                     ec="red",
                     lw=3 if thick else 1.2,
+                    clip_on=False,  # a frame on the first row stays whole
                     gid="recommended_block" if thick else "recommended",
                 )
                 ax.add_patch(frame)
