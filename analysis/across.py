@@ -6,6 +6,7 @@ Gaussian of A's shape and norm, and A's layer i against B's unrelated layer ``(i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from splice.analysis.common import (
     open_model,
     other_layer,
     report_meta,
+    threads_for,
 )
 
 
@@ -44,13 +46,15 @@ def compare_models(
     include_globals: bool = True,
     show_progress: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Compare two checkpoints of one architecture tensor by tensor (layer i vs layer i).
 
     Records: one per tensor and metric with ``tensor``, ``kind``, ``group``, ``layer``, ``value``,
     ``baseline_gaussian`` (A vs a Gaussian of A's shape and norm) and ``baseline_other_layer``
     (A's layer i vs B's layer ``(i + L//2) % L``). Matrices: one ``layers × kinds`` per metric.
-    ``kinds`` restricts the comparison to those layer-relative kinds.
+    ``kinds`` restricts the comparison to those layer-relative kinds. ``threads``: CPU threads
+    for every tensor (None: one below ``common.SMALL_NUMEL`` elements, torch's setting above).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)
@@ -78,6 +82,7 @@ def compare_models(
             timer,
             cache,
             (f"A:{name}", f"B:{name}"),
+            threads,
         )
         del ta
         for metric, (value, gauss) in values.items():
@@ -94,7 +99,9 @@ def compare_models(
                 }
             )
     if baselines:
-        _other_layer_baselines(ca, cb, ms, by_kind, records, cache, device, timer, show_progress)
+        _other_layer_baselines(
+            ca, cb, ms, by_kind, records, cache, device, timer, show_progress, threads
+        )
     matrices = {}
     for m in ms:
         mat = layers_by_kinds(records, m.name, by_kind)
@@ -119,6 +126,7 @@ def _other_layer_baselines(
     device: str,
     timer: Timer,
     show_progress: bool,
+    threads: int | None = None,
 ) -> None:
     """Fill ``baseline_other_layer``: A's layer i vs B's layer ``(i + L//2) % L``.
 
@@ -138,14 +146,17 @@ def _other_layer_baselines(
     for name_a, name_b in progress(jobs, "baselines", enabled=show_progress):
         shape = tuple(ca.tensors[name_a].shape)
         t = time.perf_counter()
-        for m in small:
-            fa, fb = cache.get((m.features, f"A:{name_a}")), cache.get((m.features, f"B:{name_b}"))
-            if m.applies(shape) and fa is not None and fb is not None:
-                index[(name_a, m.name)]["baseline_other_layer"] = m.compare(fa, fb)
+        with threads_for(math.prod(shape), threads):
+            for m in small:
+                fa = cache.get((m.features, f"A:{name_a}"))
+                fb = cache.get((m.features, f"B:{name_b}"))
+                if m.applies(shape) and fa is not None and fb is not None:
+                    index[(name_a, m.name)]["baseline_other_layer"] = m.compare(fa, fb)
         todo = [m for m in big if m.applies(shape)]
         if todo:
             ta, tb = ca.load(name_a, device=device), cb.load(name_b, device=device)
-            for m, (value, _) in metric_values(todo, ta, tb, None, Timer()).items():
+            vals = metric_values(todo, ta, tb, None, Timer(), threads=threads)
+            for m, (value, _) in vals.items():
                 index[(name_a, m)]["baseline_other_layer"] = value
             del ta, tb
         timer.add("baseline_other_layer", t)

@@ -127,7 +127,10 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
         )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
     p.add_argument(
-        "--threads", type=positive_int, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads for every tensor (default: one for small tensors, torch's "
+        "choice for large ones)",
     )
     p.add_argument("--no-figures", action="store_true", help="write no PNG")
     p.add_argument(
@@ -189,6 +192,7 @@ def _run_weights(args: argparse.Namespace) -> None:
         kinds=kinds,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         allow_pickle=args.allow_pickle,
+        threads=args.threads,
     )
     if args.other:
         report = compare_models(args.model, args.other, **common)
@@ -209,6 +213,7 @@ def _run_experts(args: argparse.Namespace) -> None:
         baselines=not args.no_baselines,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         allow_pickle=args.allow_pickle,
+        threads=args.threads,
     )
     _finish(report, args)
 

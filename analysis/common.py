@@ -1,12 +1,14 @@
 """What the weight comparisons share: opening and loading models (finite tensors only),
-computing metrics with their Gaussian null, the layer / kind tables, and the report metadata,
-built in one place (:func:`report_meta`)."""
+computing metrics with their Gaussian null (on as many CPU threads as the tensor's size pays
+for: :func:`threads_for`), the layer / kind tables, and the report metadata, built in one
+place (:func:`report_meta`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +51,31 @@ def other_layer(i: int, layers: Sequence[int]) -> int | None:
     return layers[(pos + len(layers) // 2) % len(layers)]
 
 
+#: tensors with fewer elements than this are measured on one CPU thread: torch's default
+#: threads make their small eigensolvers and dot products slower, not faster (on a loaded
+#: 2-core machine a 192x96 matrix's default metrics take 10 ms on 2 threads, 1.2 ms on one;
+#: benchmarks/analyze_threads.py measures it per size)
+SMALL_NUMEL = 1 << 20
+
+
+@contextlib.contextmanager
+def threads_for(numel: int, threads: int | None = None) -> Iterator[None]:
+    """Run the block on ``threads`` CPU threads, or (None) on one thread for a tensor of fewer
+    than :data:`SMALL_NUMEL` elements and torch's current setting otherwise; restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    want = threads if threads is not None else (1 if numel < SMALL_NUMEL else old)
+    if want == old:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class Timer:
     """Seconds spent per metric (features + comparisons), for the report's ``meta``."""
 
@@ -67,14 +94,29 @@ def metric_values(
     timer: Timer,
     cache: dict[tuple[Any, str], Any] | None = None,
     keys: tuple[str, str] = ("", ""),
+    threads: int | None = None,
 ) -> dict[str, tuple[float, float | None]]:
-    """``{metric: (value(a, b), gaussian baseline of a)}`` for the metrics that apply.
+    """``{metric: (value(a, b), gaussian baseline of a)}`` for the metrics that apply, on the
+    CPU threads :func:`threads_for` picks for ``a``'s size (``threads``: that many always).
 
     ``b`` may be a function that loads it: it is then read only after ``a``'s Gaussian baseline
     is done and its Gaussian freed, so ``a``, ``b`` and a Gaussian never coexist. Metrics with
     one ``features`` function (cosine and both Frobenius: the flattened tensor) share each
     tensor's features; ``cache`` memoises small ones under ``(features, key)``.
     """
+    with threads_for(a.numel(), threads):
+        return _metric_values(metrics, a, b, baseline, timer, cache, keys)
+
+
+def _metric_values(
+    metrics: list[Metric],
+    a: torch.Tensor,
+    b: torch.Tensor | Callable[[], torch.Tensor],
+    baseline: Baseline | None,
+    timer: Timer,
+    cache: dict[tuple[Any, str], Any] | None,
+    keys: tuple[str, str],
+) -> dict[str, tuple[float, float | None]]:
     shape = tuple(a.shape)
     todo = [m for m in metrics if m.applies(shape)]
     fa: dict[Any, Any] = {}
@@ -202,12 +244,25 @@ def pairwise(
     base: Baseline | None,
     timer: Timer,
     budget: int = 512 * 2**20,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """``[n, n]`` metric matrix over ``tensors`` and each tensor's Gaussian baseline ``[n]``.
 
     Each tensor's features are computed once and kept (flattened features are views; spectra
     are small) unless they would pass ``budget`` bytes, then once per row and per column.
+    Runs on the threads :func:`threads_for` picks for the largest tensor.
     """
+    with threads_for(max(t.numel() for t in tensors), threads):
+        return _pairwise(m, tensors, base, timer, budget)
+
+
+def _pairwise(
+    m: Metric,
+    tensors: list[torch.Tensor],
+    base: Baseline | None,
+    timer: Timer,
+    budget: int,
+) -> tuple[np.ndarray, list[float]]:
     t0 = time.perf_counter()
     n = len(tensors)
     fits = [m.applies(tuple(t.shape)) for t in tensors]

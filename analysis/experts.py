@@ -96,6 +96,7 @@ def compare_experts(
     baselines: bool = True,
     show_progress: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Each MoE expert vs the dense MLP at its layer (if ``dense``), and expert vs expert.
 
@@ -105,7 +106,8 @@ def compare_experts(
     ``against="experts"`` hold each expert's mean metric to the other experts of its layer.
     Matrices: ``"{kind}/{metric}"`` layers × experts vs dense (panels), and
     ``"L{i}/{kind}/{metric}"`` experts × experts per layer (data; their mean over layers as
-    ``"{kind}/{metric}/experts"``).
+    ``"{kind}/{metric}/experts"``). ``threads``: CPU threads for every tensor (None: one below
+    ``common.SMALL_NUMEL`` elements, torch's setting above).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)
@@ -132,7 +134,9 @@ def compare_experts(
             j = other_layer(layer, layers_of_kind[kind])
             other = load_finite(cd, dense_names[(j, kind)], device) if j is not None else None
             for e, t in zip(ids, tensors, strict=True):
-                vals = metric_values(applicable, t, dt, base, timer, dense_cache, ("", dname))
+                vals = metric_values(
+                    applicable, t, dt, base, timer, dense_cache, ("", dname), threads
+                )
                 others = (
                     metric_values(
                         [m for m in applicable if m.other_layer_baseline],
@@ -142,6 +146,7 @@ def compare_experts(
                         Timer(),
                         dense_cache,
                         ("", dense_names[(j, kind)]),
+                        threads,
                     )
                     if other is not None
                     else {}
@@ -162,7 +167,7 @@ def compare_experts(
                     )
             del dt, other
         for m in applicable:
-            values, gauss = pairwise(m, tensors, base, timer)
+            values, gauss = pairwise(m, tensors, base, timer, threads=threads)
             labels = [f"e{e}" for e in ids]
             matrices[f"L{layer}/{short(kind)}/{m.name}"] = SimilarityMatrix(
                 f"layer {layer} {short(kind)}: {m.name} expert vs expert",

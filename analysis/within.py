@@ -39,13 +39,15 @@ def compare_layers(
     kinds: Iterable[str] | None = None,
     show_progress: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Layer i vs layer j for every pair, per tensor kind: one layers × layers matrix each.
 
     Matrices are keyed ``"{kind}/{metric}"`` (row i, column j: metric(layer i, layer j)).
     Records hold adjacent pairs (layer i vs i+1) with the Gaussian baseline of layer i.
     ``recommendations["identical"]`` lists pairs of layers whose tensors of a kind are bit-for-bit
-    equal, and ``recommendations["duplicate_layers"]`` pairs equal in every kind.
+    equal, and ``recommendations["duplicate_layers"]`` pairs equal in every kind. ``threads``:
+    CPU threads for every tensor (None: one below ``common.SMALL_NUMEL`` elements).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)
@@ -69,7 +71,7 @@ def compare_layers(
         for m in ms:
             if not m.applies(shape):
                 continue
-            values, gauss = pairwise(m, tensors, base, timer)
+            values, gauss = pairwise(m, tensors, base, timer, threads=threads)
             key = f"{short(kind)}/{m.name}"
             labels = [str(i) for i in order]
             matrices[key] = SimilarityMatrix(
