@@ -254,6 +254,7 @@ def _run_tasks(args: argparse.Namespace) -> None:
         kinds=kinds,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         allow_pickle=args.allow_pickle,
+        threads=args.threads,
     )
     _finish(report, args, tasks.summary)
 
@@ -275,5 +276,6 @@ def _run_compare(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        threads=args.threads,
     )
     _finish(report, args, compare.summary)

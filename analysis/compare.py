@@ -26,6 +26,7 @@ value) and ``cka_layers`` / ``cosine_layers`` (value and null per boundary).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.activations import Capture, Collector
+from splice.analysis.common import threads_for
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
 from splice.errors import SpliceError
 from splice.progress import progress
@@ -268,6 +270,7 @@ def compare_activations(
     allow_pickle: bool = False,
     include_path: str | None = None,
     show_progress: bool = False,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Linear CKA and cosine of A's and B's hidden states per layer on the same windows of
     ``calibration`` (a file, ``lm-eval:TASK`` or ``zoo``); see the module docstring.
@@ -275,6 +278,8 @@ def compare_activations(
     Both models must tokenize the text alike and have one depth and hidden size (else
     :class:`SpliceError`, before either is loaded). ``all_pairs`` (None: when the ``XᵢᵀYⱼ`` of
     every pair of boundaries fit in ``pair_bytes``) adds the boundaries × boundaries matrices.
+    ``threads``: torch CPU threads (None: one when the models' largest per-layer matrix has
+    fewer than :data:`~splice.analysis.common.SMALL_NUMEL` elements, torch's setting otherwise).
     """
     import torch
 
@@ -339,16 +344,21 @@ def compare_activations(
         )
         for c in ckpts
     ]
-    acc = activation_similarity(
-        *models,
-        ids,
-        layer_prefix=ca.arch.layer_prefix,
-        final_norm=norm,
-        all_pairs=all_pairs,
-        batch_size=batch_size,
-        device=device,
-        show_progress=show_progress,
-    )
+    largest = max(
+        math.prod(info.shape) for c in ckpts for n, info in c.tensors.items()
+        if c.arch.parse(n).layer is not None
+    )  # fmt: skip
+    with threads_for(largest, threads):
+        acc = activation_similarity(
+            *models,
+            ids,
+            layer_prefix=ca.arch.layer_prefix,
+            final_norm=norm,
+            all_pairs=all_pairs,
+            batch_size=batch_size,
+            device=device,
+            show_progress=show_progress,
+        )
     del models
     report = similarity_report(acc, [str(ca.path), str(cb.path)], final_norm=norm is not None)
     report.meta.update(

@@ -17,8 +17,8 @@ embeddings, head and final norm), the records hold:
   nonzero) whose sign differs from it: the share of task-vector entries a TIES merge at
   density 1 drops.
 
-Pair metrics (``against`` ``"A & B"``) are NaN when one task vector is zero (a tensor left
-untouched by the fine-tune). Their null, ``baseline_gaussian``, is the metric between ``τ_A``
+Pair metrics (``against`` ``"A & B"``) are NaN (and their null None) when one task vector is
+zero (a tensor left untouched by the fine-tune). Their null, ``baseline_gaussian``, is the metric between ``τ_A``
 and an independent Gaussian of ``τ_B``'s shape: ``task_cosine`` ≈ 0 (± 1/√n),
 ``sign_conflict`` ≈ 0.5, ``topk_overlap`` ≈ k. ``sign_conflict_elected``'s null replaces every
 ``τ_i`` by an independent Gaussian of its norm: about ``mean_i arccos(‖τ_i‖ / √Σ_j ‖τ_j‖²) / π``,
@@ -30,12 +30,11 @@ time (plus a float64 sum for the election); never a whole model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from splice.analysis.common import (
@@ -45,6 +44,7 @@ from splice.analysis.common import (
     layers_by_kinds,
     load_finite,
     open_model,
+    threads_for,
 )
 from splice.analysis.metrics import cosine_of, gaussian_like, norm_of
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
@@ -69,9 +69,6 @@ DESCRIPTIONS = {
     ELECTED: "fraction of nonzero task-vector entries whose sign differs from the elected "
     "sign(Σ task vectors) (TIES, no trimming)",
 }
-
-#: tensors with fewer elements run their element-wise work on one torch thread
-SMALL = 1 << 22
 
 
 # ---- pure tensor functions ---------------------------------------------------------------------
@@ -160,23 +157,6 @@ def pair_values(a: torch.Tensor, b: torch.Tensor, k: float) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def _threads_for(numel: int) -> Iterator[None]:
-    """One torch thread for tensors below :data:`SMALL` elements (thread start-up costs more
-    than the work there, worst on a busy machine); torch's setting otherwise."""
-    import torch
-
-    if numel >= SMALL or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---- the analysis -------------------------------------------------------------------------------
 def task_vectors(
     base: ModelRef,
@@ -189,6 +169,7 @@ def task_vectors(
     include_globals: bool = True,
     show_progress: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Task vectors of ``models`` (fine-tunes of ``base``, same architecture), tensor by tensor.
 
@@ -197,7 +178,8 @@ def task_vectors(
     ``baseline_gaussian``), and with two or more models ``sign_conflict_elected`` (``against``
     ``"all"``); see the module docstring. Matrices: ``"{against}/{metric}"``, layers × kinds.
     ``top_k`` is the fraction of entries in the top-k sets; ``kinds`` restricts the comparison
-    to those layer-relative kinds.
+    to those layer-relative kinds. ``threads``: torch CPU threads (None: one for tensors under
+    :data:`~splice.analysis.common.SMALL_NUMEL` elements, torch's setting for larger ones).
     """
     start = time.perf_counter()
     if isinstance(models, (str, os.PathLike, Checkpoint)):
@@ -226,7 +208,7 @@ def task_vectors(
         jobs += [(n, None, n) for n in cb.tensors if cb.arch.parse(n).layer is None]
     records: list[dict[str, Any]] = []
     for kind, layer, name in progress(jobs, "task vectors", enabled=show_progress):
-        with _threads_for(math.prod(cb.tensors[name].shape)):
+        with threads_for(math.prod(cb.tensors[name].shape), threads):
             records += _tensor_records(cb, cms, labels, name, kind, layer, top_k, device, baselines)
     matrices = _matrices(records, by_kind, labels)
     metrics = [*MODEL_METRICS, *((*PAIR_METRICS, ELECTED) if len(cms) > 1 else ())]
@@ -286,7 +268,8 @@ def _tensor_records(
     for j in range(1, len(deltas)):
         g = gauss(j) if baselines else None
         for i in range(j):
-            nulls = pair_values(deltas[i], g, top_k) if g is not None else {}
+            both = norms[i] > 0 and norms[j] > 0  # else the values are NaN: no null either
+            nulls = pair_values(deltas[i], g, top_k) if g is not None and both else {}
             for metric, value in pair_values(deltas[i], deltas[j], top_k).items():
                 add(f"{labels[i]} & {labels[j]}", metric, value, nulls.get(metric))
         del g

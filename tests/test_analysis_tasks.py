@@ -197,12 +197,16 @@ def test_nulls_and_matrices(models):
             sd = 1 / math.sqrt(0.6 * sizes[r["tensor"]])  # 0.6: a's nonzero share
             assert r["baseline_gaussian"] == pytest.approx(nulls[r["metric"]], abs=5 * sd), r
     # the null of pair (a, b) is a's task vector against the Gaussian seeded for b
-    ref = deltas(models, ["a"])["a"][UP1].astype(np.float64)
-    g = gaussian_like(tuple(sizes_shape(models, UP1)), seed=2).reshape(-1).double().numpy()
-    (r,) = report.values("task_cosine", tensor=UP1, against="a & b")
+    down = "model.layers.1.mlp.down_proj.weight"
+    ref = deltas(models, ["a"])["a"][down].astype(np.float64)
+    g = gaussian_like(tuple(sizes_shape(models, down)), seed=2).reshape(-1).double().numpy()
+    (r,) = report.values("task_cosine", tensor=down, against="a & b")
     assert r["baseline_gaussian"] == pytest.approx(np_cos(ref, g), rel=1e-6)
-    (r,) = report.values("sign_conflict", tensor=UP1, against="a & b")
+    (r,) = report.values("sign_conflict", tensor=down, against="a & b")
     assert r["baseline_gaussian"] == pytest.approx(np_sign_conflict(ref, g), rel=1e-12)
+    # b left UP1 untouched: no value, no null
+    (r,) = report.values("task_cosine", tensor=UP1, against="a & b")
+    assert math.isnan(r["value"]) and r["baseline_gaussian"] is None
     for r in report.values("delta_norm"):
         assert r["baseline_gaussian"] is None
     m = report.matrices["a & b/task_cosine"]
