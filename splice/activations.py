@@ -239,26 +239,52 @@ def _zoo_text(language: str) -> str:
     return zoo_text(language=language)
 
 
+def text_tokens(tokenizer: Any, text: str, need: int | None = None) -> list[int]:
+    """Token ids of ``text`` (no special tokens), as tokenizing the whole text at once gives.
+
+    With ``need``, only a prefix is tokenized when the text is long: one ending at a blank line
+    (a document boundary; else at a line end) at least ``PREFIX_CHARS_PER_TOKEN * need``
+    characters in, doubled until it gives ``need`` tokens and ``PREFIX_SLACK`` more, so the
+    tokens near the cut (which may differ from the whole text's) are never among the first
+    ``need``. Tokenizing pieces one after the other instead (e.g. every 256 lines) adds tokens
+    at each piece's start and shifts every window after it.
+    """
+
+    def tok(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+
+    chars = PREFIX_CHARS_PER_TOKEN * need if need is not None else len(text)
+    while chars < len(text):
+        cut = text.find("\n\n", chars)
+        cut = cut if cut >= 0 else text.find("\n", chars)
+        if cut < 0:
+            break
+        ids = tok(text[:cut])
+        if len(ids) >= need + PREFIX_SLACK:  # type: ignore[operator]
+            return ids
+        chars = 2 * cut
+    return tok(text)
+
+
+#: a prefix of this many characters per token needed is tokenized first (:func:`text_tokens`)
+PREFIX_CHARS_PER_TOKEN = 16
+#: tokens past the ones needed that a prefix must give before its cut is trusted
+PREFIX_SLACK = 64
+
+
 def token_windows(tokenizer: Any, text: str, seq_len: int, max_samples: int) -> torch.Tensor:
     """``[N, T]`` token ids: consecutive windows of the tokenized text, N ≤ ``max_samples``.
 
     Each window starts with the tokenizer's BOS (if it has one) followed by ``seq_len - 1``
-    text tokens (``seq_len`` when there is no BOS). Only the text needed is tokenized. A text
-    shorter than one window gives one shorter window.
+    text tokens (``seq_len`` when there is no BOS): the windows of the whole text tokenized at
+    once (:func:`text_tokens` reads only a long enough prefix, cut at a document boundary). A
+    text shorter than one window gives one shorter window.
     """
     import torch
 
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - 1 if bos is not None else seq_len
-    need = body * max_samples
-    ids: list[int] = []
-    lines = text.splitlines(keepends=True)
-    step = 256
-    for k in range(0, len(lines), step):
-        chunk = "".join(lines[k : k + step])
-        ids += tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) >= need:
-            break
+    ids = text_tokens(tokenizer, text, body * max_samples)
     if not ids:
         raise SpliceError("calibration text has no tokens for this tokenizer")
     count = min(max_samples, max(1, len(ids) // body))

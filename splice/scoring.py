@@ -62,20 +62,16 @@ def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
 
 def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
     """``[N]`` token ids of ``text``: the tokenizer's BOS (if any), then the text's tokens,
-    at most ``max_tokens`` in all (only the lines needed are tokenized)."""
+    at most ``max_tokens`` in all: those of the whole text tokenized at once
+    (:func:`splice.activations.text_tokens` reads only a long enough prefix)."""
     import torch
+
+    from splice.activations import text_tokens
 
     bos = getattr(tokenizer, "bos_token_id", None)
     ids: list[int] = [bos] if bos is not None else []
-    lines = text.splitlines(keepends=True)
-    step = 256
-    for k in range(0, len(lines), step):
-        chunk = "".join(lines[k : k + step])
-        ids += tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-        if max_tokens is not None and len(ids) >= max_tokens:
-            ids = ids[:max_tokens]
-            break
-    return torch.tensor(ids, dtype=torch.long)
+    ids += text_tokens(tokenizer, text, max_tokens)
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
