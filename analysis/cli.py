@@ -99,6 +99,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     a.add_argument(
+        "--last-before-norm",
+        action="store_true",
+        help="take the last layer's output before the final norm (default: after it, HF's "
+        "hidden_states[-1], as PruneMe and ShortGPT)",
+    )
+    a.add_argument(
         "--compare",
         metavar="B",
         help="a second model (same tokenizer, depth and width): report the linear CKA and "
@@ -236,6 +242,7 @@ def _run_activations(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        final_norm=not args.last_before_norm,
     )
     _finish(report, args)
 

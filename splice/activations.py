@@ -391,6 +391,57 @@ def _add(sums: dict[Key, torch.Tensor], key: Key, value: torch.Tensor) -> None:
 
 # ---- collectors -----------------------------------------------------------------------------------
 @dataclass
+class WindowMoments:
+    """Per-window values of a statistic folded in window by window, for its standard error.
+
+    Holds, per entry of ``shape``, the count ``n``, a shift ``k`` (the first window's value) and
+    ``Σ (v − k)``, ``Σ (v − k)²`` over windows: shifting keeps the variance exact when the
+    values are close to each other (identical windows give exactly 0), and memory stays flat.
+    """
+
+    shape: tuple[int, ...]
+    n: np.ndarray = field(init=False)
+    shift: np.ndarray = field(init=False)
+    s1: np.ndarray = field(init=False)
+    s2: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = np.zeros(self.shape)
+        self.shift = np.full(self.shape, np.nan)
+        self.s1 = np.zeros(self.shape)
+        self.s2 = np.zeros(self.shape)
+
+    def add(self, values: Any, index: Any = ...) -> None:
+        """Fold in ``values`` ``[B, *shape[index]]``: one value per window for entry ``index``
+        (default: every entry)."""
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape[0] == 0:
+            return
+        k = np.where(np.isnan(self.shift[index]), v[0], self.shift[index])
+        self.shift[index] = k
+        d = v - k
+        self.n[index] += v.shape[0]
+        self.s1[index] += d.sum(0)
+        self.s2[index] += (d * d).sum(0)
+
+    def mean(self) -> np.ndarray:
+        """``[*shape]``: the mean over windows (NaN where none)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.shift + self.s1 / self.n
+
+    def std(self) -> np.ndarray:
+        """``[*shape]``: the sample standard deviation over windows (ddof 1; NaN below 2)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (self.s2 - self.s1 * self.s1 / self.n) / (self.n - 1)
+        return np.where(self.n >= 2, np.sqrt(np.clip(var, 0, None)), np.nan)
+
+    def stderr(self) -> np.ndarray:
+        """``[*shape]``: the standard error of the mean, ``std / √n`` (NaN below 2 windows)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.std() / np.sqrt(self.n)
+
+
+@dataclass
 class LayerStats:
     """Per-layer statistics summed over calibration batches (:class:`LayerIO`).
 
@@ -399,8 +450,11 @@ class LayerStats:
     ``io_cos_other[l]`` over positions ≥ 1 with the output taken at another position (null).
     ``angles[a, b]`` sums, over samples, the angle in radians between the last token's
     residual stream at boundaries a and b (``[L+1, L+1]``; boundary 0 = input of layer 0,
-    boundary l+1 = output of layer l); ``angles_other`` the same between a sample and the next
-    one in its batch (``pairs_other`` of them).
+    boundary l+1 = output of layer l, through the final norm for the last layer when
+    ``final_norm``); ``angles_other`` the same between a sample and the next one in its batch
+    (``pairs_other`` of them). Per window (:class:`WindowMoments`, for standard errors over
+    windows): ``io_cos_w`` the window's mean io cosine at positions ≥ 1, ``io_cos_all_w`` at all
+    positions, ``angles_w`` its last token's angles.
     """
 
     num_layers: int
@@ -413,16 +467,47 @@ class LayerStats:
     angles: np.ndarray
     angles_other: np.ndarray
     pairs_other: int
+    io_cos_w: WindowMoments | None = None
+    io_cos_all_w: WindowMoments | None = None
+    angles_w: WindowMoments | None = None
+    final_norm: bool = False
 
     @classmethod
-    def zeros(cls, num_layers: int) -> LayerStats:
+    def zeros(cls, num_layers: int, final_norm: bool = False) -> LayerStats:
         z = np.zeros(num_layers)
         b = np.zeros((num_layers + 1, num_layers + 1))
-        return cls(num_layers, 0, 0, 0, z.copy(), z.copy(), z.copy(), b.copy(), b.copy(), 0)
+        return cls(
+            num_layers,
+            0,
+            0,
+            0,
+            z.copy(),
+            z.copy(),
+            z.copy(),
+            b.copy(),
+            b.copy(),
+            0,
+            WindowMoments((num_layers,)),
+            WindowMoments((num_layers,)),
+            WindowMoments(b.shape),
+            final_norm,
+        )
 
     def angular_distance(self) -> np.ndarray:
         """``[L+1, L+1]``: mean over samples of angle / π between boundaries a and b."""
         return self.angles / (math.pi * max(self.samples, 1))
+
+    def angular_distance_se(self) -> np.ndarray:
+        """``[L+1, L+1]``: the standard error over windows of :meth:`angular_distance`."""
+        assert self.angles_w is not None
+        return self.angles_w.stderr() / math.pi
+
+    def io_cosine_se(self, all_positions: bool = False) -> np.ndarray:
+        """``[L]``: the standard error over windows of the mean io cosine (positions ≥ 1, or
+        all positions: block influence's, whose error it is too)."""
+        w = self.io_cos_all_w if all_positions else self.io_cos_w
+        assert w is not None
+        return w.stderr()
 
     def angular_distance_other(self) -> np.ndarray | None:
         """``[L+1, L+1]``: the same between different samples (None if never batched ≥ 2)."""
@@ -430,12 +515,12 @@ class LayerStats:
 
 
 def _angles(x: torch.Tensor) -> torch.Tensor:
-    """``[B, K, H]`` -> ``[K, K]`` angles summed over B between every pair of the K vectors."""
+    """``[B, K, H]`` -> ``[B, K, K]`` angles between every pair of the K vectors of each b."""
     import torch
 
     u = torch.nn.functional.normalize(x.to(torch.float64), dim=-1)
     cos = (u @ u.transpose(1, 2)).clamp(-1, 1)
-    return torch.arccos(cos).sum(0)
+    return torch.arccos(cos)
 
 
 def _cross_angles(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -453,14 +538,27 @@ class LayerIO(Collector):
 
     Cosines are float32 per token, summed per batch; angles float64 between the ``[B, L+1, H]``
     last-token states of a batch, kept (float32, on the CPU) until every layer has run on it
-    (in sequential mode that is ``[windows, L+1, H]``). Windows must be unpadded.
+    (in sequential mode that is ``[windows, L+1, H]``). Each window's mean cosines and angles
+    are also folded into :class:`WindowMoments` (standard errors over windows). Windows must
+    be unpadded.
+
+    ``final_norm``: a module path (``model.norm``) the last layer's output is passed through
+    before it is compared, as HF's ``hidden_states[-1]`` is and PruneMe / ShortGPT read it;
+    None compares the last layer's raw output (before the final norm).
     """
 
+    final_norm: str | None = None
     site: str = field(default="layer", init=False)
     layers: Sequence[int] | None = field(default=None, init=False)
 
     def start(self, model: PreTrainedModel, num_layers: int) -> None:
-        self.stats = LayerStats.zeros(num_layers)
+        self._norm = None
+        if self.final_norm is not None:
+            try:
+                self._norm = model.get_submodule(self.final_norm)
+            except AttributeError:
+                raise SpliceError(f"LayerIO: the model has no module {self.final_norm!r}") from None
+        self.stats = LayerStats.zeros(num_layers, final_norm=self._norm is not None)
         self._last: dict[int, list[Any]] = {}
         self._seq = 0
 
@@ -471,10 +569,17 @@ class LayerIO(Collector):
         if index == 0 and not bool(c.mask.all()):
             raise SpliceError("layer statistics need unpadded windows (no attention mask zeros)")
         stats = self.stats
+        if self._norm is not None and index == stats.num_layers - 1:
+            y = self._norm(y)  # HF's hidden_states[-1]
         xf, yf = x.float(), y.float()
         cos = torch.nn.functional.cosine_similarity(xf, yf, dim=-1)  # [B, T]
         stats.io_cos_all[index] += float(cos.sum())
         stats.io_cos[index] += float(cos[:, 1:].sum())
+        assert stats.io_cos_w is not None and stats.io_cos_all_w is not None
+        per_window = cos.double()
+        stats.io_cos_all_w.add(per_window.mean(1).cpu().numpy(), index)
+        if cos.shape[1] > 1:
+            stats.io_cos_w.add(per_window[:, 1:].mean(1).cpu().numpy(), index)
         t = x.shape[1]
         if t > 2:
             shifted = torch.roll(yf[:, 1:], shifts=(t - 1) // 2, dims=1)
@@ -495,7 +600,10 @@ class LayerIO(Collector):
         stats.samples += b
         stats.tokens += b * (t - 1)
         stats.tokens_all += b * t
-        stats.angles += _angles(last).numpy()
+        angles = _angles(last)  # [B, L+1, L+1]
+        stats.angles += angles.sum(0).numpy()
+        assert stats.angles_w is not None
+        stats.angles_w.add(angles.numpy())
         if b > 1:
             stats.angles_other += _cross_angles(last, torch.roll(last, 1, dims=0)).numpy()
             stats.pairs_other += b
@@ -1171,13 +1279,16 @@ def layer_statistics(
     batch_size: int = 8,
     device: str = "cpu",
     show_progress: bool = False,
+    final_norm: str | None = None,
 ) -> LayerStats:
     """:class:`LayerStats` of ``model`` on unpadded windows ``input_ids`` ``[N, T]``
-    (:func:`run` with :class:`LayerIO`); the last position is each window's last token."""
+    (:func:`run` with :class:`LayerIO`); the last position is each window's last token.
+    ``final_norm`` (a module path, e.g. ``model.norm``): take the last layer's output through
+    it, as HF's ``hidden_states[-1]`` (None: before it)."""
     (stats,) = run(
         model,
         input_ids,
-        [LayerIO()],
+        [LayerIO(final_norm=final_norm)],
         device=device,
         batch_size=batch_size,
         layer_prefix=layer_prefix,

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 @dataclass
 class Calibration:
     """How calibration text is run: windows of ``seq_len`` tokens (at most ``max_samples``),
-    ``batch_size`` windows a batch, the model in ``dtype`` on ``device``."""
+    ``batch_size`` windows a batch, the model in ``dtype`` on ``device``; the last layer's
+    output through the final norm (``final_norm``, HF's ``hidden_states[-1]``) or before it."""
 
     seq_len: int = 128
     max_samples: int = 64
@@ -39,6 +40,7 @@ class Calibration:
     dtype: str = "float32"
     include_path: str | None = None
     show_progress: bool = False
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         from splice.activations import resolve_device
@@ -87,12 +89,13 @@ def layer_report(
         allow_pickle=allow_pickle,
         include_path=calib.include_path,
         show_progress=calib.show_progress,
+        final_norm=calib.final_norm,
     )
 
 
 def meta(report: Any) -> dict[str, Any]:
     """What the report says about the calibration run (for the surgery report)."""
-    keys = ("calibration", "samples", "seq_len", "device", "dtype", "seconds")
+    keys = ("calibration", "samples", "seq_len", "device", "dtype", "final_norm", "seconds")
     return {k: report.meta[k] for k in keys if k in report.meta}
 
 

@@ -35,10 +35,12 @@ def planned_logits(source: Path, order: list[int], ids: torch.Tensor = IDS) -> t
         return model(ids, use_cache=False).logits
 
 
-def hidden_states(model: torch.nn.Module, windows: torch.Tensor) -> np.ndarray:
+def hidden_states(
+    model: torch.nn.Module, windows: torch.Tensor, final_norm: bool = False
+) -> np.ndarray:
     """``[L+1, N, T, H]`` float64: the residual stream at every layer boundary (the last one
-    before the final norm)."""
-    model.config.tie_last_hidden_states = False
+    before the final norm, or after it with ``final_norm``: HF's default ``hidden_states``)."""
+    model.config.tie_last_hidden_states = final_norm
     with torch.no_grad():
         out = model(windows, output_hidden_states=True)
     return np.stack([h.double().numpy() for h in out.hidden_states])

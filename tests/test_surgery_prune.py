@@ -22,7 +22,8 @@ CALIB = Calibration(seq_len=24, max_samples=8, batch_size=4)
 
 def reference_metrics(model_dir, text_file):
     windows = token_windows(load_tokenizer(model_dir), calibration_text(text_file), 24, 8)
-    hs = hidden_states(load(model_dir), windows)  # [L+1, N, T, H]
+    # [L+1, N, T, H], the last through the final norm, as the analysis (PruneMe, ShortGPT) reads it
+    hs = hidden_states(load(model_dir), windows, final_norm=True)
     last = hs[:, :, -1]
     n_layers = hs.shape[0] - 1
     dist = np.array(
