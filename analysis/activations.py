@@ -54,12 +54,15 @@ def analyze_activations(
     include_path: str | None = None,
     show_progress: bool = False,
     final_norm: bool = True,
+    threads: int | None = None,
 ) -> SimilarityReport:
     """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK`` or ``zoo``), report.
 
     ``final_norm``: the last layer's output passes through the model's final norm before it is
     compared (HF's ``hidden_states[-1]``, as PruneMe and ShortGPT); False: before the norm.
-    Near-tied recommendations warn (see the module docstring).
+    Near-tied recommendations warn (see the module docstring). ``threads``: torch CPU threads
+    (None: one when the largest per-layer matrix is small, ``common.SMALL_NUMEL``, torch's
+    setting otherwise).
 
     The calibration text is read (and checked non-empty) and the model folder checked
     (config, weights, shapes) before the model is loaded. Pickled ``.bin`` weights are refused
@@ -73,6 +76,7 @@ def analyze_activations(
         load_model,
         token_windows,
     )
+    from splice.analysis.common import threads_for
     from splice.checkpoint import open_checkpoint
     from splice.modeling import load_tokenizer
 
@@ -110,15 +114,24 @@ def analyze_activations(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    stats = layer_statistics(
-        lm,
-        ids,
-        layer_prefix=ckpt.arch.layer_prefix,
-        batch_size=batch_size,
-        device=device,
-        show_progress=show_progress,
-        final_norm=norm,
+    largest = max(
+        (
+            math.prod(i.shape)
+            for n, i in ckpt.tensors.items()
+            if ckpt.arch.parse(n).layer is not None
+        ),
+        default=0,
     )
+    with threads_for(largest, threads):
+        stats = layer_statistics(
+            lm,
+            ids,
+            layer_prefix=ckpt.arch.layer_prefix,
+            batch_size=batch_size,
+            device=device,
+            show_progress=show_progress,
+            final_norm=norm,
+        )
     if not (np.isfinite(stats.angles).all() and np.isfinite(stats.io_cos_all).all()):
         raise SpliceError(
             f"{ckpt.path}: hidden states became NaN or inf running it in {dtype}"

@@ -243,6 +243,7 @@ def _run_activations(args: argparse.Namespace) -> None:
         include_path=args.include_path,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         final_norm=not args.last_before_norm,
+        threads=args.threads,
     )
     _finish(report, args)
 

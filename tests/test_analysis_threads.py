@@ -63,3 +63,28 @@ def test_metrics_run_on_the_threads_of_their_size(two_threads):
     values, _ = pairwise(m, [small, 2 * small], None, Timer())
     assert values[0, 1] == 2 * small.numel() and set(seen) == {1}
     assert torch.get_num_threads() == 2
+
+
+def test_activations_of_a_small_model_run_on_one_thread(
+    two_threads, tiny_models, tmp_path, monkeypatch
+):
+    import warnings
+
+    import splice.activations as acts
+    from splice.analysis.activations import analyze_activations
+
+    seen: list[int] = []
+    real = acts.layer_statistics
+
+    def spy_stats(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acts, "layer_statistics", spy_stats)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(400)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-ties on a random model
+        analyze_activations(tiny_models["llama"], text, seq_len=8, max_samples=2)
+        analyze_activations(tiny_models["llama"], text, seq_len=8, max_samples=2, threads=2)
+    assert seen == [1, 2] and torch.get_num_threads() == 2
