@@ -24,11 +24,13 @@ def test_analysis_notebook_runs(analysis_zoo, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # heatmaps: two specialists, within, angular distance, experts
+    # heatmaps: two specialists, within, angular distance, experts, two task-vector views, CKA
+    assert len(images) >= 8
     text = "".join(
         str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs
     )
-    assert "prune" in text and "baseline_gaussian" in text
+    for word in ("prune", "baseline_gaussian", "task_cosine", "sign_conflict", "cka"):
+        assert word in text, word
 
 
 def test_demo_analysis_step(analysis_zoo, tmp_path, capsys):
