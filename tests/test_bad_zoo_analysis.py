@@ -172,8 +172,8 @@ def test_out_is_checked_first_and_written_atomically(models, tmp_path, capsys, m
 
     real = SimilarityReport._write
 
-    def broken(self, folder, figures):
-        real(self, folder, figures)
+    def broken(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(SimilarityReport, "_write", broken)
