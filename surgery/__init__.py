@@ -12,15 +12,39 @@ prune=, align=)`` turns an MoE into a dense model or one of fewer experts (a
 :class:`CollapseReport`). Importing this package loads no torch.
 """
 
+from importlib import import_module
+from typing import Any
+
 from splice.surgery.calibration import Calibration
 from splice.surgery.collapse import CollapseReport, LayerCollapse, collapse, plan_collapse
 from splice.surgery.depth import SurgeryResult, layer_map_plan
 from splice.surgery.heal import HealReport, heal
 from splice.surgery.prune import plan_prune, prune
 from splice.surgery.report import RECORD, SurgeryReport, read_record
-from splice.surgery.sliced import load_sliced
-from splice.surgery.slicing import SliceReport, SliceResult, plan_slice, slice_model
 from splice.surgery.upscale import plan_upscale, upscale
+
+#: loaded on first use (slicing imports numpy and the activation runner), so `splice upscale`
+#: does not pay for them at start-up; a name here is never also a module's name
+_LAZY = {
+    "load_sliced": "sliced",
+    "SliceReport": "slicing",
+    "SliceResult": "slicing",
+    "plan_slice": "slicing",
+    "slice_model": "slicing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'splice.surgery' has no attribute {name!r}")
+    value = getattr(import_module(f"splice.surgery.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "RECORD",
