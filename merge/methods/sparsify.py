@@ -104,46 +104,56 @@ def _keys(chunk: torch.Tensor) -> torch.Tensor:
 
 def _histograms(
     pieces: Iterable[torch.Tensor], digit: Callable[[torch.Tensor], torch.Tensor], bins: int
-) -> tuple[torch.Tensor, list[int]]:
-    """``[rows, bins]`` counts of ``digit(piece)`` over pieces gathered into rows of about
-    ``ROW`` elements, and each row's element count (``digit`` may select, flattened)."""
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Counts of ``digit(piece)`` over pieces gathered into rows of about ``ROW`` elements: the
+    total ``[bins]``, each row's ``[bins]`` and each row's element count (``digit`` may select,
+    flattened). Counts stay int64 as ``bincount`` makes them, and only the total is summed over
+    rows (a row's counts are read later at one digit only)."""
     rows: list[torch.Tensor] = []
     sizes: list[int] = []
+    total: torch.Tensor | None = None
     for piece in pieces:
-        counts = torch.bincount(digit(piece), minlength=bins).int()  # a row counts < 2**31
+        counts = torch.bincount(digit(piece), minlength=bins)
+        if total is None:
+            total = counts.clone()
+        else:
+            total += counts
         if sizes and sizes[-1] < ROW:
             rows[-1] += counts
             sizes[-1] += piece.numel()
         else:
             rows.append(counts)
             sizes.append(piece.numel())
-    return torch.stack(rows), sizes
+    if total is None:
+        total = torch.zeros(bins, dtype=torch.int64)
+    return total, rows, sizes
 
 
 class _Cut:
     """The cut at ``rank`` as ``(kth, pos)``; ``pos`` is found as the blocks stream by.
 
-    ``hist`` ``[rows, bins]`` counts, row by row (``sizes`` consecutive elements each), the keys
-    that share the top bits ``prefix`` by their last 16 bits; ``smaller`` keys have a lower
-    prefix. The ties (keys equal to ``kth``) that rank below are all those before flat position
+    ``total`` ``[bins]`` and ``rows`` (``[bins]`` each, ``sizes`` consecutive elements each) count
+    the keys that share the top bits ``prefix`` by their last 16 bits; ``smaller`` keys have a
+    lower prefix. The ties (keys equal to ``kth``) that rank below are all those before flat position
     ``start``, then the next ``pending``.
     """
 
     def __init__(
         self,
         rank: int,
-        hist: torch.Tensor,
+        total: torch.Tensor,
+        rows: list[torch.Tensor],
         sizes: list[int],
         prefix: int = 0,
         smaller: int = 0,
         shift: int = 15,
     ) -> None:
         self.shift = shift  # the keys' sign bit: 15 or 31
-        cum = hist.sum(0).cumsum(0)
+        cum = total.cumsum(0)
         digit = int(torch.searchsorted(cum, rank - smaller, right=True))
         ties = rank - smaller - (int(cum[digit - 1]) if digit > 0 else 0)
         self.kth = prefix | digit
-        through = hist[:, digit].cumsum(0)  # ties up to each row's end
+        through = torch.stack([r[digit] for r in rows]).cumsum(0)  # ties up to each row's end
         crossing = int(torch.searchsorted(through, ties))  # the row of the last tie below
         self.start = sum(sizes[:crossing])
         self.pending = ties - (int(through[crossing - 1]) if crossing > 0 else 0)
@@ -194,11 +204,10 @@ def _cuts(keys: Keys, ranks: list[int]) -> tuple[list[_Cut], int]:
         wide = key.dtype == torch.int32
         return (key >> 16 if wide else key).view(-1)
 
-    hist, sizes = _histograms(keys(), top, 1 << 15)
-    counts = hist.sum(0)
+    counts, rows, sizes = _histograms(keys(), top, 1 << 15)
     largest = int(torch.nonzero(counts)[-1])
     if not wide:
-        return [_Cut(rank, hist, sizes) for rank in ranks], largest
+        return [_Cut(rank, counts, rows, sizes) for rank in ranks], largest
     cum = counts.cumsum(0)
     tops = [int(torch.searchsorted(cum, rank, right=True)) for rank in ranks]
     lows = {  # one more pass per top digit: the last 16 bits of the keys under it

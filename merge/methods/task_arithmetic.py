@@ -228,11 +228,16 @@ class _Mix:
         if ranked or consensus is not None:
             self.key, self.masks = new(m, size), new(m, size)
             self.mask = self.masks[0]
-        self.lows: dict[tuple[int, ...], torch.Tensor] = {}  # per-row lower bounds of kept keys
+        # per-row lower bounds of kept keys (less one, ``[m, 1]``), and whether every kept entry
+        # stays nonzero once weighted: then the keep masks are also the election's nonzero masks
+        self.lows: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = {}
+        self.table: tuple[int, torch.Tensor, int] | None = None
         if consensus is not None:
             self.agree, self.positive = new(m, size), new(size)
             self.total, self.denominator = new(size, dtype=self.dtype), new(size, dtype=self.acc)
             self.rounded_d = new(size, dtype=self.dtype) if self.acc != self.dtype else None
+            if normalize and m == 2 and self.acc == self.dtype:
+                self.table = self._denominators()
 
     def __call__(self, sources: list[_Delta], a: int, b: int) -> torch.Tensor:
         """The block of flat entries ``a..b`` ``[b - a]`` (in a scratch buffer, valid until the
@@ -241,11 +246,11 @@ class _Mix:
         ds = self.deltas[:, :n]
         for d, row in zip(sources, ds, strict=True):
             d.block_(a, row)
-        self._rank(sources, a, ds)
+        keep = self._rank(sources, a, ds)
         ds *= self.w  # as w_i * d_i, row by row
         mixed = self.mixed[:n]
         if self.consensus is not None:
-            denominator = self._elect(ds)
+            denominator = self._elect(ds, keep)
         else:
             mixed.copy_(ds[0])
             for d in ds[1:]:
@@ -256,12 +261,16 @@ class _Mix:
             chunk /= denominator
         return chunk
 
-    def _rank(self, sources: list[_Delta], a: int, ds: torch.Tensor) -> None:
+    def _rank(self, sources: list[_Delta], a: int, ds: torch.Tensor) -> torch.Tensor | None:
         """Zero, in the block of deltas ``ds`` ``[m, b]`` at flat ``a``, what the sources' rank
-        windows drop: in one pass over all rows where each keeps the keys above one bound."""
+        windows drop: in one pass over all rows where each keeps the keys above one bound.
+
+        Returns the keep masks ``[m, b]`` (all ones where kept) when they are also the masks of
+        the entries that are nonzero once weighted (every row has a bound >= 1 here and no kept
+        entry can round to 0 when multiplied by its weight), else None."""
         windows = [d.window for d in sources]
         if all(w is None for w in windows):
-            return
+            return None
         n, bits = ds.shape[1], self.bits
         v, key, mask = ds.view(bits.itype), self.key[:, :n], self.masks[:, :n]
         torch.bitwise_and(v, bits.magnitude, out=key)
@@ -272,18 +281,52 @@ class _Mix:
         if all(len(p) == 1 and p[0][1] < top == p[0][2] for p in pieces):
             lows = tuple(p[0][1] for p in pieces)
             if lows not in self.lows:
-                self.lows[lows] = torch.tensor(lows, dtype=bits.itype, device=ds.device).view(-1, 1)
-            sparsify.keep_keys_(v, key, self.lows[lows], top, mask)
-            return
+                self.lows[lows] = self._bounds(lows)
+            floor, nonzero = self.lows[lows]
+            # keep key >= lo: (lo - 1) - key is negative (lo - 1 >= -1, no overflow)
+            torch.sub(floor, key, out=mask).bitwise_right_shift_(bits.shift)
+            v.bitwise_and_(mask)
+            return mask if nonzero else None
         for i, p in enumerate(pieces):
             start = 0
             for end, lo, hi in p:
                 part = slice(start, end)
                 sparsify.keep_keys_(v[i, part], key[i, part], lo, hi, mask[i, part])
                 start = end
+        return None
 
-    def _elect(self, ds: torch.Tensor) -> torch.Tensor | None:
-        """Sums the agreeing deltas ``[m, b]`` into ``mixed``; returns ``D`` (``normalize``)."""
+    def _bounds(self, lows: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+        """``lows - 1`` as ``[m, 1]`` keys, and whether ``|w_i| * x`` rounds to nonzero for the
+        smallest kept magnitude ``x`` of every row (rounding is monotone, so then for every kept
+        entry; never where some row keeps zeros, ``lo = 0``)."""
+        b, device = self.bits, self.w.device
+        floor = torch.tensor([lo - 1 for lo in lows], dtype=b.itype, device=device).view(-1, 1)
+        if min(lows) < 1:
+            return floor, False
+        smallest = torch.tensor(lows, dtype=b.itype, device=device).view(self.dtype)
+        weighted = smallest * self.w.view(-1).abs()  # the dtype's own multiply, as ds *= w
+        return floor, bool((weighted != 0).all())
+
+    def _denominators(self) -> tuple[int, torch.Tensor, int]:
+        """Two models: ``D = Σ_i m_i w_i`` (1 where it is 0) takes one of four values, made here
+        by the very operations of the general path on the four agreement patterns, so that a
+        block's ``D`` is bit operations on the masks: ``D00 ^ (m_0 & X_0) ^ (m_1 & X_1) ^
+        (m_0 & m_1 & X_01)``. Returns ``D00``, ``X`` ``[2, 1]`` and ``X_01`` as bit patterns."""
+        b = self.bits
+        pattern = torch.tensor(
+            [[0, -1, 0, -1], [0, 0, -1, -1]], dtype=b.itype, device=self.w.device
+        )
+        picked = (pattern & self.shares).view(self.dtype)  # w_i or +0
+        dv = torch.add(picked[0], picked[1]).view(b.itype)  # as _sum of two rows
+        zero = (dv & b.magnitude).sub_(1).bitwise_right_shift_(b.shift)
+        dv ^= (dv ^ b.one) & zero  # ±0 -> 1
+        d00, d10, d01, d11 = (int(x) for x in dv.tolist())
+        x = torch.tensor([d10 ^ d00, d01 ^ d00], dtype=b.itype, device=self.w.device).view(2, 1)
+        return d00, x, d11 ^ d10 ^ d01 ^ d00
+
+    def _elect(self, ds: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Sums the agreeing deltas ``[m, b]`` into ``mixed``; returns ``D`` (``normalize``).
+        ``keep``: the nonzero masks of the weighted deltas, where :meth:`_rank` knows them."""
         m, n = ds.shape
         b, dtype = self.bits, self.dtype
         key, agree = self.key[:, :n], self.agree[:, :n]
@@ -294,6 +337,14 @@ class _Mix:
             total = torch.add(rows[0], rows[1], out=self.total[:n]) if m == 2 else rows[0]
         else:
             total = vote(rows, self.consensus or "sum", int8_mask=self.int8_mask)
+        v = ds.view(b.itype)
+        if total.dtype == dtype and self.finite and keep is not None:
+            # agree: nonzero (kept) and of the total's sign: the sign bit of d ^ ~total is set
+            # (a total of -0 elects - here; it is a sum of ±0 only, which none agrees with)
+            nt = torch.bitwise_not(total.view(b.itype), out=positive)
+            torch.bitwise_xor(v, nt, out=agree).bitwise_right_shift_(b.shift)
+            agree &= keep
+            return self._mixed(v, agree, key, mask, mixed, denominator)
         if total.dtype == dtype and self.finite:
             # + elected: the sign bit is clear. A total of -0 (+ elected by >= 0) is a sum of
             # ±0 only (sums of nonzero values round to nonzero or +0), so none agrees anyway.
@@ -306,16 +357,37 @@ class _Mix:
             positive &= k.sub_(b.inf + 1).bitwise_right_shift_(b.shift)  # a NaN total elects -
         else:
             positive.copy_(total >= 0).neg_()
-        v = ds.view(b.itype)
         torch.bitwise_and(v, b.magnitude, out=key)
         torch.neg(key, out=agree).bitwise_right_shift_(b.shift)  # nonzero
         if not self.finite:  # and not NaN
             agree &= key.sub_(b.inf + 1).bitwise_right_shift_(b.shift)
         agree &= torch.bitwise_xor(v, positive, out=key).bitwise_right_shift_(b.shift)  # sign
+        return self._mixed(v, agree, key, mask, mixed, denominator)
+
+    def _mixed(
+        self,
+        v: torch.Tensor,
+        agree: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor,
+        mixed: torch.Tensor,
+        denominator: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """``mixed = Σ_i m_i d_i`` from the deltas' bits ``v`` and the agreement masks ``agree``
+        ``[m, b]`` (``key``, ``mask``: scratch); returns ``D`` (``normalize``)."""
+        b, dtype, n = self.bits, self.dtype, v.shape[1]
         picked = torch.bitwise_and(v, agree, out=key).view(dtype)  # d or +0
         self._sum(picked, mixed)
         if not self.normalize:
             return None
+        if self.table is not None:  # two models: D from the masks by bit operations
+            d00, x, x01 = self.table
+            parts = torch.bitwise_and(agree, x, out=key)
+            dv = torch.bitwise_xor(parts[0], parts[1], out=denominator.view(b.itype))
+            both = torch.bitwise_and(agree[0], agree[1], out=key[0])
+            dv ^= both.bitwise_and_(x01)
+            dv ^= d00
+            return denominator
         self._sum(agree.bitwise_and_(self.shares).view(dtype), denominator)  # w_i or +0
         if self.rounded_d is not None:
             denominator = self.rounded_d[:n].copy_(denominator)
