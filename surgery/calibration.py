@@ -18,6 +18,7 @@ et al.'s angular distance ``d(l, l+n)`` between the last token's residual stream
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,20 +78,24 @@ def layer_report(
             f"--calibration {calibration}: the text is too short: {first.shape[1]} tokens, fewer "
             f"than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
         )
-    return analyze_activations(
-        model,
-        calibration,
-        seq_len=calib.seq_len,
-        max_samples=calib.max_samples,
-        batch_size=calib.batch_size,
-        device=calib.device,
-        dtype=calib.dtype,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        include_path=calib.include_path,
-        show_progress=calib.show_progress,
-        final_norm=calib.final_norm,
-    )
+    with warnings.catch_warnings():
+        # the analysis' own L/4 headline picks are not what a surgery verb chooses: each verb
+        # warns about the near-tie of its own choice (angular_candidates)
+        warnings.filterwarnings("ignore", message=r"(prune|duplicate) \d+ layers: ")
+        return analyze_activations(
+            model,
+            calibration,
+            seq_len=calib.seq_len,
+            max_samples=calib.max_samples,
+            batch_size=calib.batch_size,
+            device=calib.device,
+            dtype=calib.dtype,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            include_path=calib.include_path,
+            show_progress=calib.show_progress,
+            final_norm=calib.final_norm,
+        )
 
 
 def meta(report: Any) -> dict[str, Any]:
@@ -130,7 +135,19 @@ def angular_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], 
         {"layers": [lo, lo + n_drop - 1], "value": float(dist[lo, lo + n_drop])}
         for lo in range(n - n_drop + 1)
     ]
-    return cands, prune_blocks(dist)[n_drop - 1]["start"]
+    blocks = report.recommendations.get("prune_blocks") or prune_blocks(dist)
+    block = blocks[n_drop - 1]
+    if block.get("within_error"):
+        (a, b), (c, d) = block["layers"], block["runner_up"]["layers"]
+        warnings.warn(
+            f"prune --n {n_drop}: layers {a}-{b} (d = {block['angular_distance']:.4f}) beat "
+            f"layers {c}-{d} ({block['runner_up']['angular_distance']:.4f}) by "
+            f"{block['margin']:.4f}, within the combined standard error {block['margin_se']:.4f} "
+            f"over {report.meta.get('samples', '?')} windows: more windows (--max-samples) may "
+            "choose the other",
+            stacklevel=2,
+        )
+    return cands, block["start"]
 
 
 def influence_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], list[int]]:

@@ -44,6 +44,15 @@ def _calibration_options(p: argparse.ArgumentParser, used_by: str) -> None:
     )
 
 
+def _last_layer_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--last-before-norm",
+        action="store_true",
+        help="measure the last layer's output before the final norm (default: after it, HF's "
+        "hidden_states[-1], as PruneMe and ShortGPT)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("out", nargs="?", help="output folder (written atomically)")
@@ -105,6 +114,7 @@ def add_upscale(sub: argparse._SubParsersAction) -> None:
         help="explicit half-open ranges / indices of this model, e.g. 0:24,8:32",
     )
     _calibration_options(p, "--yi")
+    _last_layer_option(p)
     p.set_defaults(func=_run_upscale)
 
 
@@ -122,6 +132,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by", choices=("angular", "influence"), help="metric (default angular)")
     p.add_argument("--drop", metavar="LAYERS", help="remove exactly these layers, e.g. 3,4,7")
     _calibration_options(p, "--n")
+    _last_layer_option(p)
     p.set_defaults(func=_run_prune)
 
 
@@ -195,6 +206,7 @@ def _calibration(args: argparse.Namespace) -> Any:
         dtype=args.calibration_dtype,
         include_path=args.include_path,
         show_progress=not args.no_progress and sys.stderr.isatty(),
+        final_norm=not getattr(args, "last_before_norm", False),
     )
 
 

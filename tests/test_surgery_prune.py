@@ -20,10 +20,10 @@ torch.set_num_threads(1)
 CALIB = Calibration(seq_len=24, max_samples=8, batch_size=4)
 
 
-def reference_metrics(model_dir, text_file):
+def reference_metrics(model_dir, text_file, final_norm=True):
     windows = token_windows(load_tokenizer(model_dir), calibration_text(text_file), 24, 8)
     # [L+1, N, T, H], the last through the final norm, as the analysis (PruneMe, ShortGPT) reads it
-    hs = hidden_states(load(model_dir), windows, final_norm=True)
+    hs = hidden_states(load(model_dir), windows, final_norm=final_norm)
     last = hs[:, :, -1]
     n_layers = hs.shape[0] - 1
     dist = np.array(
@@ -57,6 +57,73 @@ def test_chosen_layers_match_hidden_state_metrics(model, analysis_zoo, tmp_path)
             torch.testing.assert_close(
                 logits(res.out), planned_logits(src, keep), atol=1e-4, rtol=1e-4
             )
+
+
+@pytest.mark.parametrize("model", ["base", "moe"])
+def test_angular_prune_warns_on_its_own_near_tie(model, analysis_zoo):
+    """The warning follows the chosen block's margin over the runner-up against their standard
+    errors over windows (per-window distances from ``output_hidden_states``, std / √N); the
+    analysis' own headline warnings (other block sizes, duplication) are not repeated."""
+    import warnings
+
+    src, text = analysis_zoo / model, analysis_zoo / "corpus.txt"
+    windows = token_windows(load_tokenizer(src), calibration_text(text), 24, 8)
+    last = hidden_states(load(src), windows, final_norm=True)[:, :, -1]
+    n_layers, count = last.shape[0] - 1, last.shape[1]
+    expected = {}
+    for n in (1, 2, 3):
+        per = np.array([angle(last[lo], last[lo + n]) for lo in range(n_layers - n + 1)])
+        mean, se = per.mean(1), per.std(1, ddof=1) / np.sqrt(count)
+        first, second = np.argsort(mean, kind="stable")[:2]
+        expected[n] = mean[second] - mean[first] <= np.hypot(se[first], se[second])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan_prune(src, n=n, by="angular", calibration=text, calib=CALIB)
+        msgs = [str(w.message) for w in caught if "layers" in str(w.message)]
+        assert all(m.startswith(f"prune --n {n}: layers {first}-{first + n - 1} ") for m in msgs)
+        assert len(msgs) == int(expected[n]), (n, msgs)
+
+
+def test_angular_prune_is_quiet_on_a_clear_choice(analysis_zoo, tmp_path):
+    """A layer whose residual writers are zeroed is the identity: d(3, 4) = 0 in every window,
+    a margin no standard error reaches, so no warning."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "base"
+    shutil.copytree(analysis_zoo / "base", src)
+    weights = load_file(src / "model.safetensors")
+    for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        weights[f"model.layers.3.{name}"].zero_()
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = plan_prune(src, n=1, by="angular", calibration=analysis_zoo / "corpus.txt",
+                         calib=CALIB)  # fmt: skip
+    assert res.report.chosen == [3]
+    assert not [w for w in caught if "layers" in str(w.message)]
+
+
+def test_last_before_norm_flag(analysis_zoo, tmp_path, capsys):
+    """``--last-before-norm`` measures the last layer's output before the final norm: the
+    candidates that end at the last layer change, and equal the reference taken there."""
+    src, text = analysis_zoo / "base", analysis_zoo / "corpus.txt"
+    args = ["prune", str(src), "--n", "1", "--by", "angular", "--calibration", str(text)]
+    opts = ["--seq-len", "24", "--max-samples", "8", "--batch-size", "4", "--device", "cpu"]
+    values = {}
+    for flag in ([], ["--last-before-norm"]):
+        assert main([*args, *opts, *flag, "--dry-run", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        values[bool(flag)] = [c["value"] for c in report["candidates"]]
+    for before in (False, True):
+        dist, _ = reference_metrics(src, text, final_norm=not before)
+        n_layers = dist.shape[0] - 1
+        want = [dist[lo, lo + 1] for lo in range(n_layers)]
+        np.testing.assert_allclose(values[before], want, atol=1e-6)
+    assert values[True][:-1] == pytest.approx(values[False][:-1], abs=1e-9)
+    assert abs(values[True][-1] - values[False][-1]) > 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "mixtral"])
