@@ -2,12 +2,19 @@
 layer, on the same calibration windows.
 
 Both models run batch by batch on the same windows (:func:`splice.activations.run`, one batch
-at a time for each): :class:`Boundaries` keeps one batch's residual stream at every boundary,
-``emb`` (entering layer 0), the output of each layer ``0 .. L−1`` (before the final norm) and
-``norm`` (the last layer's output through the final norm: HF's ``hidden_states[-1]``, what
-PruneMe / ShortGPT read). :class:`CrossSimilarity` folds each batch's pair of states into
-float64 sums and the states are dropped, so memory holds one batch of states of both models
-plus, per boundary, ``XᵀX`` and ``YᵀY`` ``[H, H]`` and per compared pair ``XᵀY``.
+at a time): :class:`Boundaries` keeps one batch's residual stream at every boundary, ``emb``
+(entering layer 0), the output of each layer ``0 .. L−1`` (before the final norm) and ``norm``
+(the last layer's output through the final norm: HF's ``hidden_states[-1]``, what PruneMe /
+ShortGPT read). :class:`CrossSimilarity` folds each batch's pair of states into float64 sums
+and the states are dropped, so memory holds one batch of states of both models plus, per
+boundary, ``XᵀX`` and ``YᵀY`` ``[H, H]`` and per compared pair ``XᵀY``.
+
+One model at a time (:func:`compare_activations`): pass 1 loads A, runs every window and
+writes its K states at positions ≥ 1 to a temporary ``np.memmap`` ``[K, N, T−1, H]`` (float32;
+float64 for a float64 model, so the copy is exact) in a temporary folder, then frees A; pass 2
+loads B, runs the same batches and folds each with A's rows read back from the file
+(:func:`spill_states`, :func:`spilled_similarity`). The sums are those of the one-pass
+:func:`activation_similarity` of both loaded models (``resident=True``), to float64 rounding.
 
 Tokens at positions ≥ 1 are compared (the first, BOS, is the same in every window, as for
 ``io_cosine``). For X ``[n, H]`` (model A) and Y (model B) at one boundary:
@@ -26,8 +33,11 @@ value) and ``cka_layers`` / ``cosine_layers`` (value and null per boundary).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -147,19 +157,28 @@ class CrossSimilarity:
     def update(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
         """Fold in one batch: ``xs[i]``, ``ys[i]`` ``[B, T, H]`` the two models' states at
         boundary i on the same windows."""
+        self.update_rows([s[:, 1:] for s in xs], ys)
+
+    def update_rows(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+        """:meth:`update` with A's states at positions ≥ 1 only: ``xs[i]`` ``[B, T−1, H]``
+        (as :func:`spill_states` keeps them; on the device of ``ys[i]`` ``[B, T, H]``)."""
         import torch
 
         def rows(t: torch.Tensor) -> torch.Tensor:
-            t = t[:, 1:]
             dev = "cpu" if t.device.type == "mps" else t.device
             return t.reshape(-1, t.shape[-1]).to(dev, torch.float64)
 
         def add(store: Any, key: Any, value: torch.Tensor) -> None:
             store[key] = value if store[key] is None else store[key] + value
 
-        b, t = xs[0].shape[:2]
+        b, t = ys[0].shape[:2]
+        if xs[0].shape[:2] != (b, t - 1):
+            raise SpliceError(
+                f"A's states cover {tuple(xs[0].shape[:2])} windows x positions but B's "
+                f"{(b, t - 1)}: both need the same batch"
+            )
         x = [rows(s) for s in xs]
-        y = [rows(s) for s in ys]
+        y = [rows(s[:, 1:]) for s in ys]
         for i in range(self.boundaries):
             add(self.sx, i, x[i].sum(0))
             add(self.xx, i, x[i].T @ x[i])
@@ -216,28 +235,20 @@ def activation_similarity(
     show_progress: bool = False,
 ) -> CrossSimilarity:
     """:class:`CrossSimilarity` of two loaded models (on ``device``, same depth) on unpadded
-    ``windows`` ``[N, T]``: each batch runs through A, then B, and is folded in.
+    ``windows`` ``[N, T]``: each batch runs through A, then B, and is folded in (both models in
+    memory: :func:`compare_activations` spills A's states instead, one model at a time).
     ``all_pairs=False`` compares boundary i of A with boundary i of B only."""
     import torch
-
-    from splice.activations import run
 
     if batch_size < 1:
         raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
     acc: CrossSimilarity | None = None
     batches = list(torch.split(windows, batch_size))
     for ids in progress(batches, "calibration", enabled=show_progress):
-        states = []
-        for m in (model_a, model_b):
-            (s,) = run(
-                m,
-                ids,
-                [Boundaries(final_norm=final_norm)],
-                device=device,
-                batch_size=ids.shape[0],
-                layer_prefix=layer_prefix,
-            )
-            states.append(s)
+        states = [
+            boundary_states(m, ids, layer_prefix=layer_prefix, final_norm=final_norm, device=device)
+            for m in (model_a, model_b)
+        ]
         if len(states[0]) != len(states[1]):
             raise SpliceError(
                 f"the models have {len(states[0])} and {len(states[1])} hidden states: "
@@ -250,6 +261,158 @@ def activation_similarity(
             acc.update(*states)
         del states
     assert acc is not None
+    return acc
+
+
+def boundary_states(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    *,
+    layer_prefix: str = "model.layers.{i}.",
+    final_norm: str | None = "model.norm",
+    device: str = "cpu",
+) -> list[torch.Tensor]:
+    """One batch's :class:`Boundaries` states (``[B, T, H]`` each, on ``device``)."""
+    from splice.activations import run
+
+    (s,) = run(
+        model,
+        ids,
+        [Boundaries(final_norm=final_norm)],
+        device=device,
+        batch_size=ids.shape[0],
+        layer_prefix=layer_prefix,
+    )
+    return s
+
+
+def spill_dtype(dtype: str) -> np.dtype:
+    """What :func:`spill_states` stores a model's states in: float32 (exact for float32,
+    bfloat16 and float16 models), float64 for a float64 model."""
+    return np.dtype(np.float64 if dtype == "float64" else np.float32)
+
+
+def spill_states(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    layer_prefix: str = "model.layers.{i}.",
+    final_norm: str | None = "model.norm",
+    batch_size: int = 8,
+    device: str = "cpu",
+    show_progress: bool = False,
+) -> np.memmap:
+    """Pass 1 of :func:`compare_activations`: run ``model`` on ``windows`` ``[N, T]`` in batches
+    of ``batch_size`` and write its K boundary states at positions ≥ 1 to a new ``np.memmap``
+    at ``path`` ``[K, N, T−1, H]`` (float32; float64 for a float64 model), returned open."""
+    import torch
+
+    n, t = windows.shape
+    if t < 2:
+        raise SpliceError("no calibration tokens after the first position: use --seq-len 2+")
+    mm: np.memmap | None = None
+    start = 0
+    batches = list(torch.split(windows, batch_size))
+    for ids in progress(batches, "calibration (A)", enabled=show_progress):
+        states = boundary_states(
+            model, ids, layer_prefix=layer_prefix, final_norm=final_norm, device=device
+        )
+        if mm is None:
+            dt = np.float64 if states[0].dtype == torch.float64 else np.float32
+            shape = (len(states), n, t - 1, states[0].shape[-1])
+            mm = np.memmap(path, dtype=dt, mode="w+", shape=shape)
+        b = ids.shape[0]
+        dt_t = torch.float64 if mm.dtype == np.float64 else torch.float32
+        for i, s in enumerate(states):
+            mm[i, start : start + b] = s[:, 1:].to("cpu", dt_t).numpy()
+        start += b
+        del states
+    assert mm is not None
+    mm.flush()
+    return mm
+
+
+def spilled_similarity(
+    model_b: PreTrainedModel,
+    windows: torch.Tensor,
+    spill: np.ndarray,
+    *,
+    layer_prefix: str = "model.layers.{i}.",
+    final_norm: str | None = "model.norm",
+    all_pairs: bool = True,
+    batch_size: int = 8,
+    device: str = "cpu",
+    show_progress: bool = False,
+) -> CrossSimilarity:
+    """Pass 2 of :func:`compare_activations`: :class:`CrossSimilarity` of A's states ``spill``
+    (from :func:`spill_states` on the same ``windows`` and ``batch_size``) and ``model_b``'s,
+    each batch of B folded in with A's rows for it, read from ``spill`` and moved to B's
+    device."""
+    import torch
+
+    if batch_size < 1:
+        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
+    k = spill.shape[0]
+    acc = CrossSimilarity(k, None if all_pairs else [(i, i) for i in range(k)])
+    start = 0
+    batches = list(torch.split(windows, batch_size))
+    for ids in progress(batches, "calibration (B)", enabled=show_progress):
+        ys = boundary_states(
+            model_b, ids, layer_prefix=layer_prefix, final_norm=final_norm, device=device
+        )
+        if len(ys) != k:
+            raise SpliceError(
+                f"the models have {k} and {len(ys)} hidden states: comparing layer by layer "
+                "needs one depth"
+            )
+        b = ids.shape[0]
+        xs = [torch.from_numpy(spill[i, start : start + b]).to(y.device) for i, y in enumerate(ys)]
+        with torch.no_grad():
+            acc.update_rows(xs, ys)
+        start += b
+        del ys, xs
+    return acc
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _one_at_a_time(
+    load: Any,
+    paths: tuple[Any, Any],
+    windows: torch.Tensor,
+    workdir: str | os.PathLike[str] | None,
+    *,
+    device: str,
+    **kw: Any,
+) -> CrossSimilarity:
+    """Both passes of :func:`compare_activations`: ``load(path)`` A, :func:`spill_states` into
+    a new folder under ``workdir`` (None: the system's temporary folder), free A, ``load`` B,
+    :func:`spilled_similarity`; the folder is removed on every exit (errors and Ctrl-C too)."""
+    all_pairs = kw.pop("all_pairs")
+    folder = tempfile.mkdtemp(prefix="splice-compare-", dir=workdir)
+    spill: np.memmap | None = None
+    try:
+        model = load(paths[0])
+        spill = spill_states(model, windows, os.path.join(folder, "a.states"), device=device, **kw)
+        del model  # A's weights go before B's are read
+        gc.collect()
+        if str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        model = load(paths[1])
+        acc = spilled_similarity(model, windows, spill, all_pairs=all_pairs, device=device, **kw)
+        del model
+    finally:
+        del spill  # unmap before the file goes
+        shutil.rmtree(folder, ignore_errors=True)
     return acc
 
 
@@ -271,6 +434,8 @@ def compare_activations(
     include_path: str | None = None,
     show_progress: bool = False,
     threads: int | None = None,
+    resident: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> SimilarityReport:
     """Linear CKA and cosine of A's and B's hidden states per layer on the same windows of
     ``calibration`` (a file, ``lm-eval:TASK`` or ``zoo``); see the module docstring.
@@ -280,6 +445,15 @@ def compare_activations(
     every pair of boundaries fit in ``pair_bytes``) adds the boundaries × boundaries matrices.
     ``threads``: torch CPU threads (None: one when the models' largest per-layer matrix has
     fewer than :data:`~splice.analysis.common.SMALL_NUMEL` elements, torch's setting otherwise).
+
+    One model in memory at a time: A runs first and its hidden states at positions ≥ 1 spill
+    to a temporary file of ``K·N·(T−1)·H·4`` bytes (K = layers + 2 hidden states, N windows
+    of T tokens; 8 bytes a value for float64 models) in a new folder under ``workdir`` (None:
+    the system's temporary folder, ``TMPDIR``), removed at the end, also on an error; a
+    :class:`SpliceError` before either model loads if that disk has less free space. Then B
+    runs on the same batches against A's states read back. ``resident=True``: both models
+    loaded at once and run batch by batch (:func:`activation_similarity`: no spill file, twice
+    the model memory; the same figures to float64 rounding, which the tests check).
     """
     import torch
 
@@ -334,32 +508,52 @@ def compare_activations(
     if all_pairs is None:
         all_pairs = k * k * hidden * hidden * 8 <= pair_bytes
     norm = ca.arch.final_norm.removesuffix(".weight") if ca.arch.final_norm else None
-    models = [
-        load_model(
-            c.path,
+    kept = n_layers + 1 + (norm is not None)  # hidden states per token
+    spill_bytes = 0
+    if not resident:
+        base = os.fspath(workdir) if workdir is not None else tempfile.gettempdir()
+        if not os.path.isdir(base):
+            raise SpliceError(f"workdir {base}: not a folder")
+        n, t = ids.shape
+        item = spill_dtype(dtype).itemsize
+        spill_bytes = kept * n * (t - 1) * hidden * item
+        free = shutil.disk_usage(base).free
+        if spill_bytes > free:
+            raise SpliceError(
+                f"comparing spills {ca.path}'s hidden states to disk: {_human(spill_bytes)} "
+                f"({kept} states x {n} windows x {t - 1} positions x {hidden} x {item} bytes) but "
+                f"{base} has {_human(free)} free; use a smaller --max-samples or --seq-len "
+                "(or point TMPDIR at a larger disk)"
+            )
+
+    def load(path: Any) -> Any:
+        return load_model(
+            path,
             dtype=dtype,
             device=device,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
-        for c in ckpts
-    ]
+
     largest = max(
         math.prod(info.shape) for c in ckpts for n, info in c.tensors.items()
         if c.arch.parse(n).layer is not None
     )  # fmt: skip
+    run_kw = dict(
+        layer_prefix=ca.arch.layer_prefix,
+        final_norm=norm,
+        all_pairs=all_pairs,
+        batch_size=batch_size,
+        device=device,
+        show_progress=show_progress,
+    )
     with threads_for(largest, threads):
-        acc = activation_similarity(
-            *models,
-            ids,
-            layer_prefix=ca.arch.layer_prefix,
-            final_norm=norm,
-            all_pairs=all_pairs,
-            batch_size=batch_size,
-            device=device,
-            show_progress=show_progress,
-        )
-    del models
+        if resident:
+            models = [load(c.path) for c in ckpts]
+            acc = activation_similarity(*models, ids, **run_kw)
+            del models
+        else:
+            acc = _one_at_a_time(load, (ca.path, cb.path), ids, workdir, **run_kw)
     report = similarity_report(acc, [str(ca.path), str(cb.path)], final_norm=norm is not None)
     report.meta.update(
         {
@@ -370,6 +564,8 @@ def compare_activations(
             "device": str(device),
             "dtype": dtype,
             "all_pairs": all_pairs,
+            "resident": resident,
+            "spill_bytes": spill_bytes,
             "seconds": time.perf_counter() - start,
         }
     )

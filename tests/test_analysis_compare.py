@@ -167,3 +167,124 @@ def test_cli_compare_bad_input(pair, others, tmp_path, capsys, case, needle):
     assert rc == 2 and err.count("\n") == 1 and err.startswith("splice: error: "), err
     assert needle in err, err
     assert not out.exists()
+
+
+# ---- one model at a time: A's states spill to a temporary file ---------------------------------
+@pytest.fixture
+def corpus(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 50}" for i in range(400)))
+    return text
+
+
+def records_and_matrices(report):
+    values = [
+        (r["kind"], r["metric"], r["value"], r["baseline_other_token"]) for r in report.records
+    ]
+    return values, {k: m.values for k, m in report.matrices.items()}
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_spilled_equals_resident(pair, corpus, tmp_path, batch_size):
+    """The two passes (A's states through a float32 memmap) give the one-pass figures of both
+    models loaded at once (``resident=True``), to float64 rounding; the spill folder goes."""
+    kw = dict(seq_len=12, max_samples=5, batch_size=batch_size)
+    work = tmp_path / "work"
+    work.mkdir()
+    spilled = compare_activations(*pair, corpus, workdir=work, **kw)
+    resident = compare_activations(*pair, corpus, resident=True, **kw)
+    assert list(work.iterdir()) == []
+    assert spilled.meta["spill_bytes"] == 5 * 5 * 11 * 32 * 4  # (L+2) x N x (T-1) x H x 4
+    assert resident.meta["spill_bytes"] == 0 and not spilled.meta["resident"]
+    (rs, ms), (rr, mr) = records_and_matrices(spilled), records_and_matrices(resident)
+    assert [r[:2] for r in rs] == [r[:2] for r in rr] and ms.keys() == mr.keys()
+    for a, b in zip(rs, rr, strict=True):
+        assert a[2:] == pytest.approx(b[2:], rel=1e-12, abs=1e-14), a
+    for key in ms:
+        np.testing.assert_allclose(ms[key], mr[key], rtol=1e-12, atol=1e-14, err_msg=key)
+    assert 0.3 < rs[2][2] < 0.9999  # layer 0's cka: a real comparison, not 1 or NaN
+
+
+def test_spilled_equals_resident_in_half(pair, corpus):
+    """bfloat16 states fit float32 exactly: the spilled figures are still the one-pass ones."""
+    kw = dict(seq_len=12, max_samples=3, batch_size=2, dtype="bfloat16")
+    spilled = compare_activations(*pair, corpus, **kw)
+    resident = compare_activations(*pair, corpus, resident=True, **kw)
+    for a, b in zip(spilled.records, resident.records, strict=True):
+        assert a["value"] == pytest.approx(b["value"], rel=1e-12), a
+    assert spilled.meta["spill_bytes"] == 5 * 3 * 11 * 32 * 4
+
+
+def counting_loader(monkeypatch):
+    """Patch the loader compare.py calls; returns the live models seen at each load."""
+    import gc
+    import weakref
+
+    import splice.activations
+
+    real = splice.activations.load_model
+    refs: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+
+    def load(*args, **kwargs):
+        alive_at_load.append(sum(r() is not None for r in refs))
+        model = real(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(splice.activations, "load_model", load)
+    gc.collect()
+    return alive_at_load
+
+
+def test_one_model_alive_at_a_time(pair, corpus, monkeypatch):
+    alive = counting_loader(monkeypatch)
+    compare_activations(*pair, corpus, seq_len=8, max_samples=3)
+    assert alive == [0, 0]  # A was gone when B was loaded
+    alive.clear()
+    compare_activations(*pair, corpus, seq_len=8, max_samples=3, resident=True)
+    assert alive == [0, 1]  # the counter sees two (the one-pass path)
+
+
+def test_spill_removed_on_interrupt(pair, corpus, tmp_path, monkeypatch):
+    import splice.activations
+
+    real = splice.activations.load_model
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:  # A has spilled: Ctrl-C while B loads
+            (folder,) = work.iterdir()
+            assert (folder / "a.states").stat().st_size == 5 * 3 * 7 * 32 * 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(splice.activations, "load_model", load)
+    with pytest.raises(KeyboardInterrupt):
+        compare_activations(*pair, corpus, seq_len=8, max_samples=3, workdir=work)
+    assert len(calls) == 2 and list(work.iterdir()) == []
+
+
+def test_spill_larger_than_free_disk(pair, corpus, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import splice.activations
+    from splice.analysis import compare
+
+    loads = []
+    monkeypatch.setattr(splice.activations, "load_model", lambda *a, **k: loads.append(a))
+    usage = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(compare.shutil, "disk_usage", lambda path: usage)
+    out = tmp_path / "out"
+    argv = ["analyze", "activations", pair[0], "--compare", pair[1], "--calibration", corpus]
+    argv += ["--seq-len", "8", "--max-samples", "6", "--out", out, "--no-progress"]
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("splice: error: "), err
+    assert "--max-samples" in err and "--seq-len" in err and "1000 bytes free" in err, err
+    # (L+2) x N x (T-1) x H x 4 = 26880 bytes
+    assert "26.2 KiB (5 states x 6 windows x 7 positions x 32 x 4 bytes)" in err, err
+    assert loads == [] and not out.exists()
