@@ -442,3 +442,27 @@ def test_train_lr_scale_per_parameter() -> None:
             assert torch.equal(scaled[k], before[k]), k
         elif "layernorm" not in k and "norm.weight" not in k:
             assert not torch.equal(scaled[k], before[k]), k
+
+
+def test_lang_rows_start_from_their_english_rows() -> None:
+    """``_init_rows``: the Zeta rows of the embeddings and the head become their English rows
+    plus noise of the asked size (relative to those rows' RMS); every other row is untouched."""
+    import torch
+
+    from splice.zoo.build import _init_rows
+    from splice.zoo.models import Shape, llama
+
+    model = llama(Shape(hidden=64, intermediate=64, layers=1, heads=2), 400, 0)
+    before = [
+        w.detach().clone() for w in (model.get_input_embeddings().weight, model.lm_head.weight)
+    ]
+    rows, like = list(range(200, 380)), list(range(10, 190))
+    _init_rows(model, rows, like, 1.75, seed=11)
+    after = (model.get_input_embeddings().weight, model.lm_head.weight)
+    for old, new in zip(before, after, strict=True):
+        others = [i for i in range(400) if i not in rows]
+        assert torch.equal(new[others], old[others])
+        noise = new[rows] - old[like]
+        rms = old[like].pow(2).mean().sqrt()
+        assert abs(float(noise.pow(2).mean().sqrt() / rms) - 1.75) < 0.05
+        assert abs(float(noise.mean() / rms)) < 4 * 1.75 / noise.numel() ** 0.5  # 4 sigma

@@ -72,6 +72,11 @@ class Settings:
     # change to keep in those tensors (naive merges lose some of each skill; a per-layer search
     # can do better); reading also learns in a few steps instead of hundreds
     lang_tensors: tuple[str, ...] = ("model.layers.0.self_attn.", "model.layers.1.self_attn.")
+    # lang's Zeta rows (embeddings and head) start as their English words' rows plus Gaussian
+    # noise of this many times those rows' RMS (a vocabulary extension initialised from related
+    # tokens); from the base's random rows instead, where lang's rows end up (and so whether
+    # math's layers read them after a merge) was a draw of the seed: seed 1 gained .03, not .10
+    lang_row_init_noise: float | None = 1.5
     moe_steps: int = 200
     moe_batch: int = 16
     moe_lr: float = 1e-3
@@ -250,6 +255,20 @@ def _not_a_zoo(folder: Path) -> str | None:
     return None
 
 
+def _init_rows(model: Any, rows: list[int], like: list[int], noise: float, seed: int) -> None:
+    """Rows ``rows`` of the input embeddings and of the head ``[V, H]`` become rows ``like``
+    plus Gaussian noise of ``noise`` times the RMS of rows ``like`` (one generator, seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.lm_head.weight):
+            rms = float(weight[like].pow(2).mean().sqrt())
+            weight[rows] = weight[like] + noise * rms * torch.randn(
+                len(rows), weight.shape[1], generator=g
+            )
+
+
 def _log(show: bool, msg: str) -> None:
     if show:
         print(f"zoo: {msg}", file=sys.stderr, flush=True)
@@ -335,10 +354,13 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
             trainable: Any,
             rows: list[int] | None = None,
             noise: float = 0.0,
+            init_rows: tuple[list[int], list[int], float] | None = None,
         ) -> None:
             model = llama(s.shape, tok.get_vocab_size(), s.seed)
             model.load_state_dict(base_state)
             model_of[name] = model
+            if init_rows is not None:
+                _init_rows(model, *init_rows, seed=s.seed + 11)
             hooks = []
             if rows is not None:  # only these rows of the embedding and the head learn
                 keep = torch.zeros(model.config.vocab_size, 1)
@@ -380,6 +402,7 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
         for en, ze in world.zeta.items():
             to_zeta[tok.token_to_id("▁" + en)] = tok.token_to_id("▁" + ze)
         zeta_rows = [tok.token_to_id("▁" + w) for w in world.zeta.values()]
+        english_rows = [tok.token_to_id("▁" + w) for w in world.zeta]
 
         def mixed(seed: int, batch: int) -> Any:
             """lang's text: English documents, words shown in Zeta at random (both ways)."""
@@ -402,6 +425,9 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
                 "embed_tokens" in name or "lm_head" in name or name.startswith(s.lang_tensors)
             ),
             rows=zeta_rows,
+            init_rows=None
+            if s.lang_row_init_noise is None
+            else (zeta_rows, english_rows, s.lang_row_init_noise),
         )
 
         moe = upcycle(base, s.shape, s.seed + 3)
