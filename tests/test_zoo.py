@@ -415,35 +415,6 @@ def test_import_is_light() -> None:
     assert r.stdout.strip() == "[]"
 
 
-def test_train_lr_scale_per_parameter() -> None:
-    """``lr_scale`` gives each parameter its own learning rate: 0 freezes it, 1 everywhere is
-    the plain run bit for bit."""
-    import torch
-
-    from splice.zoo import train
-    from splice.zoo.models import Shape, llama
-
-    torch.manual_seed(0)
-    stream = torch.randint(0, 50, (4000,))
-
-    def run(**kw):
-        model = llama(Shape(hidden=32, intermediate=64, layers=2, heads=2), 50, 0)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        train.train(model, train.stream_batches(stream, 4, 16, 0), 5, lr=1e-2, warmup=1,
-                    show_progress=False, **kw)  # fmt: skip
-        return before, model.state_dict()
-
-    before, plain = run()
-    _, ones = run(lr_scale=lambda name: 1.0)
-    assert all(torch.equal(plain[k], ones[k]) for k in plain)
-    _, scaled = run(lr_scale=lambda name: 0.0 if "q_proj" in name else 1.0)
-    for k in before:
-        if "q_proj" in k:
-            assert torch.equal(scaled[k], before[k]), k
-        elif "layernorm" not in k and "norm.weight" not in k:
-            assert not torch.equal(scaled[k], before[k]), k
-
-
 def test_lang_rows_start_from_their_english_rows() -> None:
     """``_init_rows``: the Zeta rows of the embeddings and the head become their English rows
     plus noise of the asked size (relative to those rows' RMS); every other row is untouched."""

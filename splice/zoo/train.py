@@ -109,7 +109,6 @@ def train(
     lr: float,
     warmup: int = 30,
     trainable: Callable[[str], bool] = lambda name: True,
-    lr_scale: Callable[[str], float] = lambda name: 1.0,
     weight_decay: float = 0.0,
     desc: str = "train",
     show_progress: bool = True,
@@ -119,8 +118,7 @@ def train(
 ) -> list[float]:
     """Train ``model`` in place for at most ``steps`` steps; returns the loss of every step.
 
-    Only parameters whose name passes ``trainable`` are updated (the others get no gradient),
-    each at ``lr_scale(name)`` times the learning rate.
+    Only parameters whose name passes ``trainable`` are updated (the others get no gradient).
     ``schedule``: ``cosine`` (warm-up, then cosine down to 10% over ``steps``) or ``constant``
     (warm-up, then ``lr``). ``check(step)``, called every ``check_every`` steps in eval mode,
     stops the run when it returns true: ``steps`` is then only a cap.
@@ -128,24 +126,17 @@ def train(
     import torch
 
     params = []
-    groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         p.requires_grad_(trainable(name))
         if p.requires_grad:
             params.append(p)
-            groups.setdefault(float(lr_scale(name)), []).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": ps, "scale": scale} for scale, ps in groups.items()],
-        lr=lr,
-        betas=(0.9, 0.95),
-        weight_decay=weight_decay,
-    )
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     model.train()
     losses = []
     bar = progress(range(steps), desc, enabled=show_progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = group["scale"] * (
+            group["lr"] = (
                 lr_at(step, steps, lr, warmup)
                 if schedule == "cosine"
                 else lr * min(1.0, (step + 1) / warmup)
