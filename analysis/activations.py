@@ -55,12 +55,14 @@ def analyze_activations(
     show_progress: bool = False,
     final_norm: bool = True,
     threads: int | None = None,
+    warn_ties: bool = True,
 ) -> SimilarityReport:
     """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK`` or ``zoo``), report.
 
     ``final_norm``: the last layer's output passes through the model's final norm before it is
     compared (HF's ``hidden_states[-1]``, as PruneMe and ShortGPT); False: before the norm.
-    Near-tied recommendations warn (see the module docstring). ``threads``: torch CPU threads
+    Near-tied recommendations warn (see the module docstring) unless ``warn_ties`` is False (a
+    caller that makes its own choice from the report warns about that). ``threads``: torch CPU threads
     (None: one when the largest per-layer matrix is small, ``common.SMALL_NUMEL``, torch's
     setting otherwise).
 
@@ -137,7 +139,7 @@ def analyze_activations(
             f"{ckpt.path}: hidden states became NaN or inf running it in {dtype}"
             + ("; try --dtype float32" if dtype != "float32" else "")
         )
-    report = activation_report(stats, str(ckpt.path))
+    report = activation_report(stats, str(ckpt.path), warn_ties=warn_ties)
     report.meta.update(
         {
             "calibration": str(calibration),
@@ -239,8 +241,9 @@ def order_ties(values: np.ndarray, se: np.ndarray) -> list[int]:
     ]
 
 
-def activation_report(stats: Any, model: str) -> SimilarityReport:
-    """A :class:`SimilarityReport` from :class:`splice.activations.LayerStats`."""
+def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> SimilarityReport:
+    """A :class:`SimilarityReport` from :class:`splice.activations.LayerStats`; near-tied L/4
+    recommendations warn unless ``warn_ties`` is False."""
     n_layers = stats.num_layers
     if stats.samples == 0:
         raise SpliceError("no calibration samples were run")
@@ -345,7 +348,7 @@ def activation_report(stats: Any, model: str) -> SimilarityReport:
         if len(blocks) >= quarter:
             block = blocks[quarter - 1]
             recommendations[f"{what} {quarter} layers"] = _span(block)
-            if block.get("within_error"):
+            if warn_ties and block.get("within_error"):
                 warnings.warn(_tie_warning(what, block, blocks, stats.samples), stacklevel=2)
     return SimilarityReport(
         "activations",
@@ -390,13 +393,18 @@ def _tie_warning(
     what: str, block: dict[str, Any], blocks: list[dict[str, Any]], windows: int
 ) -> str:
     """One line: the headline block is within error of its runner-up (and which other n are)."""
-    a, b = block["layers"]
-    c, d = block["runner_up"]["layers"]
     others = [x["n"] for x in blocks if x.get("within_error") and x is not block]
     also = f"; also tied for n = {_ranges(others)}" if others else ""
+    return f"{what} {block['n']} layers: {tie_text(block, windows)}{also}"
+
+
+def tie_text(block: dict[str, Any], windows: int) -> str:
+    """Why ``block`` (a :func:`choose` entry with ``within_error``) is a near-tie, in words."""
+    a, b = block["layers"]
+    c, d = block["runner_up"]["layers"]
     return (
-        f"{what} {block['n']} layers: layers {a}-{b} (d = {block['angular_distance']:.4f}) "
+        f"layers {a}-{b} (d = {block['angular_distance']:.4f}) "
         f"beat layers {c}-{d} ({block['runner_up']['angular_distance']:.4f}) by "
         f"{block['margin']:.4f}, within the combined standard error {block['margin_se']:.4f} "
-        f"over {windows} windows: more windows (--max-samples) may pick the other{also}"
+        f"over {windows} windows: more windows (--max-samples) may pick the other"
     )

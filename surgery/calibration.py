@@ -78,24 +78,21 @@ def layer_report(
             f"--calibration {calibration}: the text is too short: {first.shape[1]} tokens, fewer "
             f"than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
         )
-    with warnings.catch_warnings():
-        # the analysis' own L/4 headline picks are not what a surgery verb chooses: each verb
-        # warns about the near-tie of its own choice (angular_candidates)
-        warnings.filterwarnings("ignore", message=r"(prune|duplicate) \d+ layers: ")
-        return analyze_activations(
-            model,
-            calibration,
-            seq_len=calib.seq_len,
-            max_samples=calib.max_samples,
-            batch_size=calib.batch_size,
-            device=calib.device,
-            dtype=calib.dtype,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            include_path=calib.include_path,
-            show_progress=calib.show_progress,
-            final_norm=calib.final_norm,
-        )
+    return analyze_activations(
+        model,
+        calibration,
+        seq_len=calib.seq_len,
+        max_samples=calib.max_samples,
+        batch_size=calib.batch_size,
+        device=calib.device,
+        dtype=calib.dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        include_path=calib.include_path,
+        show_progress=calib.show_progress,
+        final_norm=calib.final_norm,
+        warn_ties=False,  # the analysis' L/4 picks are not the verb's: it warns on its own
+    )
 
 
 def meta(report: Any) -> dict[str, Any]:
@@ -127,7 +124,7 @@ def yi_candidates(report: Any, k: int) -> tuple[list[dict[str, Any]], int]:
 def angular_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], int]:
     """Blocks ``[l, l+n)`` for every ``l``, each with ``d(l, l+n)``; returns ``(candidates,
     start of the block prune_blocks chooses, the lowest)``."""
-    from splice.analysis.activations import prune_blocks
+    from splice.analysis.activations import prune_blocks, tie_text
 
     dist = report.matrices["angular_distance_pairs"].values
     n = dist.shape[0] - 1
@@ -138,15 +135,8 @@ def angular_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], 
     blocks = report.recommendations.get("prune_blocks") or prune_blocks(dist)
     block = blocks[n_drop - 1]
     if block.get("within_error"):
-        (a, b), (c, d) = block["layers"], block["runner_up"]["layers"]
-        warnings.warn(
-            f"prune --n {n_drop}: layers {a}-{b} (d = {block['angular_distance']:.4f}) beat "
-            f"layers {c}-{d} ({block['runner_up']['angular_distance']:.4f}) by "
-            f"{block['margin']:.4f}, within the combined standard error {block['margin_se']:.4f} "
-            f"over {report.meta.get('samples', '?')} windows: more windows (--max-samples) may "
-            "choose the other",
-            stacklevel=2,
-        )
+        samples = report.meta.get("samples", "?")
+        warnings.warn(f"prune --n {n_drop}: {tie_text(block, samples)}", stacklevel=2)
     return cands, block["start"]
 
 
