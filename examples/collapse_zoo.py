@@ -41,9 +41,11 @@ def heldout_text(zoo: Path) -> str:
 
 
 def halves(heldout: str) -> dict[str, str]:
-    """The held-out text's English and Zeta documents (it alternates them, English first)."""
+    """The held-out text's English and Zeta documents."""
+    from splice.zoo.build import by_language
+
     docs = heldout.splitlines()
-    return {"en": "\n".join(docs[0::2]) + "\n", "zeta": "\n".join(docs[1::2]) + "\n"}
+    return {lang: "\n".join(by_language(docs, lang)) + "\n" for lang in ("en", "zeta")}
 
 
 def runs(width: int) -> dict[str, dict]:

@@ -226,9 +226,14 @@ def heldout_documents(
     """The held-out documents of a built zoo, ``language`` ``"en"`` (what ``base`` and ``math``
     read: their perplexity means something only here), ``"zeta"`` or ``"both"``. The file
     alternates English and Zeta documents, English first (:func:`corpus.heldout_text`)."""
+    return by_language(heldout_text_path(folder).read_text().splitlines(), language)
+
+
+def by_language(docs: list[str], language: str) -> list[str]:
+    """The ``language`` (``"en"``, ``"zeta"``, ``"both"``) documents of a list that alternates
+    English and Zeta, English first (the held-out text, ``calibration_text(language="both")``)."""
     if language not in ("en", "zeta", "both"):
         raise SpliceError(f"language {language!r}: expected en, zeta or both")
-    docs = heldout_text_path(folder).read_text().splitlines()
     return docs if language == "both" else docs[0::2] if language == "en" else docs[1::2]
 
 
