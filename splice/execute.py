@@ -200,7 +200,7 @@ def execute(
     ) as writer:
         done = bounded_map(
             run_one,
-            tasks,
+            writer.interleaved(tasks),
             cost=lambda t: t.cost(models),
             workers=opts.workers,
             budget=opts.memory_budget,

@@ -10,6 +10,7 @@ never grows with the model's size).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import reprlib
@@ -262,6 +263,52 @@ def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < len(buf):
         done += os.pwrite(fd, buf[done:], offset + done)
+
+
+_libc_fallocate = None  # libc's fallocate(2), looked up on first use; False where there is none
+#: errno values of fallocate(2) that mean "not on this file system", not "no room": go sparse
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
+
+
+def _fallocate(fd: int, size: int) -> int:
+    """Linux ``fallocate(fd, 0, 0, size)``: 0, or the errno (``ENOSYS`` where libc has none)."""
+    global _libc_fallocate
+    import ctypes
+
+    if _libc_fallocate is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or libc.fallocate
+        except (OSError, AttributeError, TypeError):  # not a Linux libc
+            _libc_fallocate = False
+        else:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+            _libc_fallocate = fn
+    if not _libc_fallocate:
+        return errno.ENOSYS
+    while _libc_fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            return err
+    return 0
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Make the file ``fd`` ``size`` bytes long, reserving its blocks where the file system can.
+
+    ``fallocate(2)``, never glibc's ``posix_fallocate`` (which emulates it by writing a byte per
+    block): a full disk fails here, before any tensor is written, and on ext4 the copies that
+    follow run ~20% faster than into a sparse file (no delayed-allocation reservation per page).
+    Where the file system has no ``fallocate`` (or the OS), a sparse ``ftruncate``.
+    """
+    if size > os.fstat(fd).st_size:
+        err = _fallocate(fd, size)
+        if err == 0:
+            return
+        if err not in _NO_FALLOCATE:
+            raise OSError(err, os.strerror(err))
+    os.ftruncate(fd, size)
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:

@@ -24,17 +24,18 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splice.checkpoint import INDEX, SINGLE, TOKENIZER_FILES, Checkpoint
 from splice.dtypes import dtype_name, nbytes, parse_size, to_torch
 from splice.errors import SpliceError
-from splice.st_format import copy_range, encode_header, pwrite_all
+from splice.st_format import copy_range, encode_header, preallocate, pwrite_all
 from splice.target import check_target, clean_stale, commit, lock_target, os_error, staging_dir
 
 if TYPE_CHECKING:
     import torch
 
+T = TypeVar("T")
 DEFAULT_SHARD_SIZE = "2GB"
 #: errno values that mean "the output cannot be written here", not a bug
 _OUTPUT_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -61,20 +62,35 @@ class _Slot:
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
-    """Greedy split in order: a shard closes when the next tensor would pass the cap.
+    """Split ``specs`` in order into as few shards as the cap allows, of about equal size.
 
-    A tensor larger than the cap gets a shard of its own. Within a shard, tensors are ordered by
-    element size (largest first, stable) so every tensor stays aligned to its element size.
+    The count is the greedy split's (a shard closes when the next tensor would pass the cap: the
+    fewest in-order shards; a tensor larger than the cap gets a shard of its own). Then each
+    tensor goes to the shard its middle byte falls in, so a 2.4 GB model under a 2 GB cap is
+    two 1.2 GB files, not 2 GB + 0.4 GB: workers writing different files at once overlap (see
+    :meth:`CheckpointWriter.interleaved`). Where that would put a shard over the cap, the greedy
+    split stays. Within a shard, tensors are ordered by element size (largest first, stable) so
+    every tensor stays aligned to its element size.
     """
-    shards: list[list[TensorSpec]] = [[]]
+    greedy: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_size:
-            shards.append([])
+        if greedy[-1] and size + spec.nbytes > max_shard_size:
+            greedy.append([])
             size = 0
-        shards[-1].append(spec)
+        greedy[-1].append(spec)
         size += spec.nbytes
-    return [sorted(s, key=lambda t: -nbytes((), t.dtype)) for s in shards]
+    count, total = len(greedy), sum(s.nbytes for s in specs)
+    balanced: list[list[TensorSpec]] = [[] for _ in range(count)]
+    pos = 0
+    for spec in specs:
+        k = min(count - 1, (2 * pos + spec.nbytes) * count // (2 * total)) if total else 0
+        balanced[k].append(spec)
+        pos += spec.nbytes
+    balanced = [s for s in balanced if s]
+    if any(len(s) > 1 and sum(t.nbytes for t in s) > max_shard_size for s in balanced):
+        balanced = greedy
+    return [sorted(s, key=lambda t: -nbytes((), t.dtype)) for s in balanced] or [[]]
 
 
 def shard_names(count: int) -> list[str]:
@@ -142,7 +158,7 @@ class CheckpointWriter:
                     self._fds.append(fd)
                     pwrite_all(fd, memoryview(header), 0)
                     end = offsets[-1] + shard[-1].nbytes if shard else len(header)
-                    os.ftruncate(fd, end)
+                    preallocate(fd, end)
                     for spec, off in zip(shard, offsets, strict=True):
                         self.slots[spec.name] = _Slot(k, off, spec)
         except BaseException:
@@ -203,6 +219,18 @@ class CheckpointWriter:
         src_fd = source._fd(info.file)
         with self._io():
             copy_range(src_fd, info.offset, self._fds[slot.shard], slot.offset, info.nbytes)
+
+    def interleaved(self, items: Sequence[T]) -> list[T]:
+        """``items`` (anything with a planned ``.name``) taken from each shard in turn.
+
+        A file system serialises buffered writes to one file (ext4 holds the inode lock), so
+        workers that write different shards at once overlap where workers on one shard queue.
+        """
+        by_shard: dict[int, list[T]] = {}
+        for item in items:
+            by_shard.setdefault(self.slots[item.name].shard, []).append(item)
+        queues = [by_shard[k] for k in sorted(by_shard)]
+        return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
     @property
     def missing(self) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -12,8 +15,9 @@ import torch
 from conftest import ARCHS
 from test_checkpoint import reference_tensors
 
-from splice import SpliceError, open_checkpoint
+from splice import SpliceError, open_checkpoint, st_format
 from splice.convert import convert
+from splice.st_format import preallocate
 from splice.writer import CheckpointWriter, TensorSpec, plan_shards
 
 
@@ -26,6 +30,79 @@ def test_plan_shards_respects_cap_and_alignment():
     ]
     shards = plan_shards(specs, 64)
     assert [[s.name for s in sh] for sh in shards] == [["b", "a"], ["c"], ["d"]]
+
+
+def test_plan_shards_balances_sizes_under_the_cap():
+    specs = [TensorSpec(f"t{i}", (25,), "float32") for i in range(6)]  # 100 B each
+    shards = plan_shards(specs, 400)  # greedy would give 400 B + 200 B
+    assert [[s.name for s in sh] for sh in shards] == [["t0", "t1", "t2"], ["t3", "t4", "t5"]]
+    assert plan_shards([], 400) == [[]]
+    assert plan_shards([TensorSpec("e", (0,), "float32")], 400) == [
+        [TensorSpec("e", (0,), "float32")]
+    ]
+
+
+def greedy_shard_count(sizes: list[int], cap: int) -> int:
+    count, size = 1, 0
+    for i, n in enumerate(sizes):
+        if i and size + n > cap:
+            count, size = count + 1, 0
+        size += n
+    return count
+
+
+def test_plan_shards_properties_on_random_sizes():
+    """Every tensor once and in order; no shard of several tensors over the cap; never more
+    shards than the greedy split (the fewest in order)."""
+    rng = random.Random(0)
+    for _ in range(500):
+        sizes = [
+            rng.choice([0, 1, rng.randint(1, 50), rng.randint(1, 400)])
+            for _ in range(rng.randint(1, 30))
+        ]
+        cap = rng.randint(1, 300)
+        specs = [TensorSpec(f"t{i}", (n,), "uint8") for i, n in enumerate(sizes)]
+        shards = plan_shards(specs, cap)
+        assert [s for sh in shards for s in sh] == specs
+        assert all(len(sh) == 1 or sum(s.nbytes for s in sh) <= cap for sh in shards)
+        assert len(shards) <= greedy_shard_count(sizes, cap)
+
+
+def test_interleaved_takes_each_shard_in_turn(tmp_path):
+    specs = [TensorSpec(f"t{i}", (25,), "float32") for i in range(7)]  # 100 B each
+    w = CheckpointWriter(tmp_path / "o", specs, max_shard_size=300)  # t0-1 | t2-4 | t5-6
+    try:
+        assert [w.slots[s.name].shard for s in specs] == [0, 0, 1, 1, 1, 2, 2]
+        order = [s.name for s in w.interleaved(specs)]
+        assert order == ["t0", "t2", "t5", "t1", "t3", "t6", "t4"]
+    finally:
+        w.abort()
+
+
+def test_preallocate_reserves_blocks_or_goes_sparse(tmp_path, monkeypatch):
+    size = 3 * 2**20 + 5
+    for refused in (False, True):
+        if refused:
+            monkeypatch.setattr(st_format, "_fallocate", lambda fd, n: errno.EOPNOTSUPP)
+        path = tmp_path / f"f{refused}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, b"head", 0)
+            preallocate(fd, size)
+            st = os.fstat(fd)
+            assert st.st_size == size and os.pread(fd, 6, 0) == b"head\0\0"
+            assert os.pread(fd, 8, size - 8) == bytes(8)
+            if refused:
+                assert st.st_blocks * 512 < 2**20  # sparse
+        finally:
+            os.close(fd)
+
+
+def test_no_room_at_preallocation_is_one_line_and_nothing_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(st_format, "_fallocate", lambda fd, n: errno.ENOSPC)
+    with pytest.raises(SpliceError, match=r"no space left on .*nothing written"):
+        CheckpointWriter(tmp_path / "o", [TensorSpec("a", (4,), "float32")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
