@@ -15,6 +15,7 @@ from splice.analysis.metrics import Baseline, Metric, resolve_metrics
 from splice.analysis.report import SimilarityReport
 from splice.checkpoint import Checkpoint
 from splice.progress import progress
+from splice.threads import threads_for
 
 if TYPE_CHECKING:
     pass
@@ -31,7 +32,6 @@ from splice.analysis.common import (
     open_model,
     other_layer,
     report_meta,
-    threads_for,
 )
 
 
@@ -54,7 +54,7 @@ def compare_models(
     ``baseline_gaussian`` (A vs a Gaussian of A's shape and norm) and ``baseline_other_layer``
     (A's layer i vs B's layer ``(i + L//2) % L``). Matrices: one ``layers × kinds`` per metric.
     ``kinds`` restricts the comparison to those layer-relative kinds. ``threads``: CPU threads
-    for every tensor (None: one below ``common.SMALL_NUMEL`` elements, torch's setting above).
+    for every tensor (None: one below ``splice.threads.SMALL_NUMEL`` elements, torch's setting above).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)

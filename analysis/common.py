@@ -1,14 +1,13 @@
 """What the weight comparisons share: opening and loading models (finite tensors only),
 computing metrics with their Gaussian null (on as many CPU threads as the tensor's size pays
-for: :func:`threads_for`), the layer / kind tables, and the report metadata, built in one
+for: :func:`splice.threads.threads_for`), the layer / kind tables, and the report metadata, built in one
 place (:func:`report_meta`)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from splice.analysis.metrics import Baseline, Metric, flat, nbytes_of
 from splice.analysis.report import SimilarityMatrix, null_per
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
+from splice.threads import threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -49,31 +49,6 @@ def other_layer(i: int, layers: Sequence[int]) -> int | None:
         return None
     pos = layers.index(i)
     return layers[(pos + len(layers) // 2) % len(layers)]
-
-
-#: tensors with fewer elements than this are measured on one CPU thread: torch's default
-#: threads make their small eigensolvers and dot products slower, not faster (on a loaded
-#: 2-core machine a 192x96 matrix's default metrics take 10 ms on 2 threads, 1.2 ms on one;
-#: benchmarks/analyze_threads.py measures it per size)
-SMALL_NUMEL = 1 << 20
-
-
-@contextlib.contextmanager
-def threads_for(numel: int, threads: int | None = None) -> Iterator[None]:
-    """Run the block on ``threads`` CPU threads, or (None) on one thread for a tensor of fewer
-    than :data:`SMALL_NUMEL` elements and torch's current setting otherwise; restored after."""
-    import torch
-
-    old = torch.get_num_threads()
-    want = threads if threads is not None else (1 if numel < SMALL_NUMEL else old)
-    if want == old:
-        yield
-        return
-    torch.set_num_threads(want)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class Timer:

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.activations import Capture, Collector
-from splice.analysis.common import threads_for
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
 from splice.errors import SpliceError
 from splice.progress import progress
+from splice.threads import threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -444,7 +444,7 @@ def compare_activations(
     :class:`SpliceError`, before either is loaded). ``all_pairs`` (None: when the ``XᵢᵀYⱼ`` of
     every pair of boundaries fit in ``pair_bytes``) adds the boundaries × boundaries matrices.
     ``threads``: torch CPU threads (None: one when the models' largest per-layer matrix has
-    fewer than :data:`~splice.analysis.common.SMALL_NUMEL` elements, torch's setting otherwise).
+    fewer than :data:`~splice.threads.SMALL_NUMEL` elements, torch's setting otherwise).
 
     One model in memory at a time: A runs first and its hidden states at positions ≥ 1 spill
     to a temporary file of ``K·N·(T−1)·H·4`` bytes (K = layers + 2 hidden states, N windows
@@ -458,8 +458,8 @@ def compare_activations(
     import torch
 
     from splice.activations import calibration_text, check_model_code, load_model, token_windows
-    from splice.analysis.activations import _float_dtype, _vocab_size
     from splice.checkpoint import open_checkpoint
+    from splice.layer_metrics import float_dtype, vocab_size
     from splice.modeling import load_tokenizer
 
     start = time.perf_counter()
@@ -468,7 +468,7 @@ def compare_activations(
             raise SpliceError(f"{name} must be {least} or more, got {value}")
     if batch_size < 1:
         raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
-    dtype = _float_dtype(dtype)
+    dtype = float_dtype(dtype)
     text = calibration_text(calibration, include_path=include_path)
     ckpts = [open_checkpoint(m, allow_pickle=allow_pickle) for m in (a, b)]
     for c in ckpts:
@@ -496,7 +496,7 @@ def compare_activations(
         )
     ids = windows[0]
     for c in ckpts:
-        vocab = _vocab_size(c)
+        vocab = vocab_size(c)
         if vocab and int(ids.max()) >= vocab:
             raise SpliceError(
                 f"{c.path}: the tokenizer gives token id {int(ids.max())} but the model has "

@@ -107,7 +107,7 @@ def compare_experts(
     Matrices: ``"{kind}/{metric}"`` layers × experts vs dense (panels), and
     ``"L{i}/{kind}/{metric}"`` experts × experts per layer (data; their mean over layers as
     ``"{kind}/{metric}/experts"``). ``threads``: CPU threads for every tensor (None: one below
-    ``common.SMALL_NUMEL`` elements, torch's setting above).
+    ``splice.threads.SMALL_NUMEL`` elements, torch's setting above).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)

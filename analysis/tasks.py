@@ -44,13 +44,13 @@ from splice.analysis.common import (
     layers_by_kinds,
     load_finite,
     open_model,
-    threads_for,
 )
 from splice.analysis.metrics import cosine_of, gaussian_like, norm_of
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
 from splice.progress import progress
+from splice.threads import threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -179,7 +179,7 @@ def task_vectors(
     ``"all"``); see the module docstring. Matrices: ``"{against}/{metric}"``, layers × kinds.
     ``top_k`` is the fraction of entries in the top-k sets; ``kinds`` restricts the comparison
     to those layer-relative kinds. ``threads``: torch CPU threads (None: one for tensors under
-    :data:`~splice.analysis.common.SMALL_NUMEL` elements, torch's setting for larger ones).
+    :data:`~splice.threads.SMALL_NUMEL` elements, torch's setting for larger ones).
     """
     start = time.perf_counter()
     if isinstance(models, (str, os.PathLike, Checkpoint)):

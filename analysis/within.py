@@ -47,7 +47,7 @@ def compare_layers(
     Records hold adjacent pairs (layer i vs i+1) with the Gaussian baseline of layer i.
     ``recommendations["identical"]`` lists pairs of layers whose tensors of a kind are bit-for-bit
     equal, and ``recommendations["duplicate_layers"]`` pairs equal in every kind. ``threads``:
-    CPU threads for every tensor (None: one below ``common.SMALL_NUMEL`` elements).
+    CPU threads for every tensor (None: one below ``splice.threads.SMALL_NUMEL`` elements).
     """
     start = time.perf_counter()
     ms = resolve_metrics(metrics)

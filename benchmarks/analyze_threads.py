@@ -3,7 +3,7 @@
 ``sizes``: the default metrics' tensor work on one matrix (spectrum via the Gram matrix,
 flattened cosine, Frobenius distances, and a Gaussian null of the same shape) timed with one
 thread and with torch's default, for matrices of growing size. The smallest size where the
-default threads win is the threshold ``splice.analysis.common.SMALL_NUMEL`` stands for.
+default threads win is the threshold ``splice.threads.SMALL_NUMEL`` stands for.
 ``zoo``: `splice analyze weights base math` and `splice analyze experts moe base` on the
 committed zoo under ``/usr/bin/time`` (a fresh process each, default options, then with
 ``--threads`` given explicitly: ``--threads <torch's default>`` is what every tensor ran on

@@ -493,6 +493,13 @@ class LayerStats:
             final_norm,
         )
 
+    def io_cosine(self, all_positions: bool = False) -> np.ndarray:
+        """``[L]``: mean cosine between each layer's input and output over positions ≥ 1
+        (Yi-9B's criterion) or over all positions (ShortGPT's block influence is 1 minus it)."""
+        if all_positions:
+            return self.io_cos_all / max(self.tokens_all, 1)
+        return self.io_cos / max(self.tokens, 1)
+
     def angular_distance(self) -> np.ndarray:
         """``[L+1, L+1]``: mean over samples of angle / π between boundaries a and b."""
         return self.angles / (math.pi * max(self.samples, 1))

@@ -1,18 +1,18 @@
 """Layer statistics on calibration text, and the candidates each surgery chooses from.
 
-The statistics are :func:`splice.analysis.activations.analyze_activations`' (one
-:class:`splice.activations.LayerIO` pass): per-layer input/output cosine (first token excluded,
-Yi-9B's criterion), ShortGPT's block influence ``1 - cos(in, out)`` over all tokens, and Gromov
-et al.'s angular distance ``d(l, l+n)`` between the last token's residual stream entering layer
-``l`` and leaving layer ``l+n-1``. This module only reads the candidates off that report:
+The statistics are one :func:`splice.layer_metrics.measure_layers` pass, the same run and the
+same choice ``splice analyze activations`` reports: per-layer input/output cosine (first token
+excluded, Yi-9B's criterion), ShortGPT's block influence ``1 - cos(in, out)`` over all tokens,
+and Gromov et al.'s angular distance ``d(l, l+n)`` between the last token's residual stream
+entering layer ``l`` and leaving layer ``l+n-1``. This module reads the candidates off it:
 
 - :func:`yi_candidates` — every block of ``k`` consecutive layers (the first and last layer
-  kept out, as :func:`~splice.analysis.activations.duplicate_ranges` does) with the mean of its
+  kept out, as :func:`~splice.layer_metrics.duplicate_ranges` does) with the mean of its
   layers' io cosine; the highest is duplicated;
 - :func:`angular_candidates` — every block of ``n`` layers with ``d(l, l+n)``; the lowest is
-  pruned (:func:`~splice.analysis.activations.prune_blocks` chooses);
+  pruned (:func:`~splice.layer_metrics.prune_blocks` chooses);
 - :func:`influence_candidates` — every layer's block influence; the ``n`` lowest are pruned
-  (the report's ``prune_order_block_influence``).
+  (:func:`~splice.layer_metrics.prune_order`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from splice.errors import SpliceError
 
 if TYPE_CHECKING:
-    import numpy as np
+    from splice.layer_metrics import LayerRun
 
 
 @dataclass
@@ -62,12 +62,12 @@ def layer_report(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-) -> Any:
-    """The activation :class:`~splice.analysis.report.SimilarityReport` of ``model`` on
-    ``calibration`` (a file, ``lm-eval:TASK`` or ``zoo``). A text that does not fill one window
-    of ``seq_len`` tokens is refused before the model is loaded."""
+) -> LayerRun:
+    """One :func:`~splice.layer_metrics.measure_layers` pass of ``model`` on ``calibration`` (a
+    file, ``lm-eval:TASK``, ``zoo`` or ``zoo:both``). A text that does not fill one window of
+    ``seq_len`` tokens is refused before the model is loaded."""
     from splice.activations import calibration_text, token_windows
-    from splice.analysis.activations import analyze_activations
+    from splice.layer_metrics import measure_layers
     from splice.modeling import load_tokenizer
 
     text = calibration_text(calibration, include_path=calib.include_path)
@@ -78,7 +78,7 @@ def layer_report(
             f"--calibration {calibration}: the text is too short: {first.shape[1]} tokens, fewer "
             f"than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
         )
-    return analyze_activations(
+    return measure_layers(
         model,
         calibration,
         seq_len=calib.seq_len,
@@ -91,58 +91,51 @@ def layer_report(
         include_path=calib.include_path,
         show_progress=calib.show_progress,
         final_norm=calib.final_norm,
-        warn_ties=False,  # the analysis' L/4 picks are not the verb's: it warns on its own
     )
 
 
-def meta(report: Any) -> dict[str, Any]:
-    """What the report says about the calibration run (for the surgery report)."""
+def meta(run: LayerRun) -> dict[str, Any]:
+    """What the calibration run was (for the surgery report)."""
     keys = ("calibration", "samples", "seq_len", "device", "dtype", "final_norm", "seconds")
-    return {k: report.meta[k] for k in keys if k in report.meta}
+    return {k: run.meta[k] for k in keys if k in run.meta}
 
 
-def _per_layer(report: Any, metric: str) -> np.ndarray:
-    import numpy as np
-
-    n = report.meta["num_layers"]
-    return np.array([report.values(metric, layer=i)[0]["value"] for i in range(n)])
-
-
-def yi_candidates(report: Any, k: int) -> tuple[list[dict[str, Any]], int]:
+def yi_candidates(run: LayerRun, k: int) -> tuple[list[dict[str, Any]], int]:
     """Blocks ``[a, a+k)`` with ``1 <= a`` and ``a + k <= L - 1``, each with the mean io cosine
     of its layers; returns ``(candidates, start of the highest)``."""
     import numpy as np
 
-    n = report.meta["num_layers"]
-    io = _per_layer(report, "io_cosine")
+    n = run.stats.num_layers
+    io = run.stats.io_cosine()
     starts = list(range(1, n - k))
     cands = [{"layers": [a, a + k - 1], "value": float(io[a : a + k].mean())} for a in starts]
     best = int(np.argmax([c["value"] for c in cands]))
     return cands, starts[best]
 
 
-def angular_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], int]:
+def angular_candidates(run: LayerRun, n_drop: int) -> tuple[list[dict[str, Any]], int]:
     """Blocks ``[l, l+n)`` for every ``l``, each with ``d(l, l+n)``; returns ``(candidates,
-    start of the block prune_blocks chooses, the lowest)``."""
-    from splice.analysis.activations import prune_blocks, tie_text
+    start of the block prune_blocks chooses, the lowest)``. A choice within the standard error
+    of its runner-up warns."""
+    from splice.layer_metrics import prune_blocks, tie_text
 
-    dist = report.matrices["angular_distance_pairs"].values
-    n = dist.shape[0] - 1
+    dist = run.stats.angular_distance()
+    n = run.stats.num_layers
     cands = [
         {"layers": [lo, lo + n_drop - 1], "value": float(dist[lo, lo + n_drop])}
         for lo in range(n - n_drop + 1)
     ]
-    blocks = report.recommendations.get("prune_blocks") or prune_blocks(dist)
-    block = blocks[n_drop - 1]
+    block = prune_blocks(dist, run.stats.angular_distance_se())[n_drop - 1]
     if block.get("within_error"):
-        samples = report.meta.get("samples", "?")
+        samples = run.meta.get("samples", "?")
         warnings.warn(f"prune --n {n_drop}: {tie_text(block, samples)}", stacklevel=2)
     return cands, block["start"]
 
 
-def influence_candidates(report: Any, n_drop: int) -> tuple[list[dict[str, Any]], list[int]]:
+def influence_candidates(run: LayerRun, n_drop: int) -> tuple[list[dict[str, Any]], list[int]]:
     """Every layer with its block influence; returns ``(candidates, the n lowest, sorted)``."""
-    bi = _per_layer(report, "block_influence")
+    from splice.layer_metrics import prune_order
+
+    bi = 1 - run.stats.io_cosine(all_positions=True)
     cands = [{"layers": [i, i], "value": float(v)} for i, v in enumerate(bi)]
-    order = report.recommendations["prune_order_block_influence"]
-    return cands, sorted(int(i) for i in order[:n_drop])
+    return cands, sorted(prune_order(bi)[:n_drop])

@@ -72,7 +72,7 @@ def plan_prune(
         if count < 1:
             raise SpliceError(f"--n {count}: prune at least 1 layer")
         layermaps.without(total, list(range(count)), "--n")  # refuses n >= total
-        stats = layer_report(
+        run = layer_report(
             ckpt.path,
             calibration,  # type: ignore[arg-type]
             calib or Calibration(),
@@ -80,17 +80,17 @@ def plan_prune(
             trust_remote_code=trust_remote_code,
         )
         if by == "angular":
-            report.candidates, start = angular_candidates(stats, count)
+            report.candidates, start = angular_candidates(run, count)
             gone = list(range(start, start + count))
             report.metric, report.better = "angular distance d(l, l+n)", "the lowest is removed"
         else:
-            report.candidates, gone = influence_candidates(stats, count)
+            report.candidates, gone = influence_candidates(run, count)
             report.metric, report.better = (
                 "block influence",
                 ("the lowest is removed" if count == 1 else f"the {count} lowest are removed"),
             )
         report.operation = f"prune --n {count} --by {by}"
-        report.meta.update(meta(stats))
+        report.meta.update(meta(run))
     report.chosen = list(gone)
     report.removed = list(gone)
     report.layers = layermaps.without(total, gone)

@@ -107,19 +107,19 @@ def plan_upscale(
                 "layers are never duplicated)"
             )
         calib = calib or Calibration()
-        stats = layer_report(
+        run = layer_report(
             ckpt.path,
             calibration,  # type: ignore[arg-type]
             calib,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        report.candidates, start = yi_candidates(stats, k)
+        report.candidates, start = yi_candidates(run, k)
         report.metric, report.better = "mean io cosine", "the highest is duplicated"
         report.chosen = list(range(start, start + k))
         report.layers = layermaps.duplicate(n, start, start + k, "--yi")
         report.operation = f"upscale --yi {k}"
-        report.meta.update(meta(stats))
+        report.meta.update(meta(run))
     if mode != "expand":
         report.new_layers = layermaps.repeats(report.layers)
     else:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splice.analysis.common import SMALL_NUMEL, Timer, metric_values, pairwise, threads_for
+from splice.analysis.common import Timer, metric_values, pairwise
 from splice.analysis.metrics import Metric
+from splice.threads import SMALL_NUMEL, threads_for
 
 
 @pytest.fixture

@@ -198,9 +198,9 @@ def test_margin_over_the_runner_up():
 
 
 def test_tied_n_are_listed_as_ranges():
-    from splice.analysis.activations import _ranges
+    from splice.layer_metrics import ranges_text
 
-    assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and _ranges([4]) == "4"
+    assert ranges_text([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and ranges_text([4]) == "4"
 
 
 def test_a_clear_winner_does_not_warn():

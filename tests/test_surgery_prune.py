@@ -181,3 +181,24 @@ def test_bad_input_one_line_exit_2(args, message, tiny_models, tmp_path, capsys)
 def test_library_refuses_bad_metric(tiny_models):
     with pytest.raises(SpliceError, match="--by size: choose from angular, influence"):
         plan_prune(tiny_models["llama"], n=1, by="size", calibration="zoo")
+
+
+def test_prune_picks_what_the_analysis_recommends(analysis_zoo):
+    """One run, one choice: the verb (core ``splice.layer_metrics``) and ``analyze
+    activations`` (its report) agree on every n, by angular distance and by influence."""
+    import warnings
+
+    from splice.analysis.activations import analyze_activations
+
+    src, text = analysis_zoo / "base", analysis_zoo / "corpus.txt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-ties are the subject of other tests
+        rec = analyze_activations(
+            src, text, seq_len=CALIB.seq_len, max_samples=CALIB.max_samples, batch_size=4
+        ).recommendations
+        for n in (1, 2, 3):
+            ang = plan_prune(src, n=n, by="angular", calibration=text, calib=CALIB)
+            first, last = rec["prune_blocks"][n - 1]["layers"]
+            assert ang.report.chosen == list(range(first, last + 1))
+            inf = plan_prune(src, n=n, by="influence", calibration=text, calib=CALIB)
+            assert inf.report.chosen == sorted(rec["prune_order_block_influence"][:n])
