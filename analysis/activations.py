@@ -22,9 +22,9 @@ the stream least.
 Uncertainty: every value is a mean over windows, and carries its standard error over windows
 (``se`` in the records, sample std / √windows; matrix ``angular_distance_se``). Each block in
 ``prune_blocks`` / ``duplicate_ranges`` names its ``runner_up`` and its ``margin`` over it with
-``margin_se`` = √(se² + se_runner_up²) (the two treated as independent: an overestimate when,
-as for overlapping blocks, they are positively correlated); ``within_error`` when the margin
-is not larger. The headline recommendations (``prune L//4 layers``, ``duplicate L//4 layers``)
+``margin_se``, the standard error over windows of the per-window difference between the two
+(paired: both are measured on the same windows, so what moves them together cancels);
+``within_error`` when the margin is not larger. ``prune_order_*_ties`` are paired the same way. The headline recommendations (``prune L//4 layers``, ``duplicate L//4 layers``)
 warn (``warnings.warn``) when they are within error: more windows would be needed to decide.
 """
 
@@ -189,16 +189,18 @@ def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> Simi
             "boundary",
             panel=False,
         )
-    prune = prune_blocks(dist, dist_se)
-    dup = duplicate_ranges(dist, dist_se)
+    per_window = stats.angular_distance_windows()
+    io_w, io_all_w = stats.io_cosine_windows(), stats.io_cosine_windows(all_positions=True)
+    prune = prune_blocks(dist, dist_se, per_window)
+    dup = duplicate_ranges(dist, dist_se, per_window)
     quarter = max(1, n_layers // 4)
     recommendations: dict[str, Any] = {
         "prune_blocks": prune,
         "duplicate_ranges": dup,
         "prune_order_block_influence": prune_order(1 - io_all),
         "prune_order_io_cosine": prune_order(-io),
-        "prune_order_block_influence_ties": order_ties(1 - io_all, all_se),
-        "prune_order_io_cosine_ties": order_ties(-io, io_se),
+        "prune_order_block_influence_ties": order_ties(1 - io_all, all_se, _neg(io_all_w, 1)),
+        "prune_order_io_cosine_ties": order_ties(-io, io_se, _neg(io_w)),
     }
     for what, blocks in (("prune", prune), ("duplicate", dup)):
         if len(blocks) >= quarter:
@@ -214,6 +216,11 @@ def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> Simi
         recommendations,
         meta={"num_layers": n_layers},
     )
+
+
+def _neg(w: np.ndarray | None, plus: float = 0) -> np.ndarray | None:
+    """``plus - w`` (per-window values of an order that sorts the other way), None stays."""
+    return None if w is None else plus - w
 
 
 def _finite(v: float) -> float | None:

@@ -168,31 +168,51 @@ def vocab_size(ckpt: Checkpoint) -> int | None:
 
 
 # ---- choosing blocks ---------------------------------------------------------------------------
-def prune_blocks(distance: np.ndarray, se: np.ndarray | None = None) -> list[dict[str, Any]]:
+def prune_blocks(
+    distance: np.ndarray, se: np.ndarray | None = None, windows: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """For each n = 1..L−1: the block of n layers whose input and output are closest.
 
     ``distance`` is ``[L+1, L+1]`` (boundaries). Returns dicts with ``n``, ``start``,
     ``layers`` (first and last layer of the block) and ``angular_distance``; with ``se`` (the
-    distances' standard errors, ``[L+1, L+1]``) also :func:`choose`'s margin over the runner-up.
+    distances' standard errors, ``[L+1, L+1]``) also :func:`choose`'s margin over the runner-up,
+    paired over ``windows`` (``[N, L+1, L+1]``, each window's distances) where given.
     """
     n_layers = distance.shape[0] - 1
-    return [choose(distance, se, n, range(n_layers - n + 1)) for n in range(1, n_layers)]
+    return [choose(distance, se, n, range(n_layers - n + 1), windows) for n in range(1, n_layers)]
 
 
-def duplicate_ranges(distance: np.ndarray, se: np.ndarray | None = None) -> list[dict[str, Any]]:
+def duplicate_ranges(
+    distance: np.ndarray, se: np.ndarray | None = None, windows: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """For each n = 1..L−2: the range of n layers (not the first or last) to repeat.
 
     Same criterion as :func:`prune_blocks`, restricted to 1 ≤ l and l + n ≤ L − 1.
     """
     n_layers = distance.shape[0] - 1
-    return [choose(distance, se, n, range(1, n_layers - n)) for n in range(1, n_layers - 1)]
+    return [
+        choose(distance, se, n, range(1, n_layers - n), windows) for n in range(1, n_layers - 1)
+    ]
 
 
-def choose(distance: np.ndarray, se: np.ndarray | None, n: int, starts: range) -> dict[str, Any]:
+def choose(
+    distance: np.ndarray,
+    se: np.ndarray | None,
+    n: int,
+    starts: range,
+    windows: np.ndarray | None = None,
+) -> dict[str, Any]:
     """The block ``[l, l+n)`` with the smallest ``distance[l, l+n]`` among ``starts`` (the
     first on ties). With ``se``: its ``se``, the ``runner_up`` block (second smallest), the
-    ``margin`` between them, ``margin_se`` = √(se² + se_runner_up²) and ``within_error``
-    (margin ≤ margin_se; None where there is no error estimate: fewer than 2 windows)."""
+    ``margin`` between them, its standard error ``margin_se`` and ``within_error`` (margin ≤
+    margin_se; None where there is no error estimate: fewer than 2 windows).
+
+    ``margin_se`` is paired where ``windows`` (``[N, L+1, L+1]``, each window's distances) is
+    given: the standard error over windows of the per-window difference, the exact error of a
+    difference of two means taken on the same windows (``paired: True``). Without it,
+    √(se² + se_runner_up²), which treats the two as independent: too large when, as for
+    overlapping blocks on the same text, they move together.
+    """
     d = np.array([distance[lo, lo + n] for lo in starts])
     order = np.argsort(d, kind="stable")
     k = int(order[0])
@@ -211,7 +231,12 @@ def choose(distance: np.ndarray, se: np.ndarray | None, n: int, starts: range) -
         out.update(runner_up=None, margin=None, margin_se=None, within_error=None)
         return out
     j = int(order[1])
-    margin, err = float(d[j] - d[k]), math.hypot(e[k], e[j])
+    margin = float(d[j] - d[k])
+    if windows is not None and windows.shape[0] >= 2:
+        diff = windows[:, starts[j], starts[j] + n] - windows[:, lo, lo + n]
+        err = float(diff.std(ddof=1) / math.sqrt(diff.shape[0]))
+    else:
+        err = math.hypot(e[k], e[j])
     out["runner_up"] = {
         "start": starts[j],
         "layers": [starts[j], starts[j] + n - 1],
@@ -221,6 +246,7 @@ def choose(distance: np.ndarray, se: np.ndarray | None, n: int, starts: range) -
     out.update(
         margin=margin,
         margin_se=err,
+        paired=windows is not None and windows.shape[0] >= 2,
         within_error=bool(margin <= err) if math.isfinite(err) else None,
     )
     return out
@@ -231,15 +257,24 @@ def prune_order(values: np.ndarray) -> list[int]:
     return [int(i) for i in np.argsort(values, kind="stable")]
 
 
-def order_ties(values: np.ndarray, se: np.ndarray) -> list[int]:
+def order_ties(values: np.ndarray, se: np.ndarray, windows: np.ndarray | None = None) -> list[int]:
     """The n for which pruning the n lowest of ``values`` ``[L]`` is within error: the n-th and
-    (n+1)-th lowest differ by no more than √(se_n² + se_{n+1}²)."""
+    (n+1)-th lowest differ by no more than the standard error of their difference, paired over
+    ``windows`` (``[N, L]``, each window's values) where given, else √(se_n² + se_{n+1}²)."""
     order = np.argsort(values, kind="stable")
-    return [
-        n
-        for n in range(1, len(order))
-        if values[order[n]] - values[order[n - 1]] <= math.hypot(se[order[n - 1]], se[order[n]])
-    ]
+    paired = windows is not None and windows.shape[0] >= 2
+    ties = []
+    for n in range(1, len(order)):
+        a, b = order[n - 1], order[n]
+        if paired:
+            assert windows is not None
+            diff = windows[:, b] - windows[:, a]
+            err = float(diff.std(ddof=1) / math.sqrt(diff.shape[0]))
+        else:
+            err = math.hypot(se[a], se[b])
+        if values[b] - values[a] <= err:
+            ties.append(n)
+    return ties
 
 
 # ---- in words ----------------------------------------------------------------------------------
@@ -275,6 +310,7 @@ def tie_text(block: dict[str, Any], windows: int) -> str:
     return (
         f"layers {a}-{b} (d = {block['angular_distance']:.4f}) "
         f"beat layers {c}-{d} ({block['runner_up']['angular_distance']:.4f}) by "
-        f"{block['margin']:.4f}, within the combined standard error {block['margin_se']:.4f} "
+        f"{block['margin']:.4f}, within the standard error of the difference "
+        f"{block['margin_se']:.4f} "
         f"over {windows} windows: more windows (--max-samples) may pick the other"
     )

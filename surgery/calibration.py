@@ -125,7 +125,8 @@ def angular_candidates(run: LayerRun, n_drop: int) -> tuple[list[dict[str, Any]]
         {"layers": [lo, lo + n_drop - 1], "value": float(dist[lo, lo + n_drop])}
         for lo in range(n - n_drop + 1)
     ]
-    block = prune_blocks(dist, run.stats.angular_distance_se())[n_drop - 1]
+    se, per_window = run.stats.angular_distance_se(), run.stats.angular_distance_windows()
+    block = prune_blocks(dist, se, per_window)[n_drop - 1]
     if block.get("within_error"):
         samples = run.meta.get("samples", "?")
         warnings.warn(f"prune --n {n_drop}: {tie_text(block, samples)}", stacklevel=2)

@@ -117,6 +117,10 @@ def test_layer_io_standard_errors_against_numpy():
     np.testing.assert_allclose(stats.io_cosine_se(True), se_ref(ref["all"]), rtol=1e-5)
     np.testing.assert_allclose(stats.angular_distance_se(), se_ref(ref["angles"]), atol=1e-9)
     assert (stats.io_cosine_se() > 1e-3).all()
+    # the per-window values kept for paired differences are the windows' own, in order
+    np.testing.assert_allclose(stats.io_cosine_windows(), ref["io"], rtol=1e-5)
+    np.testing.assert_allclose(stats.io_cosine_windows(True), ref["all"], rtol=1e-5)
+    np.testing.assert_allclose(stats.angular_distance_windows(), ref["angles"], atol=1e-7)
     report = activation_report(stats, "hand-built")
     for layer in range(layers):
         io = report.values("io_cosine", layer=layer)[0]
@@ -151,6 +155,7 @@ def stats_from_angles(per_window: np.ndarray) -> LayerStats:
     s.samples, s.tokens, s.tokens_all = n, n, 2 * n
     s.angles = per_window.sum(0)
     s.angles_w.add(per_window)
+    s.angles_windows.append(per_window)
     s.io_cos[:] = s.io_cos_all[:] = 0.5 * n
     for layer in range(k - 1):
         s.io_cos_w.add(np.full(n, 0.5), layer)
@@ -188,13 +193,52 @@ def test_margin_over_the_runner_up():
     lo, ru = int(np.argmin([means[i, i + 1] for i in range(4)])), 1
     assert best["start"] == lo == 2 and best["runner_up"]["start"] == ru
     assert best["margin"] == pytest.approx(means[ru, ru + 1] - means[lo, lo + 1], abs=1e-12)
-    combined = math.hypot(errs[lo, lo + 1], errs[ru, ru + 1])
-    assert best["margin_se"] == pytest.approx(combined, rel=1e-9)
-    assert best["within_error"] is True and best["margin"] < combined
+    paired = (d[:, ru, ru + 1] - d[:, lo, lo + 1]).std(ddof=1) / 4  # std / √16 windows
+    assert best["margin_se"] == pytest.approx(paired, rel=1e-9) and best["paired"] is True
+    assert best["within_error"] is True and best["margin"] < paired
     assert best["margin"] == pytest.approx(0.002, abs=1e-12)
-    assert combined == pytest.approx(math.hypot(0.02, 0.02) / 4, rel=1e-9)  # std / √16 each
+    # the two blocks' windows are drawn independently here, so pairing changes little
+    combined = math.hypot(errs[lo, lo + 1], errs[ru, ru + 1])
+    assert combined == pytest.approx(math.hypot(0.02, 0.02) / 4, rel=1e-9)
+    assert 0.5 * combined < paired < 1.5 * combined
     assert "± " in report.recommendations["prune 1 layers"]
     assert "next best layers 1-1" in report.recommendations["prune 1 layers"]
+
+
+def test_blocks_that_move_together_are_told_apart_by_pairing():
+    """Each window shifts every distance by the same amount (its text is easier or harder):
+    the unpaired error sees two noisy means 0.002 apart and calls it a tie; the per-window
+    difference is exactly 0.002 in every window, so the paired error is 0 and there is no tie."""
+    n = 16
+    base = distances([0.30, 0.078, 0.076, 0.40], n=n, noise=0.0)
+    shift = np.pi * 0.02 * np.random.default_rng(1).standard_normal(n)
+    per_window = base + shift[:, None, None] * (1 - np.eye(5))[None]
+    stats = stats_from_angles(per_window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no near-tie warning
+        report = activation_report(stats, "paired")
+    best = report.recommendations["prune_blocks"][0]
+    assert best["start"] == 2 and best["runner_up"]["start"] == 1
+    assert best["margin"] == pytest.approx(0.002, abs=1e-12)
+    assert best["margin_se"] == pytest.approx(0, abs=1e-12) and best["within_error"] is False
+    unpaired = prune_blocks(stats.angular_distance(), stats.angular_distance_se())[
+        0
+    ]  # no windows: the independent formula
+    assert unpaired["within_error"] is True and unpaired["margin_se"] > 0.002
+    assert "paired" not in unpaired or unpaired["paired"] is False
+
+
+def test_order_ties_are_paired_over_windows():
+    """Two layers whose per-window values differ by exactly 0.01 while every window shifts both
+    by a lot: unpaired, a tie; paired, the difference has no error at all."""
+    from splice.layer_metrics import order_ties
+
+    rng = np.random.default_rng(2)
+    common = 0.1 * rng.standard_normal(20)
+    w = np.stack([0.30 + common, 0.31 + common, 0.90 + 0 * common], axis=1)  # [N, L]
+    values, se = w.mean(0), w.std(0, ddof=1) / np.sqrt(len(w))
+    assert order_ties(values, se) == [1]  # independent errors: layers 0 and 1 tie
+    assert order_ties(values, se, w) == []
 
 
 def test_tied_n_are_listed_as_ranges():
@@ -232,6 +276,7 @@ def test_order_ties_for_block_influence():
     s.samples, s.tokens, s.tokens_all = n, n, n
     a = distances([0.1, 0.2, 0.3], n=n, noise=0.0)
     s.angles, _ = a.sum(0), s.angles_w.add(a)
+    s.angles_windows.append(a)
     report = activation_report(s, "orders")
     assert report.recommendations["prune_order_block_influence"][:2] == [0, 1]
     assert report.recommendations["prune_order_block_influence_ties"] == [1]
@@ -307,7 +352,7 @@ def test_analyze_activations_defaults_to_after_the_norm(tiny_models, tmp_path, c
     err = capsys.readouterr().err
     tied = [x["n"] for x in data["recommendations"]["prune_blocks"] if x["within_error"]]
     quarter = max(1, data["meta"]["num_layers"] // 4)
-    lines = [ln for ln in err.splitlines() if "combined standard error" in ln]
+    lines = [ln for ln in err.splitlines() if "standard error of the difference" in ln]
     assert len(lines) == (quarter in tied) + any(
         x["within_error"] for x in data["recommendations"]["duplicate_ranges"] if x["n"] == quarter
     )

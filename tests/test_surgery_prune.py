@@ -61,9 +61,10 @@ def test_chosen_layers_match_hidden_state_metrics(model, analysis_zoo, tmp_path)
 
 @pytest.mark.parametrize("model", ["base", "moe"])
 def test_angular_prune_warns_on_its_own_near_tie(model, analysis_zoo):
-    """The warning follows the chosen block's margin over the runner-up against their standard
-    errors over windows (per-window distances from ``output_hidden_states``, std / √N); the
-    analysis' own headline warnings (other block sizes, duplication) are not repeated."""
+    """The warning follows the chosen block's margin over the runner-up against the standard
+    error of their per-window difference (paired; per-window distances from
+    ``output_hidden_states``, std / √N); the analysis' own headline warnings (other block sizes,
+    duplication) are not repeated."""
     import warnings
 
     src, text = analysis_zoo / model, analysis_zoo / "corpus.txt"
@@ -73,9 +74,10 @@ def test_angular_prune_warns_on_its_own_near_tie(model, analysis_zoo):
     expected = {}
     for n in (1, 2, 3):
         per = np.array([angle(last[lo], last[lo + n]) for lo in range(n_layers - n + 1)])
-        mean, se = per.mean(1), per.std(1, ddof=1) / np.sqrt(count)
+        mean = per.mean(1)
         first, second = np.argsort(mean, kind="stable")[:2]
-        expected[n] = mean[second] - mean[first] <= np.hypot(se[first], se[second])
+        diff = per[second] - per[first]
+        expected[n] = diff.mean() <= diff.std(ddof=1) / np.sqrt(count)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan_prune(src, n=n, by="angular", calibration=text, calib=CALIB)
