@@ -3,6 +3,11 @@
 Merge methods, collapse methods, similarity metrics and genomes each get a :class:`Registry`;
 entries register with a decorator and a duplicate name is an error (which also catches a module
 imported twice under two names, e.g. bare ``merge`` next to ``splice.merge``).
+
+Across packages, the same lookup goes through entry points: the core never imports a
+subpackage, so what it runs of one (the CLI's verbs, group ``splice.commands``; the zoo's merge
+check, group ``splice.zoo``) the subpackage declares in ``pyproject.toml`` and :func:`plugin`
+loads by name.
 """
 
 from __future__ import annotations
@@ -54,3 +59,15 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def plugin(group: str, name: str) -> object:
+    """The object an installed package declares as entry point ``name`` of ``group``, loaded."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    if not found:
+        raise SpliceError(
+            f"no entry point {name!r} in group {group!r}: is splice installed (pip install -e .)?"
+        )
+    return found[0].load()

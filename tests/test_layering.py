@@ -1,12 +1,17 @@
 """Dependencies point inward, checked on every import statement (module level and inside
 functions): the core (``splice/``) imports none of the subpackages; ``analysis``, ``merge`` and
-``surgery`` import only the core; ``evolve`` may also import ``merge`` and ``analysis``. And no
-code imports a subpackage by its folder name (``import merge``), which would load it twice."""
+``surgery`` import only the core; ``evolve`` may also import ``merge`` and ``analysis``. What the
+core runs of a subpackage goes through entry points the subpackage declares. And no code imports
+a subpackage by its folder name (``import merge``), which would load it twice."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
+
+from splice.errors import SpliceError
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPACKAGES = ("analysis", "evolve", "merge", "surgery")
@@ -17,9 +22,6 @@ ALLOWED = {
     "surgery": {"core", "surgery"},
     "evolve": {"core", "evolve", "merge", "analysis"},
 }
-#: the one declared exception: the zoo's build checks its own acceptance criterion (merges of
-#: math and lang beat both on the combined task) by merging with the product, as a user would
-EXCEPTIONS = {("splice/zoo/acceptance.py", "merge")}
 
 
 def layer_of(module: str) -> str | None:
@@ -59,16 +61,22 @@ def test_dependencies_point_inward():
             rel = path.relative_to(ROOT).as_posix()
             for line, module in imports(path):
                 target = layer_of(module)
-                if target is None or target in ALLOWED[layer] or (rel, target) in EXCEPTIONS:
+                if target is None or target in ALLOWED[layer]:
                     continue
                 bad.append(f"{rel}:{line} ({layer}) imports {module} ({target})")
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(set(bad)))
 
 
-def test_the_declared_exception_still_exists():
-    """An exception nobody needs any more is removed from the list, not kept as a loophole."""
-    for rel, target in EXCEPTIONS:
-        assert any(layer_of(m) == target for _, m in imports(ROOT / rel)), (rel, target)
+def test_the_core_reaches_subpackages_through_declared_entry_points():
+    """What the core runs of a subpackage (CLI verbs, the zoo's merge check) is declared in
+    pyproject.toml and loads to the subpackage's own object."""
+    from splice.merge import merge_into
+    from splice.registry import plugin
+
+    assert plugin("splice.zoo", "merge_into") is merge_into
+    assert callable(plugin("splice.commands", "upscale"))
+    with pytest.raises(SpliceError, match="no entry point 'nope'"):
+        plugin("splice.zoo", "nope")
 
 
 def test_no_subpackage_is_imported_by_its_folder_name():

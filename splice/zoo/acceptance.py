@@ -232,8 +232,10 @@ def check(
 ) -> dict[str, Any]:
     """Measure the built zoo in ``zoo`` on the report splits ``items`` (task -> items): scores,
     the merge grid, task-vector norms, MoE statistics and the list of criteria."""
-    from splice.merge import merge_into
+    from splice.registry import plugin
     from splice.zoo.evaluate import load_model
+
+    merge_into = plugin("splice.zoo", "merge_into")  # splice.merge's, declared in pyproject
 
     tasks = ("zoo_math", "zoo_lang", "zoo_math_lang")
     enc = {t: encode_items(tok, items[t]) for t in tasks}
