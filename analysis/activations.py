@@ -191,6 +191,7 @@ def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> Simi
         )
     per_window = stats.angular_distance_windows()
     io_w, io_all_w = stats.io_cosine_windows(), stats.io_cosine_windows(all_positions=True)
+    influence_w = None if io_all_w is None else 1 - io_all_w  # per window, as 1 - io_all
     prune = prune_blocks(dist, dist_se, per_window)
     dup = duplicate_ranges(dist, dist_se, per_window)
     quarter = max(1, n_layers // 4)
@@ -199,8 +200,8 @@ def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> Simi
         "duplicate_ranges": dup,
         "prune_order_block_influence": prune_order(1 - io_all),
         "prune_order_io_cosine": prune_order(-io),
-        "prune_order_block_influence_ties": order_ties(1 - io_all, all_se, _neg(io_all_w, 1)),
-        "prune_order_io_cosine_ties": order_ties(-io, io_se, _neg(io_w)),
+        "prune_order_block_influence_ties": order_ties(1 - io_all, all_se, influence_w),
+        "prune_order_io_cosine_ties": order_ties(-io, io_se, None if io_w is None else -io_w),
     }
     for what, blocks in (("prune", prune), ("duplicate", dup)):
         if len(blocks) >= quarter:
@@ -216,11 +217,6 @@ def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> Simi
         recommendations,
         meta={"num_layers": n_layers},
     )
-
-
-def _neg(w: np.ndarray | None, plus: float = 0) -> np.ndarray | None:
-    """``plus - w`` (per-window values of an order that sorts the other way), None stays."""
-    return None if w is None else plus - w
 
 
 def _finite(v: float) -> float | None:

@@ -34,7 +34,6 @@ value) and ``cka_layers`` / ``cosine_layers`` (value and null per boundary).
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import tempfile
@@ -459,15 +458,16 @@ def compare_activations(
 
     from splice.activations import calibration_text, check_model_code, load_model, token_windows
     from splice.checkpoint import open_checkpoint
-    from splice.layer_metrics import float_dtype, vocab_size
+    from splice.layer_metrics import (
+        check_run_sizes,
+        check_vocab,
+        float_dtype,
+        largest_layer_tensor,
+    )
     from splice.modeling import load_tokenizer
 
     start = time.perf_counter()
-    for name, value, least in (("seq_len", seq_len, 2), ("max_samples", max_samples, 1)):
-        if value < least:
-            raise SpliceError(f"{name} must be {least} or more, got {value}")
-    if batch_size < 1:
-        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
+    check_run_sizes(seq_len, max_samples, batch_size)
     dtype = float_dtype(dtype)
     text = calibration_text(calibration, include_path=include_path)
     ckpts = [open_checkpoint(m, allow_pickle=allow_pickle) for m in (a, b)]
@@ -496,12 +496,7 @@ def compare_activations(
         )
     ids = windows[0]
     for c in ckpts:
-        vocab = vocab_size(c)
-        if vocab and int(ids.max()) >= vocab:
-            raise SpliceError(
-                f"{c.path}: the tokenizer gives token id {int(ids.max())} but the model has "
-                f"{vocab} embeddings"
-            )
+        check_vocab(c, ids)
     n_layers = int(ca.config.get("num_hidden_layers") or 0)
     hidden = int(ca.config.get("hidden_size") or 0)
     k = n_layers + 2
@@ -535,10 +530,6 @@ def compare_activations(
             allow_pickle=allow_pickle,
         )
 
-    largest = max(
-        math.prod(info.shape) for c in ckpts for n, info in c.tensors.items()
-        if c.arch.parse(n).layer is not None
-    )  # fmt: skip
     run_kw = dict(
         layer_prefix=ca.arch.layer_prefix,
         final_norm=norm,
@@ -547,7 +538,7 @@ def compare_activations(
         device=device,
         show_progress=show_progress,
     )
-    with threads_for(largest, threads):
+    with threads_for(largest_layer_tensor(*ckpts), threads):
         if resident:
             models = [load(c.path) for c in ckpts]
             acc = activation_similarity(*models, ids, **run_kw)

@@ -56,6 +56,7 @@ def measure_layers(
     show_progress: bool = False,
     final_norm: bool = True,
     threads: int | None = None,
+    full_window: bool = False,
 ) -> LayerRun:
     """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK``, ``zoo``, ``zoo:both``).
 
@@ -65,7 +66,8 @@ def measure_layers(
     :data:`splice.threads.SMALL_NUMEL`, torch's setting otherwise).
 
     The calibration text is read (and checked non-empty) and the model folder checked (config,
-    weights, shapes) before the model is loaded. Pickled ``.bin`` weights are refused unless
+    weights, shapes) before the model is loaded; with ``full_window``, a text that does not fill
+    one window of ``seq_len`` tokens is refused then too (else it runs as one shorter window). Pickled ``.bin`` weights are refused unless
     ``allow_pickle`` (then loaded with ``weights_only=True``); the model's own code runs only
     with ``trust_remote_code``. Hidden states that turn NaN or inf are one error line.
     """
@@ -78,14 +80,11 @@ def measure_layers(
     )
     from splice.checkpoint import open_checkpoint
     from splice.modeling import load_tokenizer
+    from splice.scoring import check_window
     from splice.threads import threads_for
 
     start = time.perf_counter()
-    for name, value, least in (("seq_len", seq_len, 2), ("max_samples", max_samples, 1)):
-        if value < least:
-            raise SpliceError(f"{name} must be {least} or more, got {value}")
-    if batch_size < 1:
-        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
+    check_run_sizes(seq_len, max_samples, batch_size)
     dtype = float_dtype(dtype)
     text = calibration_text(calibration, include_path=include_path)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
@@ -101,12 +100,9 @@ def measure_layers(
     if max_pos and seq_len > max_pos:
         raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
     ids = token_windows(tokenizer, text, seq_len, max_samples)
-    vocab = vocab_size(ckpt)
-    if vocab and int(ids.max()) >= vocab:
-        raise SpliceError(
-            f"{ckpt.path}: its tokenizer gives token id {int(ids.max())} but the model has "
-            f"{vocab} embeddings"
-        )
+    if full_window:
+        check_window(seq_len, seq_len, ids.shape[1], what=f"--calibration {calibration}: the text")
+    check_vocab(ckpt, ids)
     lm = load_model(
         ckpt.path,
         dtype=dtype,
@@ -114,15 +110,7 @@ def measure_layers(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    largest = max(
-        (
-            math.prod(i.shape)
-            for n, i in ckpt.tensors.items()
-            if ckpt.arch.parse(n).layer is not None
-        ),
-        default=0,
-    )
-    with threads_for(largest, threads):
+    with threads_for(largest_layer_tensor(ckpt), threads):
         stats = layer_statistics(
             lm,
             ids,
@@ -137,8 +125,6 @@ def measure_layers(
             f"{ckpt.path}: hidden states became NaN or inf running it in {dtype}"
             + ("; try --dtype float32" if dtype != "float32" else "")
         )
-    if stats.samples == 0:
-        raise SpliceError("no calibration samples were run")
     meta = {
         "calibration": str(calibration),
         "samples": int(ids.shape[0]),
@@ -149,6 +135,38 @@ def measure_layers(
         "seconds": time.perf_counter() - start,
     }
     return LayerRun(ckpt.path, stats, meta)
+
+
+def check_run_sizes(seq_len: int, max_samples: int, batch_size: int) -> None:
+    """One error line unless ``seq_len >= 2``, ``max_samples >= 1`` and ``batch_size >= 1``."""
+    for name, value, least in (("seq_len", seq_len, 2), ("max_samples", max_samples, 1)):
+        if value < least:
+            raise SpliceError(f"{name} must be {least} or more, got {value}")
+    if batch_size < 1:
+        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
+
+
+def check_vocab(ckpt: Checkpoint, ids: Any) -> None:
+    """One error line if the token ids ``[N, T]`` reach past ``ckpt``'s embedding rows."""
+    vocab = vocab_size(ckpt)
+    if vocab and int(ids.max()) >= vocab:
+        raise SpliceError(
+            f"{ckpt.path}: its tokenizer gives token id {int(ids.max())} but the model has "
+            f"{vocab} embeddings"
+        )
+
+
+def largest_layer_tensor(*ckpts: Checkpoint) -> int:
+    """Elements of the largest per-layer tensor of ``ckpts`` (what :func:`threads_for` sizes)."""
+    return max(
+        (
+            math.prod(info.shape)
+            for ckpt in ckpts
+            for name, info in ckpt.tensors.items()
+            if ckpt.arch.parse(name).layer is not None
+        ),
+        default=0,
+    )
 
 
 def float_dtype(dtype: str) -> str:

@@ -66,18 +66,8 @@ def layer_report(
     """One :func:`~splice.layer_metrics.measure_layers` pass of ``model`` on ``calibration`` (a
     file, ``lm-eval:TASK``, ``zoo`` or ``zoo:both``). A text that does not fill one window of
     ``seq_len`` tokens is refused before the model is loaded."""
-    from splice.activations import calibration_text, token_windows
     from splice.layer_metrics import measure_layers
-    from splice.modeling import load_tokenizer
 
-    text = calibration_text(calibration, include_path=calib.include_path)
-    tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    first = token_windows(tok, text, calib.seq_len, 1)
-    if first.shape[1] < calib.seq_len:
-        raise SpliceError(
-            f"--calibration {calibration}: the text is too short: {first.shape[1]} tokens, fewer "
-            f"than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
-        )
     return measure_layers(
         model,
         calibration,
@@ -91,6 +81,7 @@ def layer_report(
         include_path=calib.include_path,
         show_progress=calib.show_progress,
         final_norm=calib.final_norm,
+        full_window=True,
     )
 
 

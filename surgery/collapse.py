@@ -489,15 +489,17 @@ def _stream_layers(
 def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration) -> torch.Tensor:
     from splice.activations import calibration_text, token_windows
     from splice.modeling import load_tokenizer
+    from splice.scoring import check_window
 
     text = calibration_text(calibration, include_path=calib.include_path)
     tok = load_tokenizer(ckpt.path)
     windows = token_windows(tok, text, calib.seq_len, calib.max_samples)
-    if windows.shape[1] < calib.seq_len:
-        raise SpliceError(
-            f"--calibration {calibration}: the text is too short: {windows.shape[1]} tokens, "
-            f"fewer than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
-        )
+    check_window(
+        calib.seq_len,
+        calib.seq_len,
+        windows.shape[1],
+        what=f"--calibration {calibration}: the text",
+    )
     return windows
 
 

@@ -246,6 +246,7 @@ def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -
 
     from splice.activations import calibration_text, token_windows
     from splice.modeling import load_tokenizer
+    from splice.scoring import check_window
 
     if isinstance(calibration, torch.Tensor):  # token windows given
         if calibration.dim() != 2 or calibration.is_floating_point():
@@ -256,11 +257,12 @@ def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -
         text = calibration_text(calibration, include_path=calib.include_path)
         tok = load_tokenizer(ckpt.path, trust_remote_code=tc)
         windows = token_windows(tok, text, calib.seq_len, calib.max_samples)
-    if windows.shape[1] < calib.seq_len:
-        raise SpliceError(
-            f"--calibration {calibration}: the text is too short: {windows.shape[1]} tokens, fewer "
-            f"than one window of {calib.seq_len} (give a longer text or a smaller --seq-len)"
-        )
+    check_window(
+        calib.seq_len,
+        calib.seq_len,
+        windows.shape[1],
+        what=f"--calibration {calibration}: the text",
+    )
     hidden = int(ckpt.config["hidden_size"])
     if windows.numel() < hidden:
         raise SpliceError(
