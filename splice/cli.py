@@ -20,7 +20,6 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
 from splice.errors import SpliceError
@@ -64,7 +63,9 @@ def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
 
 
 def _verbs() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    from splice.registry import entry_points_of
+
+    return entry_points_of(GROUP)
 
 
 def build_parser(only: str | None = None) -> Parser:

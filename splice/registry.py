@@ -13,7 +13,7 @@ loads by name.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from splice.errors import SpliceError
 
@@ -61,13 +61,18 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
-def plugin(group: str, name: str) -> object:
-    """The object an installed package declares as entry point ``name`` of ``group``, loaded."""
+def entry_points_of(group: str) -> dict[str, Any]:
+    """The entry points installed packages declare in ``group``, by name (not yet loaded)."""
     from importlib.metadata import entry_points
 
-    found = [ep for ep in entry_points(group=group) if ep.name == name]
-    if not found:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def plugin(group: str, name: str) -> object:
+    """The object an installed package declares as entry point ``name`` of ``group``, loaded."""
+    found = entry_points_of(group).get(name)
+    if found is None:
         raise SpliceError(
             f"no entry point {name!r} in group {group!r}: is splice installed (pip install -e .)?"
         )
-    return found[0].load()
+    return found.load()
