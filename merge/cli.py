@@ -37,7 +37,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "DIR/NAME and keep it (default: a temporary folder beside OUT, removed at the end)",
     )
     add_output_options(p, dtype=False)
-    add_model_options(p)
+    add_model_options(p, runs_models=True)  # a moe recipe's router runs the base model
     p.set_defaults(func=run_cli)
 
 
@@ -56,6 +56,7 @@ def run_cli(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         allow_crimes=args.allow_crimes,
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
     keep = args.keep_intermediates
     if args.dry_run:

@@ -39,8 +39,17 @@ DENSE_TYPES = ("llama", "mistral")
 class _Router:
     """Computes every layer's router once, on first use: ``[layers, experts, hidden]``."""
 
-    def __init__(self, recipe: Recipe, base: Checkpoint, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        base: Checkpoint,
+        seed: int,
+        device: str = "cpu",
+        tokenizer: Any = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.recipe, self.base, self.seed, self.device = recipe, base, seed, device
+        self.tokenizer, self.trust_remote_code = tokenizer, trust_remote_code
         self._gates: Any = None
         self._lock = threading.Lock()
 
@@ -62,12 +71,7 @@ class _Router:
         if mode == "uniform_random":
             bound = hidden**-0.5
             return (torch.rand((layers, len(experts), hidden), generator=g) * 2 - 1) * bound
-        from transformers import AutoTokenizer
-
-        with _quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(self.base.path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = self.tokenizer  # loaded by plan_moe, before anything is written
         if mode == "cheap_embed":
             embed = self.base.load(self.base.arch.embed, dtype="float32")
             state = lambda prompts: _cheap_embed(embed, tok, prompts, layers)  # noqa: E731
@@ -78,6 +82,7 @@ class _Router:
                 model = load_model(
                     self.base.path,
                     device=self.device,
+                    trust_remote_code=self.trust_remote_code,
                     why="the router's hidden states need finite weights",
                 )
             prefix, average = self.base.arch.layer_prefix, mode == "hidden_avg"
@@ -89,6 +94,22 @@ class _Router:
                 v = v - state(e.negative_prompts)
             vecs.append(v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         return torch.stack(vecs, dim=1)  # [layers, experts, hidden]
+
+
+def _router_tokenizer(recipe: Recipe, base: Checkpoint, trust_remote_code: bool) -> Any:
+    """The base model's tokenizer for the prompt routers (``None`` for the random ones); a
+    one-line ``SpliceError`` naming the base model if it cannot be loaded."""
+    from splice.modeling import load_tokenizer
+
+    if recipe.gate_mode not in ("hidden", "hidden_avg", "cheap_embed"):
+        return None
+    with _quiet_transformers():
+        tok = load_tokenizer(
+            base.path, trust_remote_code=trust_remote_code, name=f"base model {recipe.base_model}"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 @contextlib.contextmanager
@@ -201,9 +222,12 @@ def plan_moe(
     allow_pickle: bool = False,
     seed: int | None = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> MergePlan:
     """Plan a Mixtral model from dense experts (see the module docstring); the base model runs
-    on ``device`` for the ``hidden`` / ``hidden_avg`` routers."""
+    on ``device`` for the ``hidden`` / ``hidden_avg`` routers. The prompt routers' tokenizer
+    (the base model's) is loaded here, so a tokenizer that cannot load (one that needs its own
+    code without ``trust_remote_code``) is refused before anything is written."""
     ckpts = open_models(recipe.referenced_models(), allow_pickle=allow_pickle, models=models)
     problems = Problems()
     _check(recipe, ckpts, problems)
@@ -211,6 +235,7 @@ def plan_moe(
     base_key = recipe.base_model
     assert base_key is not None
     base = ckpts[base_key]
+    tok = _router_tokenizer(recipe, base, trust_remote_code)
     dense = base.arch
     moe = ArchSpec.load("mixtral")
     assert moe.experts is not None
@@ -221,7 +246,7 @@ def plan_moe(
         dtype_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     )
     seed = seed if seed is not None else (recipe.seed or 0)
-    router = _Router(recipe, base, seed, device)
+    router = _Router(recipe, base, seed, device, tok, trust_remote_code)
     experts: list[Expert] = recipe.experts or []
     tasks: list[TensorTask] = []
 

@@ -371,13 +371,22 @@ def plan_merge(
     allow_crimes: bool = False,
     seed: int | None = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> MergePlan:
     """Validate ``recipe`` against its models and build the tasks (no tensor data is read;
-    a ``moe`` recipe with a ``hidden`` router runs its base model on ``device``)."""
+    a ``moe`` recipe with a ``hidden`` router runs its base model on ``device``, and its
+    routers' tokenizer may run its own code with ``trust_remote_code``)."""
     if recipe.merge_method == "moe":
         from splice.merge.moe import plan_moe
 
-        return plan_moe(recipe, models=models, allow_pickle=allow_pickle, seed=seed, device=device)
+        return plan_moe(
+            recipe,
+            models=models,
+            allow_pickle=allow_pickle,
+            seed=seed,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
     problems = Problems()  # an unknown method and missing models are reported together
     method = None
     try:

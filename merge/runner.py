@@ -30,6 +30,7 @@ from splice.merge.chat_template import resolve_chat_template, template_files
 from splice.merge.planner import MergePlan, plan_merge
 from splice.merge.recipe import MultiRecipe, Recipe, Stage, read_recipe
 from splice.output import write_model
+from splice.sliced_check import refuse_sliced
 from splice.target import check_target, lock_target, staging_dir
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class MergeOptions(ExecOptions):
     allow_pickle: bool = False
     allow_crimes: bool = False
     seed: int | None = None
+    #: a ``moe`` recipe's router may load the base model's own tokenizer / model code
+    trust_remote_code: bool = False
 
 
 RecipeLike = Recipe | str | os.PathLike[str] | dict
@@ -82,6 +85,7 @@ def plan(
         allow_crimes=opts.allow_crimes,
         seed=opts.seed,
         device=opts.device,
+        trust_remote_code=opts.trust_remote_code,
     )
     p.chat_template = resolve_chat_template(p.recipe.chat_template, p.models)
     for line in p.warnings:
@@ -211,7 +215,8 @@ def _precheck(multi: MultiRecipe, opts: MergeOptions) -> None:
                 METHODS.get(recipe.merge_method)
             for ref in recipe.referenced_models():
                 if ref != "/":
-                    open_checkpoint(ref, allow_pickle=opts.allow_pickle)
+                    ckpt = open_checkpoint(ref, allow_pickle=opts.allow_pickle)
+                    refuse_sliced(ckpt, "merge", name=ref)
         except SpliceError as e:
             problems += [f"{stage.label}: {line}" for line in str(e).splitlines()]
     if problems:

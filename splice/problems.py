@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
+from splice.sliced_check import refuse_sliced
 
 
 class Problems:
@@ -102,19 +103,26 @@ def open_models(
     allow_pickle: bool = False,
     models: Mapping[str, Checkpoint] | None = None,
 ) -> dict[str, Checkpoint]:
-    """Open every model in ``refs`` (lazy: headers only), reusing those in ``models``.
+    """Open every model in ``refs`` (lazy: headers only), reusing those in ``models``, for a
+    merge (the opener of ``splice merge``, its ``moe`` recipes and evolve's sources).
 
-    All models that cannot be opened are reported together, one line each.
+    All models that cannot be opened are reported together, one line each; so are per-layer
+    sliced models, which no merge may read (:func:`splice.sliced_check.refuse_sliced`).
     """
     out: dict[str, Checkpoint] = {}
     problems = Problems()
     for ref in refs:
         if models is not None and ref in models:
             out[ref] = models[ref]
-            continue
+        else:
+            try:
+                out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+            except SpliceError as e:
+                problems.add(f"model {ref}: {e}" if ref not in str(e) else str(e))
+                continue
         try:
-            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+            refuse_sliced(out[ref], "merge", name=ref)
         except SpliceError as e:
-            problems.add(f"model {ref}: {e}" if ref not in str(e) else str(e))
+            problems.add(str(e))
     problems.raise_if_any()
     return out

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
+from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, claimed, write_result
 from splice.surgery.report import RECORD
@@ -878,6 +879,7 @@ def plan_collapse(
     )
     _refuse_unsupported(moe)
     ckpt = open_checkpoint(moe, allow_pickle=allow_pickle)
+    refuse_sliced(ckpt, "collapse")
     ckpt.validate()
     _check_model(ckpt)
     count = ckpt.arch.num_experts(ckpt.config) or 0

@@ -20,6 +20,7 @@ from typing import Any
 from splice.checkpoint import open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
+from splice.sliced_check import refuse_sliced
 from splice.surgery import layermaps
 from splice.surgery.calibration import (
     Calibration,
@@ -60,6 +61,7 @@ def plan_prune(
         if calibration is None:
             raise SpliceError(f"prune --n needs --calibration FILE to measure {by} on")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    refuse_sliced(ckpt, "prune")
     ckpt.validate()
     total = ckpt.num_layers
     report = SurgeryReport(operation="", source=str(ckpt.path), num_layers=total, layers=[])

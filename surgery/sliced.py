@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
+from splice.sliced_check import SLICED_TYPE
 
 if TYPE_CHECKING:
     import torch
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 SHORTCUTS = ("attn_shortcut_Q", "mlp_shortcut_Q")
 #: config key naming the family a per-layer output was sliced from
 SLICED_FROM = "sliced_from"
-#: the model_type of a per-layer output (so stock transformers refuses it instead of ignoring
-#: the shortcut tensors)
-SLICED_TYPE = "splice_sliced"
 
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 

@@ -45,6 +45,7 @@ from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
 from splice.output import ModelPlan
+from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, claimed, write_result
 from splice.surgery.sliced import SHORTCUTS, SLICED_FROM, SLICED_TYPE, as_layers, units
@@ -600,6 +601,7 @@ def plan_slice(
     if calibration is None:
         raise SpliceError("slice needs --calibration FILE (a text file, lm-eval:TASK or zoo)")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    refuse_sliced(ckpt, "slice")
     ckpt.validate()
     block_names(ckpt)
     hidden = int(ckpt.config["hidden_size"])

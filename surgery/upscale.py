@@ -27,6 +27,7 @@ from typing import Any
 from splice.checkpoint import open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
+from splice.sliced_check import refuse_sliced
 from splice.surgery import layermaps
 from splice.surgery.calibration import Calibration, layer_report, meta, yi_candidates
 from splice.surgery.depth import SurgeryResult, claimed, layer_map_plan, write_result
@@ -71,6 +72,7 @@ def plan_upscale(
     if mode != "yi" and calibration is not None:
         raise SpliceError(f"--calibration is only used by --yi, not --{mode}")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    refuse_sliced(ckpt, "upscale")
     ckpt.validate()
     n = ckpt.num_layers
     report = SurgeryReport(operation="", source=str(ckpt.path), num_layers=n, layers=[])
