@@ -51,6 +51,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tasks", help="report --table: comma-separated report tasks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a run folder an older splice wrote (its state.pkl can run code: only for "
+        "folders you trust) and pickled .bin source weights",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -70,9 +76,20 @@ def run_cli(args: argparse.Namespace) -> None:
         if args.config == "report":
             from splice.evolve.report import format_report, report
 
-            rep = report(args.run, top=args.top)
+            rep = report(args.run, top=args.top, allow_pickle=args.allow_pickle)
             if rep.history:
-                rep.plot(rep.run / "fitness.png")
+                try:
+                    rep.plot(rep.run / "fitness.png")
+                except OSError as e:  # a run folder on a read-only disk still reports
+                    import warnings
+
+                    from splice.errors import SpliceWarning
+
+                    warnings.warn(
+                        f"{rep.run}: fitness.png not written ({e.strerror or e})",
+                        SpliceWarning,
+                        stacklevel=1,
+                    )
             print(format_report(rep))
             if args.table:
                 from splice.evolve.report import format_table, report_table
@@ -82,7 +99,15 @@ def run_cli(args: argparse.Namespace) -> None:
             return
         from splice.evolve.search import resume
 
-        _summary(resume(args.run, show_progress=show, workers=args.workers, ray=args.ray))
+        _summary(
+            resume(
+                args.run,
+                show_progress=show,
+                workers=args.workers,
+                ray=args.ray,
+                allow_pickle=args.allow_pickle,
+            )
+        )
         return
     if args.run:
         raise SpliceError(f"unexpected argument {args.run!r}; give the run folder with --out")
@@ -99,6 +124,7 @@ def run_cli(args: argparse.Namespace) -> None:
         show_progress=show,
         workers=args.workers,
         ray=args.ray,
+        allow_pickle=args.allow_pickle,
     )
     _summary(result)
 

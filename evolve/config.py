@@ -62,6 +62,13 @@ METHOD_GENES: dict[str, tuple[str, ...]] = {
     "slerp": ("t",),
 }
 NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic", "della", "breadcrumbs")
+#: sizes past which a search is a typo, not a plan (CMA-ES's own default popsize for 10,000
+#: genes is 31; Sakana's data-flow search used r = 3)
+MAX_POPSIZE = 10_000
+MAX_REPEATS = 100
+MAX_CANDIDATES = 1_000_000
+#: genes CMA-ES can handle here: its covariance matrix is genes^2 float64 (10,000: 800 MB)
+MAX_GENES = 10_000
 
 
 class _Frozen(BaseModel):
@@ -96,14 +103,14 @@ class TaskSpec(_Frozen):
 class LmEvalArgs(_Frozen):
     """How lm-eval scores a candidate (the same for every candidate)."""
 
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     limit: int | None = Field(None, ge=1)
     num_fewshot: int | None = Field(None, ge=0)
     #: null: apply the tokenizer's chat template when it has one (mergekit-evolve: always)
     apply_chat_template: bool | None = None
     fewshot_as_multiturn: bool = False
     shuffle: bool = False
-    max_length: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=1, le=1 << 24)
 
 
 class SearchSettings(_Frozen):
@@ -112,11 +119,11 @@ class SearchSettings(_Frozen):
     ``ceil(max_fevals / popsize)``), or when CMA-ES itself stops; with neither, 100 fevals
     (mergekit-evolve's default)."""
 
-    popsize: int | None = Field(None, ge=2)
-    sigma0: float = Field(1 / 6, gt=0)
-    seed: int = Field(0, ge=0)
-    generations: int | None = Field(None, ge=1)
-    max_fevals: int | None = Field(None, ge=1)
+    popsize: int | None = Field(None, ge=2, le=MAX_POPSIZE)
+    sigma0: float = Field(1 / 6, gt=0, le=10)
+    seed: int = Field(0, ge=0, lt=2**32)
+    generations: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
+    max_fevals: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
     #: a gene value in [0, 1] for every gene, or mergekit-evolve's starting point
     start: float | Literal["mergekit"] = 0.5
 
@@ -135,7 +142,7 @@ class GenomeSpec(_Frozen):
     merge_method: str | None = None  # parameter space: required; data-flow: passthrough
     base_model: str | None = None
     tokenizer_source: str | None = None
-    layer_granularity: int = Field(0, ge=0)
+    layer_granularity: int = Field(0, ge=0, le=1 << 20)
     normalize: bool | None = None
     allow_negative_weights: bool = False
     filters: list[str] | None = None
@@ -143,7 +150,7 @@ class GenomeSpec(_Frozen):
     #: ``parameter`` (mergekit-evolve's genome) or ``dataflow`` (Sakana's layer path)
     space: Literal["parameter", "dataflow"] = "parameter"
     #: data-flow: how many times every model's layers are laid out as slots (Sakana's r)
-    repeats: int = Field(3, ge=1)
+    repeats: int = Field(3, ge=1, le=MAX_REPEATS)
     #: parameter -> [low, high] that genes 0 and 1 map to
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     #: fixed method parameters, the same in every candidate (``lambda``, ``epsilon``, ...)
@@ -258,14 +265,16 @@ class EvolveConfig(_Frozen):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        lm = dict(data.get("lm_eval") or {})
-        for key in _MERGEKIT_TOP:
-            if key in data:
-                if key in lm:
-                    raise ValueError(f"{key} is given twice (top level and lm_eval)")
-                lm[key] = data.pop(key)
-        if lm:
-            data["lm_eval"] = lm
+        lm = data.get("lm_eval")
+        if lm is None or isinstance(lm, dict):  # else the schema says what lm_eval must be
+            lm = dict(lm or {})
+            for key in _MERGEKIT_TOP:
+                if key in data:
+                    if key in lm:
+                        raise ValueError(f"{key} is given twice (top level and lm_eval)")
+                    lm[key] = data.pop(key)
+            if lm:
+                data["lm_eval"] = lm
         if "search" not in data:
             data["search"] = {"start": "mergekit"}
         genome = data.get("genome")
@@ -421,11 +430,17 @@ def _diff(a: Any, b: Any, where: str, out: list[str]) -> None:
         out.append(where)
 
 
+def _printable(part: Any) -> str:
+    """A location part as one line of text (a key with a newline or control character quoted)."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
 def _format(e: ValidationError, what: str) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(_printable(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = " ".join(err["msg"].removeprefix("Value error, ").splitlines())
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":

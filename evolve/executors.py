@@ -119,7 +119,14 @@ class RayActors:
 
             raise SpliceError("--ray needs Ray: pip install 'splice[ray]'") from None
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False)
+            check_ray_address(address, reach=True)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+                from splice.errors import SpliceError
+
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise SpliceError(f"--ray {address}: cannot join the cluster ({line})") from None
         gpu = config.device.startswith("cuda")
         device = "cuda" if gpu else config.device
         actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_RayWorker)
@@ -135,6 +142,38 @@ class RayActors:
     def close(self) -> None:
         for a in self.actors:
             self._ray.kill(a)
+
+
+#: seconds to wait for a Ray head's port to answer before giving up
+RAY_CONNECT_TIMEOUT = 10.0
+
+
+def check_ray_address(address: str, *, reach: bool = False) -> None:
+    """``address`` is ``auto``, ``local`` or ``[ray://]HOST:PORT``; with ``reach``, a
+    ``HOST:PORT`` must accept a TCP connection within :data:`RAY_CONNECT_TIMEOUT` seconds (Ray
+    itself retries an unreachable head for minutes). ``SpliceError``, one line."""
+    import socket
+
+    from splice.errors import SpliceError
+
+    if address in ("auto", "local"):
+        return
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpliceError(f"--ray {address}: give auto, local or HOST:PORT (ray://HOST:PORT)")
+    if not reach:
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise SpliceError(
+            f"--ray {address}: cannot reach the Ray head ({why} after at most "
+            f"{RAY_CONNECT_TIMEOUT:g} s); is the cluster running and the address right?"
+        ) from None
 
 
 class _RayWorker:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.errors import SpliceError
-from splice.evolve.config import EvolveConfig, GenomeSpec
+from splice.evolve.config import MAX_GENES, EvolveConfig, GenomeSpec
 from splice.registry import Registry
 
 if TYPE_CHECKING:
@@ -236,8 +236,27 @@ def build_genome(config: EvolveConfig, models: Mapping[str, Checkpoint]) -> Geno
     cls = GENOMES.get(spec.space)
     if spec.space == "dataflow":
         layers = tuple(models[m].num_layers for m in spec.models)
+        _check_size(
+            2 * spec.repeats * sum(layers),
+            f"{spec.repeats} repeats of {sum(layers)} layers, two genes each",
+        )
         return cls(spec, layers, config.dtype, config.search.seed)
-    return cls(spec, models[spec.models[0]].num_layers, config.dtype, config.search.seed)
+    n = models[spec.models[0]].num_layers
+    groups = n // spec.layer_granularity if spec.layer_granularity else 1
+    sets = len(spec.filters or []) + 1
+    _check_size(
+        groups * len(spec.models) * sets * len(spec.genes), "layer groups x models x sets x genes"
+    )
+    return cls(spec, n, config.dtype, config.search.seed)
+
+
+def _check_size(dim: int, what: str) -> None:
+    if dim > MAX_GENES:
+        raise SpliceError(
+            f"genome: {dim:,} genes ({what}), more than CMA-ES can search here "
+            f"({MAX_GENES:,}: its covariance is genes² numbers); use fewer repeats, a coarser "
+            "layer_granularity or fewer filters"
+        )
 
 
 def check_genome(

@@ -36,12 +36,15 @@ class EvolveReport:
         return plot_history(self.history, path)
 
 
-def report(run: str | os.PathLike[str], *, top: int = 5) -> EvolveReport:
-    """Read ``run`` (its state: what the last finished generation left)."""
+def report(
+    run: str | os.PathLike[str], *, top: int = 5, allow_pickle: bool = False
+) -> EvolveReport:
+    """Read ``run`` (its state: what the last finished generation left; an older splice's
+    pickled state only with ``allow_pickle``)."""
     from splice.evolve.search import load_state
 
     run = Path(run)
-    state = load_state(run)
+    state = load_state(run, allow_pickle=allow_pickle)
     records = state["records"]
     ok = [r for r in records if r["fitness"] is not None]
     ranked = sorted(ok, key=lambda r: (-r["fitness"], r["generation"], r["index"]))

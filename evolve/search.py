@@ -5,9 +5,9 @@ the run folder written atomically after every generation.
 to exactly the result an uninterrupted run gives. The run folder::
 
     config.yml        the configuration (CLI overrides applied); the run belongs to it
-    state.pkl         the whole state after the last finished generation: the pickled
-                      ``cma.CMAEvolutionStrategy``, the numpy random state it draws from, every
-                      scored candidate, the per-generation history
+    state.json        the whole state after the last finished generation, as data: every scored
+                      candidate, the per-generation history, why it stopped (see
+                      ``splice.evolve.state``: the CMA-ES strategy is rebuilt by replay)
     candidates.jsonl  one line per scored candidate: generation, index, genes, recipe,
                       per-task scores, fitness, merge and evaluation seconds, error
     best.yml          the best recipe so far, runnable by ``splice merge best.yml OUT``
@@ -15,12 +15,10 @@ to exactly the result an uninterrupted run gives. The run folder::
     fitness.png       fitness per generation (written when the run ends)
 
 Every file is written to a temporary name and renamed into place (``os.replace``), state first;
-a kill loses at most the generation in flight. CMA-ES samples from a private
-``numpy.random.RandomState`` (its ``randn`` option, pickled with the strategy: by default it
-draws from numpy's global generator, and a pickled strategy would then come back with a copy
-of whatever state that generator had when it was saved); anything else it draws from numpy's
-global generator comes from a state kept in ``state.pkl`` and installed around each ``ask`` /
-``tell`` only. Whatever the evaluation does with numpy's generators, the samples are the same.
+a kill loses at most the generation in flight, and a new run folder appears whole or not at all.
+CMA-ES samples from a private random stream (``splice.evolve.state.Strategy``), so whatever the
+evaluation does with numpy's generators, the samples are the same. Nothing in a run folder is
+unpickled (an older splice's ``state.pkl`` only with ``allow_pickle``).
 
 One resident model: the sources are :class:`~splice.resident.ResidentCheckpoint` s (read once,
 then kept in memory on the device), the module is built once with
@@ -35,10 +33,10 @@ import contextlib
 import json
 import math
 import os
-import pickle
+import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +45,11 @@ import numpy as np
 import yaml
 
 from splice.errors import SpliceError, SpliceWarning
-from splice.evolve.config import EvolveConfig
+from splice.evolve.config import MAX_CANDIDATES, EvolveConfig
 from splice.evolve.genome import Genome, build_genome, check_genome
+from splice.evolve.state import STATE, Strategy, dumps, is_run, new_state, replay
+from splice.evolve.state import costs as _costs
+from splice.evolve.state import load as _load
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +57,9 @@ if TYPE_CHECKING:
     from splice.evolve.scorer import TaskScorer
     from splice.merge.runner import MergeOptions
 
-STATE = "state.pkl"
 CONFIG = "config.yml"
 DEFAULT_MAX_FEVALS = 100  # mergekit-evolve's default
+MAX_WORKERS = 1024
 
 
 def default_popsize(dim: int) -> int:
@@ -156,35 +157,39 @@ class Candidates:
         return rec
 
 
-def _sources(config: EvolveConfig, device: str) -> dict[str, Any]:
+def _sources(config: EvolveConfig, device: str, allow_pickle: bool = False) -> dict[str, Any]:
     from splice.problems import open_models
     from splice.resident import ResidentCheckpoint
 
-    opened = open_models(config.source_models())
+    opened = open_models(config.source_models(), allow_pickle=allow_pickle)
     return {
         ref: ResidentCheckpoint.of(ckpt, device=device, dtype=config.dtype)
         for ref, ckpt in opened.items()
     }
 
 
-def with_winners(config: EvolveConfig) -> EvolveConfig:
+def with_winners(config: EvolveConfig, *, allow_pickle: bool = False) -> EvolveConfig:
     """Parameter space + data flow in sequence: a genome model (or base) that is an evolve run
     folder stands for that run's winner, ``RUN/winner``, written once from ``RUN/best.yml`` by
     ``splice merge`` (the one model a search writes; its candidates stay in memory). Returns
-    the config naming the winners' folders."""
+    the config naming the winners' folders. Every run folder's state is read (and checked:
+    no pickle unless ``allow_pickle``) before anything is merged."""
     from splice.merge.runner import MergeOptions
     from splice.merge.runner import run as merge_run
 
+    runs = {
+        ref: load_state(Path(ref), allow_pickle=allow_pickle)
+        for ref in config.source_models()
+        if is_run(ref)
+    }
     winners: dict[str, str] = {}
-    for ref in config.source_models():
+    for ref, state in runs.items():
         folder = Path(ref)
-        if not (folder / STATE).is_file():
-            continue
         winner = folder / "winner"
         if not (winner / "config.json").is_file():
             if not (folder / "best.yml").is_file():
                 raise SpliceError(f"{ref}: an evolve run with no scored candidate yet")
-            if load_state(folder)["stop"] is None:
+            if state["stop"] is None:
                 warnings.warn(
                     f"{ref} is unfinished; its best candidate so far is used",
                     SpliceWarning,
@@ -204,18 +209,43 @@ def with_winners(config: EvolveConfig) -> EvolveConfig:
     return config.model_copy(update={"genome": genome})
 
 
-def prepare(config: EvolveConfig) -> tuple[Genome, dict[str, Any], MergeOptions]:
+def prepare(
+    config: EvolveConfig, *, allow_pickle: bool = False
+) -> tuple[Genome, dict[str, Any], MergeOptions]:
     """Check everything that can be checked without reading a tensor: the device, the models'
-    headers and the genome's start and bounds. Returns (genome, sources, merge options)."""
+    headers, the genome's size, start and bounds, and the search's budget. Returns (genome,
+    sources, merge options)."""
     from splice.activations import resolve_device
     from splice.merge.runner import MergeOptions
 
     device = resolve_device(config.device)
     options = MergeOptions(device=device, show_progress=False, threads=config_threads(config))
-    sources = _sources(config, device)
+    sources = _sources(config, device, allow_pickle)
     genome = build_genome(config, sources)
+    popsize = popsize_of(config, genome)
+    total = planned_generations(config, popsize) * popsize
+    if total > MAX_CANDIDATES:
+        raise SpliceError(
+            f"search: {planned_generations(config, popsize)} generations of {popsize} "
+            f"candidates is {total:,} candidates, more than {MAX_CANDIDATES:,}; lower "
+            "search.generations, search.max_fevals or search.popsize"
+        )
     check_genome(genome, sources, options, start_point(config, genome))
     return genome, sources, options
+
+
+def check_finite_sources(sources: dict[str, Any]) -> None:
+    """Read every source onto its device (where the search keeps them) and refuse one with NaN
+    or inf weights: every candidate merged from it would score as noise."""
+    from splice.activations import check_finite
+
+    for ref, src in sources.items():
+        for name in src.tensors:
+            check_finite(
+                src.load(name),
+                f"model {ref}: {name}",
+                why="a model with NaN or inf weights cannot be merged into candidates",
+            )
 
 
 def config_threads(config: EvolveConfig) -> int | None:
@@ -235,60 +265,56 @@ def planned_generations(config: EvolveConfig, popsize: int) -> int:
     return math.ceil((s.max_fevals or DEFAULT_MAX_FEVALS) / popsize)
 
 
-# ---- CMA-ES with its own random stream ------------------------------------------------------------
-@contextlib.contextmanager
-def _cma_random(state: dict[str, Any]) -> Iterator[None]:
-    """numpy's global generator set to ``state['np']`` inside, saved back there on exit, and
-    the caller's generator state restored."""
-    outer = np.random.get_state()
-    np.random.set_state(state["np"])
-    try:
-        yield
-    finally:
-        state["np"] = np.random.get_state()
-        np.random.set_state(outer)
+# ---- the strategy ----------------------------------------------------------------------------------
+def popsize_of(config: EvolveConfig, genome: Genome) -> int:
+    return config.search.popsize or default_popsize(genome.dim)
 
 
-def _new_state(config: EvolveConfig, genome: Genome) -> dict[str, Any]:
-    import cma
-
+def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str, Any]) -> Strategy:
+    """CMA-ES where ``state`` left it (replayed; see ``splice.evolve.state``)."""
     s = config.search
-    popsize = s.popsize or default_popsize(genome.dim)
-    state: dict[str, Any] = {
-        "fingerprint": config.fingerprint(),
-        "config": config.model_dump(mode="json"),
-        "np": np.random.RandomState(s.seed).get_state(),
-        "generation": 0,
-        "generations": planned_generations(config, popsize),
-        "records": [],
-        "history": [],
-        "stop": None,
-    }
-    opts = {
-        "bounds": [0, 1],
-        "popsize": popsize,
-        "seed": np.nan,  # the stream is ours: a private generator, pickled with the strategy
-        "randn": np.random.RandomState(s.seed).randn,
-        "verbose": -9,
-        "verb_disp": 0,
-        "verb_log": 0,
-        "maxiter": state["generations"],
-    }
-    with _cma_random(state), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state["es"] = cma.CMAEvolutionStrategy(start_point(config, genome), s.sigma0, opts)
-    return state
+    x0 = start_point(config, genome)
+    return replay(state, x0, s.sigma0, popsize_of(config, genome), s.seed, run / STATE)
 
 
 # ---- the run folder --------------------------------------------------------------------------------
 def _write(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically: a temporary file beside it, then ``os.replace``."""
+    """Write ``path`` atomically: a temporary file beside it, then ``os.replace``. A full or
+    read-only disk is one line, and leaves neither the temporary file nor a partial ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise SpliceError(
+            f"{path}: cannot write ({e.strerror or type(e).__name__}); "
+            f"{path.name} is as it was before"
+        ) from None
+
+
+def _clean_leftovers(run: Path) -> None:
+    """Remove the temporary files of killed runs (``.NAME.tmp-PID``, PID no longer alive)."""
+    for tmp in run.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -309,9 +335,9 @@ def best_yaml(rec: dict[str, Any]) -> str:
 
 
 def save(run: Path, state: dict[str, Any]) -> None:
-    """The run folder's files from ``state``: ``state.pkl`` first, so that a view (what an
+    """The run folder's files from ``state``: ``state.json`` first, so that a view (what an
     observer polls) never shows a generation the state lacks; a resume rewrites the views."""
-    _write(run / STATE, pickle.dumps(state))
+    _write(run / STATE, dumps(state))
     lines = "".join(json.dumps(r) + "\n" for r in state["records"])
     _write(run / "candidates.jsonl", lines.encode())
     _write(run / "history.json", (json.dumps(state["history"], indent=1) + "\n").encode())
@@ -320,17 +346,9 @@ def save(run: Path, state: dict[str, Any]) -> None:
         _write(run / "best.yml", best_yaml(best).encode())
 
 
-def load_state(run: Path) -> dict[str, Any]:
-    """``state.pkl`` of a run folder (our own file: pickled by :func:`save`)."""
-    path = run / STATE
-    if not path.is_file():
-        raise SpliceError(f"{run}: not an evolve run folder (no {STATE})")
-    try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except Exception as e:
-        raise SpliceError(f"{path}: cannot read the run state ({type(e).__name__})") from None
-    return state
+def load_state(run: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The checked state of a run folder (``splice.evolve.state.load``)."""
+    return _load(run, allow_pickle=allow_pickle)
 
 
 def _result(run: Path, state: dict[str, Any]) -> EvolveResult:
@@ -352,8 +370,10 @@ def _result(run: Path, state: dict[str, Any]) -> EvolveResult:
 def _refuse_other(run: Path, config: EvolveConfig, state: dict[str, Any]) -> None:
     if state["fingerprint"] == config.fingerprint():
         return
-    started = EvolveConfig.model_validate(state["config"])
-    changed = started.differences(config)
+    try:
+        changed = EvolveConfig.from_dict(state["config"]).differences(config)
+    except SpliceError:
+        changed = []
     raise SpliceError(
         f"{run} holds a run of another configuration (changed: {', '.join(changed[:4]) or '?'}"
         f"{', ...' if len(changed) > 4 else ''}); use a new --out folder"
@@ -375,37 +395,53 @@ def evolve(
     on_generation: Progress | None = None,
     workers: int = 1,
     ray: str | None = None,
+    allow_pickle: bool = False,
 ) -> EvolveResult:
     """Run the search of ``config`` (an :class:`EvolveConfig` or a YAML file) into the run
-            folder ``out``. An existing run folder of the same configuration is resumed; one of another
-            is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
-        processes score the candidates, or ``workers`` Ray actors with ``ray`` (``auto``, an address;
-    a Ray instance this process started is used as it is); the result does not depend on either."""
+    folder ``out``. An existing run folder of the same configuration is resumed; one of another
+    is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
+    processes score the candidates, or ``workers`` Ray actors with ``ray`` (``auto``, an
+    address; a Ray instance this process started is used as it is); the result does not depend
+    on either. ``allow_pickle``: read an older splice's ``state.pkl`` (and pickled weights)."""
+    from splice.target import check_target, clean_stale, commit, lock_target, staging_dir
+
+    check_run_options(workers, ray)
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_paths(Path.cwd())  # the run folder's config names absolute paths
     config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
-    config = with_winners(config)
+    run = Path(out)
+    if is_run(run):
+        _refuse_other(run, config, load_state(run, allow_pickle=allow_pickle))
+    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
+    else:
+        check_target(run, overwrite=True, inputs=config.source_models())
+    config = with_winners(config, allow_pickle=allow_pickle)
     for line in config.split_warnings():
         warnings.warn(line, SpliceWarning, stacklevel=2)
-    run = Path(out)
-    if (run / STATE).is_file():
-        _refuse_other(run, config, load_state(run))
-        return _run(run, config, show_progress, on_generation, workers=workers, ray=ray)
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
-    genome, sources, options = prepare(config)  # all checked before the folder is made
-    scorer = open_scorer(config)
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        _write(run / CONFIG, config.to_yaml().encode())
-        state = _new_state(config, genome)
-        save(run, state)
-    except BaseException:
-        scorer.close()
-        raise
-    prepared = (genome, sources, options, scorer)
-    return _run(run, config, show_progress, on_generation, prepared, workers=workers, ray=ray)
+    with lock_target(run):
+        if is_run(run):
+            return _run(run, config, show_progress, on_generation, workers, ray, allow_pickle)
+        clean_stale(run)
+        genome, sources, options = prepare(config, allow_pickle=allow_pickle)  # all checked
+        check_finite_sources(sources)
+        scorer = open_scorer(config)
+        try:  # the folder appears whole (config and state) or not at all
+            tmp = staging_dir(run, "evolve")
+            try:
+                _write(tmp / CONFIG, config.to_yaml().encode())
+                popsize = popsize_of(config, genome)
+                save(tmp, new_state(config, planned_generations(config, popsize)))
+                commit(tmp, run, tag="evolve")
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            scorer.close()
+            raise
+        prepared = (genome, sources, options, scorer)
+        return _run(run, config, show_progress, on_generation, workers, ray, allow_pickle, prepared)
 
 
 def resume(
@@ -415,14 +451,31 @@ def resume(
     on_generation: Progress | None = None,
     workers: int = 1,
     ray: str | None = None,
+    allow_pickle: bool = False,
 ) -> EvolveResult:
     """Continue the run in ``run`` from its last finished generation (its ``config.yml``; a
     config changed since the run began is refused)."""
+    from splice.target import lock_target
+
+    check_run_options(workers, ray)
     run = Path(run)
-    state = load_state(run)
+    state = load_state(run, allow_pickle=allow_pickle)
     config = EvolveConfig.from_yaml(run / CONFIG)
     _refuse_other(run, config, state)
-    return _run(run, config, show_progress, on_generation, workers=workers, ray=ray)
+    with lock_target(run):
+        return _run(run, config, show_progress, on_generation, workers, ray, allow_pickle)
+
+
+def check_run_options(workers: int, ray: str | None) -> None:
+    """``workers`` and ``ray`` make sense (before anything is read or written)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SpliceError(f"workers must be a whole number, 1 or more, got {workers!r}")
+    if workers > MAX_WORKERS:
+        raise SpliceError(f"workers {workers} is more than {MAX_WORKERS}")
+    if ray is not None:
+        from splice.evolve.executors import check_ray_address
+
+        check_ray_address(ray, reach=True)
 
 
 def open_scorer(config: EvolveConfig) -> TaskScorer:
@@ -445,27 +498,32 @@ def _run(
     config: EvolveConfig,
     show_progress: bool,
     on_generation: Progress | None,
+    workers: int,
+    ray: str | None,
+    allow_pickle: bool,
     prepared: tuple[Genome, dict[str, Any], MergeOptions, TaskScorer] | None = None,
-    *,
-    workers: int = 1,
-    ray: str | None = None,
 ) -> EvolveResult:
+    """The loop, with ``run`` locked: generations until the state says stop."""
     from splice.evolve.executors import InProcess, RayActors, Workers
 
-    if workers < 1:
-        raise SpliceError(f"workers must be 1 or more, got {workers}")
-    state = load_state(run)
+    _clean_leftovers(run)
+    state = load_state(run, allow_pickle=allow_pickle)
     if state["stop"] is not None:
         if prepared is not None:
             prepared[3].close()
         return _result(run, state)
     if prepared is None:
-        genome, sources, options = prepare(config)
+        genome, sources, options = prepare(config, allow_pickle=allow_pickle)
+        check_finite_sources(sources)
         scorer = open_scorer(config)
     else:
         genome, sources, options, scorer = prepared
-    save(run, state)  # the views match the state again (a kill may have left newer ones)
     with scorer:
+        strategy = strategy_of(run, config, genome, state)
+        save(run, state)  # the views match the state again (a kill may have left newer ones)
+        if ray is not None or workers > 1:
+            for src in sources.values():
+                src.release()  # read for the checks; each worker keeps its own
         if ray is not None:
             scorer.close()  # checked; each actor loads its own
             executor: Any = RayActors(config, workers, ray)
@@ -477,7 +535,7 @@ def _run(
         bar = _bar(state, show_progress)
         try:
             while state["stop"] is None:
-                _generation(state, executor.map)
+                _generation(state, strategy, executor.map)
                 save(run, state)
                 if on_generation is not None:
                     on_generation(state["history"][-1])
@@ -515,17 +573,17 @@ def _bar(state: dict[str, Any], enabled: bool) -> Any:
 
 
 def _generation(
-    state: dict[str, Any], score: Callable[[list[np.ndarray]], list[dict[str, Any]]]
+    state: dict[str, Any],
+    strategy: Strategy,
+    score: Callable[[list[np.ndarray]], list[dict[str, Any]]],
 ) -> None:
     """Ask, score (``score(xs)``: one record per genes, in order), tell: one generation,
     recorded in ``state``."""
-    es = state["es"]
     t0 = time.perf_counter()
-    with _cma_random(state):
-        xs = es.ask()
+    xs = strategy.ask()
     gen = state["generation"]
     records = []
-    for i, done in enumerate(score([np.asarray(x) for x in xs])):
+    for i, done in enumerate(score(xs)):
         rec = {"generation": gen, "index": i, **done}
         if rec["error"]:
             warnings.warn(
@@ -533,11 +591,7 @@ def _generation(
             )
         records.append(rec)
     fits = [r["fitness"] for r in records if r["fitness"] is not None]
-    worst = -min(fits) + 1.0 if fits else 1.0  # CMA-ES minimizes; failures rank last
-    costs = [-r["fitness"] if r["fitness"] is not None else worst for r in records]
-    with _cma_random(state), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        es.tell(xs, costs)
+    strategy.tell(xs, _costs(records))
     state["records"].extend(records)
     state["generation"] = gen + 1
     best = _best(state["records"])
@@ -552,12 +606,12 @@ def _generation(
             "evaluations": len(state["records"]),
             "seconds": round(seconds, 3),
             "per_minute": round(60 * len(records) / seconds, 2) if seconds > 0 else 0.0,
-            "sigma": float(es.sigma),
+            "sigma": strategy.sigma,
         }
     )
     if state["generation"] >= state["generations"]:
         state["stop"] = f"{state['generations']} generations done"
     else:
-        stop = {k: v for k, v in es.stop().items() if k != "maxiter"}
+        stop = strategy.stop()
         if stop:
             state["stop"] = "cma: " + ", ".join(sorted(stop))
