@@ -90,12 +90,15 @@ def run_cli(args: argparse.Namespace) -> None:
                         SpliceWarning,
                         stacklevel=1,
                     )
-            print(format_report(rep))
-            if args.table:
+            table = None
+            if args.table:  # scored before anything is printed: a failure prints nothing
                 from splice.evolve.report import format_table, report_table
 
                 tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
-                print("\nreport split:\n" + format_table(report_table(args.run, tasks)))
+                table = format_table(report_table(args.run, tasks))
+            print(format_report(rep))
+            if table is not None:
+                print("\nreport split:\n" + table)
             return
         from splice.evolve.search import resume
 

@@ -118,19 +118,41 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | N
 
 
 def read_candidates(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """``RUN/candidates.jsonl`` as records."""
+    """``RUN/candidates.jsonl`` as records (``SpliceError``, one line, naming a bad line)."""
     path = Path(run) / "candidates.jsonl"
     if not path.is_file():
         raise SpliceError(f"{run}: not an evolve run folder (no candidates.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpliceError(f"{path}: cannot read it ({type(e).__name__})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            rec = None
+        if not isinstance(rec, dict):
+            raise SpliceError(f"{path}: line {n} is not a candidate record (a JSON object)")
+        out.append(rec)
+    return out
 
 
 def read_best(run: str | os.PathLike[str]) -> dict[str, Any]:
-    """``RUN/best.yml`` as a recipe dict."""
+    """``RUN/best.yml`` as a recipe dict (``SpliceError``, one line, if it is not one)."""
     path = Path(run) / "best.yml"
     if not path.is_file():
         raise SpliceError(f"{run}: no best.yml yet (no candidate has scored)")
-    return yaml.safe_load(path.read_text())
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        line = (str(e).strip().splitlines() or [""])[0]
+        raise SpliceError(f"{path}: not a readable recipe ({type(e).__name__}: {line})") from None
+    if not isinstance(recipe, dict):
+        raise SpliceError(f"{path}: not a recipe (a mapping with merge_method)")
+    return recipe
 
 
 # ---- the report-split table ------------------------------------------------------------------
@@ -176,6 +198,7 @@ def report_table(
 
     run = Path(run)
     config = EvolveConfig.from_yaml(run / CONFIG)
+    winner = read_best(run)
     names = tasks or config.report_split()
     if not names:
         raise SpliceError(
@@ -188,7 +211,7 @@ def report_table(
             f"report task {fitted[0]} is also a fitness task", SpliceWarning, stacklevel=2
         )
     rows = naive_recipes(config)
-    rows["winner"] = read_best(run)
+    rows["winner"] = winner
     opts = MergeOptions(device=config.device, show_progress=False, threads=config_threads(config))
     out: dict[str, dict[str, float]] = {}
     with TaskScorer(

@@ -473,3 +473,23 @@ def test_random_state_documents_are_accepted_or_one_line(doc):
         validate(doc, "state.json")
     except SpliceError as e:
         assert len(str(e).splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", ["merge_method: [", "- a list\n", "\x00\x01", ""])
+def test_a_malformed_best_yml_is_one_line(finished, tmp_path, capsys, content):
+    run = copy_run(finished, tmp_path / "run")
+    (run / "best.yml").write_text(content)
+    argv = ["evolve", "report", str(run), "--table", "--tasks", "tiny_mc"]
+    assert "best.yml" in one_error(capsys, argv)
+    assert capsys.readouterr().out == ""  # not the report without its table
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]\n", '"text"\n', "{}\n{"])
+def test_malformed_candidates_are_one_line(finished, tmp_path, content):
+    from splice.evolve.report import read_candidates
+
+    run = copy_run(finished, tmp_path / "run")
+    (run / "candidates.jsonl").write_text(content)
+    with pytest.raises(SpliceError, match=r"candidates.jsonl: line \d+ is not a candidate"):
+        read_candidates(run)
+    assert len(read_candidates(finished)) == 12
