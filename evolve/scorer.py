@@ -13,7 +13,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError, SpliceWarning
 from splice.evolve.config import LmEvalArgs, TaskSpec
+from splice.scratch import scratch_folder
 
 if TYPE_CHECKING:
     import torch
@@ -115,9 +115,7 @@ class TaskScorer:
 
             zoo_dir = Path(zoo) if zoo is not None else default_dir()
             if (zoo_dir / "tasks").is_dir():
-                configs = self._stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="splice-evolve-tasks-")
-                )
+                configs = self._stack.enter_context(scratch_folder("evolve-tasks"))
                 write_tasks(configs, zoo_dir / "tasks")
                 paths.append(configs)
         return paths
