@@ -493,3 +493,26 @@ def test_malformed_candidates_are_one_line(finished, tmp_path, content):
     with pytest.raises(SpliceError, match=r"candidates.jsonl: line \d+ is not a candidate"):
         read_candidates(run)
     assert len(read_candidates(finished)) == 12
+
+
+def test_a_run_folder_being_written_is_refused(finished, tmp_path, capsys):
+    """One writer per run folder: a resume while another process holds it is one line."""
+    run = copy_run(finished, tmp_path / "run")
+    state = unfinished(json.loads((run / "state.json").read_text()))
+    (run / "state.json").write_text(json.dumps(state))
+    code = (
+        "import time\n"
+        "from splice.target import lock_target\n"
+        f"with lock_target({str(run)!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error(capsys, ["evolve", "resume", str(run)])
+        assert "another splice run is writing it" in line
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert json.loads((run / "state.json").read_text()) == state
