@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from splice.cli import Parser, add_model_options, positive_int
+from splice.cli import Parser, add_model_options, positive_int, thread_count
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +134,7 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         help="torch CPU threads for every tensor (default: one for small tensors, torch's "
         "choice for large ones)",
     )

@@ -47,6 +47,7 @@ from splice.activations import Capture, Collector
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
 from splice.errors import SpliceError
 from splice.progress import progress
+from splice.scratch import scratch_dir
 from splice.threads import threads_for
 
 if TYPE_CHECKING:
@@ -395,23 +396,24 @@ def _one_at_a_time(
     a new folder under ``workdir`` (None: the system's temporary folder), free A, ``load`` B,
     :func:`spilled_similarity`; the folder is removed on every exit (errors and Ctrl-C too)."""
     all_pairs = kw.pop("all_pairs")
-    folder = tempfile.mkdtemp(prefix="splice-compare-", dir=workdir)
-    spill: np.memmap | None = None
-    try:
-        model = load(paths[0])
-        spill = spill_states(model, windows, os.path.join(folder, "a.states"), device=device, **kw)
-        del model  # A's weights go before B's are read
-        gc.collect()
-        if str(device).startswith("cuda"):
-            import torch
+    with scratch_dir("compare", workdir) as folder:  # a killed run's is removed by the next
+        spill: np.memmap | None = None
+        try:
+            model = load(paths[0])
+            spill = spill_states(model, windows, str(folder / "a.states"), device=device, **kw)
+            del model  # A's weights go before B's are read
+            gc.collect()
+            if str(device).startswith("cuda"):
+                import torch
 
-            torch.cuda.empty_cache()
-        model = load(paths[1])
-        acc = spilled_similarity(model, windows, spill, all_pairs=all_pairs, device=device, **kw)
-        del model
-    finally:
-        del spill  # unmap before the file goes
-        shutil.rmtree(folder, ignore_errors=True)
+                torch.cuda.empty_cache()
+            model = load(paths[1])
+            acc = spilled_similarity(
+                model, windows, spill, all_pairs=all_pairs, device=device, **kw
+            )
+            del model
+        finally:
+            del spill  # unmap before the file goes
     return acc
 
 
@@ -461,6 +463,7 @@ def compare_activations(
     from splice.layer_metrics import (
         check_run_sizes,
         check_vocab,
+        check_windows,
         float_dtype,
         largest_layer_tensor,
     )
@@ -495,6 +498,7 @@ def compare_activations(
             "activations can only be compared on the same tokens (one tokenizer)"
         )
     ids = windows[0]
+    check_windows(ids, seq_len, calibration)
     for c in ckpts:
         check_vocab(c, ids)
     n_layers = int(ca.config.get("num_hidden_layers") or 0)

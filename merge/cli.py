@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splice.cli import add_model_options, add_output_options, positive_int
+from splice.cli import add_model_options, add_output_options, positive_int, thread_count
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1, auto"
     )
-    p.add_argument("--threads", type=positive_int, help="torch threads for the arithmetic")
+    p.add_argument("--threads", type=thread_count, help="torch threads for the arithmetic")
     p.add_argument("--workers", type=positive_int, default=2, help="tensors in flight (default 2)")
     p.add_argument("--memory", default="1GiB", help="cap on bytes held by tensors in flight")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the recipe's)")

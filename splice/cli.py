@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from splice.errors import SpliceError
@@ -127,6 +127,49 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
+
+
+#: the most torch CPU threads ``--threads`` takes (torch overflows, or tries to start them all)
+MAX_THREADS = max(1024, os.cpu_count() or 1)
+
+
+def thread_count(text: str) -> int:
+    """argparse ``type=`` for ``--threads``: an integer from 1 to :data:`MAX_THREADS`."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_THREADS}")
+    return value
+
+
+def number(text: str) -> float:
+    """argparse ``type=`` for a real number, any value (nan and inf too): the function the verb
+    calls checks its range (:func:`splice.limits.check_number`), for Python callers as well."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def integer(text: str) -> int:
+    """argparse ``type=`` for an integer, any value: the function the verb calls checks it."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = number) -> Any:
+    """argparse ``type=`` that parses the text and passes it to the library's ``check``, whose
+    :class:`SpliceError` becomes the usage error: one check for the CLI and Python callers."""
+
+    def convert(text: str) -> Any:
+        value = parse(text)
+        try:
+            return check(value)
+        except SpliceError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
@@ -267,6 +310,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         show_progress=not args.no_progress and sys.stderr.isatty(),
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        text_name=f"--ppl {args.ppl}: the text",
     )
     if args.json:
         print_json(scores)

@@ -7,15 +7,11 @@ from pathlib import Path
 
 from splice.card import model_card
 from splice.checkpoint import open_checkpoint
-from splice.dtypes import config_with_dtype, dtype_name
-from splice.errors import SpliceError
+from splice.dtypes import config_with_dtype, output_dtype
 from splice.parallel import bounded_map
 from splice.progress import progress
 from splice.target import check_target, lock_target
 from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
-
-#: dtypes floating weights may be cast to (integer and float8 casts would silently ruin them)
-OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def convert(
@@ -39,11 +35,7 @@ def convert(
         check_target(out, overwrite, inputs=local)
         ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
         ckpt.validate()
-        target = dtype_name(dtype) if dtype else None
-        if target is not None and target not in OUTPUT_DTYPES:
-            raise SpliceError(
-                f"--dtype {dtype}: weights can be converted to {', '.join(OUTPUT_DTYPES)} only"
-            )
+        target = output_dtype(dtype or None)
 
         def out_dtype(d: str) -> str:
             floating = d.startswith(("float", "bfloat"))

@@ -55,6 +55,23 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return name
 
 
+#: dtypes floating weights may be written in (integer and float8 casts would silently ruin them)
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def output_dtype(dtype: str | torch.dtype | None) -> str | None:
+    """The canonical name of an output ``--dtype`` (None: each tensor keeps its own), one
+    :class:`SpliceError` line unless weights can be written in it (:data:`OUTPUT_DTYPES`)."""
+    if dtype is None:
+        return None
+    name = dtype_name(dtype)
+    if name not in OUTPUT_DTYPES:
+        raise SpliceError(
+            f"--dtype {dtype}: weights can be converted to {', '.join(OUTPUT_DTYPES)} only"
+        )
+    return name
+
+
 def to_torch(dtype: str | torch.dtype) -> torch.dtype:
     """The ``torch.dtype`` for a dtype name, alias or dtype."""
     import torch

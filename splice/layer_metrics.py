@@ -56,7 +56,6 @@ def measure_layers(
     show_progress: bool = False,
     final_norm: bool = True,
     threads: int | None = None,
-    full_window: bool = False,
 ) -> LayerRun:
     """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK``, ``zoo``, ``zoo:both``).
 
@@ -66,10 +65,11 @@ def measure_layers(
     :data:`splice.threads.SMALL_NUMEL`, torch's setting otherwise).
 
     The calibration text is read (and checked non-empty) and the model folder checked (config,
-    weights, shapes) before the model is loaded; with ``full_window``, a text that does not fill
-    one window of ``seq_len`` tokens is refused then too (else it runs as one shorter window). Pickled ``.bin`` weights are refused unless
-    ``allow_pickle`` (then loaded with ``weights_only=True``); the model's own code runs only
-    with ``trust_remote_code``. Hidden states that turn NaN or inf are one error line.
+    weights, shapes) before the model is loaded; a text that does not fill one window of
+    ``seq_len`` tokens is refused then too (:func:`check_windows`). Pickled ``.bin`` weights
+    are refused unless ``allow_pickle`` (then loaded with ``weights_only=True``); the model's
+    own code runs only with ``trust_remote_code``. Hidden states that turn NaN or inf are one
+    error line.
     """
     from splice.activations import (
         calibration_text,
@@ -80,7 +80,6 @@ def measure_layers(
     )
     from splice.checkpoint import open_checkpoint
     from splice.modeling import load_tokenizer
-    from splice.scoring import check_window
     from splice.threads import threads_for
 
     start = time.perf_counter()
@@ -100,8 +99,7 @@ def measure_layers(
     if max_pos and seq_len > max_pos:
         raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
     ids = token_windows(tokenizer, text, seq_len, max_samples)
-    if full_window:
-        check_window(seq_len, seq_len, ids.shape[1], what=f"--calibration {calibration}: the text")
+    check_windows(ids, seq_len, calibration)
     check_vocab(ckpt, ids)
     lm = load_model(
         ckpt.path,
@@ -146,6 +144,14 @@ def check_run_sizes(seq_len: int, max_samples: int, batch_size: int) -> None:
         raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
 
 
+def check_windows(ids: Any, seq_len: int, calibration: Any) -> None:
+    """One error line unless the calibration windows ``ids`` ``[N, T]`` are ``seq_len`` tokens
+    long: every verb refuses a text shorter than one window (instead of running a partial one)."""
+    from splice.scoring import check_window
+
+    check_window(seq_len, seq_len, ids.shape[1], what=f"--calibration {calibration}: the text")
+
+
 def check_vocab(ckpt: Checkpoint, ids: Any) -> None:
     """One error line if the token ids ``[N, T]`` reach past ``ckpt``'s embedding rows."""
     vocab = vocab_size(ckpt)
@@ -169,13 +175,13 @@ def largest_layer_tensor(*ckpts: Checkpoint) -> int:
     )
 
 
-def float_dtype(dtype: str) -> str:
-    """``dtype``'s torch name if a model can run in it, else one error line."""
+def float_dtype(dtype: str, option: str = "--dtype") -> str:
+    """``dtype``'s torch name if a model can run in it, else one error line naming ``option``."""
     from splice.dtypes import dtype_name
 
     name = dtype_name(dtype)
     if name not in FLOAT_DTYPES:
-        raise SpliceError(f"--dtype {dtype}: the model runs in {', '.join(FLOAT_DTYPES)}")
+        raise SpliceError(f"{option} {dtype}: the model runs in {', '.join(FLOAT_DTYPES)}")
     return name
 
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from splice.checkpoint import Checkpoint
+
 Model = Union[str, "os.PathLike[str]", "PreTrainedModel"]
 
 
@@ -96,9 +98,10 @@ def check_window(
 ) -> None:
     """``SpliceError`` unless ``seq_len >= 2``, ``1 <= stride <= seq_len`` and the text
     (``n_tokens``, when given) fills one window."""
-    for name, value, least in (("seq_len", seq_len, 2), ("stride", stride, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise SpliceError(f"{name} must be a whole number of {least} or more, got {value!r}")
+    from splice.limits import check_number
+
+    check_number("seq_len", seq_len, least=2, whole=True)
+    check_number("stride", stride, least=1, whole=True)
     if stride > seq_len:
         raise SpliceError(f"stride {stride} is longer than the window ({seq_len} tokens)")
     if n_tokens is not None and n_tokens < seq_len:
@@ -185,6 +188,7 @@ def evaluate(
     show_progress: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    text_name: str = "the text",
 ) -> dict[str, dict[str, float]]:
     """Scores of every model: ``{name: {"ppl": perplexity on text, task: accuracy, ...}}``.
 
@@ -192,32 +196,37 @@ def evaluate(
     ``text`` is scored with :func:`perplexity` (each folder's own tokenizer; a live model needs
     ``tokenizer``); ``tasks`` (``"zoo_math,zoo_lang"``, a list, ``"all"``) are the zoo's lm-eval
     tasks, scored by :func:`splice.zoo.evaluate` (``zoo``: the built zoo whose tasks to use).
-    Every folder is checked before any model is loaded; each is then loaded once, in ``dtype`` on
+    Every input is checked before any model is loaded (:func:`check_scoring`; ``text_name``
+    names the text in its messages); each model is then loaded once, in ``dtype`` on
     ``device``, scored, and dropped.
     """
     from splice.activations import resolve_device
+    from splice.layer_metrics import float_dtype
 
     if text is None and tasks is None:
         raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
     device = resolve_device(device)
-    task_names: list[str] = []
-    if tasks is not None:
-        from splice.zoo.evaluate import parse_tasks
-
-        task_names = parse_tasks(tasks)
+    dtype = float_dtype(dtype)
     if not isinstance(models, Mapping):
         models = {str(m): m for m in models}
-    if not models:
-        raise SpliceError("no model to score")
-    if text is not None:
-        check_window(seq_len, stride if stride is not None else max(1, seq_len // 2))
-    checked = {
-        name: _check_folder(m, allow_pickle, trust_remote_code)
-        for name, m in models.items()
-        if isinstance(m, str | os.PathLike)
-    }
-    if text is not None and tokenizer is None and len(checked) < len(models):
-        raise SpliceError("perplexity of a live model needs its tokenizer (tokenizer=...)")
+    inputs = check_scoring(
+        models,
+        text=text,
+        tasks=tasks,
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        tokenizer=tokenizer,
+        zoo=zoo,
+        limit=limit,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        text_name=text_name,
+        show_progress=show_progress,
+    )
+    checked = {name: ckpt.path for name, ckpt in inputs.folders.items()}
+    task_names = inputs.tasks
     from splice.progress import progress
 
     out: dict[str, dict[str, float]] = {}
@@ -237,11 +246,9 @@ def evaluate(
         else:
             model = models[name]
         if text is not None:
-            tok = _tokenizer(tokenizer if tokenizer is not None else checked[name])
             ppl = perplexity(
                 model,
-                text,
-                tokenizer=tok,
+                inputs.ids[name],
                 seq_len=seq_len,
                 stride=stride,
                 batch_size=batch_size,
@@ -251,14 +258,11 @@ def evaluate(
         if task_names:
             from splice.zoo.evaluate import evaluate as zoo_evaluate
 
-            tok_src = tokenizer if isinstance(tokenizer, str | os.PathLike) else None
-            if tok_src is None and name in checked and _has_tokenizer(checked[name]):
-                tok_src = checked[name]
             scores = zoo_evaluate(
                 {name: model},
                 task_names,
                 zoo=zoo,
-                tokenizer=tok_src,
+                tokenizer=_zoo_tokenizer(tokenizer, checked.get(name)),
                 limit=limit,
                 show_progress=False,
             )
@@ -267,14 +271,109 @@ def evaluate(
     return out
 
 
-def _check_folder(path: str | os.PathLike[str], allow_pickle: bool, trust: bool) -> Path:
+@dataclass
+class ScoringInputs:
+    """What :func:`check_scoring` checked: the model folders (opened checkpoints), the zoo task
+    names, and every model's token ids of the text."""
+
+    folders: dict[str, Checkpoint]
+    tasks: list[str]
+    ids: dict[str, torch.Tensor]
+
+
+def check_scoring(
+    models: Mapping[str, Model],
+    *,
+    text: str | None = None,
+    tasks: str | Sequence[str] | None = None,
+    seq_len: int = 128,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    tokenizer: str | os.PathLike[str] | Any = None,
+    zoo: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    text_name: str = "the text",
+    show_progress: bool = False,
+) -> ScoringInputs:
+    """Every input of :func:`evaluate`, checked before any model is loaded (one
+    :class:`SpliceError` line otherwise): the numbers, the task names, every model folder
+    (config, weights, shapes, code), the text (``text_name`` in messages) tokenized by each
+    model's tokenizer filling one window of ``seq_len`` within the model's positions, and the
+    zoo the tasks need (:func:`splice.zoo.evaluate.check_zoo`). The surgery verbs call it with
+    the source model before they write the output they score at the end."""
+    from splice.limits import check_number
+
+    if text is None and tasks is None:
+        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
+    task_names: list[str] = []
+    if tasks is not None:
+        from splice.zoo.evaluate import parse_tasks
+
+        task_names = parse_tasks(tasks)
+    if not models:
+        raise SpliceError("no model to score")
+    check_number("batch_size", batch_size, least=1, whole=True)
+    for name, value in (("max_tokens", max_tokens), ("limit", limit)):
+        if value is not None:
+            check_number(name, value, least=1, whole=True)
+    if text is not None:
+        check_window(seq_len, stride if stride is not None else max(1, seq_len // 2))
+    folders = {
+        name: _check_folder(m, allow_pickle, trust_remote_code)
+        for name, m in models.items()
+        if isinstance(m, str | os.PathLike)
+    }
+    if text is not None and tokenizer is None and len(folders) < len(models):
+        raise SpliceError("perplexity of a live model needs its tokenizer (tokenizer=...)")
+    ids: dict[str, torch.Tensor] = {}
+    if text is not None:
+        by_source: dict[Any, torch.Tensor] = {}
+        for name in models:
+            ckpt = folders.get(name)
+            max_pos = ckpt.config.get("max_position_embeddings") if ckpt is not None else None
+            if max_pos and seq_len > max_pos:
+                raise SpliceError(
+                    f"{name}: seq_len {seq_len} exceeds the model's {max_pos} positions"
+                )
+            source = tokenizer if tokenizer is not None else ckpt.path  # type: ignore[union-attr]
+            key = str(source) if isinstance(source, str | os.PathLike) else id(source)
+            if key not in by_source:
+                by_source[key] = text_ids(_tokenizer(source), text, max_tokens=max_tokens)
+            ids[name] = by_source[key]
+            check_window(seq_len, seq_len, int(ids[name].numel()), what=text_name)
+    if task_names:
+        from splice.zoo.evaluate import check_zoo
+
+        for name, m in models.items():
+            folder = folders[name].path if name in folders else None
+            check_zoo(
+                zoo,
+                {name: folders.get(name, m)},
+                tokenizer=_zoo_tokenizer(tokenizer, folder),
+                show_progress=show_progress,
+            )
+    return ScoringInputs(folders, task_names, ids)
+
+
+def _check_folder(path: str | os.PathLike[str], allow_pickle: bool, trust: bool) -> Checkpoint:
     from splice.activations import check_model_code
     from splice.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     check_model_code(ckpt.path, trust)
     ckpt.validate()
-    return ckpt.path
+    return ckpt
+
+
+def _zoo_tokenizer(tokenizer: Any, folder: Path | None) -> str | os.PathLike[str] | None:
+    """The tokenizer the zoo's tasks read for a model: ``tokenizer`` if it is a path, else the
+    model folder's own if it has one (None: the zoo's)."""
+    if isinstance(tokenizer, str | os.PathLike):
+        return tokenizer
+    return folder if folder is not None and _has_tokenizer(folder) else None
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -22,8 +22,6 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from splice.errors import SpliceError
-
 if TYPE_CHECKING:
     from splice.layer_metrics import LayerRun
 
@@ -45,13 +43,12 @@ class Calibration:
 
     def __post_init__(self) -> None:
         from splice.activations import resolve_device
+        from splice.layer_metrics import float_dtype
+        from splice.limits import check_number
 
         for name, least in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise SpliceError(
-                    f"{name} must be a whole number of {least} or more, got {value!r}"
-                )
+            check_number(name, getattr(self, name), least=least, whole=True)
+        self.dtype = float_dtype(self.dtype, "--calibration-dtype")
         self.device = resolve_device(self.device)
 
 
@@ -81,7 +78,6 @@ def layer_report(
         include_path=calib.include_path,
         show_progress=calib.show_progress,
         final_norm=calib.final_norm,
-        full_window=True,
     )
 
 

@@ -6,17 +6,15 @@ import argparse
 import sys
 from typing import Any
 
-from splice.cli import add_model_options, add_output_options, positive_int, print_json
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
+from splice.cli import (
+    add_model_options,
+    add_output_options,
+    integer,
+    number,
+    positive_int,
+    print_json,
+    thread_count,
+)
 
 
 def _calibration_options(p: argparse.ArgumentParser, used_by: str) -> None:
@@ -59,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     _score_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_output_options(p)
     add_model_options(p, runs_models=True)
@@ -147,27 +145,32 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (written atomically)")
     p.add_argument("--text", required=True, help="training text: a file, 'lm-eval:TASK' or 'zoo'")
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
-    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate (1e-4)")
+    p.add_argument("--lr", type=number, default=1e-4, help="peak learning rate, at most 1 (1e-4)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (8)")
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (128)")
-    p.add_argument("--warmup", type=int, help="warm-up steps (default: a tenth of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for windows and LoRA init (0)")
+    p.add_argument("--warmup", type=integer, help="warm-up steps (default: a tenth of --steps)")
+    p.add_argument("--weight-decay", type=number, default=0.0, help="AdamW weight decay, 0-1 (0)")
+    p.add_argument("--seed", type=integer, default=0, help="seed for windows and LoRA init (0)")
     p.add_argument(
         "--only-new-layers",
         action="store_true",
         help="train only the blocks up-scaling added (from the input's splice_surgery.json)",
     )
     p.add_argument("--train-layers", metavar="LAYERS", help="train only these layers, e.g. 4,5")
-    p.add_argument("--lora", type=positive_int, metavar="R", help="rank-R LoRA (peft), merged back")
-    p.add_argument("--lora-alpha", type=_positive_float, help="LoRA alpha (default 2R)")
+    p.add_argument(
+        "--lora",
+        type=positive_int,
+        metavar="R",
+        help="rank-R LoRA (peft), merged back; R at most the smallest side of the adapted matrices",
+    )
+    p.add_argument("--lora-alpha", type=number, help="LoRA alpha (default 2R)")
     p.add_argument(
         "--max-tokens", type=positive_int, default=2_000_000, help="text tokens read (2M)"
     )
     p.add_argument("--train-dtype", default="float32", help="dtype to train in (float32)")
     _score_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_output_options(p)
     add_model_options(p, runs_models=True)
@@ -210,18 +213,37 @@ def _calibration(args: argparse.Namespace) -> Any:
     )
 
 
+def _scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``--ppl`` / ``--tasks`` / ``--zoo`` ask :func:`splice.scoring.evaluate` for."""
+    return dict(
+        text=args.ppl_text,
+        tasks=args.tasks,
+        zoo=args.zoo,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        text_name=f"--ppl {args.ppl}: the text",
+    )
+
+
+def _check_scoring(args: argparse.Namespace) -> None:
+    """``--ppl`` / ``--tasks`` / ``--zoo`` score the output once it is written: check them on
+    the source (:func:`splice.scoring.check_scoring`: the file, its length in windows, the task
+    names, the zoo) before any work, so a bad one never leaves a written OUT behind."""
+    args.ppl_text = None
+    if args.dry_run or not (args.ppl or args.tasks):
+        return
+    from splice.scoring import check_scoring, read_text
+
+    if args.ppl:
+        args.ppl_text = read_text(args.ppl)
+    check_scoring({"source": args.model}, **_scoring(args))
+
+
 def _finish(result: Any, args: argparse.Namespace) -> None:
     if not args.dry_run and (args.ppl or args.tasks):
-        from splice.scoring import read_text
-
-        result.score(
-            text=read_text(args.ppl) if args.ppl else None,
-            tasks=args.tasks,
-            zoo=args.zoo,
-            device=args.device,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-        )
+        result.score(device=args.device, **_scoring(args))
     if args.json:
         data = result.report.to_dict()
         data["out"] = str(result.out) if result.out is not None else None
@@ -239,6 +261,7 @@ def _check_out(args: argparse.Namespace) -> None:
         raise SpliceError("give an output folder OUT (or --dry-run)")
     if args.dry_run and (args.ppl or args.tasks):
         raise SpliceError("--ppl / --tasks score the written output; a --dry-run writes none")
+    _check_scoring(args)
 
 
 def _run_upscale(args: argparse.Namespace) -> None:
@@ -289,6 +312,7 @@ def _run_heal(args: argparse.Namespace) -> None:
     from splice.surgery.heal import heal
 
     args.dry_run = False
+    _check_scoring(args)
     result = heal(
         args.model,
         args.out,
@@ -317,13 +341,6 @@ def _run_heal(args: argparse.Namespace) -> None:
 
 
 # ---- splice slice -------------------------------------------------------------------------
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
 def add_slice(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "slice",
@@ -337,7 +354,7 @@ def add_slice(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument(
         "--sparsity",
-        type=_number,
+        type=number,
         default=0.25,
         help="fraction of the hidden dims to delete, in [0, 1) (default 0.25)",
     )
@@ -405,8 +422,8 @@ def add_collapse(sub: argparse._SubParsersAction) -> None:
                    help="--keep-experts: keep the K best experts instead of merging groups")  # fmt: skip
     p.add_argument("--align", action="store_true",
                    help="permute each expert's neurons to a reference expert before averaging")  # fmt: skip
-    p.add_argument("--ridge", type=float, default=1e-6,
-                   help="slice: ridge, relative to the Gram matrix's mean diagonal (1e-6)")  # fmt: skip
+    p.add_argument("--ridge", type=number, default=1e-6,
+                   help="slice: ridge, relative to the Gram matrix's mean diagonal, at most 100 (1e-6)")  # fmt: skip
     p.add_argument("--max-rows", type=positive_int, default=4096,
                    help="calibration rows per layer used to select and fit (4096)")  # fmt: skip
     _calibration_options(p, "frequency, slice, --keep-experts")

@@ -49,7 +49,6 @@ Supported: Mixtral (``model_type`` ``mixtral``, both per-expert and packed stora
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +56,8 @@ from typing import TYPE_CHECKING, Any
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
+from splice.limits import check_number
+from splice.scratch import scratch_folder
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, claimed, write_result
@@ -68,6 +69,9 @@ if TYPE_CHECKING:
     from splice.surgery.collapse_math import Experts
 
 METHODS = ("uniform", "frequency", "slice")
+#: the largest --ridge: lambda above 100 times the Gram matrix's mean diagonal leaves the
+#: refit down projection close to zero
+MAX_RIDGE = 100.0
 SUPPORTED = ("mixtral",)
 #: MoE model types transformers knows that collapse refuses, with why
 UNSUPPORTED = {
@@ -274,10 +278,10 @@ def _check_options(
             )
         if prune and align:
             raise SpliceError("--align is for merging; --prune keeps experts as they are")
-    if not ridge >= 0 or ridge == float("inf"):
-        raise SpliceError(f"ridge {ridge}: must be a finite number of 0 or more")
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise SpliceError(f"max_rows {max_rows}: must be a whole number of 1 or more")
+    check_number(
+        "--ridge", ridge, least=0, most=MAX_RIDGE, why="relative to the Gram matrix's diagonal"
+    )
+    check_number("--max-rows", max_rows, least=1, whole=True)
 
 
 def _refuse_unsupported(ref: str | os.PathLike[str]) -> None:
@@ -489,18 +493,13 @@ def _stream_layers(
 
 def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration) -> torch.Tensor:
     from splice.activations import calibration_text, token_windows
+    from splice.layer_metrics import check_windows
     from splice.modeling import load_tokenizer
-    from splice.scoring import check_window
 
     text = calibration_text(calibration, include_path=calib.include_path)
     tok = load_tokenizer(ckpt.path)
     windows = token_windows(tok, text, calib.seq_len, calib.max_samples)
-    check_window(
-        calib.seq_len,
-        calib.seq_len,
-        windows.shape[1],
-        what=f"--calibration {calibration}: the text",
-    )
+    check_windows(windows, calib.seq_len, calibration)
     return windows
 
 
@@ -871,12 +870,13 @@ def plan_collapse(
     fit (a seeded sample when there are more).
     """
     from splice.card import model_card
-    from splice.dtypes import config_with_dtype
+    from splice.dtypes import config_with_dtype, output_dtype
     from splice.output import ModelPlan
 
     _check_options(
         method, calibration, intermediate_size, keep_experts, top_k, prune, align, ridge, max_rows
     )
+    output_dtype(dtype)
     _refuse_unsupported(moe)
     ckpt = open_checkpoint(moe, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "collapse")
@@ -930,7 +930,7 @@ def plan_collapse(
         dense_model_type=ckpt.arch.experts.dense_model_type if keep_experts is None else None,  # type: ignore[union-attr]
     )
     act = _act(ckpt.config)
-    folder = tempfile.TemporaryDirectory(prefix="splice-collapse-") if method == "slice" else None
+    folder = scratch_folder("collapse") if method == "slice" else None
     spill = Path(folder.name) if folder is not None else None
     decisions: dict[int, _Decision] = {}
 

@@ -27,6 +27,7 @@ from splice.card import model_card
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, TensorTask
+from splice.limits import MAX_SEED, check_number
 from splice.output import ModelPlan
 from splice.surgery.depth import SurgeryResult, claimed, write_result
 from splice.surgery.layermaps import format_ranges
@@ -125,11 +126,84 @@ class HealReport:
         return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
 
 
-def _positive(name: str, value: Any, kind: type = int) -> None:
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or value <= 0 or (kind is float and not math.isfinite(value)):
-        what = "a whole number of 1 or more" if kind is int else "a positive number"
-        raise SpliceError(f"{name} must be {what}, got {value!r}")
+#: the largest learning rate (and weight decay): AdamW scales the weights by ``1 - lr * wd``
+#: each step, which must stay in [0, 1]; a fine-tune's rates are far below it
+MAX_LR = 1.0
+#: the most optimizer steps and windows per step a heal takes (a short fine-tune; past these a
+#: run would not end, or the batch of token ids alone would not fit in memory)
+MAX_STEPS = 1_000_000
+MAX_BATCH = 65_536
+
+
+def check_options(
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    warmup: int | None,
+    weight_decay: float,
+    seed: int,
+    lora: int | None,
+    lora_alpha: float | None,
+    max_tokens: int | None,
+    train_dtype: str,
+    dtype: str | None,
+) -> str:
+    """Every numeric and dtype option of :func:`heal`, checked before anything is opened: one
+    :class:`SpliceError` line naming the option and its limit. Returns the training dtype."""
+    from splice.dtypes import output_dtype
+    from splice.layer_metrics import float_dtype
+    from splice.scoring import check_window
+
+    check_number("--steps", steps, least=1, most=MAX_STEPS, whole=True)
+    check_number("--lr", lr, positive=True, most=MAX_LR)
+    check_number("--batch-size", batch_size, least=1, most=MAX_BATCH, whole=True)
+    check_window(seq_len, seq_len)
+    if warmup is not None:
+        check_number("--warmup", warmup, least=0, most=steps, whole=True, why=f"--steps {steps}")
+    check_number("--weight-decay", weight_decay, least=0, most=MAX_LR)
+    check_number("--seed", seed, least=0, most=MAX_SEED, whole=True)
+    if lora is not None:
+        check_number("--lora", lora, least=1, whole=True)
+        if lora_alpha is not None:
+            check_number("--lora-alpha", lora_alpha, positive=True)
+    elif lora_alpha is not None:
+        raise SpliceError("--lora-alpha needs --lora R")
+    if max_tokens is not None:
+        why = f"one window of --seq-len {seq_len}"
+        check_number("--max-tokens", max_tokens, least=seq_len, whole=True, why=why)
+    output_dtype(dtype)
+    return float_dtype(train_dtype, "--train-dtype")
+
+
+def lora_limit(ckpt: Checkpoint, layers: list[int] | None) -> tuple[int, str, str] | None:
+    """The smallest dimension of the attention and MLP matrices LoRA adapts in ``layers``
+    (None: every layer), read from the headers, with the name and shape (``"32x96"``) of a
+    tensor that has it; None if there is none."""
+    spec = ckpt.arch
+    wanted = None if layers is None else set(layers)
+    dims = [
+        (min(info.shape), name, "x".join(map(str, info.shape)))
+        for name, info in ckpt.tensors.items()
+        if len(info.shape) == 2
+        and name.endswith(".weight")
+        and (t := spec.parse(name)).group in ("attention", "mlp")
+        and t.layer is not None
+        and (wanted is None or t.layer in wanted)
+    ]
+    return min(dims) if dims else None
+
+
+def check_lora_rank(ckpt: Checkpoint, layers: list[int] | None, lora: int) -> None:
+    """One error line if rank ``lora`` exceeds :func:`lora_limit` (a rank-R adapter of a
+    matrix with a smaller side R' has rank R' at most: the rest is wasted)."""
+    limit = lora_limit(ckpt, layers)
+    if limit is not None and lora > limit[0]:
+        raise SpliceError(
+            f"--lora {lora}: the rank must be at most {limit[0]}, the smallest dimension of the "
+            f"matrices it adapts ({limit[1]} is {limit[2]})"
+        )
 
 
 def trained_layers(
@@ -189,20 +263,20 @@ def heal(
     from splice.scoring import check_window, read_text, text_ids
 
     opts = options or ExecOptions()
-    _positive("steps", steps)
-    _positive("lr", lr, float)
-    _positive("batch_size", batch_size)
-    if warmup is not None and (
-        isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0
-    ):
-        raise SpliceError(f"warmup must be a whole number of 0 or more, got {warmup!r}")
-    if lora is not None:
-        _positive("--lora", lora)
-        if lora_alpha is not None:
-            _positive("--lora-alpha", lora_alpha, float)
-    elif lora_alpha is not None:
-        raise SpliceError("--lora-alpha needs --lora R")
-    check_window(seq_len, seq_len)
+    train_dtype = check_options(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        seed=seed,
+        lora=lora,
+        lora_alpha=lora_alpha,
+        max_tokens=max_tokens,
+        train_dtype=train_dtype,
+        dtype=dtype,
+    )
     device = resolve_device(device)
     if lora is not None:
         try:
@@ -213,6 +287,8 @@ def heal(
     with claimed(out, opts, [ckpt.path]):
         ckpt.validate()
         layers, record = trained_layers(ckpt, only_new_layers, train_layers)
+        if lora is not None:
+            check_lora_rank(ckpt, layers, lora)
         raw = read_text(text, option="--text")
         tok = load_tokenizer(ckpt.path, trust_remote_code=trust_remote_code)
         ids = text_ids(tok, raw, max_tokens=max_tokens)

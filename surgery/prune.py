@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from splice.checkpoint import open_checkpoint
+from splice.dtypes import output_dtype
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
 from splice.sliced_check import refuse_sliced
@@ -48,6 +49,7 @@ def plan_prune(
     trust_remote_code: bool = False,
 ) -> SurgeryResult:
     """Plan a pruned copy of ``model`` (nothing is written); see the module docstring."""
+    output_dtype(dtype)
     if (n is None) == (drop is None):
         raise SpliceError(
             "prune: give exactly one of --n N (with --by and --calibration) or --drop LAYERS"

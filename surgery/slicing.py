@@ -246,8 +246,8 @@ def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -
     import torch
 
     from splice.activations import calibration_text, token_windows
+    from splice.layer_metrics import check_windows
     from splice.modeling import load_tokenizer
-    from splice.scoring import check_window
 
     if isinstance(calibration, torch.Tensor):  # token windows given
         if calibration.dim() != 2 or calibration.is_floating_point():
@@ -258,12 +258,7 @@ def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -
         text = calibration_text(calibration, include_path=calib.include_path)
         tok = load_tokenizer(ckpt.path, trust_remote_code=tc)
         windows = token_windows(tok, text, calib.seq_len, calib.max_samples)
-    check_window(
-        calib.seq_len,
-        calib.seq_len,
-        windows.shape[1],
-        what=f"--calibration {calibration}: the text",
-    )
+    check_windows(windows, calib.seq_len, calibration)
     hidden = int(ckpt.config["hidden_size"])
     if windows.numel() < hidden:
         raise SpliceError(
@@ -592,8 +587,10 @@ def plan_slice(
     ``calib.max_samples`` windows of ``calib.seq_len``). Options, the architecture and the
     calibration text are checked before the model is loaded."""
     from splice.activations import load_model
+    from splice.dtypes import output_dtype
 
     sparsity = _check_sparsity(sparsity)
+    output_dtype(dtype)
     if basis not in BASES:
         raise SpliceError(f"--basis {basis}: choose from {', '.join(BASES)}")
     if stream not in STREAMS:

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from splice.checkpoint import open_checkpoint
+from splice.dtypes import output_dtype
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
 from splice.sliced_check import refuse_sliced
@@ -67,6 +68,7 @@ def plan_upscale(
     calibration runs. Returns the plan and its :class:`SurgeryReport`.
     """
     mode = _mode(dict(solar=solar, yi=yi, duplicate=duplicate, expand=expand, layers=layers))
+    output_dtype(dtype)
     if mode == "yi" and calibration is None:
         raise SpliceError("--yi needs --calibration FILE (a text file, lm-eval:TASK or zoo)")
     if mode != "yi" and calibration is not None:

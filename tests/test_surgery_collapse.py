@@ -401,8 +401,9 @@ def test_api_errors_are_splice_errors(models):
 
 
 def test_neuron_selection_is_scipys_pivoted_qr():
-    """The greedy pick order equals column-pivoted QR's (scipy), with the Gram matrix formed
-    or each column computed on demand; a duplicated column is never picked twice."""
+    """The greedy pick order equals column-pivoted QR's (scipy), up to which of two identical
+    columns comes first, with the Gram matrix formed or each column computed on demand; a
+    duplicated column is never picked twice."""
     from scipy.linalg import qr
 
     from splice.surgery.collapse_math import select_neurons
@@ -413,10 +414,12 @@ def test_neuron_selection_is_scipys_pivoted_qr():
     scale = torch.rand(160, generator=g, dtype=torch.float64) + 0.5
     scale[120:] = scale[:40]
     _, piv = qr((h * scale).numpy(), mode="r", pivoting=True)
+    twin = 120  # column j >= 120 is column j - 120: a pair ties exactly, and which of the
+    # two a QR takes first is decided by rounding (LAPACK builds differ), so compare neurons
     for limit in (8192, 0):
         picks, gains = select_neurons(h, scale, 100, gram_limit=limit)
-        assert picks == piv[:100].tolist()
-        assert len({p % 120 for p in picks}) == 100 and all(x > 0 for x in gains)
+        assert [p % twin for p in picks] == [int(p) % twin for p in piv[:100]]
+        assert len({p % twin for p in picks}) == 100 and all(x > 0 for x in gains)
 
 
 def test_packed_checkpoints_collapse_as_the_per_expert_layout(models, tmp_path):

@@ -123,7 +123,7 @@ def test_bad_input_one_line_exit_2(args, message, tiny_models, text, tmp_path, c
 
 
 def test_library_checks(tiny_models, text, tmp_path):
-    with pytest.raises(SpliceError, match="lr must be a positive number"):
+    with pytest.raises(SpliceError, match="lr must be a positive finite number"):
         heal(tiny_models["llama"], tmp_path / "o", text=text, steps=1, lr=0.0)
     with pytest.raises(SpliceError, match="not both"):
         heal(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
+from splice.limits import MAX_SEED, check_number
 from splice.target import (
     check_target,
     clean_stale,
@@ -35,6 +35,8 @@ from splice.zoo.models import Shape
 ZOO_VERSION = "2"
 MODELS = ("base", "math", "lang", "moe")
 STAMP_FILE = "zoo.json"
+#: the largest ``--steps-scale``: the fine-tunes' 2000 steps become 200,000 at most
+MAX_STEPS_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,7 @@ class Settings:
 
     def scaled(self, factor: float) -> Settings:
         """The same recipe with every step count multiplied by ``factor`` (at least 2 steps)."""
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
-            raise SpliceError(f"--steps-scale must be a positive finite number, got {factor}")
+        check_steps_scale(factor)
 
         def n(steps: int) -> int:
             return max(2, round(steps * factor))
@@ -106,6 +107,18 @@ class Settings:
     def stamp(self) -> str:
         blob = json.dumps({"version": ZOO_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_steps_scale(factor: float) -> float:
+    """``factor`` if it is a ``--steps-scale``: finite, above 0, at most :data:`MAX_STEPS_SCALE`."""
+    return check_number("--steps-scale", factor, positive=True, most=MAX_STEPS_SCALE)
+
+
+def check_seed(seed: int | None) -> int | None:
+    """``seed`` if it is None or a build ``--seed``: a whole number from 0 to ``MAX_SEED``."""
+    return (
+        None if seed is None else check_number("--seed", seed, least=0, most=MAX_SEED, whole=True)
+    )
 
 
 def default_dir() -> Path:
@@ -159,8 +172,8 @@ def build(
     """
     if acceptance not in ("enforce", "record"):
         raise SpliceError(f"acceptance must be 'enforce' or 'record', got {acceptance!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise SpliceError(f"--seed must be a whole number of 0 or more, got {seed!r}")
+    check_seed(seed)
+    check_steps_scale(steps_scale)
     any_seed = seed is None and settings is None
     settings = settings or Settings()
     if seed is not None:

@@ -3,32 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from splice.cli import Parser, add_model_options, positive_int, print_json
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type=`` for a scale: a finite number > 0 (not nan, not inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """argparse ``type=`` for a seed: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+from splice.cli import Parser, add_model_options, checked, integer, positive_int, print_json
+from splice.zoo.build import MAX_STEPS_SCALE, check_seed, check_steps_scale
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -44,13 +22,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     b.add_argument("dir", nargs="?", help="output folder (default: splice.zoo.default_dir())")
     b.add_argument(
         "--steps-scale",
-        type=positive_float,
+        type=checked(check_steps_scale),
         default=1.0,
-        help="multiply every step count (default 1)",
+        help=f"multiply every step count, at most {MAX_STEPS_SCALE:g} (default 1)",
     )
     b.add_argument(
         "--seed",
-        type=nonnegative_int,
+        type=checked(check_seed, integer),
         help="seed of the build (default 0; without it a complete zoo of any seed is reused)",
     )
     b.add_argument("--force", action="store_true", help="rebuild even if DIR holds this zoo")

@@ -105,6 +105,42 @@ def _metric(result: Mapping[str, Any]) -> float:
     raise KeyError(f"no accuracy in {sorted(result)}")
 
 
+def check_zoo(
+    zoo: str | os.PathLike[str] | None,
+    models: Mapping[str, Checkpoint | PreTrainedModel],
+    *,
+    tokenizer: str | os.PathLike[str] | None = None,
+    show_progress: bool = False,
+) -> tuple[Path, Any]:
+    """The zoo whose tasks score ``models`` (checked folders or live models) and the tokenizer
+    that reads them (``tokenizer``, default the zoo's base): ``zoo`` must be built (None:
+    :func:`default_dir`, built if needed), its task data well formed and every model's
+    embeddings must cover the tokenizer; one :class:`SpliceError` line otherwise."""
+    from splice.modeling import load_tokenizer
+    from splice.zoo.build import default_dir
+
+    zoo_dir = Path(zoo) if zoo is not None else default_dir()
+    if zoo is None:
+        from splice.zoo.build import build
+
+        build(zoo_dir, show_progress=show_progress)
+    task_dir = zoo_dir / "tasks"
+    if not task_dir.is_dir():
+        raise SpliceError(
+            f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
+        )
+    check_data(task_dir)
+    tok = load_tokenizer(tokenizer or zoo_dir / "base")
+    for name, m in models.items():
+        rows = _embeddings(m)
+        if rows is not None and rows < len(tok):
+            raise SpliceError(
+                f"{name}: has {rows} token embeddings but the zoo's tokenizer has {len(tok)} "
+                "tokens; zoo eval scores models with the zoo's vocabulary"
+            )
+    return zoo_dir, tok
+
+
 def evaluate(
     models: Mapping[str, Model] | Sequence[str | os.PathLike[str]],
     tasks: str | Sequence[str] | None = None,
@@ -126,9 +162,6 @@ def evaluate(
     checked (:func:`check_model`) before any work; pickled ``.bin`` weights are read only with
     ``allow_pickle`` and a model's own code runs only with ``trust_remote_code``.
     """
-    from splice.modeling import load_tokenizer
-    from splice.zoo.build import default_dir
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = parse_tasks(tasks)
@@ -147,26 +180,12 @@ def evaluate(
             checked[name] = check_model(
                 m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
             )
-    zoo_dir = Path(zoo) if zoo is not None else default_dir()
-    if zoo is None:
-        from splice.zoo.build import build
-
-        build(zoo_dir, show_progress=show_progress)
-    task_dir = zoo_dir / "tasks"
-    if not task_dir.is_dir():
-        raise SpliceError(
-            f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
-        )
-    check_data(task_dir)
-    tok = load_tokenizer(tokenizer or zoo_dir / "base")
-    for name, m in models.items():
-        rows = _embeddings(checked.get(name, m))
-        if rows is not None and rows < len(tok):
-            raise SpliceError(
-                f"{name}: has {rows} token embeddings but the zoo's tokenizer has {len(tok)} "
-                "tokens; zoo eval scores models with the zoo's vocabulary"
-            )
-
+    zoo_dir, tok = check_zoo(
+        zoo,
+        {name: checked.get(name, m) for name, m in models.items()},
+        tokenizer=tokenizer,
+        show_progress=show_progress,
+    )
     with Scorer(
         names, zoo=zoo_dir, tokenizer=tok, batch_size=batch_size, threads=threads
     ) as scorer:
@@ -207,11 +226,10 @@ class Scorer:
         threads: int = 1,
         max_length: int = 128,
     ) -> None:
-        import tempfile
-
         import torch
 
         from splice.modeling import load_tokenizer
+        from splice.scratch import scratch_folder
         from splice.zoo.build import default_dir
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -239,7 +257,7 @@ class Scorer:
                 logger.setLevel(logging.ERROR)
             # task configs go into a temporary folder and name the zoo's data: the zoo is not
             # written
-            configs = quiet.enter_context(tempfile.TemporaryDirectory(prefix="splice-zoo-tasks-"))
+            configs = quiet.enter_context(scratch_folder("zoo-tasks"))
             write_tasks(configs, task_dir)
             from lm_eval.tasks import TaskManager
 
