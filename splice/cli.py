@@ -106,6 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as e:
         print(f"splice: stopped by {e} (temporary output removed)", file=sys.stderr)
         return 128 + e.signum
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and type(e).__name__ != "OutOfMemoryError":
+            raise  # torch's CUDA / CPU out-of-memory errors only
+        where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+        print(
+            f"splice: error: out of {where} memory (temporary output removed); lower "
+            "--batch-size, --seq-len or --max-samples, or use a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("splice: interrupted", file=sys.stderr)
         return 130

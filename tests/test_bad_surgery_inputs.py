@@ -257,3 +257,33 @@ def test_library_functions_check_their_numbers(inputs, tmp_path, no_work):
     with pytest.raises(SpliceError, match="at most 100"):
         build(tmp_path / "zoo", steps_scale=1e308, show_progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", ["MemoryError", "OutOfMemoryError"])
+def test_out_of_memory_is_one_line(monkeypatch, capsys, error):
+    """A size that passed every check but does not fit: one line, exit 2, no traceback."""
+    import argparse
+
+    import torch
+
+    from splice import cli
+
+    exc = MemoryError() if error == "MemoryError" else torch.OutOfMemoryError("CUDA out of memory")
+
+    def fails(_args: argparse.Namespace) -> None:
+        raise exc
+
+    real = cli.build_parser
+
+    def parser(first):
+        p = real(first)
+        p.set_defaults(func=fails)
+        for action in p._subparsers._group_actions if p._subparsers else []:
+            for sub in action.choices.values():
+                sub.set_defaults(func=fails)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(["inspect", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of" in err[0] and "memory" in err[0], err
