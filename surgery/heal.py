@@ -29,6 +29,7 @@ from splice.errors import SpliceError
 from splice.execute import ExecOptions, TensorTask
 from splice.limits import MAX_SEED, check_number
 from splice.output import ModelPlan
+from splice.schedule import lr_at
 from splice.surgery.depth import SurgeryResult, claimed, write_result
 from splice.surgery.layermaps import format_ranges
 from splice.surgery.report import RECORD, read_record
@@ -409,7 +410,7 @@ def _train(
     net.train()
     for step in progress(range(steps), "heal", enabled=show_progress):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, report.lr, warm)
+            group["lr"] = lr_at(step, steps, report.lr, warm)
         starts = torch.randint(0, n - width + 1, (report.batch_size,), generator=gen)
         batch = ids[starts[:, None] + offsets].to(device)
         loss = net(input_ids=batch, labels=batch, use_cache=False).loss
@@ -426,14 +427,6 @@ def _train(
     for p in lm.parameters():
         p.requires_grad_(False)
     return lm, changed
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine down to ``floor * lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def _module_tensor(ckpt: Checkpoint, state: dict[str, Any], name: str) -> tuple[str, Any] | None:

@@ -3,11 +3,11 @@ AdamW with linear warm-up and cosine decay. CPU, deterministic for a given seed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from splice.progress import progress
+from splice.schedule import lr_at
 
 if TYPE_CHECKING:
     import torch
@@ -91,14 +91,6 @@ def mixed_batches(sources: Sequence[Iterator[Batch]], pad_id: int = 0) -> Iterat
             ]
         )
         yield ids, labels
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine down to ``floor * lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def train(
