@@ -1,8 +1,10 @@
 """``splice evolve``: CMA-ES over merge recipes, scored by lm-eval, resumable.
 
-splice evolve CONFIG.yml --out RUN [--device cuda] [--max-fevals N] [--tasks-dir DIR]
+splice evolve run CONFIG.yml --out RUN [--device cuda] [--max-fevals N] [--tasks-dir DIR]
 splice evolve resume RUN
-splice evolve report RUN
+splice evolve report RUN [--table]
+
+``splice evolve CONFIG.yml --out RUN`` (no action) is ``run``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 from splice.cli import positive_int
 
-ACTIONS = ("resume", "report")
+ACTIONS = ("run", "resume", "report")
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +23,16 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="evolve a merge recipe with CMA-ES, scored by lm-eval (mergekit-evolve configs run)",
         description="Search merge recipes with CMA-ES: candidates are merged into one resident "
         "model and scored by lm-eval in memory; RUN is written after every generation. "
-        "`splice evolve resume RUN` continues a run, `splice evolve report RUN` shows it.",
+        "`splice evolve run CONFIG --out RUN` starts (or continues) a search, `splice evolve "
+        "resume RUN` continues a run, `splice evolve report RUN` shows it. `splice evolve CONFIG "
+        "--out RUN` is `run`.",
     )
-    p.add_argument("config", metavar="CONFIG|resume|report", help="config YAML, or an action")
-    p.add_argument("run", nargs="?", metavar="RUN", help="run folder (for resume / report)")
+    p.add_argument(
+        "config", metavar="run|resume|report", help="the action (or a config YAML: run it)"
+    )
+    p.add_argument(
+        "run", nargs="?", metavar="CONFIG|RUN", help="run: the config YAML; resume / report: RUN"
+    )
     p.add_argument("--out", help="run folder to write (a new one, or a run of the same config)")
     p.add_argument("--device", help="device for merging and scoring (overrides the config)")
     p.add_argument(
@@ -64,7 +72,16 @@ def run_cli(args: argparse.Namespace) -> None:
     from splice.errors import SpliceError
 
     show = not args.no_progress and sys.stderr.isatty()
-    if args.config in ACTIONS:
+    if args.config != "report":
+        used = [o for o in ("table", "tasks") if getattr(args, o)]
+        if used:
+            action = args.config if args.config in ACTIONS else "run"
+            raise SpliceError(f"splice evolve {action}: --{used[0]} is an option of report")
+    if args.config == "run":
+        if not args.run:
+            raise SpliceError("splice evolve run CONFIG --out RUN: give the config file")
+        args.config, args.run = args.run, None
+    elif args.config in ACTIONS:
         if not args.run:
             raise SpliceError(f"splice evolve {args.config} RUN: give the run folder")
         extra = [o for o in ("out", "device", "max_fevals", "tasks_dir") if getattr(args, o)]

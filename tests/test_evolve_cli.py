@@ -140,3 +140,25 @@ def test_progress_bar_shows_generation_best_mean_and_rate(capsys, trio, tasks, t
     evolve(cfg, tmp_path / "run", show_progress=True)
     err = capsys.readouterr().err
     assert "evolve" in err and "2/2" in err and "best " in err and "mean " in err and "/min" in err
+
+
+def test_run_is_an_action_and_options_belong_to_theirs(capsys, trio, tasks, tmp_path):
+    """`splice evolve run CONFIG --out RUN` is `splice evolve CONFIG --out RUN`; an option of
+    another action is one line."""
+    import json
+
+    cfg = write_config(tmp_path / "c.yml", config_dict(trio, tasks, generations=1, popsize=2))
+    assert "give the config file" in one_error(capsys, ["evolve", "run", "--out", "r"])
+    line = one_error(capsys, ["evolve", "run", str(cfg), "--out", str(tmp_path / "r"), "--table"])
+    assert "--table is an option of report" in line
+    assert "--tasks is an option of report" in one_error(
+        capsys, ["evolve", str(cfg), "--out", str(tmp_path / "r"), "--tasks", "x"]
+    )
+    assert not (tmp_path / "r").exists()
+    assert main(["evolve", "run", str(cfg), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["evolve", str(cfg), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+
+    def genes(run):
+        return [r["genes"] for r in json.loads((run / "state.json").read_text())["records"]]
+
+    assert genes(tmp_path / "a") == genes(tmp_path / "b")
