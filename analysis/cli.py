@@ -7,10 +7,14 @@ prints its summary table.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from splice.cli import Parser, add_model_options, positive_int, thread_count
+from splice.errors import SpliceError
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +40,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     _common(w)
     w.add_argument("--kinds", help="comma-separated tensor kinds to compare (default: all)")
     add_model_options(w)
-    w.set_defaults(func=_run_weights)
+    w.set_defaults(func=_locked(_run_weights))
 
     e = verbs.add_parser(
         "experts",
@@ -48,7 +52,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     e.add_argument("dense", nargs="?", help="dense model folder the experts may come from")
     _common(e)
     add_model_options(e)
-    e.set_defaults(func=_run_experts)
+    e.set_defaults(func=_locked(_run_experts))
 
     t = verbs.add_parser(
         "tasks",
@@ -70,7 +74,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-baselines", action="store_true", help="skip the null baselines")
     _common(t, metrics=False)
     add_model_options(t)
-    t.set_defaults(func=_run_tasks)
+    t.set_defaults(func=_locked(_run_tasks))
 
     a = verbs.add_parser(
         "activations",
@@ -112,7 +116,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     _common(a, metrics=False)
     add_model_options(a, runs_models=True)
-    a.set_defaults(func=_run_activations)
+    a.set_defaults(func=_locked(_run_activations))
 
 
 def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
@@ -156,6 +160,24 @@ def _seq_len(text: str) -> int:
     return value
 
 
+def _locked(run: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """``run`` holding ``--out``'s lock (:func:`splice.target.lock_target`) from its check to the
+    report's save: a second run into the same folder is refused at once, before any work."""
+
+    @functools.wraps(run)
+    def locked(args: argparse.Namespace) -> Any:
+        if args.out is None:
+            return run(args)
+        if not args.out.strip():
+            raise SpliceError("--out is empty: give a folder name")
+        from splice.target import lock_target
+
+        with lock_target(args.out):
+            return run(args)
+
+    return locked
+
+
 def _setup(args: argparse.Namespace) -> str:
     """Check ``--out`` and ``--device`` before any work; set threads; the device to use."""
     import torch
@@ -163,8 +185,10 @@ def _setup(args: argparse.Namespace) -> str:
     from splice.activations import resolve_device
     from splice.analysis.report import check_out
     from splice.malloc import pin_mmap_threshold
+    from splice.target import clean_stale
 
     if args.out is not None:
+        clean_stale(Path(args.out))  # first: it may put back a report a killed run set aside
         check_out(args.out, overwrite=args.overwrite)
     device = resolve_device(args.device)
     pin_mmap_threshold()  # many temporaries of varied sizes: keep the heap from fragmenting

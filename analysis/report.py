@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.errors import SpliceError
+from splice.target import check_target, clean_stale, commit, lock_target, os_error, staging_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -297,32 +297,25 @@ class SimilarityReport:
 
         ``scale`` is the figures' colour scale (:data:`SCALES`, see :meth:`plot`).
 
-        The folder is built beside ``out`` and renamed into place at the end, so ``out`` holds
-        either the complete new report or what it held before. An existing ``out`` is replaced
-        only with ``overwrite`` and only if it is empty or holds nothing but a report's files
-        (:func:`check_out`); otherwise ``SpliceError`` and nothing is touched. Returns the
-        written paths (under ``out``).
+        The folder is built beside ``out`` and swapped into place at the end
+        (:func:`splice.target.commit`), so ``out`` holds either the complete new report or what
+        it held before; a second writer into ``out`` is refused while this one holds it. An
+        existing ``out`` is replaced only with ``overwrite`` and only if it is empty or holds
+        nothing but a report's files (:func:`check_out`); otherwise ``SpliceError`` and nothing
+        is touched. Returns the written paths (under ``out``).
         """
         check_scale(scale)
-        out = check_out(out, overwrite=overwrite)
-        full = Path(os.path.abspath(out))
-        try:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.report-tmp-", dir=full.parent))
-        except OSError as e:
-            raise SpliceError(
-                f"{out}: cannot write it: {e.strerror or e}, nothing written"
-            ) from None
-        try:
-            tmp.chmod(0o777 & ~_umask())
-            written = [p.relative_to(tmp) for p in self._write(tmp, figures, scale)]
-            _commit(tmp, full)
-        except OSError as e:
-            raise SpliceError(
-                f"{out}: cannot write it: {e.strerror or e}, nothing written"
-            ) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        with lock_target(out):
+            clean_stale(Path(out))  # first: it may put back a report a killed run set aside
+            out = check_out(out, overwrite=overwrite)
+            tmp = staging_dir(out, "report")
+            try:
+                written = [p.relative_to(tmp) for p in self._write(tmp, figures, scale)]
+                commit(tmp, out, tag="report")
+            except OSError as e:
+                raise os_error(out, e, "write") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
         return [out / p for p in written]
 
     def _write(self, out: Path, figures: bool, scale: str = "shared") -> list[Path]:
@@ -783,57 +776,8 @@ def _not_a_report(folder: Path) -> str | None:
 def check_out(out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Validate a report folder before any work; ``SpliceError`` (one line) if it may not be used.
 
-    Refused: an empty path; a path under something that is not a folder; an existing file;
-    an existing folder without ``overwrite``; with ``overwrite``, a folder holding anything but
-    a report's files (``report.json``, ``records.csv``, ``*.png``, ``matrices/*.csv``).
+    :func:`splice.target.check_target`, with a report's rule for ``overwrite``: the folder may
+    hold nothing but a report's files (``report.json``, ``records.csv``, ``*.png``,
+    ``matrices/*.csv``).
     """
-    if str(out).strip() == "":
-        raise SpliceError("--out is empty: give a folder name")
-    out = Path(out)
-    full = Path(os.path.abspath(out))
-    for up in full.parents:
-        if up.exists():
-            if not up.is_dir():
-                raise SpliceError(f"{out}: cannot be created: {up} is not a folder")
-            if not os.access(up, os.W_OK | os.X_OK):
-                raise SpliceError(f"{out}: cannot be created: {up} is not writable")
-            break
-    if out.is_symlink() and not out.exists():
-        raise SpliceError(f"{out}: is a broken symbolic link")
-    if out.exists():
-        if not out.is_dir():
-            raise SpliceError(f"{out}: exists and is not a folder (--out names a folder)")
-        if not overwrite:
-            raise SpliceError(f"{out}: already exists (pass --overwrite to replace it)")
-        reason = _not_a_report(out)
-        if reason is not None:
-            raise SpliceError(f"{out}: --overwrite refused: {reason}; nothing was deleted")
-    return out
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``; an old ``target`` goes only after."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.report-old-", dir=target.parent))
-    os.replace(target, old)  # onto the empty folder mkdtemp made
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        os.replace(old, target)  # put the old report back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    try:  # read, not set: setting it would race with threads creating files
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return check_target(out, overwrite, replaceable=_not_a_report)

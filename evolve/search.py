@@ -299,22 +299,14 @@ def _write(path: Path, data: bytes) -> None:
 
 def _clean_leftovers(run: Path) -> None:
     """Remove the temporary files of killed runs (``.NAME.tmp-PID``, PID no longer alive)."""
+    from splice.target import pid_alive
+
     for tmp in run.glob(".*.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             tmp.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -19,19 +19,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from splice.target import pid_alive
+
 _SCRATCH = re.compile(r"^splice-(?P<kind>[a-z]+(?:-[a-z]+)*)-(?P<pid>\d+)-[^/]+$")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_scratch(parent: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -42,7 +32,7 @@ def clean_scratch(parent: str | os.PathLike[str] | None = None) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
             m = _SCRATCH.match(entry.name)
-            if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m["pid"])):
+            if not m or entry.is_symlink() or not entry.is_dir() or pid_alive(int(m["pid"])):
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             if not entry.exists():

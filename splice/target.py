@@ -1,12 +1,13 @@
 """Output targets: what a verb may write to, and how it replaces what is there.
 
-Every verb that writes a folder (``convert``, ``merge``, surgery, ``zoo build``) goes through
-:class:`Target`, which owns four promises:
+Every verb that writes a folder (``convert``, ``merge``, surgery, ``zoo build``, ``evolve``,
+``analyze --out``) goes through these functions, which own four promises:
 
 * **Nothing of the user's is destroyed.** ``--overwrite`` replaces only a folder that is
   recognisably a model (``config.json`` plus weights, tokenizer, card and similar files, and
-  nothing else) or an empty one. Never an input of the same run, an ancestor of an input, the
-  current folder or an ancestor of it (:func:`check_target`).
+  nothing else), or the verb's own kind of output (an analysis report), or an empty one.
+  Never an input of the same run, an ancestor of an input, the current folder or an ancestor
+  of it (:func:`check_target`).
 * **One writer per target.** An exclusive ``flock`` on ``.NAME.splice-lock`` beside the target
   is taken before any work (:func:`lock_target`); a second run into the same target is refused
   at once.
@@ -30,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from splice.errors import SpliceError
@@ -96,13 +97,15 @@ def check_target(
     *,
     inputs: Iterable[str | os.PathLike[str]] = (),
     allow: Iterable[str] = (),
+    replaceable: Callable[[Path], str | None] | None = None,
 ) -> Path:
     """Validate an output folder before any work; ``SpliceError`` (one line) if it may not be used.
 
     Refused: an empty path; the current folder or one of its ancestors; an input of the run or
     an ancestor of one; a path whose parent is not a folder; an existing target without
     ``overwrite``; with ``overwrite``, a target that holds anything but a model (see
-    :func:`replaceable_reason`).
+    :func:`replaceable_reason`), or, given ``replaceable`` (a verb whose output is not a model,
+    e.g. an analysis report), anything for which ``replaceable(target)`` names a reason.
     """
     out = _nonempty(out)
     full = Path(os.path.abspath(out))
@@ -124,7 +127,7 @@ def check_target(
             raise SpliceError(f"{out}: exists and is not a folder")
         if not overwrite:
             raise SpliceError(f"{out}: already exists (pass --overwrite to replace it)")
-        reason = replaceable_reason(out, allow=allow)
+        reason = replaceable(out) if replaceable else replaceable_reason(out, allow=allow)
         if reason is not None:
             raise SpliceError(f"{out}: --overwrite refused: {reason}; nothing was deleted")
     return out
@@ -250,7 +253,8 @@ def _acquire(path: Path, target: Path) -> int:
 
 
 # ---- staging and stale folders ----------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this process counts; another user's too)."""
     if pid == os.getpid():
         return True
     try:
@@ -278,7 +282,7 @@ def clean_stale(target: Path) -> list[Path]:
         if not m or m["name"] != full.name or not entry.is_dir() or entry.is_symlink():
             continue
         pid = int(m["pid"])
-        if _pid_alive(pid):
+        if pid_alive(pid):
             continue
         if m["kind"] == "old" and not full.exists():
             os.replace(entry, full)
@@ -360,7 +364,11 @@ def commit(tmp: Path, target: Path, *, tag: str = "splice") -> Path:
         return Path(target)
     old = Path(tempfile.mkdtemp(prefix=f".{full.name}.{tag}-old-{os.getpid()}-", dir=full.parent))
     os.replace(full, old)  # onto the empty folder mkdtemp made
-    os.replace(tmp, full)
+    try:
+        os.replace(tmp, full)
+    except OSError:
+        os.replace(old, full)  # put the old output back
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return Path(target)
 

@@ -6,7 +6,11 @@ in several shards, so splice's reader and writer are always checked against the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +89,25 @@ def make_tiny(
     model.save_pretrained(path, **save_kw)
     make_tokenizer(vocab).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def held_lock(target: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``splice.target.lock_target(target)`` while the block runs."""
+    code = (
+        "import time\n"
+        "from splice.target import lock_target\n"
+        f"with lock_target({str(target)!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def make_tokenizer(vocab: int):

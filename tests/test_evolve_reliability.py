@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import held_lock
 from evolve_helpers import config_dict, write_config, write_tasks
 
 from splice.cli import main
@@ -500,19 +501,7 @@ def test_a_run_folder_being_written_is_refused(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path / "run")
     state = unfinished(json.loads((run / "state.json").read_text()))
     (run / "state.json").write_text(json.dumps(state))
-    code = (
-        "import time\n"
-        "from splice.target import lock_target\n"
-        f"with lock_target({str(run)!r}):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(60)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_lock(run):
         line = one_error(capsys, ["evolve", "resume", str(run)])
         assert "another splice run is writing it" in line
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     assert json.loads((run / "state.json").read_text()) == state

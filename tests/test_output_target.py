@@ -8,6 +8,7 @@ One test per class of fault, through the real CLI where a user would meet it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -391,6 +392,37 @@ def test_check_target_as_a_library_function(model, tmp_path):
     with pytest.raises(SpliceError, match="ancestor of the input"):
         check_target(model.parent, overwrite=True, inputs=[model])
     assert check_target(tmp_path / "new", inputs=[model]) == tmp_path / "new"
+    # a verb whose output is not a model (an analysis report) gives its own rule
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.md").write_text("keep")
+    with pytest.raises(SpliceError, match="--overwrite refused: not mine; nothing was deleted"):
+        check_target(notes, overwrite=True, replaceable=lambda folder: "not mine")
+    assert check_target(notes, overwrite=True, replaceable=lambda folder: None) == notes
+    with pytest.raises(SpliceError, match="current folder"):
+        check_target(Path.cwd(), overwrite=True, replaceable=lambda folder: None)
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    """Without renameat2: if the new folder cannot be moved in, the old one goes back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    tmp = target_mod.staging_dir(out)
+    (tmp / "config.json").write_text('{"new": 1}')
+    monkeypatch.setattr(target_mod, "_exchange", lambda a, b: False)
+    real_replace = os.replace
+
+    def failing(a, b):
+        if Path(a) == tmp:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(a, b)
+
+    monkeypatch.setattr(target_mod.os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        target_mod.commit(tmp, out)
+    assert (out / "config.json").read_text() == "{}"
+    assert not [p.name for p in tmp_path.iterdir() if "-old-" in p.name]
 
 
 # ---- zoo build: the same promises for its folder --------------------------------------------
