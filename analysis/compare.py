@@ -458,7 +458,7 @@ def compare_activations(
     """
     import torch
 
-    from splice.activations import calibration_text, check_model_code, load_model, token_windows
+    from splice.activations import calibration_text, token_windows
     from splice.checkpoint import open_checkpoint
     from splice.layer_metrics import (
         check_run_sizes,
@@ -467,7 +467,7 @@ def compare_activations(
         float_dtype,
         largest_layer_tensor,
     )
-    from splice.modeling import load_tokenizer
+    from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
     check_run_sizes(seq_len, max_samples, batch_size)
@@ -526,7 +526,7 @@ def compare_activations(
             )
 
     def load(path: Any) -> Any:
-        return load_model(
+        return load_causal_lm(
             path,
             dtype=dtype,
             device=device,

@@ -20,7 +20,8 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 
 def main() -> None:
-    from splice.zoo import default_dir, load_model, throughput
+    from splice.modeling import load_causal_lm
+    from splice.zoo import default_dir, throughput
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="zoo_math_lang")
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     zoo = default_dir()
-    model = load_model(zoo / args.model)
+    model = load_causal_lm(zoo / args.model)
     rows = throughput(
         model,
         args.task,

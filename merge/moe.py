@@ -76,10 +76,10 @@ class _Router:
             embed = self.base.load(self.base.arch.embed, dtype="float32")
             state = lambda prompts: _cheap_embed(embed, tok, prompts, layers)  # noqa: E731
         else:
-            from splice.activations import load_model
+            from splice.modeling import load_causal_lm
 
             with _quiet_transformers():
-                model = load_model(
+                model = load_causal_lm(
                     self.base.path,
                     device=self.device,
                     trust_remote_code=self.trust_remote_code,

@@ -293,6 +293,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
     p.add_argument("--dtype", default="float32", help="dtype to run the models in (float32)")
+    p.add_argument(
+        "--threads",
+        type=thread_count,
+        help="torch CPU threads (default: one for a small model, torch's default otherwise)",
+    )
     p.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
     p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
     p.add_argument("--json", action="store_true", help='print {"<model>": {"ppl": ..., ...}}')
@@ -321,6 +326,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         text_name=f"--ppl {args.ppl}: the text",
+        threads=args.threads,
     )
     if args.json:
         print_json(scores)

@@ -71,15 +71,9 @@ def measure_layers(
     own code runs only with ``trust_remote_code``. Hidden states that turn NaN or inf are one
     error line.
     """
-    from splice.activations import (
-        calibration_text,
-        check_model_code,
-        layer_statistics,
-        load_model,
-        token_windows,
-    )
+    from splice.activations import calibration_text, layer_statistics, token_windows
     from splice.checkpoint import open_checkpoint
-    from splice.modeling import load_tokenizer
+    from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
     from splice.threads import threads_for
 
     start = time.perf_counter()
@@ -101,7 +95,7 @@ def measure_layers(
     ids = token_windows(tokenizer, text, seq_len, max_samples)
     check_windows(ids, seq_len, calibration)
     check_vocab(ckpt, ids)
-    lm = load_model(
+    lm = load_causal_lm(
         ckpt.path,
         dtype=dtype,
         device=device,

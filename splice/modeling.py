@@ -1,11 +1,13 @@
-"""Load a Hugging Face causal LM and its tokenizer from a folder, with a dtype and a device.
+"""The one loader of a Hugging Face causal LM (:func:`load_causal_lm`) and of its tokenizer.
 
-``trust_remote_code`` is off unless asked for. Failures are :class:`SpliceError` one-liners.
+Both refuse the model's own code unless ``trust_remote_code``; the model's weights must be
+safetensors (unless ``allow_pickle``) and finite. Failures are :class:`SpliceError` one-liners.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
@@ -14,29 +16,85 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+def check_model_code(path: str | os.PathLike[str], trust_remote_code: bool) -> None:
+    """``SpliceError`` if the model at ``path`` cannot be built without its own Python code
+    (a model type transformers does not know, with ``auto_map``) and ``trust_remote_code`` is
+    off, or cannot be built at all (an unknown model type and no ``auto_map``)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise SpliceError(f"{file}: cannot read it ({e})") from None
+    if not isinstance(config, dict):
+        raise SpliceError(f"{file}: not a JSON object")
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if not config.get("auto_map"):
+        raise SpliceError(f"{path}: transformers does not know model type {model_type!r}")
+    if not trust_remote_code:
+        raise SpliceError(
+            f"{path}: model type {model_type!r} needs the model's own code (auto_map in "
+            "config.json); pass --trust-remote-code to run it"
+        )
+
+
 def load_causal_lm(
     path: str | os.PathLike[str],
     *,
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    why: str = "analysis needs finite weights",
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM`` from ``path`` in ``dtype`` on ``device``, in eval mode."""
+    """``AutoModelForCausalLM`` from a model folder in ``dtype`` on ``device`` (resolved:
+    ``resolve_device``), in eval mode; the one model loader.
+
+    Checked (one-line :class:`SpliceError`): own code only with ``trust_remote_code``
+    (:func:`check_model_code`); safetensors only unless ``allow_pickle`` (then ``.bin`` with
+    ``weights_only=True``); finite weights in ``dtype`` (``check_finite``: the tensor and
+    ``why``); the move to ``device``. Validate the folder first (``open_checkpoint``):
+    transformers fills missing tensors with random ones.
+    """
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from splice.dtypes import to_torch
+    from splice.activations import check_finite
+    from splice.dtypes import dtype_name, to_torch
 
+    check_model_code(path, trust_remote_code)
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=to_torch(dtype), trust_remote_code=trust_remote_code
+            str(path),
+            dtype=to_torch(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            weights_only=True,
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpliceError(f"{path}: cannot load as a causal LM ({first})") from None
-    return model.to(device).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    cast = f" (in {dtype_name(dtype)})" if dtype_name(dtype) != "float32" else ""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            check_finite(p, f"{path}: {name}{cast}", why)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:  # e.g. out of device memory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpliceError(f"--device {device}: cannot move the model there ({first})") from None
+    return model.eval()
 
 
 def load_tokenizer(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from splice.errors import SpliceError
+from splice.threads import threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -189,6 +190,7 @@ def evaluate(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     text_name: str = "the text",
+    threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Scores of every model: ``{name: {"ppl": perplexity on text, task: accuracy, ...}}``.
 
@@ -198,7 +200,8 @@ def evaluate(
     tasks, scored by :func:`splice.zoo.evaluate` (``zoo``: the built zoo whose tasks to use).
     Every input is checked before any model is loaded (:func:`check_scoring`; ``text_name``
     names the text in its messages); each model is then loaded once, in ``dtype`` on
-    ``device``, scored, and dropped.
+    ``device``, scored on ``threads`` CPU threads (None: one for a small model, as
+    :func:`splice.threads.threads_for` decides), and dropped.
     """
     from splice.activations import resolve_device
     from splice.layer_metrics import float_dtype
@@ -233,9 +236,9 @@ def evaluate(
     for name in progress(list(models), "eval", enabled=show_progress and len(models) > 1):
         out[name] = {}
         if name in checked:
-            from splice.activations import load_model
+            from splice.modeling import load_causal_lm
 
-            model = load_model(
+            model = load_causal_lm(
                 checked[name],
                 dtype=dtype,
                 device=device,
@@ -245,30 +248,40 @@ def evaluate(
             )
         else:
             model = models[name]
-        if text is not None:
-            ppl = perplexity(
-                model,
-                inputs.ids[name],
-                seq_len=seq_len,
-                stride=stride,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-            )
-            out[name]["ppl"] = ppl.ppl
-        if task_names:
-            from splice.zoo.evaluate import evaluate as zoo_evaluate
+        with threads_for(_largest(inputs.folders.get(name), model), threads):
+            if text is not None:
+                ppl = perplexity(
+                    model,
+                    inputs.ids[name],
+                    seq_len=seq_len,
+                    stride=stride,
+                    batch_size=batch_size,
+                    max_tokens=max_tokens,
+                )
+                out[name]["ppl"] = ppl.ppl
+            if task_names:
+                from splice.zoo.evaluate import evaluate as zoo_evaluate
 
-            scores = zoo_evaluate(
-                {name: model},
-                task_names,
-                zoo=zoo,
-                tokenizer=_zoo_tokenizer(tokenizer, checked.get(name)),
-                limit=limit,
-                show_progress=False,
-            )
-            out[name].update(scores[name])
+                scores = zoo_evaluate(
+                    {name: model},
+                    task_names,
+                    zoo=zoo,
+                    tokenizer=_zoo_tokenizer(tokenizer, checked.get(name)),
+                    limit=limit,
+                    show_progress=False,
+                )
+                out[name].update(scores[name])
         del model
     return out
+
+
+def _largest(ckpt: Checkpoint | None, model: Any) -> int:
+    """Elements of the largest per-layer tensor (what :func:`threads_for` sizes the threads by)."""
+    if ckpt is not None:
+        from splice.layer_metrics import largest_layer_tensor
+
+        return largest_layer_tensor(ckpt)
+    return max((p.numel() for p in model.parameters()), default=0)
 
 
 @dataclass
@@ -359,8 +372,8 @@ def check_scoring(
 
 
 def _check_folder(path: str | os.PathLike[str], allow_pickle: bool, trust: bool) -> Checkpoint:
-    from splice.activations import check_model_code
     from splice.checkpoint import open_checkpoint
+    from splice.modeling import check_model_code
 
     ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
     check_model_code(ckpt.path, trust)

@@ -259,8 +259,8 @@ def heal(
     """Fine-tune ``model`` on ``text`` (a file, ``lm-eval:TASK`` or ``zoo``) for ``steps`` steps
     and write it to ``out``; returns the plan and its :class:`HealReport` (see the module
     docstring). ``dtype``: the output's (default: each tensor's own)."""
-    from splice.activations import load_model, resolve_device
-    from splice.modeling import load_tokenizer
+    from splice.activations import resolve_device
+    from splice.modeling import load_causal_lm, load_tokenizer
     from splice.scoring import check_window, read_text, text_ids
 
     opts = options or ExecOptions()
@@ -297,7 +297,7 @@ def heal(
         max_pos = ckpt.config.get("max_position_embeddings")
         if max_pos and seq_len > max_pos:
             raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
-        lm = load_model(
+        lm = load_causal_lm(
             ckpt.path,
             dtype=train_dtype,
             device=device,

@@ -586,8 +586,8 @@ def plan_slice(
     ``calibration``: a text file, ``lm-eval:TASK``, ``zoo``, or ``[N, T]`` token ids (cut to
     ``calib.max_samples`` windows of ``calib.seq_len``). Options, the architecture and the
     calibration text are checked before the model is loaded."""
-    from splice.activations import load_model
     from splice.dtypes import output_dtype
+    from splice.modeling import load_causal_lm
 
     sparsity = _check_sparsity(sparsity)
     output_dtype(dtype)
@@ -605,7 +605,7 @@ def plan_slice(
     d = new_width(hidden, int(ckpt.config["num_attention_heads"]), sparsity)
     calib = calib or Calibration()
     windows = _windows(ckpt, calibration, calib, trust_remote_code)
-    live = load_model(
+    live = load_causal_lm(
         ckpt.path,
         dtype=calib.dtype,
         device=calib.device,

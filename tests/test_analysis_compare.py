@@ -220,9 +220,9 @@ def counting_loader(monkeypatch):
     import gc
     import weakref
 
-    import splice.activations
+    import splice.modeling
 
-    real = splice.activations.load_model
+    real = splice.modeling.load_causal_lm
     refs: list[weakref.ref] = []
     alive_at_load: list[int] = []
 
@@ -232,7 +232,7 @@ def counting_loader(monkeypatch):
         refs.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(splice.activations, "load_model", load)
+    monkeypatch.setattr(splice.modeling, "load_causal_lm", load)
     gc.collect()
     return alive_at_load
 
@@ -247,9 +247,9 @@ def test_one_model_alive_at_a_time(pair, corpus, monkeypatch):
 
 
 def test_spill_removed_on_interrupt(pair, corpus, tmp_path, monkeypatch):
-    import splice.activations
+    import splice.modeling
 
-    real = splice.activations.load_model
+    real = splice.modeling.load_causal_lm
     calls = []
 
     def load(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_spill_removed_on_interrupt(pair, corpus, tmp_path, monkeypatch):
 
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setattr(splice.activations, "load_model", load)
+    monkeypatch.setattr(splice.modeling, "load_causal_lm", load)
     with pytest.raises(KeyboardInterrupt):
         compare_activations(*pair, corpus, seq_len=8, max_samples=3, workdir=work)
     assert len(calls) == 2 and list(work.iterdir()) == []
@@ -271,11 +271,11 @@ def test_spill_removed_on_interrupt(pair, corpus, tmp_path, monkeypatch):
 def test_spill_larger_than_free_disk(pair, corpus, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import splice.activations
+    import splice.modeling
     from splice.analysis import compare
 
     loads = []
-    monkeypatch.setattr(splice.activations, "load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(splice.modeling, "load_causal_lm", lambda *a, **k: loads.append(a))
     usage = shutil.disk_usage(tmp_path)._replace(free=1000)
     monkeypatch.setattr(compare.shutil, "disk_usage", lambda path: usage)
     out = tmp_path / "out"

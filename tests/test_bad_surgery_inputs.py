@@ -40,7 +40,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded (or a zoo trained) before the input was checked")
 
-    monkeypatch.setattr("splice.activations.load_model", refuse)
+    monkeypatch.setattr("splice.modeling.load_causal_lm", refuse)
     monkeypatch.setattr(importlib.import_module("splice.zoo.build"), "_build_into", refuse)
 
 

@@ -11,11 +11,13 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import held_lock, make_tiny
 from safetensors.torch import load_file, save_file
 
 from splice.cli import main
@@ -61,8 +63,8 @@ def fails(capsys, argv: list, *needles: str, watch: tuple[Path, ...] = (), usage
 
 
 def no_litter(folder: Path) -> None:
-    """No staging folder (``.NAME.report-tmp-*``) left behind."""
-    assert not [p.name for p in folder.iterdir() if ".report-" in p.name]
+    """No staging folder (``.NAME.report-tmp-PID-*``) or lock file left behind."""
+    assert not [p.name for p in folder.iterdir() if ".report-" in p.name or "-lock" in p.name]
 
 
 def edit_weights(src: Path, dst: Path, edit) -> Path:
@@ -178,9 +180,48 @@ def test_out_is_checked_first_and_written_atomically(models, tmp_path, capsys, m
 
     monkeypatch.setattr(SimilarityReport, "_write", broken)
     argv = [*weights, "--out", out, "--overwrite"]
-    fails(capsys, argv, "No space left on device", "nothing written", watch=(tmp_path,))
+    fails(capsys, argv, "no space left on", "nothing written", watch=(tmp_path,))
     fails(capsys, [*weights, "--out", tmp_path / "new"], "nothing written", watch=(tmp_path,))
     assert (out / "report.json").read_text() == second and not (tmp_path / "new").exists()
+    no_litter(tmp_path)
+
+
+def test_a_report_folder_being_written_is_refused(models, tmp_path, capsys):
+    """One writer per --out: a second run while another process holds it is one line."""
+    weights = ["analyze", "weights", models["clean"], "--metrics", "cosine", "--no-figures"]
+    out = tmp_path / "rep"
+    assert run([*weights, "--out", out]) == 0
+    capsys.readouterr()
+    first = (out / "report.json").read_text()
+    with held_lock(out):
+        argv = [*weights, "--out", out, "--overwrite"]
+        fails(capsys, argv, "another splice run is writing it", watch=(tmp_path,))
+    assert (out / "report.json").read_text() == first
+
+
+def test_staging_folders_of_dead_runs_are_cleaned(models, tmp_path, capsys):
+    """A killed run's staging folder goes with a note; a report it set aside is put back."""
+    weights = ["analyze", "weights", models["clean"], "--metrics", "cosine", "--no-figures"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    out = tmp_path / "rep"
+    tmp = tmp_path / f".rep.report-tmp-{dead.pid}-abcd"
+    tmp.mkdir()
+    (tmp / "report.json").write_text("{}")
+    assert run([*weights, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {tmp.name}" in err and f"process {dead.pid}, which is gone" in err
+    assert not tmp.exists() and (out / "report.json").is_file()
+    no_litter(tmp_path)
+
+    # a replacement cut short between "old aside" and "new in": the old report comes back
+    old = tmp_path / f".rep.report-old-{dead.pid}-efgh"
+    out.rename(old)
+    assert run([*weights, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"restored {out} from {old.name}" in err
+    assert "already exists (pass --overwrite" in err
+    assert (out / "report.json").is_file() and not old.exists()
     no_litter(tmp_path)
 
 
@@ -383,8 +424,7 @@ def test_zoo_eval_bad_options_and_zoo(zoo, models, tmp_path, capsys):
 def test_zoo_eval_api_checks(zoo, broken, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from splice.zoo import evaluate
-    from splice.zoo.evaluate import load_model
+    from splice.zoo import evaluate, load_model  # README's zoo loader (a thin wrapper)
 
     with pytest.raises(SpliceError, match="limit must be"):
         evaluate([zoo / "lang"], "zoo_lang", zoo=zoo, limit=0)

@@ -84,6 +84,33 @@ def test_cli_eval(tiny_models, tmp_path, capsys):
     assert out.splitlines()[0].split() == ["model", "ppl"] and len(out.splitlines()) == 3
 
 
+def test_cli_eval_threads(tiny_models, tmp_path, capsys, monkeypatch):
+    """--threads runs the scoring on that many torch threads (restored after); without it a
+    tiny model runs on one; the perplexity is the same."""
+    import torch
+
+    from splice import scoring
+
+    text = tmp_path / "t.txt"
+    text.write_text(word_text())
+    args = ["eval", str(tiny_models["llama"]), "--ppl", str(text), "--seq-len", "16", "--json"]
+    seen: list[int] = []
+    real = scoring.perplexity
+    monkeypatch.setattr(
+        scoring,
+        "perplexity",
+        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1],
+    )
+    before = torch.get_num_threads()
+    ppl = []
+    for extra, want in ((["--threads", "3"], 3), ([], 1)):
+        seen.clear()
+        assert main([*args, "--device", "cpu", *extra]) == 0
+        ppl.append(json.loads(capsys.readouterr().out)[str(tiny_models["llama"])]["ppl"])
+        assert seen == [want] and torch.get_num_threads() == before
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

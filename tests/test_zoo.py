@@ -337,10 +337,10 @@ def test_cli_eval_bad_input(zoo: Path, tmp_path: Path) -> None:
 
 
 def test_scorer_loads_tasks_once_and_scores_live_models(zoo: Path) -> None:
+    from splice.modeling import load_causal_lm
     from splice.zoo import Scorer, evaluate, throughput
-    from splice.zoo.evaluate import load_model
 
-    lang = load_model(zoo / "lang")
+    lang = load_causal_lm(zoo / "lang")
     with Scorer(["zoo_lang", "zoo_math"], zoo=zoo) as scorer:
         first = scorer.score(lang, limit=40)
         assert scorer.score(lang, limit=40, batch_size=7) == first  # reusable, batch-independent
@@ -357,15 +357,15 @@ def test_acceptance(zoo: Path) -> None:
     """The zoo's reason to exist, re-measured with lm-eval on the report splits: the figures
     the build's own check recorded in zoo.json, and the criteria of issue 12."""
     from splice.merge import merge_into
+    from splice.modeling import load_causal_lm
     from splice.zoo import evaluate
     from splice.zoo.acceptance import GRID_NAMES, grid
-    from splice.zoo.evaluate import load_model
 
     report = read_stamp(zoo)["acceptance"]  # type: ignore[index]
     assert report["passed"], report["criteria"]
     best = report["best_merge"]
     assert best in GRID_NAMES
-    merged = load_model(zoo / "base")
+    merged = load_causal_lm(zoo / "base")
     merge_into(merged, grid(zoo)[best])
     models = {n: zoo / n for n in ("base", "math", "lang")}
     s = evaluate(
@@ -391,12 +391,12 @@ def test_acceptance(zoo: Path) -> None:
 def test_moe_experts_specialise(zoo: Path) -> None:
     """Routing shares differ across experts; experts differ from each other more than from the
     dense MLP they were up-cycled from (splice's own collectors and analysis)."""
-    from splice.activations import RouterCounts, load_model, run, token_windows
+    from splice.activations import RouterCounts, run, token_windows
     from splice.analysis import compare_experts
-    from splice.modeling import load_tokenizer
+    from splice.modeling import load_causal_lm, load_tokenizer
     from splice.zoo import heldout_text_path
 
-    model = load_model(zoo / "moe")
+    model = load_causal_lm(zoo / "moe")
     windows = token_windows(
         load_tokenizer(zoo / "base"), heldout_text_path(zoo).read_text(), 64, 32
     )

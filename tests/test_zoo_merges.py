@@ -23,15 +23,15 @@ def recipe(zoo, method: str, weights: tuple[float, float], density: float, **par
 
 @pytest.mark.slow
 def test_ties_and_dare_ties_combine_the_specialists(zoo):
+    from splice.modeling import load_causal_lm
     from splice.zoo import evaluate
-    from splice.zoo.evaluate import load_model
 
     models = {n: zoo / n for n in ("math", "lang")}
     for name, r in {
         "ties": recipe(zoo, "ties", (1.0, 1.0), 0.7, normalize=False),
         "dare_ties": recipe(zoo, "dare_ties", (1.0, 0.8), 0.9),
     }.items():
-        model = load_model(zoo / "base")
+        model = load_causal_lm(zoo / "base")
         merge_into(model, r)
         models[name] = model  # type: ignore[assignment]
     s = evaluate(models, ["zoo_math", "zoo_lang"], zoo=zoo, show_progress=False)

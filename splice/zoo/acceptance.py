@@ -232,8 +232,9 @@ def check(
 ) -> dict[str, Any]:
     """Measure the built zoo in ``zoo`` on the report splits ``items`` (task -> items): scores,
     the merge grid, task-vector norms, MoE statistics and the list of criteria."""
+    from splice.modeling import load_causal_lm
     from splice.registry import plugin
-    from splice.zoo.evaluate import load_model
+    from splice.zoo.evaluate import _FINITE
 
     merge_into = plugin("splice.zoo", "merge_into")  # splice.merge's, declared in pyproject
 
@@ -246,9 +247,9 @@ def check(
         log(f"{name}: " + " ".join(f"{t} {v:.3f}" for t, v in scores[name].items()))
 
     for name in ("base", "math", "lang"):
-        score(name, load_model(zoo / name))
+        score(name, load_causal_lm(zoo / name, why=_FINITE))
     for name, recipe in grid(zoo).items():  # the merges matter on the combined task only
-        model = load_model(zoo / "base")
+        model = load_causal_lm(zoo / "base", why=_FINITE)
         merge_into(model, recipe)
         scores[name] = {"zoo_math_lang": round(mc_accuracy(model, enc["zoo_math_lang"]), 4)}
         log(f"{name}: zoo_math_lang {scores[name]['zoo_math_lang']:.3f}")

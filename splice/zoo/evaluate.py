@@ -53,8 +53,8 @@ def check_model(
     """The local model folder at ``path``, read and checked by the core reader (config, weights
     and their shapes; pickled ``.bin`` only with ``allow_pickle``; custom code only with
     ``trust_remote_code``): one-line :class:`SpliceError` otherwise."""
-    from splice.activations import check_model_code
     from splice.checkpoint import open_checkpoint
+    from splice.modeling import check_model_code
 
     folder = Path(path)
     if not folder.is_dir():  # zoo eval takes local folders only (no hub downloads)
@@ -69,12 +69,9 @@ def check_model(
 def load_model(
     path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """A zoo model folder as a float32 model in eval mode (weights may be stored in bf16).
-
-    The folder is checked first (:func:`check_model`); safetensors only unless
-    ``allow_pickle`` (then ``torch.load(weights_only=True)``); ``SpliceError`` on any fault.
-    """
-    from splice.activations import load_model as load_causal_lm
+    """README's ``splice.zoo.load_model``: the folder checked (:func:`check_model`), then
+    :func:`splice.modeling.load_causal_lm` in float32 (NaN or inf: "cannot be scored")."""
+    from splice.modeling import load_causal_lm
 
     ckpt = check_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return load_causal_lm(
@@ -162,6 +159,8 @@ def evaluate(
     checked (:func:`check_model`) before any work; pickled ``.bin`` weights are read only with
     ``allow_pickle`` and a model's own code runs only with ``trust_remote_code``.
     """
+    from splice.modeling import load_causal_lm
+
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = parse_tasks(tasks)
@@ -193,10 +192,11 @@ def evaluate(
         for name in progress(list(models), "zoo eval", enabled=show_progress):
             m = models[name]
             model = (
-                load_model(
+                load_causal_lm(
                     checked[name].path,
-                    allow_pickle=allow_pickle,
                     trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle,
+                    why=_FINITE,
                 )
                 if name in checked
                 else m
