@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format venv clean zoo
+.PHONY: demo test test-fast lint format venv clean zoo
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The same checks less the slow tests (mergekit runs, zoo builds and scoring, processes, Ray,
+# long fuzzing): tests/conftest.py FAST_LEAVES_OUT says which. For the edit-test loop.
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q --fast
 
 demo: venv
 	$(BIN)/python examples/demo.py

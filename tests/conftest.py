@@ -37,6 +37,47 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"CI=true: a required test dependency is missing ({reason})"
 
 
+#: what ``make test-fast`` (``pytest --fast``) leaves out: tests marked ``slow`` and these
+#: node-id prefixes, which run mergekit itself (the golden tensors of test_merge_golden.py stand
+#: in for it), build or score the zoo, start processes or Ray, or fuzz at length
+FAST_LEAVES_OUT = (
+    "tests/test_merge_vs_mergekit.py",
+    "tests/test_methods.py::test_parity_with_mergekit",
+    "tests/test_recipe_formats.py::test_multi_matches_mergekit",
+    "tests/test_zoo.py",
+    "tests/test_zoo_merges.py",
+    "tests/test_analysis_notebook.py",
+    "tests/test_scoring.py::test_evaluate_tasks_take_the_zoo_eval_path",
+    "tests/test_analysis_activations.py::test_lm_eval_task_calibration",
+    "tests/test_evolve_search.py::test_ray_actors",
+    "tests/test_evolve_search.py::test_resume_after_sigterm",
+    "tests/test_evolve_search.py::test_two_worker_processes",
+    "tests/test_evolve_reliability.py::test_a_full_disk",
+    "tests/test_fuzz_headers.py::test_mutated_headers_raise_only_splice_errors",
+    "tests/test_surgery_slice.py::test_shared_output_is_a_stock_checkpoint",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="leave out the slow tests (conftest.FAST_LEAVES_OUT and @pytest.mark.slow)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    keep, drop = [], []
+    for item in items:
+        slow = item.get_closest_marker("slow") or item.nodeid.startswith(FAST_LEAVES_OUT)
+        (drop if slow else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "mixtral"]
 
 # extra config per model type, on top of the common tiny shape
