@@ -12,10 +12,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from splice import _checkout
 from splice.arch import ArchSpec, TensorName
 from splice.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from splice.errors import SpliceError
 from splice.registry import Registry
+
+_checkout.install()  # splice.merge & co. from a plain checkout too (see splice/_checkout.py)
 
 __all__ = [
     "ArchSpec",

@@ -1,0 +1,44 @@
+"""``import splice.merge`` (and the other subpackages) works from a plain checkout, with no
+install: the repository root on ``sys.path``, the libraries but not splice's editable hook."""
+
+from __future__ import annotations
+
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_subpackages_import_from_a_plain_checkout(tmp_path):
+    code = (
+        "import sys, splice.merge, splice.surgery, splice.evolve, splice.analysis\n"
+        "import splice.merge.methods\n"
+        "from splice.merge import run\n"
+        "assert not any('editable' in type(f).__module__ for f in sys.meta_path), sys.meta_path\n"
+        "print(splice.merge.__file__, splice.surgery.__file__)\n"
+    )
+    libs = ":".join(site.getsitepackages())
+    # -S: no site processing, so the editable install's .pth hook does not run
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={"PYTHONPATH": f"{ROOT}:{libs}", "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merge, surgery = proc.stdout.split()
+    assert Path(merge) == ROOT / "merge" / "__init__.py"
+    assert Path(surgery) == ROOT / "surgery" / "__init__.py"
+
+
+def test_only_the_four_subpackages_are_mapped():
+    from splice._checkout import CheckoutFinder
+
+    finder = CheckoutFinder()
+    assert finder.find_spec("splice.merge") is not None
+    for name in ("splice.tests", "splice.examples", "merge", "splice.merge.recipe", "other.merge"):
+        assert finder.find_spec(name) is None, name
