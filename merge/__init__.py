@@ -11,8 +11,9 @@ Modules: ``recipe`` (the schema), ``params`` (resolving a setting for one tensor
 """
 
 from splice.merge import methods
+from splice.merge.multi import MultiRecipe, read_recipe
 from splice.merge.planner import MergePlan, plan_merge
-from splice.merge.recipe import MultiRecipe, Recipe, read_recipe
+from splice.merge.recipe import Recipe
 from splice.merge.runner import MergeOptions, load_recipe, merge_into, plan, run, run_multi
 
 __all__ = [

@@ -27,8 +27,9 @@ from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError, SpliceWarning
 from splice.execute import ExecOptions, execute_into
 from splice.merge.chat_template import resolve_chat_template, template_files
+from splice.merge.multi import MultiRecipe, Stage, read_recipe
 from splice.merge.planner import MergePlan, plan_merge
-from splice.merge.recipe import MultiRecipe, Recipe, Stage, read_recipe
+from splice.merge.recipe import Recipe
 from splice.output import write_model
 from splice.sliced_check import refuse_sliced
 from splice.target import check_target, lock_target, staging_dir

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import splice.merge as sm
 from splice.cli import main
 from splice.errors import SpliceError
-from splice.merge.recipe import MultiRecipe, Recipe, read_recipe
+from splice.merge.multi import MultiRecipe, read_recipe
+from splice.merge.recipe import Recipe
 
 MERGEKIT_MULTI = Path(sys.executable).with_name("mergekit-multi")
 
