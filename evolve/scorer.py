@@ -1,16 +1,16 @@
-"""Fitness from lm-eval: tasks loaded once, ``HFLM`` wrapping the live module.
+"""Fitness from lm-eval: evolve's configuration of the core scorer
+(:class:`splice.lmeval.LmEvalScorer`: tasks loaded once, ``HFLM`` wrapping the live module).
 
 Tasks come from ``tasks_dir`` (local YAML tasks), the zoo (names ``zoo_*``: the zoo's task
-configs, written into a temporary folder as :class:`splice.zoo.evaluate.Scorer` does, so the
-fitness splits ``zoo_*_fit`` of zoo v2 work by name) or lm-eval's installed tasks (looked up
-only when a name is found in neither). An unknown name is a :class:`SpliceError`.
+configs, written into a scratch folder, so the fitness splits ``zoo_*_fit`` of zoo v2 work by
+name) or lm-eval's installed tasks (looked up only when a name is found in neither). An
+unknown name is a :class:`SpliceError`. Evolve's own parts are here: the metric per task and
+its direction, few-shot, the seeded shuffle, ``limit``, the chat template and the fitness.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import math
 import os
 import warnings
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError, SpliceWarning
 from splice.evolve.config import LmEvalArgs, TaskSpec
-from splice.scratch import scratch_folder
+from splice.lmeval import LmEvalScorer
+from splice.lmeval import task_leaves as _leaves
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +54,7 @@ class TaskScorer:
     """The configured tasks, loaded once; :meth:`score` evaluates a live module.
 
     ``tokenizer`` is a loaded tokenizer. ``seed`` seeds the shuffle (``lm_eval.shuffle``) and
-    the few-shot sampler. Holds a temporary folder (zoo configs) until :meth:`close`.
+    the few-shot sampler. Holds a scratch folder (zoo configs) until :meth:`close`.
     """
 
     def __init__(
@@ -66,23 +67,39 @@ class TaskScorer:
         zoo: str | os.PathLike[str] | None = None,
         seed: int = 0,
     ) -> None:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.tasks = list(tasks)
         self.args = args
         self.tokenizer = tokenizer
-        self._stack = contextlib.ExitStack()
-        self._lm: Any = None
-        self._module: Any = None
+        if tasks_dir is not None and not Path(tasks_dir).is_dir():
+            raise SpliceError(f"tasks_dir {tasks_dir}: no such folder")
+        zoo_tasks = None
+        if any(t.name.startswith("zoo_") for t in self.tasks):
+            from splice.zoo.build import default_dir
+
+            zoo_dir = Path(zoo) if zoo is not None else default_dir()
+            if (zoo_dir / "tasks").is_dir():
+                zoo_tasks = zoo_dir / "tasks"
+        self.lm = LmEvalScorer(
+            [t.name for t in self.tasks],
+            tokenizer=tokenizer,
+            task_dirs=[tasks_dir] if tasks_dir is not None else [],
+            zoo_tasks=zoo_tasks,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            hint=" (give --tasks-dir for local YAML tasks)",
+        )
+        self.task_dict = self.lm.task_dict
         try:
-            for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
-                logger = logging.getLogger(log)
-                self._stack.callback(logger.setLevel, logger.level)
-                logger.setLevel(logging.ERROR)
-            self.task_dict = self._load(tasks_dir, zoo, seed)
+            for _name, task in self.lm.leaves():
+                if args.num_fewshot is not None:
+                    task.set_config(key="num_fewshot", value=args.num_fewshot)
+                if hasattr(task, "set_fewshot_seed"):
+                    task.set_fewshot_seed(seed=seed)
+                if args.shuffle:
+                    _shuffle(task, seed)
             self.higher = self._directions()
         except BaseException:
-            self._stack.close()
+            self.close()
             raise
         if args.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             self.close()
@@ -100,54 +117,7 @@ class TaskScorer:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
-
-    # ---- loading ------------------------------------------------------------------------------
-    def _paths(self, tasks_dir: Any, zoo: Any) -> list[str]:
-        paths = []
-        if tasks_dir is not None:
-            if not Path(tasks_dir).is_dir():
-                raise SpliceError(f"tasks_dir {tasks_dir}: no such folder")
-            paths.append(str(tasks_dir))
-        if any(t.name.startswith("zoo_") for t in self.tasks):
-            from splice.zoo.build import default_dir
-            from splice.zoo.tasks import write_tasks
-
-            zoo_dir = Path(zoo) if zoo is not None else default_dir()
-            if (zoo_dir / "tasks").is_dir():
-                configs = self._stack.enter_context(scratch_folder("evolve-tasks"))
-                write_tasks(configs, zoo_dir / "tasks")
-                paths.append(configs)
-        return paths
-
-    def _load(self, tasks_dir: Any, zoo: Any, seed: int) -> dict[str, Any]:
-        from lm_eval.tasks import TaskManager
-
-        names = list(dict.fromkeys(t.name for t in self.tasks))
-        paths = self._paths(tasks_dir, zoo)
-        quiet = contextlib.redirect_stderr(io.StringIO())
-        with quiet:
-            manager = TaskManager(include_path=paths or None, include_defaults=False)
-            if not paths or any(n not in manager.all_tasks for n in names):
-                manager = TaskManager(include_path=paths or None, include_defaults=True)
-        unknown = [n for n in names if n not in manager.all_tasks]
-        if unknown:
-            where = f" in {', '.join(paths)} or" if paths else ""
-            raise SpliceError(
-                f"unknown task {', '.join(unknown)}: not found{where} among lm-eval's tasks "
-                "(give --tasks-dir for local YAML tasks)"
-            )
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            loaded = manager.load(names)
-        task_dict = loaded.get("tasks", loaded) if isinstance(loaded, dict) else loaded
-        for _name, task in _leaves(task_dict):
-            if self.args.num_fewshot is not None:
-                task.set_config(key="num_fewshot", value=self.args.num_fewshot)
-            if hasattr(task, "set_fewshot_seed"):
-                task.set_fewshot_seed(seed=seed)
-            if self.args.shuffle:
-                _shuffle(task, seed)
-        return loaded
+        self.lm.close()
 
     def _directions(self) -> dict[str, bool]:
         """Per score column: whether higher is better (the config's, else the task's). A metric
@@ -183,42 +153,21 @@ class TaskScorer:
     def score(self, module: torch.nn.Module) -> dict[str, float]:
         """``{column: metric}`` of the live ``module`` on every task (the module as it is now:
         ``HFLM`` is made once per module object and reads its parameters at each call)."""
-        from lm_eval.evaluator import evaluate
-
-        if self._module is not module:
-            from lm_eval.models.huggingface import HFLM
-
-            kw = {"max_length": self.args.max_length} if self.args.max_length else {}
-            with contextlib.redirect_stderr(io.StringIO()):
-                self._lm = HFLM(
-                    pretrained=module,
-                    tokenizer=self.tokenizer,
-                    batch_size=self.args.batch_size,
-                    **kw,
-                )
-            self._module = module
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            res = evaluate(
-                self._lm,
-                self.task_dict,
-                limit=self.args.limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                verbosity="ERROR",
-                apply_chat_template=self.chat,
-                fewshot_as_multiturn=self.args.fewshot_as_multiturn and self.chat,
-            )
-        if res is None:
-            raise RuntimeError("lm-eval returned no results")
+        rows = self.lm.score(
+            module,
+            limit=self.args.limit,
+            apply_chat_template=self.chat,
+            fewshot_as_multiturn=self.args.fewshot_as_multiturn and self.chat,
+        )
         out = {}
         for t in self.tasks:
-            row = res["results"].get(t.name, {})
+            row = rows.get(t.name, {})
             if t.metric_key not in row:
                 raise SpliceError(
                     f"task {t.name} has no metric {t.metric_key} (it reports "
-                    f"{', '.join(k for k in row if 'stderr' not in k and ',' in k) or 'nothing'})"
+                    f"{', '.join(row) or 'nothing'})"
                 )
-            out[_key(t)] = float(row[t.metric_key])
+            out[_key(t)] = row[t.metric_key]
         return out
 
     def fitness(self, scores: Mapping[str, float]) -> float:
@@ -231,18 +180,6 @@ def _metrics(task: Any) -> list[str]:
         return [str(m) for m in task.aggregation()]
     except Exception:
         return []
-
-
-def _leaves(task_dict: Any) -> list[tuple[str, Any]]:
-    """(name, task object) of every task in lm-eval's (possibly nested) task dict."""
-    out = []
-    items = task_dict.get("tasks", task_dict) if isinstance(task_dict, dict) else {}
-    for name, value in items.items():
-        if isinstance(value, dict):
-            out += _leaves(value)
-        elif value is not None and hasattr(value, "set_config"):
-            out.append((str(getattr(value, "task_name", None) or name), value))
-    return out
 
 
 def _shuffle(task: Any, seed: int) -> None:

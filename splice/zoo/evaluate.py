@@ -1,4 +1,5 @@
-"""Score models on the zoo's tasks with lm-eval, in process; tasks are loaded once.
+"""Score models on the zoo's tasks with lm-eval, in process; tasks are loaded once (the zoo's
+configuration of the core scorer :class:`splice.lmeval.LmEvalScorer`).
 
 ``evaluate(models, tasks)`` returns ``{model: {task: accuracy}}``: ``acc`` for the
 multiple-choice tasks, ``exact_match`` for the ``*_gen`` twins.
@@ -6,9 +7,6 @@ multiple-choice tasks, ``exact_match`` for the ``*_gen`` twins.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from splice.errors import SpliceError
 from splice.progress import progress
-from splice.zoo.tasks import ALL_TASKS, MC_TASKS, check_data, write_tasks
+from splice.zoo.tasks import ALL_TASKS, MC_TASKS, check_data
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -102,6 +100,17 @@ def _metric(result: Mapping[str, Any]) -> float:
     raise KeyError(f"no accuracy in {sorted(result)}")
 
 
+def _task_dir(zoo_dir: Path) -> Path:
+    """The built zoo's ``tasks/`` folder, its data checked (one :class:`SpliceError` line)."""
+    task_dir = zoo_dir / "tasks"
+    if not task_dir.is_dir():
+        raise SpliceError(
+            f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
+        )
+    check_data(task_dir)
+    return task_dir
+
+
 def check_zoo(
     zoo: str | os.PathLike[str] | None,
     models: Mapping[str, Checkpoint | PreTrainedModel],
@@ -121,12 +130,7 @@ def check_zoo(
         from splice.zoo.build import build
 
         build(zoo_dir, show_progress=show_progress)
-    task_dir = zoo_dir / "tasks"
-    if not task_dir.is_dir():
-        raise SpliceError(
-            f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
-        )
-    check_data(task_dir)
+    _task_dir(zoo_dir)
     tok = load_tokenizer(tokenizer or zoo_dir / "base")
     for name, m in models.items():
         rows = _embeddings(m)
@@ -207,7 +211,8 @@ def evaluate(
 
 class Scorer:
     """The zoo's lm-eval tasks loaded once, scoring any number of live models in process (the
-    path a search takes: merge into a module, score it, repeat).
+    path a search takes: merge into a module, score it, repeat): the zoo's configuration of
+    :class:`splice.lmeval.LmEvalScorer`.
 
     ``with Scorer(["zoo_math_lang_fit"]) as s: s.score(model)`` -> ``{task: accuracy}``.
     ``zoo`` is a built zoo (default :func:`default_dir`), ``tokenizer`` a folder or a loaded
@@ -226,47 +231,25 @@ class Scorer:
         threads: int = 1,
         max_length: int = 128,
     ) -> None:
-        import torch
-
+        from splice.lmeval import LmEvalScorer
         from splice.modeling import load_tokenizer
-        from splice.scratch import scratch_folder
         from splice.zoo.build import default_dir
 
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.tasks = parse_tasks(tasks)
         zoo_dir = Path(zoo) if zoo is not None else default_dir()
-        task_dir = zoo_dir / "tasks"
-        if not task_dir.is_dir():
-            raise SpliceError(
-                f"{zoo_dir}: not a built zoo (no tasks/); run `splice zoo build {zoo_dir}`"
-            )
-        check_data(task_dir)
+        task_dir = _task_dir(zoo_dir)
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(tokenizer or zoo_dir / "base")
         self.tokenizer = tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        self._stack = contextlib.ExitStack()
-        quiet = self._stack
-        try:
-            quiet.callback(torch.set_num_threads, torch.get_num_threads())
-            torch.set_num_threads(threads)
-            for log in ("lm-eval", "lm_eval", "datasets", "transformers"):
-                logger = logging.getLogger(log)
-                quiet.callback(logger.setLevel, logger.level)
-                logger.setLevel(logging.ERROR)
-            # task configs go into a temporary folder and name the zoo's data: the zoo is not
-            # written
-            configs = quiet.enter_context(scratch_folder("zoo-tasks"))
-            write_tasks(configs, task_dir)
-            from lm_eval.tasks import TaskManager
-
-            manager = TaskManager(include_path=configs, include_defaults=False)
-            with contextlib.redirect_stderr(io.StringIO()):  # datasets' "Generating split" bars
-                self.task_dict = manager.load(self.tasks)
-        except BaseException:
-            quiet.close()
-            raise
+        self.lm = LmEvalScorer(
+            self.tasks,
+            tokenizer=tokenizer,
+            zoo_tasks=task_dir,
+            batch_size=batch_size,
+            max_length=max_length,
+            threads=threads,
+        )
+        self.task_dict = self.lm.task_dict
 
     def __enter__(self) -> Scorer:
         return self
@@ -275,33 +258,14 @@ class Scorer:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        self.lm.close()
 
     def score(
         self, model: PreTrainedModel, *, limit: int | None = None, batch_size: int | None = None
     ) -> dict[str, float]:
         """``{task: accuracy}`` of a live model (``acc``; ``exact_match`` for ``*_gen``)."""
-        from lm_eval.evaluator import evaluate as lm_evaluate
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=self.tokenizer,
-            batch_size=batch_size or self.batch_size,
-            max_length=self.max_length,
-        )
-        # lm-eval's own bars and logs would bury the table
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            res = lm_evaluate(
-                lm,
-                self.task_dict,
-                limit=limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                verbosity="ERROR",
-            )
-        assert res is not None
-        return {t: _metric(res["results"][t]) for t in self.tasks}
+        rows = self.lm.score(model, limit=limit, batch_size=batch_size)
+        return {t: _metric(rows[t]) for t in self.tasks}
 
 
 def throughput(
