@@ -77,19 +77,25 @@ def analyze_activations(
     ``hidden_states[-1]`` as PruneMe and ShortGPT read it; False: before the norm).
     Near-tied recommendations warn (see the module docstring) unless ``warn_ties`` is False.
     """
-    run = measure_layers(
-        model,
-        calibration,
+    from splice.calib import Calibration
+
+    calib = Calibration(
         seq_len=seq_len,
         max_samples=max_samples,
         batch_size=batch_size,
         device=device,
         dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
         include_path=include_path,
         show_progress=show_progress,
         final_norm=final_norm,
+        dtype_option="--dtype",
+    )
+    run = measure_layers(
+        model,
+        calibration,
+        calib,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
         threads=threads,
     )
     report = activation_report(run.stats, str(run.model), warn_ties=warn_ties)
@@ -98,7 +104,7 @@ def analyze_activations(
 
 
 def activation_report(stats: Any, model: str, *, warn_ties: bool = True) -> SimilarityReport:
-    """A :class:`SimilarityReport` from :class:`splice.activations.LayerStats`; near-tied L/4
+    """A :class:`SimilarityReport` from :class:`splice.calib.LayerStats`; near-tied L/4
     recommendations warn unless ``warn_ties`` is False."""
     n_layers = stats.num_layers
     if stats.samples == 0:

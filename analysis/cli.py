@@ -182,8 +182,8 @@ def _setup(args: argparse.Namespace) -> str:
     """Check ``--out`` and ``--device`` before any work; set threads; the device to use."""
     import torch
 
-    from splice.activations import resolve_device
     from splice.analysis.report import check_out
+    from splice.devices import resolve_device
     from splice.malloc import pin_mmap_threshold
     from splice.target import clean_stale
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splice.activations import check_finite
 from splice.analysis.metrics import Baseline, Metric, flat, nbytes_of
 from splice.analysis.report import SimilarityMatrix, null_per
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
+from splice.finite import check_finite
 from splice.threads import threads_for
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Activation similarity across two models: linear CKA and cosine of their hidden states, per
 layer, on the same calibration windows.
 
-Both models run batch by batch on the same windows (:func:`splice.activations.run`, one batch
+Both models run batch by batch on the same windows (:func:`splice.calib.run`, one batch
 at a time): :class:`Boundaries` keeps one batch's residual stream at every boundary, ``emb``
 (entering layer 0), the output of each layer ``0 .. L−1`` (before the final norm) and ``norm``
 (the last layer's output through the final norm: HF's ``hidden_states[-1]``, what PruneMe /
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splice.activations import Capture, Collector
 from splice.analysis.report import SimilarityMatrix, SimilarityReport, short_names
+from splice.calib import Capture, Collector
 from splice.errors import SpliceError
 from splice.progress import progress
 from splice.scratch import scratch_dir
@@ -273,7 +273,7 @@ def boundary_states(
     device: str = "cpu",
 ) -> list[torch.Tensor]:
     """One batch's :class:`Boundaries` states (``[B, T, H]`` each, on ``device``)."""
-    from splice.activations import run
+    from splice.calib import run
 
     (s,) = run(
         model,
@@ -458,20 +458,23 @@ def compare_activations(
     """
     import torch
 
-    from splice.activations import calibration_text, token_windows
+    from splice.calib import Calibration, calibration_text, windows_for
     from splice.checkpoint import open_checkpoint
-    from splice.layer_metrics import (
-        check_run_sizes,
-        check_vocab,
-        check_windows,
-        float_dtype,
-        largest_layer_tensor,
-    )
+    from splice.layer_metrics import check_vocab, largest_layer_tensor
     from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
-    check_run_sizes(seq_len, max_samples, batch_size)
-    dtype = float_dtype(dtype)
+    calib = Calibration(
+        seq_len=seq_len,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        include_path=include_path,
+        show_progress=show_progress,
+        dtype_option="--dtype",
+    )
+    dtype, device = calib.dtype, calib.device
     text = calibration_text(calibration, include_path=include_path)
     ckpts = [open_checkpoint(m, allow_pickle=allow_pickle) for m in (a, b)]
     for c in ckpts:
@@ -491,14 +494,13 @@ def compare_activations(
         if max_pos and seq_len > max_pos:
             raise SpliceError(f"--seq-len {seq_len} exceeds {c.path}'s {max_pos} positions")
         tok = load_tokenizer(c.path, trust_remote_code=trust_remote_code)
-        windows.append(token_windows(tok, text, seq_len, max_samples))
+        windows.append(windows_for(tok, calibration, calib, text=text))
     if windows[0].shape != windows[1].shape or not torch.equal(*windows):
         raise SpliceError(
             f"{ca.path} and {cb.path} tokenize the calibration text differently: their "
             "activations can only be compared on the same tokens (one tokenizer)"
         )
     ids = windows[0]
-    check_windows(ids, seq_len, calibration)
     for c in ckpts:
         check_vocab(c, ids)
     n_layers = int(ca.config.get("num_hidden_layers") or 0)

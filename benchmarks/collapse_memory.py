@@ -107,7 +107,7 @@ def main() -> None:
     whole = (
         "import torch, sys; torch.set_num_threads(1)\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from splice.activations import calibration_text, token_windows\n"
+        "from splice.calib import calibration_text, token_windows\n"
         "from splice.modeling import load_tokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(model)!r}, dtype=torch.float32)\n"
         f"w = token_windows(load_tokenizer({str(model)!r}), calibration_text({str(text)!r}), "

@@ -215,7 +215,7 @@ def prepare(
     """Check everything that can be checked without reading a tensor: the device, the models'
     headers, the genome's size, start and bounds, and the search's budget. Returns (genome,
     sources, merge options)."""
-    from splice.activations import resolve_device
+    from splice.devices import resolve_device
     from splice.merge.runner import MergeOptions
 
     device = resolve_device(config.device)
@@ -237,7 +237,7 @@ def prepare(
 def check_finite_sources(sources: dict[str, Any]) -> None:
     """Read every source onto its device (where the search keeps them) and refuse one with NaN
     or inf weights: every candidate merged from it would score as noise."""
-    from splice.activations import check_finite
+    from splice.finite import check_finite
 
     for ref, src in sources.items():
         for name in src.tensors:

@@ -128,7 +128,7 @@ def main() -> None:
 
     import torch
 
-    from splice.activations import token_windows
+    from splice.calib import token_windows
     from splice.execute import ExecOptions
     from splice.modeling import load_tokenizer
     from splice.scoring import evaluate, format_table

@@ -148,10 +148,10 @@ def _hidden(
 ) -> Any:
     """Hidden state entering each layer, per prompt at its last real token (or averaged over
     its real tokens), averaged over prompts: ``[layers, hidden]`` float32 on the CPU. The model
-    runs on ``device`` in its dtype, a few prompts at a time (:func:`splice.activations.run`)."""
+    runs on ``device`` in its dtype, a few prompts at a time (:func:`splice.calib.run`)."""
     import torch
 
-    from splice.activations import PooledMean, run
+    from splice.calib import PooledMean, run
 
     batch = _tokenize(tok, prompts)
     (means,) = run(

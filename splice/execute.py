@@ -125,7 +125,7 @@ class ExecOptions:
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI, so a notebook gets the same one-line errors."""
         if self.device != "cpu":  # resolving imports torch; a plain-copy run needs none
-            from splice.activations import resolve_device
+            from splice.devices import resolve_device
 
             self.device = resolve_device(self.device)
         for name in ("threads", "workers"):

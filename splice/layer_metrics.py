@@ -1,8 +1,9 @@
 """Per-layer activation metrics on calibration text, and the layer blocks they choose.
 
 :func:`measure_layers` checks the inputs, loads the model and runs one
-:class:`~splice.activations.LayerIO` pass over windows of the calibration text; it returns the
-summed :class:`~splice.activations.LayerStats` and how they were taken (:class:`LayerRun`).
+:class:`~splice.calib.LayerIO` pass over windows of the calibration text (how: one
+:class:`~splice.calib.Calibration`); it returns the
+summed :class:`~splice.calib.LayerStats` and how they were taken (:class:`LayerRun`).
 :func:`prune_blocks` / :func:`duplicate_ranges` choose, for each block length n, the block whose
 input and output are closest (Gromov et al.'s angular distance, last token), with its margin
 over the runner-up in standard errors; :func:`order_ties` does the same for a per-layer order
@@ -25,7 +26,7 @@ import numpy as np
 from splice.errors import SpliceError
 
 if TYPE_CHECKING:
-    from splice.activations import LayerStats
+    from splice.calib import Calibration, LayerStats
     from splice.checkpoint import Checkpoint
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -44,47 +45,41 @@ class LayerRun:
 def measure_layers(
     model: str | os.PathLike[str],
     calibration: str | os.PathLike[str],
+    calib: Calibration | None = None,
     *,
-    seq_len: int = 128,
-    max_samples: int = 64,
-    batch_size: int = 8,
-    device: str = "cpu",
-    dtype: str = "float32",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    include_path: str | None = None,
-    show_progress: bool = False,
-    final_norm: bool = True,
     threads: int | None = None,
 ) -> LayerRun:
-    """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK``, ``zoo``, ``zoo:both``).
+    """Load ``model``, run it on ``calibration`` (file, ``lm-eval:TASK``, ``zoo``, ``zoo:both``)
+    as ``calib`` says (None: :class:`~splice.calib.Calibration`'s defaults).
 
-    ``final_norm``: the last layer's output passes through the model's final norm before it is
-    compared (HF's ``hidden_states[-1]``, as PruneMe and ShortGPT); False: before the norm.
+    ``calib.final_norm``: the last layer's output passes through the model's final norm before
+    it is compared (HF's ``hidden_states[-1]``, as PruneMe and ShortGPT); False: before the norm.
     ``threads``: torch CPU threads (None: one when the largest per-layer matrix is small,
     :data:`splice.threads.SMALL_NUMEL`, torch's setting otherwise).
 
     The calibration text is read (and checked non-empty) and the model folder checked (config,
     weights, shapes) before the model is loaded; a text that does not fill one window of
-    ``seq_len`` tokens is refused then too (:func:`check_windows`). Pickled ``.bin`` weights
-    are refused unless ``allow_pickle`` (then loaded with ``weights_only=True``); the model's
-    own code runs only with ``trust_remote_code``. Hidden states that turn NaN or inf are one
-    error line.
+    ``seq_len`` tokens is refused then too (:func:`~splice.calib.windows_for`). Pickled ``.bin``
+    weights are refused unless ``allow_pickle`` (then loaded with ``weights_only=True``); the
+    model's own code runs only with ``trust_remote_code``. Hidden states that turn NaN or inf
+    are one error line.
     """
-    from splice.activations import calibration_text, layer_statistics, token_windows
+    from splice.calib import Calibration, calibration_text, layer_io, windows_for
     from splice.checkpoint import open_checkpoint
     from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
     from splice.threads import threads_for
 
     start = time.perf_counter()
-    check_run_sizes(seq_len, max_samples, batch_size)
-    dtype = float_dtype(dtype)
-    text = calibration_text(calibration, include_path=include_path)
+    calib = calib if calib is not None else Calibration()
+    seq_len, dtype, device = calib.seq_len, calib.dtype, calib.device
+    text = calibration_text(calibration, include_path=calib.include_path)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     check_model_code(ckpt.path, trust_remote_code)
     ckpt.validate()
-    norm = ckpt.arch.final_norm.removesuffix(".weight") if final_norm else None
-    if final_norm and not norm:
+    norm = ckpt.arch.final_norm.removesuffix(".weight") if calib.final_norm else None
+    if calib.final_norm and not norm:
         raise SpliceError(
             f"{ckpt.path}: its architecture names no final norm; use final_norm=False"
         )
@@ -92,8 +87,7 @@ def measure_layers(
     max_pos = ckpt.config.get("max_position_embeddings")
     if max_pos and seq_len > max_pos:
         raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
-    ids = token_windows(tokenizer, text, seq_len, max_samples)
-    check_windows(ids, seq_len, calibration)
+    ids = windows_for(tokenizer, calibration, calib, text=text)
     check_vocab(ckpt, ids)
     lm = load_causal_lm(
         ckpt.path,
@@ -103,13 +97,13 @@ def measure_layers(
         allow_pickle=allow_pickle,
     )
     with threads_for(largest_layer_tensor(ckpt), threads):
-        stats = layer_statistics(
+        stats = layer_io.layer_statistics(
             lm,
             ids,
             layer_prefix=ckpt.arch.layer_prefix,
-            batch_size=batch_size,
+            batch_size=calib.batch_size,
             device=device,
-            show_progress=show_progress,
+            show_progress=calib.show_progress,
             final_norm=norm,
         )
     if not (np.isfinite(stats.angles).all() and np.isfinite(stats.io_cos_all).all()):
@@ -123,27 +117,10 @@ def measure_layers(
         "seq_len": int(ids.shape[1]),
         "device": str(device),
         "dtype": dtype,
-        "final_norm": bool(final_norm),
+        "final_norm": bool(calib.final_norm),
         "seconds": time.perf_counter() - start,
     }
     return LayerRun(ckpt.path, stats, meta)
-
-
-def check_run_sizes(seq_len: int, max_samples: int, batch_size: int) -> None:
-    """One error line unless ``seq_len >= 2``, ``max_samples >= 1`` and ``batch_size >= 1``."""
-    for name, value, least in (("seq_len", seq_len, 2), ("max_samples", max_samples, 1)):
-        if value < least:
-            raise SpliceError(f"{name} must be {least} or more, got {value}")
-    if batch_size < 1:
-        raise SpliceError(f"batch_size must be 1 or more, got {batch_size}")
-
-
-def check_windows(ids: Any, seq_len: int, calibration: Any) -> None:
-    """One error line unless the calibration windows ``ids`` ``[N, T]`` are ``seq_len`` tokens
-    long: every verb refuses a text shorter than one window (instead of running a partial one)."""
-    from splice.scoring import check_window
-
-    check_window(seq_len, seq_len, ids.shape[1], what=f"--calibration {calibration}: the text")
 
 
 def check_vocab(ckpt: Checkpoint, ids: Any) -> None:

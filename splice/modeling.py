@@ -65,8 +65,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from splice.activations import check_finite
     from splice.dtypes import dtype_name, to_torch
+    from splice.finite import check_finite
 
     check_model_code(path, trust_remote_code)
     bars = hf_logging.is_progress_bar_enabled()

@@ -1,8 +1,9 @@
 """One registry pattern for everything looked up by name.
 
-Merge methods, collapse methods, similarity metrics and genomes each get a :class:`Registry`;
-entries register with a decorator and a duplicate name is an error (which also catches a module
-imported twice under two names, e.g. bare ``merge`` next to ``splice.merge``).
+Merge methods, collapse methods, prune criteria, similarity metrics and genomes each get a
+:class:`Registry`; entries register with a decorator and a duplicate name is an error (which
+also catches a module imported twice under two names, e.g. bare ``merge`` next to
+``splice.merge``).
 
 Across packages, the same lookup goes through entry points: the core never imports a
 subpackage, so what it runs of one (the CLI's verbs, group ``splice.commands``; the zoo's merge

@@ -41,7 +41,7 @@ class ResidentCheckpoint(Checkpoint):
         allow_pickle: bool = False,
     ) -> None:
         super().__init__(path, allow_pickle=allow_pickle)
-        from splice.activations import resolve_device
+        from splice.devices import resolve_device
 
         self.device = resolve_device(device)
         self.dtype = dtype
@@ -120,7 +120,7 @@ def empty_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    from splice.activations import resolve_device
+    from splice.devices import resolve_device
 
     device = resolve_device(device)
     if isinstance(config, PretrainedConfig):

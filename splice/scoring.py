@@ -52,11 +52,11 @@ class Perplexity:
 
 def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
     """A text file, ``lm-eval:TASK`` (a task's documents) or ``zoo`` / ``zoo:both`` (the zoo's
-    calibration text, English / both languages), as :func:`splice.activations.calibration_text` reads them."""
-    from splice.activations import ZOO_SOURCES, calibration_text
+    calibration text, English / both languages), as :func:`splice.calib.calibration_text` reads them."""
+    from splice.calib import calibration_text, is_text_source
 
     src = str(source)
-    if not (src.startswith("lm-eval:") or src in ZOO_SOURCES or Path(src).exists()):
+    if not (Path(src).exists() or is_text_source(src)):
         raise SpliceError(f"{option} {src}: no such text file (give a file, lm-eval:TASK or zoo)")
     if Path(src).exists() and not Path(src).is_file():
         raise SpliceError(f"{option} {src}: not a file")
@@ -66,10 +66,10 @@ def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
 def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
     """``[N]`` token ids of ``text``: the tokenizer's BOS (if any), then the text's tokens,
     at most ``max_tokens`` in all: those of the whole text tokenized at once
-    (:func:`splice.activations.text_tokens` reads only a long enough prefix)."""
+    (:func:`splice.calib.text_tokens` reads only a long enough prefix)."""
     import torch
 
-    from splice.activations import text_tokens
+    from splice.calib import text_tokens
 
     bos = getattr(tokenizer, "bos_token_id", None)
     ids: list[int] = [bos] if bos is not None else []
@@ -203,7 +203,7 @@ def evaluate(
     ``device``, scored on ``threads`` CPU threads (None: one for a small model, as
     :func:`splice.threads.threads_for` decides), and dropped.
     """
-    from splice.activations import resolve_device
+    from splice.devices import resolve_device
     from splice.layer_metrics import float_dtype
 
     if text is None and tasks is None:

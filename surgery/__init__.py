@@ -9,18 +9,21 @@ candidate's metric); ``plan_upscale`` / ``plan_prune`` plan without writing.
 returns a :class:`SliceResult` with a :class:`SliceReport`; ``load_sliced`` loads a per-layer
 output. ``collapse(moe, out, method="uniform" | "frequency" | "slice", keep_experts=k,
 prune=, align=)`` turns an MoE into a dense model or one of fewer experts (a
-:class:`CollapseReport`). Importing this package loads no torch.
+:class:`CollapseReport`). Every report satisfies :class:`Report` and is written beside the
+weights as ``splice_surgery.json`` (its ``kind`` field names the report; :func:`read_record`
+reads it back, and older records too). Importing this package loads no torch.
 """
 
 from importlib import import_module
 from typing import Any
 
 from splice.surgery.calibration import Calibration
-from splice.surgery.collapse import CollapseReport, LayerCollapse, collapse, plan_collapse
+from splice.surgery.collapse import collapse, plan_collapse
+from splice.surgery.collapse_report import CollapseReport, LayerCollapse
 from splice.surgery.depth import SurgeryResult, layer_map_plan
 from splice.surgery.heal import HealReport, heal
 from splice.surgery.prune import plan_prune, prune
-from splice.surgery.report import RECORD, SurgeryReport, read_record
+from splice.surgery.report import RECORD, Report, SurgeryReport, read_record
 from splice.surgery.upscale import plan_upscale, upscale
 
 #: loaded on first use (slicing imports numpy and the activation runner), so `splice upscale`
@@ -52,6 +55,7 @@ __all__ = [
     "CollapseReport",
     "HealReport",
     "LayerCollapse",
+    "Report",
     "SliceReport",
     "SliceResult",
     "SurgeryReport",

@@ -13,43 +13,30 @@ entering layer ``l`` and leaving layer ``l+n-1``. This module reads the candidat
   pruned (:func:`~splice.layer_metrics.prune_blocks` chooses);
 - :func:`influence_candidates` — every layer's block influence; the ``n`` lowest are pruned
   (:func:`~splice.layer_metrics.prune_order`).
+
+:class:`Calibration` (how the text is run) is the core's :class:`splice.calib.Calibration`,
+re-exported here for the surgery verbs.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from splice.calib import Calibration
 
 if TYPE_CHECKING:
     from splice.layer_metrics import LayerRun
 
-
-@dataclass
-class Calibration:
-    """How calibration text is run: windows of ``seq_len`` tokens (at most ``max_samples``),
-    ``batch_size`` windows a batch, the model in ``dtype`` on ``device``; the last layer's
-    output through the final norm (``final_norm``, HF's ``hidden_states[-1]``) or before it."""
-
-    seq_len: int = 128
-    max_samples: int = 64
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    include_path: str | None = None
-    show_progress: bool = False
-    final_norm: bool = True
-
-    def __post_init__(self) -> None:
-        from splice.activations import resolve_device
-        from splice.layer_metrics import float_dtype
-        from splice.limits import check_number
-
-        for name, least in (("seq_len", 2), ("max_samples", 1), ("batch_size", 1)):
-            check_number(name, getattr(self, name), least=least, whole=True)
-        self.dtype = float_dtype(self.dtype, "--calibration-dtype")
-        self.device = resolve_device(self.device)
+__all__ = [
+    "Calibration",
+    "angular_candidates",
+    "influence_candidates",
+    "layer_report",
+    "meta",
+    "yi_candidates",
+]
 
 
 def layer_report(
@@ -66,18 +53,7 @@ def layer_report(
     from splice.layer_metrics import measure_layers
 
     return measure_layers(
-        model,
-        calibration,
-        seq_len=calib.seq_len,
-        max_samples=calib.max_samples,
-        batch_size=calib.batch_size,
-        device=calib.device,
-        dtype=calib.dtype,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        include_path=calib.include_path,
-        show_progress=calib.show_progress,
-        final_norm=calib.final_norm,
+        model, calibration, calib, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
 
 

@@ -1,28 +1,35 @@
-"""A depth operation as a :class:`splice.output.ModelPlan`: a layer map plus the one writer.
+"""The one write path of every surgery verb, and a depth operation as a
+:class:`splice.output.ModelPlan`.
+
+A verb is a plan function ``plan_x(model, **options) -> SurgeryResult`` and a report (a
+:class:`splice.surgery.report.Report`): the plan function ends in :func:`surgery_plan`, which
+adds the card and the ``splice_surgery.json`` record from the report, and the verb itself is
+:func:`run_surgery` (``out`` locked and checked before any calibration runs, then the plan,
+then :func:`write_result`). :class:`SurgeryResult` is what every surgery function returns.
 
 :func:`layer_map_plan` turns a :class:`SurgeryReport`'s layer map into a
 :class:`splice.layerplan.LayerPlan` over one model (every tensor a copy: same dtype, a kernel
 file-to-file copy), replaces the residual writers of the ``zeroed`` layers by zeros
 (LLaMA-Pro), and adds the rewritten config (layer count, per-layer lists such as
-``layer_types``), the source's tokenizer, the card and the ``splice_surgery.json`` record.
-:class:`SurgeryResult` is what every surgery function returns.
+``layer_types``) and the source's tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splice.card import model_card
 from splice.checkpoint import Checkpoint
+from splice.errors import SpliceError
 from splice.execute import ExecOptions, TensorTask
 from splice.layerplan import LayerPlan, LayerRef
 from splice.output import ModelPlan, write_model
-from splice.surgery.report import RECORD, SurgeryReport
+from splice.surgery.report import RECORD, Report, SurgeryReport
 from splice.target import check_target, lock_target
 
 if TYPE_CHECKING:
@@ -67,15 +74,26 @@ def layer_map_plan(
     config = plan.config(models)
     if dtype:
         config = config_with_dtype(config, dtype)
+    return surgery_plan(report, ckpt, tasks, config, tags)
+
+
+def surgery_plan(
+    report: Report,
+    ckpt: Checkpoint,
+    tasks: list[TensorTask],
+    config: dict[str, Any],
+    tags: Sequence[str] = (),
+) -> ModelPlan:
+    """The output of one surgery on ``ckpt``: ``tasks`` and ``config``, the source's tokenizer,
+    the model card (``report``'s title and details, tagged ``surgery`` and ``tags``) and the
+    ``splice_surgery.json`` record."""
+    key = str(ckpt.path)
     card = model_card(
-        report.title,
-        [report.source],
-        details=report.card_details(),
-        tags=["surgery", *tags],
+        report.title, [report.source], details=report.card_details(), tags=["surgery", *tags]
     )
     return ModelPlan(
         tasks=tasks,
-        models=models,
+        models={key: ckpt},
         config=config,
         tokenizer_from=key,
         files={RECORD: report.record()},
@@ -88,7 +106,7 @@ class SurgeryResult:
     """A planned surgery: the :class:`ModelPlan` to write, its report, and where it went."""
 
     plan: ModelPlan
-    report: SurgeryReport
+    report: Report
     out: Path | None = None
 
     def describe(self) -> str:
@@ -100,7 +118,6 @@ class SurgeryResult:
     ) -> dict[str, dict[str, float]]:
         """Score the source and the written output (:func:`splice.scoring.evaluate`); the
         numbers also go into ``report.scores``."""
-        from splice.errors import SpliceError
         from splice.scoring import evaluate
 
         if self.out is None:
@@ -115,12 +132,36 @@ class SurgeryResult:
         return scores
 
 
-def write_result(
-    result: SurgeryResult, out: str | os.PathLike[str], options: ExecOptions
-) -> SurgeryResult:
+R = TypeVar("R", bound=SurgeryResult)
+
+
+def write_result(result: R, out: str | os.PathLike[str], options: ExecOptions) -> R:
     """Write ``result.plan`` to ``out`` (see :func:`splice.output.write_model`)."""
     path = write_model(result.plan, out, options)
     return replace(result, out=path)
+
+
+def run_surgery(
+    plan: Callable[..., R],
+    model: Any,
+    out: str | os.PathLike[str] | None,
+    *,
+    dry_run: bool = False,
+    options: ExecOptions | None = None,
+    **kwargs: Any,
+) -> R:
+    """A surgery verb: ``plan(model, **kwargs)`` written to ``out`` (atomically); with
+    ``dry_run`` only planned. ``out`` is locked and checked before the plan (and any
+    calibration in it) runs."""
+    opts = options or ExecOptions()
+    if out is None and not dry_run:
+        raise SpliceError("give an output folder OUT (or --dry-run)")
+    target = None if dry_run else out
+    with claimed(target, opts, [model]):
+        result = plan(model, **kwargs)
+        if target is None:
+            return result
+        return write_result(result, target, opts)
 
 
 @contextlib.contextmanager

@@ -20,26 +20,25 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from splice.card import model_card
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, TensorTask
 from splice.limits import MAX_SEED, check_number
 from splice.output import ModelPlan
 from splice.schedule import lr_at
-from splice.surgery.depth import SurgeryResult, claimed, write_result
+from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
 from splice.surgery.layermaps import format_ranges
-from splice.surgery.report import RECORD, read_record
+from splice.surgery.report import RECORD, Recorded, read_record
 
 if TYPE_CHECKING:
     import torch
 
 
 @dataclass
-class HealReport:
+class HealReport(Recorded):
     """What a heal did: steps, learning rate, what was trained, and the loss of every step."""
 
     operation: str
@@ -62,8 +61,7 @@ class HealReport:
     previous: dict[str, Any] | None = None  # the input's splice_surgery.json, if any
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    kind: ClassVar[str] = "heal"
 
     @property
     def title(self) -> str:
@@ -102,9 +100,8 @@ class HealReport:
             f"  text: {self.text} ({self.text_tokens:,} tokens), windows of {self.seq_len}, "
             f"batch {self.batch_size}, lr {self.lr:g}",
             f"  loss: {first:.4f} (first steps) -> {last:.4f} (last steps), {self.seconds:.1f} s",
+            *self.score_lines(),
         ]
-        for name, row in self.scores.items():
-            lines.append(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         return "\n".join(lines)
 
     def card_details(self) -> str:
@@ -117,14 +114,9 @@ class HealReport:
                 "",
                 f"Trained: {self._what()}. Loss {first:.4f} -> {last:.4f}.",
                 "",
-                f"The full record is in `{RECORD}`.",
+                self.record_line(),
             ]
         )
-
-    def record(self) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
 
 
 #: the largest learning rate (and weight decay): AdamW scales the weights by ``1 - lr * wd``
@@ -259,7 +251,7 @@ def heal(
     """Fine-tune ``model`` on ``text`` (a file, ``lm-eval:TASK`` or ``zoo``) for ``steps`` steps
     and write it to ``out``; returns the plan and its :class:`HealReport` (see the module
     docstring). ``dtype``: the output's (default: each tensor's own)."""
-    from splice.activations import resolve_device
+    from splice.devices import resolve_device
     from splice.modeling import load_causal_lm, load_tokenizer
     from splice.scoring import check_window, read_text, text_ids
 
@@ -285,7 +277,9 @@ def heal(
         except ImportError:
             raise SpliceError("--lora needs peft (pip install 'splice[lora]')") from None
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
-    with claimed(out, opts, [ckpt.path]):
+
+    def plan(_: Any) -> SurgeryResult:
+        """Everything after the options, with ``out`` claimed: read, train, plan."""
         ckpt.validate()
         layers, record = trained_layers(ckpt, only_new_layers, train_layers)
         if lora is not None:
@@ -335,8 +329,9 @@ def heal(
             torch.set_num_threads(opts.threads)
         lm, changed = _train(lm, ckpt, ids, report, warmup, weight_decay, seed, show_progress)
         report.seconds = time.perf_counter() - start
-        plan = heal_plan(ckpt, lm, changed, report, dtype=dtype)
-        return write_result(SurgeryResult(plan, report), out, opts)  # type: ignore[arg-type]
+        return SurgeryResult(heal_plan(ckpt, lm, changed, report, dtype=dtype), report)
+
+    return run_surgery(plan, ckpt.path, out, options=opts)
 
 
 def _layer_prefixes(ckpt: Checkpoint, layers: list[int]) -> list[str]:
@@ -499,14 +494,4 @@ def heal_plan(
     config = dict(ckpt.config)
     if dtype:
         config = config_with_dtype(config, dtype)
-    card = model_card(
-        report.title, [report.source], details=report.card_details(), tags=["surgery", "heal"]
-    )
-    return ModelPlan(
-        tasks=tasks,
-        models={key: ckpt},
-        config=config,
-        tokenizer_from=key,
-        files={RECORD: report.record()},
-        card=card,
-    )
+    return surgery_plan(report, ckpt, tasks, config, ("heal",))

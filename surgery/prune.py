@@ -15,12 +15,14 @@ way (a layer goes with all its experts).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from splice.checkpoint import open_checkpoint
 from splice.dtypes import output_dtype
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
+from splice.registry import Registry
 from splice.sliced_check import refuse_sliced
 from splice.surgery import layermaps
 from splice.surgery.calibration import (
@@ -30,10 +32,30 @@ from splice.surgery.calibration import (
     layer_report,
     meta,
 )
-from splice.surgery.depth import SurgeryResult, claimed, layer_map_plan, write_result
+from splice.surgery.depth import SurgeryResult, layer_map_plan, run_surgery
 from splice.surgery.report import SurgeryReport
 
-METRICS = ("angular", "influence")
+#: ``(candidates, the removed layers, the metric's name, how the choice follows from it)``
+Choice = tuple[list[dict[str, Any]], list[int], str, str]
+#: how ``--n N --by NAME`` chooses the layers: ``criterion(run, N)`` on a
+#: :func:`~splice.surgery.calibration.layer_report` run
+CRITERIA: Registry[Callable[[Any, int], Choice]] = Registry("prune criterion")
+
+
+@CRITERIA.register("angular")
+def _angular(run: Any, count: int) -> Choice:
+    """The contiguous block of lowest angular distance d(l, l+n) (Gromov et al.)."""
+    candidates, start = angular_candidates(run, count)
+    gone = list(range(start, start + count))
+    return candidates, gone, "angular distance d(l, l+n)", "the lowest is removed"
+
+
+@CRITERIA.register("influence")
+def _influence(run: Any, count: int) -> Choice:
+    """The ``count`` layers of lowest block influence (ShortGPT)."""
+    candidates, gone = influence_candidates(run, count)
+    better = "the lowest is removed" if count == 1 else f"the {count} lowest are removed"
+    return candidates, gone, "block influence", better
 
 
 def plan_prune(
@@ -58,8 +80,8 @@ def plan_prune(
         raise SpliceError("prune --drop takes no --by or --calibration (the layers are given)")
     if n is not None:
         by = by or "angular"
-        if by not in METRICS:
-            raise SpliceError(f"--by {by}: choose from {', '.join(METRICS)}")
+        if by not in CRITERIA:
+            raise SpliceError(f"--by {by}: choose from {', '.join(CRITERIA.names())}")
         if calibration is None:
             raise SpliceError(f"prune --n needs --calibration FILE to measure {by} on")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
@@ -83,16 +105,7 @@ def plan_prune(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        if by == "angular":
-            report.candidates, start = angular_candidates(run, count)
-            gone = list(range(start, start + count))
-            report.metric, report.better = "angular distance d(l, l+n)", "the lowest is removed"
-        else:
-            report.candidates, gone = influence_candidates(run, count)
-            report.metric, report.better = (
-                "block influence",
-                ("the lowest is removed" if count == 1 else f"the {count} lowest are removed"),
-            )
+        report.candidates, gone, report.metric, report.better = CRITERIA.get(by)(run, count)
         report.operation = f"prune --n {count} --by {by}"
         report.meta.update(meta(run))
     report.chosen = list(gone)
@@ -112,12 +125,4 @@ def prune(
 ) -> SurgeryResult:
     """Prune ``model`` into ``out`` (atomically) as :func:`plan_prune` plans it; with
     ``dry_run`` only plan. ``out`` is locked and checked before any calibration runs."""
-    opts = options or ExecOptions()
-    if out is None and not dry_run:
-        raise SpliceError("give an output folder OUT (or --dry-run)")
-    target = None if dry_run else out
-    with claimed(target, opts, [model]):
-        result = plan_prune(model, **kwargs)
-        if target is None:
-            return result
-        return write_result(result, target, opts)
+    return run_surgery(plan_prune, model, out, dry_run=dry_run, options=options, **kwargs)

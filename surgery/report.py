@@ -1,8 +1,16 @@
-"""What a surgery did: the layer map, the chosen layers, every candidate's metric, and scores.
+"""What a surgery did, declared once: the :class:`Report` protocol, the record file, and
+:class:`SurgeryReport` (a depth operation: the layer map, the chosen layers, every candidate's
+metric, and scores).
 
-A :class:`SurgeryReport` is returned by every surgery function, printed by the CLI, written into
-the output folder as ``splice_surgery.json`` (so ``splice heal --only-new-layers`` knows which
-layers up-scaling added) and summarised in the model card.
+Every surgery verb returns a report that satisfies :class:`Report` (``SurgeryReport`` for
+upscale / prune, ``HealReport``, ``CollapseReport``, ``SliceReport``): the CLI prints its
+:meth:`~Report.summary` (or its :meth:`~Report.to_dict` with ``--json``), the model card holds
+its :meth:`~Report.card_details`, and :func:`splice.surgery.depth.surgery_plan` writes its
+:meth:`~Report.record` into the output folder as ``splice_surgery.json`` — one file name for
+every verb, the JSON object with a ``kind`` field naming the report (``depth``, ``heal``,
+``collapse``, ``slice``). :func:`read_record` reads it back (``splice heal --only-new-layers``
+finds the layers up-scaling added there), and also the records older splice versions wrote:
+without ``kind``, and a slicing's under ``splice_slicing.json``.
 """
 
 from __future__ import annotations
@@ -10,17 +18,83 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from splice.errors import SpliceError
 from splice.surgery.layermaps import format_ranges
 
-#: the record beside the weights of every surgery output
+#: the record beside the weights of every surgery output (every verb, every kind)
 RECORD = "splice_surgery.json"
+#: record files older splice versions wrote, still read by :func:`read_record`, with the kind
+#: each held
+OLD_RECORDS = {"splice_slicing.json": "slice"}
+
+
+@runtime_checkable
+class Report(Protocol):
+    """What every surgery report has.
+
+    ``kind`` names the report in its record (``depth``, ``heal``, ``collapse``, ``slice``);
+    ``operation`` is the command line that made it (``"prune --n 2 --by angular"``),
+    ``source`` the input model, ``scores`` the evaluation numbers once scored
+    (:meth:`splice.surgery.SurgeryResult.score` fills it)."""
+
+    kind: ClassVar[str]
+    operation: str
+    source: str
+    scores: dict[str, dict[str, float]]
+
+    @property
+    def title(self) -> str:
+        """One line: the operation and what it changed (the card's title)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's fields as plain JSON data (``--json`` prints it)."""
+        ...
+
+    def summary(self) -> str:
+        """Plain text for the terminal."""
+        ...
+
+    def card_details(self) -> str:
+        """Markdown for the model card."""
+        ...
+
+    def record(self) -> str:
+        """The record file's text: :meth:`to_dict` with ``kind``, as JSON."""
+        ...
+
+
+class Recorded:
+    """The part of :class:`Report` every report dataclass shares: :meth:`to_dict`,
+    :meth:`record`, the score lines of a summary and the card's pointer to the record."""
+
+    kind: ClassVar[str]
+    scores: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def record(self) -> str:
+        data = {"kind": self.kind, **self.to_dict()}
+        return json.dumps(data, indent=2, default=float) + "\n"
+
+    def score_lines(self) -> list[str]:
+        """``  name: metric value, ...`` per scored model (the end of a summary)."""
+        return [
+            f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items())
+            for name, row in self.scores.items()
+        ]
+
+    @staticmethod
+    def record_line() -> str:
+        """The card's last line."""
+        return f"The full record is in `{RECORD}`."
 
 
 @dataclass
-class SurgeryReport:
+class SurgeryReport(Recorded):
     """One depth operation on ``source`` (``num_layers`` layers).
 
     ``layers[j]`` is the source layer that output layer ``j`` copies; ``new_layers`` are the
@@ -45,8 +119,7 @@ class SurgeryReport:
     meta: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    kind: ClassVar[str] = "depth"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SurgeryReport:
@@ -83,9 +156,7 @@ class SurgeryReport:
             lines.append(f"  {self.metric} of every candidate ({self.better}):")
             for span, value, hit in self._candidate_rows():
                 lines.append(f"    layers {span:<9} {value:.6f}" + ("  <- chosen" if hit else ""))
-        for name, row in self.scores.items():
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
-            lines.append(f"  {name}: {shown}")
+        lines += self.score_lines()
         return "\n".join(lines)
 
     def card_details(self) -> str:
@@ -114,22 +185,39 @@ class SurgeryReport:
             lines += ["", f"| layers | {self.metric} | chosen |", "|---|---:|---|"]
             for span, value, hit in self._candidate_rows():
                 lines.append(f"| {span} | {value:.6f} | {'yes' if hit else ''} |")
-        lines += ["", f"The full record is in `{RECORD}`."]
+        lines += ["", self.record_line()]
         return "\n".join(lines)
 
-    def record(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
+
+def _legacy_kind(data: dict[str, Any]) -> str:
+    """The kind of a record written before records had one, from its fields."""
+    if "num_experts" in data:
+        return "collapse"
+    if "new_hidden_size" in data:
+        return "slice"
+    if "losses" in data:
+        return "heal"
+    return "depth"
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
-    """The ``splice_surgery.json`` of a model folder (None if it has none)."""
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SpliceError(f"{path}: cannot read it ({e})") from None
-    if not isinstance(data, dict):
-        raise SpliceError(f"{path}: not a JSON object")
-    return data
+    """The surgery record of a model folder, always with its ``kind`` (None if it has none).
+
+    Reads ``splice_surgery.json``, or a record an older splice wrote: one without ``kind``
+    (the kind is told from its fields) or a slicing's ``splice_slicing.json``."""
+    folder = Path(folder)
+    names = {RECORD: None, **OLD_RECORDS}
+    for name, kind in names.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SpliceError(f"{path}: cannot read it ({e})") from None
+        if not isinstance(data, dict):
+            raise SpliceError(f"{path}: not a JSON object")
+        if "kind" not in data:
+            data = {"kind": kind or _legacy_kind(data), **data}
+        return data
+    return None

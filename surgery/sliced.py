@@ -180,7 +180,7 @@ def load_sliced(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from splice.activations import resolve_device
+    from splice.devices import resolve_device
     from splice.dtypes import to_torch
 
     folder = Path(path)

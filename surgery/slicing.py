@@ -36,35 +36,32 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from splice.activations import Collector
-from splice.card import model_card
+from splice.calib import Collector
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
-from splice.output import ModelPlan
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
-from splice.surgery.depth import SurgeryResult, claimed, write_result
+from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
+from splice.surgery.report import Recorded
 from splice.surgery.sliced import SHORTCUTS, SLICED_FROM, SLICED_TYPE, as_layers, units
 
 if TYPE_CHECKING:
     import torch
 
-    from splice.activations import Capture
+    from splice.calib import Capture
 
 BASES = ("per-layer", "shared")
 #: what the PCA is of: the stream each token scaled to rms 1 (what readers see), or as it is
 STREAMS = ("normed", "raw")
-#: the record beside the weights of a sliced output
-RECORD = "splice_slicing.json"
 
 
 # ---- the report ---------------------------------------------------------------------------------
 @dataclass
-class SliceReport:
+class SliceReport(Recorded):
     """One slicing of ``source``: ``hidden_size`` ``D`` -> ``new_hidden_size`` ``d``.
 
     ``retained`` has one entry per block input (``layer``, ``block`` attn / mlp / head,
@@ -89,8 +86,7 @@ class SliceReport:
     meta: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    kind: ClassVar[str] = "slice"
 
     @property
     def title(self) -> str:
@@ -122,9 +118,7 @@ class SliceReport:
             lines.append(f"    {label:<9} " + "  ".join(parts))
         if self.total_retained is not None:
             lines.append(f"  shared basis, all block inputs together: {self.total_retained:.4f}")
-        for name, row in self.scores.items():
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
-            lines.append(f"  {name}: {shown}")
+        lines += self.score_lines()
         return "\n".join(lines)
 
     def card_details(self) -> str:
@@ -152,13 +146,8 @@ class SliceReport:
         for r in self.retained:
             layer = "" if r["layer"] is None else r["layer"]
             lines.append(f"| {layer} | {r['block']} | {r['value']:.4f} |")
-        lines += ["", f"The full record is in `{RECORD}`."]
+        lines += ["", self.record_line()]
         return "\n".join(lines)
-
-    def record(self) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
 
 
 @dataclass
@@ -245,20 +234,11 @@ def block_names(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
 def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -> torch.Tensor:
     import torch
 
-    from splice.activations import calibration_text, token_windows
-    from splice.layer_metrics import check_windows
-    from splice.modeling import load_tokenizer
+    from splice.calib import windows_for
 
-    if isinstance(calibration, torch.Tensor):  # token windows given
-        if calibration.dim() != 2 or calibration.is_floating_point():
-            raise SpliceError("calibration windows must be an [N, T] tensor of token ids")
-        windows = calibration[: calib.max_samples, : calib.seq_len]
+    windows = windows_for(ckpt, calibration, calib, trust_remote_code=tc)
+    if isinstance(calibration, torch.Tensor):
         calibration = f"{windows.shape[0]} given windows"
-    else:
-        text = calibration_text(calibration, include_path=calib.include_path)
-        tok = load_tokenizer(ckpt.path, trust_remote_code=tc)
-        windows = token_windows(tok, text, calib.seq_len, calib.max_samples)
-    check_windows(windows, calib.seq_len, calibration)
     hidden = int(ckpt.config["hidden_size"])
     if windows.numel() < hidden:
         raise SpliceError(
@@ -360,7 +340,7 @@ def compute_bases(
     rebuilt in place into the sliced model simulated at full width (:mod:`.sliced`)."""
     import torch
 
-    from splice.activations import decoder_layers, run
+    from splice.calib import decoder_layers, run
 
     spec = ckpt.arch
     norms, writers = block_names(ckpt)
@@ -641,19 +621,8 @@ def plan_slice(
             "dtype": calib.dtype,
         },
     )
-    key = str(ckpt.path)
-    card = model_card(
-        report.title, [report.source], details=report.card_details(), tags=["surgery", "slice"]
-    )
-    plan = ModelPlan(
-        tasks=tasks,
-        models={key: ckpt},
-        config=config,
-        tokenizer_from=key,
-        files={RECORD: report.record()},
-        card=card,
-    )
-    return SliceResult(plan, report, model=live)  # type: ignore[arg-type]
+    plan = surgery_plan(report, ckpt, tasks, config, ("slice",))
+    return SliceResult(plan, report, model=live)
 
 
 def slice_model(
@@ -669,14 +638,14 @@ def slice_model(
 ) -> SliceResult:
     """Slice ``model`` into ``out`` (atomically) as :func:`plan_slice` plans it; with
     ``dry_run`` only plan. ``out`` is locked and checked before the calibration runs."""
-    opts = options or ExecOptions()
-    if out is None and not dry_run:
-        raise SpliceError("give an output folder OUT (or --dry-run)")
-    target = None if dry_run else out
-    with claimed(target, opts, [model]):
-        result = plan_slice(
-            model, sparsity=sparsity, calibration=calibration, basis=basis, **kwargs
-        )
-        if target is None:
-            return result
-        return write_result(result, target, opts)  # type: ignore[return-value]
+    return run_surgery(
+        plan_slice,
+        model,
+        out,
+        dry_run=dry_run,
+        options=options,
+        sparsity=sparsity,
+        calibration=calibration,
+        basis=basis,
+        **kwargs,
+    )

@@ -31,7 +31,7 @@ from splice.execute import ExecOptions
 from splice.sliced_check import refuse_sliced
 from splice.surgery import layermaps
 from splice.surgery.calibration import Calibration, layer_report, meta, yi_candidates
-from splice.surgery.depth import SurgeryResult, claimed, layer_map_plan, write_result
+from splice.surgery.depth import SurgeryResult, layer_map_plan, run_surgery
 from splice.surgery.report import SurgeryReport
 
 MODES = ("solar", "yi", "duplicate", "expand", "layers")
@@ -143,12 +143,4 @@ def upscale(
 ) -> SurgeryResult:
     """Up-scale ``model`` into ``out`` (atomically) as :func:`plan_upscale` plans it; with
     ``dry_run`` only plan. ``out`` is locked and checked before any calibration runs."""
-    opts = options or ExecOptions()
-    if out is None and not dry_run:
-        raise SpliceError("give an output folder OUT (or --dry-run)")
-    target = None if dry_run else out
-    with claimed(target, opts, [model]):
-        result = plan_upscale(model, **kwargs)
-        if target is None:
-            return result
-        return write_result(result, target, opts)
+    return run_surgery(plan_upscale, model, out, dry_run=dry_run, options=options, **kwargs)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from splice.activations import calibration_text, layer_statistics, token_windows
 from splice.analysis.activations import (
     activation_report,
     analyze_activations,
     duplicate_ranges,
     prune_blocks,
 )
+from splice.calib import calibration_text, layer_statistics, token_windows
 from splice.cli import main
 from splice.errors import SpliceError
 from splice.modeling import load_causal_lm, load_tokenizer

@@ -71,7 +71,7 @@ def test_activations_of_a_small_model_run_on_one_thread(
 ):
     import warnings
 
-    import splice.activations as acts
+    import splice.calib.layer_io as acts
     from splice.analysis.activations import analyze_activations
 
     seen: list[int] = []

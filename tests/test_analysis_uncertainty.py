@@ -17,7 +17,8 @@ import pytest
 import torch
 from surgery_helpers import word_text
 
-from splice.activations import (
+from splice.analysis.activations import activation_report, analyze_activations, prune_blocks
+from splice.calib import (
     Capture,
     LayerIO,
     LayerStats,
@@ -26,7 +27,6 @@ from splice.activations import (
     text_tokens,
     token_windows,
 )
-from splice.analysis.activations import activation_report, analyze_activations, prune_blocks
 from splice.cli import main
 from splice.modeling import load_tokenizer
 from splice.scoring import text_ids

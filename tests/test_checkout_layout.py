@@ -42,3 +42,20 @@ def test_only_the_four_subpackages_are_mapped():
     assert finder.find_spec("splice.merge") is not None
     for name in ("splice.tests", "splice.examples", "merge", "splice.merge.recipe", "other.merge"):
         assert finder.find_spec(name) is None, name
+
+
+def test_every_package_folder_is_in_pyproject():
+    """A folder with an ``__init__.py`` that ``[tool.setuptools] packages`` does not list is
+    left out of a wheel (an editable install still finds it, so nothing else would notice)."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: ROOT / path for name, path in tool["package-dir"].items()}
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            if "__pycache__" not in rel:
+                found.add(".".join((name, *rel)))
+    assert found - set(tool["packages"]) == set(), "add these to pyproject's packages"

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from splice.activations import (
+from splice.calib import (
     Capture,
     Collector,
     Gram,
@@ -386,7 +386,7 @@ def test_sequential_moe_equals_the_plain_run(mixtral):
 
 # ---- LayerIO is the old layer_statistics ---------------------------------------------------------
 def old_layer_statistics(model, input_ids, batch_size):
-    """``splice.activations.layer_statistics`` before the runner (verbatim, trimmed)."""
+    """``layer_statistics`` (then splice.activations) before the runner (verbatim, trimmed)."""
     layers = model.model.layers
     n = len(layers)
     z, bb = np.zeros(n), np.zeros((n + 1, n + 1))

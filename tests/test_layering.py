@@ -89,3 +89,66 @@ def test_no_subpackage_is_imported_by_its_folder_name():
         if module.split(".")[0] in SUBPACKAGES
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_the_calibration_tier_imports_only_the_core():
+    """``splice/calib`` (text sources, collectors, the runner) imports no subpackage and not the
+    zoo: the zoo's ``zoo`` text source registers itself when the zoo is imported."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sorted((ROOT / "splice" / "calib").rglob("*.py"))
+        for line, module in imports(path)
+        if layer_of(module) not in (None, "core") or module.startswith(("splice.zoo", "splice.cli"))
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Core module -> the core modules it imports (module level or inside functions)."""
+    mods = {}
+    for path in sorted((ROOT / "splice").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        for _, target in imports(path):
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != m:
+                graph[m].add(target)
+    return graph
+
+
+def test_no_import_circle_between_the_core_and_the_zoo():
+    """The zoo builds on the core; no core module outside ``splice/zoo`` reaches a zoo module
+    that reaches it back (e.g. the core importing the zoo for its calibration text)."""
+    graph = module_graph()
+    assert "splice.calib.text" in graph and "splice.zoo.corpus" in graph
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    def in_zoo(m: str) -> bool:
+        return m == "splice.zoo" or m.startswith("splice.zoo.")
+
+    reached = {m: reach(m) for m in graph}
+    circles = sorted(
+        f"{a} <-> {b}"
+        for a in graph
+        if not in_zoo(a)
+        for b in reached[a]
+        if in_zoo(b) and a in reached[b]
+    )
+    assert not circles, "import circles between the core and the zoo:\n" + "\n".join(circles)
+
+
+def test_the_zoo_text_source_is_registered_by_the_zoo():
+    from splice.calib import text
+
+    assert text.text_source("zoo:both") is text.SOURCES.get("zoo:both")
+    assert text.is_text_source("zoo") and not text.is_text_source("zoo:nope")

@@ -84,7 +84,7 @@ def logits(folder: Path) -> torch.Tensor:
 def block_rows(folder: Path, calib: Calibration = CALIB) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer, the MoE block's input and output rows ``[n, H]`` on the calibration windows,
     captured by hooks on transformers' own Mixtral (float64 copies)."""
-    from splice.activations import calibration_text, token_windows
+    from splice.calib import calibration_text, token_windows
     from splice.modeling import load_tokenizer
 
     model = load(folder)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from surgery_helpers import angle, cosine, hidden_states, load, logits, planned_logits, word_text
 
-from splice.activations import calibration_text, token_windows
+from splice.calib import calibration_text, token_windows
 from splice.cli import main
 from splice.errors import SpliceError
 from splice.modeling import load_tokenizer

@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny
 from surgery_helpers import cosine, hidden_states, load, logits, planned_logits, word_text
 
-from splice.activations import token_windows
+from splice.calib import token_windows
 from splice.checkpoint import open_checkpoint
 from splice.cli import main
 from splice.errors import SpliceError

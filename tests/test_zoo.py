@@ -202,7 +202,7 @@ def test_heldout_text(zoo: Path) -> None:
 
 
 def test_zoo_calibration_languages() -> None:
-    from splice.activations import calibration_text as source_text
+    from splice.calib import calibration_text as source_text
     from splice.zoo import calibration_text
 
     world = make_world(0)
@@ -391,8 +391,8 @@ def test_acceptance(zoo: Path) -> None:
 def test_moe_experts_specialise(zoo: Path) -> None:
     """Routing shares differ across experts; experts differ from each other more than from the
     dense MLP they were up-cycled from (splice's own collectors and analysis)."""
-    from splice.activations import RouterCounts, run, token_windows
     from splice.analysis import compare_experts
+    from splice.calib import RouterCounts, run, token_windows
     from splice.modeling import load_causal_lm, load_tokenizer
     from splice.zoo import heldout_text_path
 

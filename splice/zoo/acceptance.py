@@ -3,7 +3,11 @@
 :func:`mc_accuracy` scores multiple-choice items exactly as lm-eval's ``acc`` does (the choice
 whose continuation tokens have the highest summed log-likelihood after the prompt), batched, on
 a live module: the build's stopping criteria and its final check use it, and
-``splice.zoo.evaluate`` (lm-eval) gives the same figures on the written task files.
+``splice.zoo.evaluate`` (lm-eval) gives the same figures on the written task files. It is not
+the lm-eval scorer (:mod:`splice.lmeval`) on purpose: it runs inside training, many times, on
+in-memory items before any task file exists, sharing each prompt's key/value cache among its
+choices; and being computed apart from lm-eval, the figures it records are an independent
+cross-check of lm-eval's (``tests/test_zoo.py::test_acceptance`` re-measures them with it).
 
 :func:`check` measures a built zoo (its saved, bf16 weights) on the report splits: each
 specialist on its own task and the other's, the base, the combined task ``zoo_math_lang``, the
@@ -184,7 +188,7 @@ def moe_stats(zoo: Path, text: str, tok: Tokenizer) -> dict[str, Any]:
     the mean relative distance of experts to each other and to the dense MLP of ``base``."""
     import torch
 
-    from splice.activations import RouterCounts, run, token_windows
+    from splice.calib import RouterCounts, run, token_windows
     from splice.checkpoint import open_checkpoint
     from splice.modeling import load_causal_lm, load_tokenizer
 

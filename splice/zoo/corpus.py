@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
+from splice.calib.text import SOURCES
 from splice.zoo.world import COLOURS, NAMES, OPS, SIZES, VERBS, World, apply_op
 
 TWO_DIGIT = range(10, 100)
@@ -156,6 +157,14 @@ def calibration_text(
     docs = [story_document(world, rng) for _ in range(documents)]
     zeta = [language == "zeta" or i % 2 == 1 for i in range(documents)]
     return "\n".join(_say(world, d, zeta=z) for d, z in zip(docs, zeta, strict=True))
+
+
+#: calibration sources drawn from the zoo's corpus (``--calibration zoo``): name -> language;
+#: registered in :data:`splice.calib.text.SOURCES` when this module is imported (the core
+#: imports it on first use of a ``zoo`` source: :data:`splice.calib.text.PROVIDERS`)
+ZOO_SOURCES = {"zoo": "en", "zoo:en": "en", "zoo:both": "both", "zoo:zeta": "zeta"}
+for _name, _language in ZOO_SOURCES.items():
+    SOURCES.register(_name)(partial(calibration_text, language=_language))
 
 
 def heldout_text(world: World, seed: int, documents: int = 400) -> str:

@@ -1,0 +1,125 @@
+"""What ``splice collapse`` did, layer by layer: :class:`CollapseReport` (a surgery report:
+``splice.surgery.report``) and its per-layer :class:`LayerCollapse`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from splice.surgery.report import Recorded
+
+
+@dataclass
+class LayerCollapse:
+    """One MoE layer. Per expert (lists of ``E``): ``frequency`` the share of tokens choosing
+    it, ``probability`` its mean softmax probability (what ``frequency`` weights by),
+    ``mean_gate`` its mean routing weight. ``weights`` the merge weights (dense methods),
+    ``groups`` the source experts of each output expert (keep-k), ``neurons`` how many
+    neurons ``slice`` kept from each expert. ``error`` the relative reconstruction error of
+    the layer's output; ``error_unaligned`` the same without alignment, ``error_before_refit``
+    ``slice`` with the wide MLP's scaled columns instead of the refit. ``moved`` the share of
+    neurons alignment permuted, ``spread_before`` / ``spread_after`` the weighted relative
+    distance of the experts from their mean before and after alignment."""
+
+    layer: int
+    tokens: int = 0
+    frequency: list[float] | None = None
+    probability: list[float] | None = None
+    mean_gate: list[float] | None = None
+    weights: list[float] | None = None
+    groups: list[list[int]] | None = None
+    neurons: list[int] | None = None
+    error: float | None = None
+    error_unaligned: float | None = None
+    error_before_refit: float | None = None
+    moved: float | None = None
+    spread_before: float | None = None
+    spread_after: float | None = None
+
+
+@dataclass
+class CollapseReport(Recorded):
+    """What ``collapse`` did: the method, shapes before and after, and every layer's numbers.
+
+    ``out_experts`` is None for a dense result; ``meta`` holds the calibration settings;
+    ``scores`` evaluation numbers once scored."""
+
+    operation: str
+    source: str
+    method: str
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    out_intermediate_size: int
+    out_experts: int | None = None
+    out_top_k: int | None = None
+    align: bool = False
+    prune: bool = False
+    dense_model_type: str | None = None
+    layers: list[LayerCollapse] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "collapse"
+
+    @property
+    def title(self) -> str:
+        if self.out_experts is None:
+            shape = f"dense {self.dense_model_type} MLP of {self.out_intermediate_size}"
+        else:
+            shape = f"{self.out_experts} experts, top-{self.out_top_k}"
+        return f"{self.operation}: {self.num_experts} experts (top-{self.top_k}) -> {shape}"
+
+    def mean_error(self) -> float | None:
+        errs = [r.error for r in self.layers if r.error is not None]
+        return sum(errs) / len(errs) if errs else None
+
+    def _rows(self) -> list[str]:
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        out = []
+        for r in self.layers:
+            probs = " ".join(f"{p:.2f}" for p in r.probability) if r.probability else "-"
+            line = f"    layer {r.layer:<3} error {f(r.error)}  p(expert) [{probs}]"
+            if r.error_unaligned is not None:
+                line += f"  unaligned {f(r.error_unaligned)}"
+            if r.error_before_refit is not None:
+                line += f"  before refit {f(r.error_before_refit)}"
+            if r.moved is not None:
+                line += f"  moved {r.moved:.0%} spread {f(r.spread_before)}->{f(r.spread_after)}"
+            if r.groups is not None:
+                line += "  groups " + " ".join("+".join(map(str, g)) for g in r.groups)
+            if r.neurons is not None:
+                line += "  neurons/expert " + " ".join(map(str, r.neurons))
+            out.append(line)
+        return out
+
+    def summary(self) -> str:
+        """Plain text for the terminal."""
+        lines = [self.title]
+        if self.meta.get("calibration"):
+            lines.append(
+                f"  calibration {self.meta['calibration']}: {self.meta.get('samples')} windows "
+                f"of {self.meta.get('seq_len')} tokens"
+            )
+        mean = self.mean_error()
+        if mean is not None:
+            lines.append(f"  mean relative reconstruction error {mean:.4f}")
+        lines += self._rows()
+        lines += self.score_lines()
+        return "\n".join(lines)
+
+    def card_details(self) -> str:
+        """Markdown for the model card."""
+        lines = [f"Operation: `{self.operation}` on `{self.source}`.", "", self.title + "."]
+        if self.meta.get("calibration"):
+            lines.append(
+                f"Calibration: `{self.meta['calibration']}`, {self.meta.get('samples')} windows "
+                f"of {self.meta.get('seq_len')} tokens."
+            )
+        if any(r.error is not None for r in self.layers):
+            lines += ["", "| layer | relative reconstruction error |", "|---:|---:|"]
+            lines += [f"| {r.layer} | {r.error:.4f} |" for r in self.layers if r.error is not None]
+        lines += ["", self.record_line()]
+        return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Reading a Mixtral-style MoE layer by layer for ``splice collapse``: one layer's experts as
+tensors (:func:`layer_experts`), and the calibration run that streams the model one decoder layer
+at a time (:func:`stream_layers`: a skeleton model, each layer's weights loaded, its MLP inputs
+and outputs handed to a callback, then freed), so a model far larger than memory can be read."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from splice.checkpoint import Checkpoint
+from splice.errors import SpliceError
+from splice.surgery.calibration import Calibration
+
+if TYPE_CHECKING:
+    import torch
+
+    from splice.surgery.collapse_math import Experts
+
+EXPERT_KINDS = ("w1", "w3", "w2")  # gate, up, down in collapse_math's notation
+
+
+def expert_name(ckpt: Checkpoint, layer: int, kind: str, e: int) -> str:
+    return ckpt.arch.layer_name(layer, f"{kind}.weight", e)
+
+
+def router_name(ckpt: Checkpoint, layer: int) -> str:
+    return ckpt.arch.layer_name(layer, ckpt.arch.layer_tensors["router"][0])
+
+
+def layer_experts(ckpt: Checkpoint, layer: int) -> Experts:
+    """One layer's experts and router from the checkpoint, float64 (see collapse_math)."""
+    import torch
+
+    from splice.surgery.collapse_math import Experts
+
+    count = ckpt.arch.num_experts(ckpt.config)
+    assert count is not None
+    stacked = {
+        k: torch.stack(
+            [ckpt.load(expert_name(ckpt, layer, k, e), dtype="float64") for e in range(count)]
+        )
+        for k in EXPERT_KINDS
+    }
+    router = ckpt.load(router_name(ckpt, layer), dtype="float64")
+    return Experts(stacked["w1"], stacked["w3"], stacked["w2"], router)
+
+
+def activation(config: dict[str, Any]) -> Any:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[config.get("hidden_act", "silu")]
+
+
+# ---- the layer-by-layer calibration run -----------------------------------------------------
+def _skeleton(ckpt: Checkpoint, device: str, dtype: str) -> Any:
+    """A causal LM of ``ckpt``'s config whose weights are on the meta device, except the
+    embeddings (read from the checkpoint) and the rotary tables (computed): enough to run the
+    embedding and hand layer 0 its inputs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from splice.dtypes import to_torch
+
+    data = dict(ckpt.config)
+    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=to_torch(dtype))
+    emb = model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(
+        ckpt.load(ckpt.arch.embed, dtype=dtype, device=device), requires_grad=False
+    )
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "inv_freq"):
+                raise SpliceError(f"collapse: cannot rebuild buffer module {name!r} of the model")
+            with torch.device(device):
+                fresh = type(module)(config=cfg)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fresh)
+    return model.eval()
+
+
+def _layer_state(ckpt: Checkpoint, layer: int, keys: list[str], dtype: str, device: str) -> dict:
+    """The decoder layer's state dict (module-relative ``keys``) from the checkpoint, packed
+    expert tensors assembled from the per-expert views as the spec describes."""
+    import torch
+
+    spec = ckpt.arch
+    ex = spec.experts
+    assert ex is not None
+    count = spec.num_experts(ckpt.config) or 0
+    out = {}
+    for key in keys:
+        if key in ex.packed:
+            parts = ex.packed[key]
+            out[key] = torch.stack(
+                [
+                    torch.cat(
+                        [ckpt.load(spec.layer_name(layer, p, e), dtype, device) for p in parts]
+                    )
+                    for e in range(count)
+                ]
+            )
+        elif key in ex.aliases:
+            out[key] = ckpt.load(spec.layer_name(layer, ex.aliases[key]), dtype, device)
+        else:
+            out[key] = ckpt.load(spec.layer_name(layer, key), dtype, device)
+    return out
+
+
+class _BlockRows:
+    """Collector of the MoE block's input and output rows (real tokens) of the layer being run;
+    :meth:`take` hands them over and forgets them."""
+
+    site = "mlp"
+    layers = None
+
+    def start(self, model: Any, num_layers: int) -> None:
+        self._x: list[Any] = []
+        self._y: list[Any] = []
+
+    def update(self, c: Any) -> None:
+        self._x.append(c.rows("input").detach().to("cpu", copy=True))
+        self._y.append(c.rows("output").detach().to("cpu", copy=True))
+
+    def finish_batch(self, batch: int) -> None:
+        pass
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        x, y = torch.cat(self._x).double(), torch.cat(self._y).double()
+        self._x, self._y = [], []
+        return x, y
+
+    def result(self) -> None:
+        return None
+
+
+def stream_layers(
+    ckpt: Checkpoint, windows: torch.Tensor, calib: Calibration, on_layer: Any
+) -> None:
+    """Run the source model layer by layer on ``windows``: before layer ``i`` its weights are
+    read, and layer ``i-1`` is decided (``on_layer(i-1, x [n, H], y [n, H])`` gets its MoE
+    block's input and output rows, float64 on the CPU) and dropped; the last layer after the
+    run. Each layer runs once per batch (no ``after_layer``: the runner feeds the next layer
+    the outputs of the pass the collector saw)."""
+    from splice.calib import Collector, run
+
+    model = _skeleton(ckpt, calib.device, calib.dtype)
+    spec = ckpt.arch
+    path = spec.layer_prefix.split("{i}")[0].rstrip(".")
+    layers = model.get_submodule(path)
+    keys = list(layers[0].state_dict().keys())
+    rows = type("BlockRows", (_BlockRows, Collector), {})()
+
+    def finish(i: int) -> None:
+        layers[i].to("meta")
+        x, y = rows.take()
+        on_layer(i, x, y)
+
+    def before(i: int) -> None:
+        if i > 0:
+            finish(i - 1)
+        state = _layer_state(ckpt, i, keys, calib.dtype, calib.device)
+        layers[i].load_state_dict(state, assign=True, strict=True)
+
+    try:
+        run(
+            model,
+            windows,
+            [rows],  # type: ignore[list-item]
+            device=calib.device,
+            batch_size=calib.batch_size,
+            sequential=True,
+            before_layer=before,
+            layer_prefix=spec.layer_prefix,
+            show_progress=calib.show_progress,
+        )
+        finish(len(layers) - 1)
+    finally:
+        layers.to("meta")
+
+
+def calibration_windows(ckpt: Checkpoint, calibration: Any, calib: Calibration) -> torch.Tensor:
+    from splice.calib import windows_for
+
+    return windows_for(ckpt, calibration, calib)
