@@ -8,8 +8,10 @@ to ``DIR/NAME`` with ``keep_intermediates=DIR`` (kept, as mergekit-multi's
 (``.OUT.multi-tmp-PID-XXXX``) that is removed when the run ends, however it ends. Before any
 merge runs, every output folder is checked and every document that reads no intermediate is
 planned; the others are checked for their method and their other models, and planned when their
-inputs exist. mergekit-multi's ``--lazy`` reuse of existing intermediates is not done: an
-existing ``DIR/NAME`` is refused, or replaced with ``--overwrite``, like any output.
+inputs exist. ``OUT`` is claimed (:func:`splice.target.claim_output`) once, before all that, and
+the claim handed to the final document's merge and its writer. mergekit-multi's ``--lazy``
+reuse of existing intermediates is not done: an existing ``DIR/NAME`` is refused, or replaced
+with ``--overwrite``, like any output.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from splice.merge.planner import MergePlan, plan_merge
 from splice.merge.recipe import Recipe
 from splice.output import write_model
 from splice.sliced_check import refuse_sliced
-from splice.target import check_target, lock_target, staging_dir
+from splice.target import Claim, check_target, claim_output, staging_dir
 
 if TYPE_CHECKING:
     import torch
@@ -122,18 +124,20 @@ NOTHING_TO_KEEP = (
 
 def _run_one(
     recipe: Recipe,
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | Claim,
     opts: MergeOptions,
     card_recipe: tuple[str, list[str]] | None = None,
 ) -> Path:
-    """One recipe to ``out``; ``card_recipe``: (YAML, models) for the card instead of its own."""
-    with lock_target(out):  # before any work: a second run into OUT is refused at once
+    """One recipe to ``out`` (a path, or the claim :func:`run_multi` took on OUT);
+    ``card_recipe``: (YAML, models) for the card instead of its own."""
+    # claimed before any work: a second run into OUT is refused at once
+    with claim_output(out, opts.overwrite) as claim:
         p = plan(recipe, opts)  # reads headers only
-        check_target(out, opts.overwrite, inputs=[m.path for m in p.models.values()])
+        claim.check([m.path for m in p.models.values()])
         r = p.recipe
         shown, models = card_recipe or (r.to_yaml(), r.referenced_models())
         card = model_card(
-            f"{Path(out).name}: {r.merge_method} merge",
+            f"{claim.path.name}: {r.merge_method} merge",
             models,
             recipe=shown,
             details=f"Merged with splice using the `{r.merge_method}` method"
@@ -144,7 +148,7 @@ def _run_one(
         if p.chat_template:
             donor = p.models[p.tokenizer_from] if p.tokenizer_from else None
             files.update(template_files(p.chat_template, donor, files.get("tokenizer_config.json")))
-        return write_model(replace(p, files=files, card=card), out, opts)
+        return write_model(replace(p, files=files, card=card), claim, opts)
 
 
 def run_multi(
@@ -160,10 +164,10 @@ def run_multi(
     document's number and name."""
     opts = options or MergeOptions()
     keep = Path(keep_intermediates) if keep_intermediates is not None else None
-    with lock_target(out):
-        targets = _check_targets(multi, out, opts, keep)
+    with claim_output(out, opts.overwrite) as claim:
+        targets = _check_targets(multi, claim, opts, keep)
         _precheck(multi, opts)
-        tmp = staging_dir(Path(out), "multi") if keep is None else None
+        tmp = staging_dir(claim.path, "multi") if keep is None else None
         try:
             outputs: dict[str, Path] = {}
             for stage in multi.intermediates:
@@ -174,17 +178,18 @@ def run_multi(
                 outputs[stage.name] = target
             final = _in_stage(multi.final, lambda: multi.resolved(multi.final, outputs))
             card = (multi.to_yaml(), multi.external_models())
-            return _in_stage(multi.final, lambda: _run_one(final, out, opts, card_recipe=card))
+            return _in_stage(multi.final, lambda: _run_one(final, claim, opts, card_recipe=card))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_targets(
-    multi: MultiRecipe, out: str | os.PathLike[str], opts: MergeOptions, keep: Path | None
+    multi: MultiRecipe, out: Claim, opts: MergeOptions, keep: Path | None
 ) -> dict[str, Path]:
-    """Every output folder of the run may be written (before any merge runs): ``OUT``, and
-    with ``keep`` each ``keep/NAME``; none is an input or holds another. Returns the latter."""
+    """Every output folder of the run may be written (before any merge runs): ``OUT`` (its
+    claim), and with ``keep`` each ``keep/NAME`` (claimed when its document runs); none is an
+    input or holds another. Returns the latter."""
     inputs = [r for r in multi.external_models() if os.path.exists(r)]
     targets: dict[str, Path] = {}
     if keep is not None:
@@ -194,7 +199,7 @@ def _check_targets(
             check = lambda t=target: check_target(t, opts.overwrite, inputs=[*inputs, out])  # noqa: E731
             _in_stage(stage, check)
             targets[stage.name] = target
-    check_target(out, opts.overwrite, inputs=[*inputs, *targets.values()])
+    out.check([*inputs, *targets.values()])
     return targets
 
 

@@ -10,7 +10,7 @@ from splice.checkpoint import open_checkpoint
 from splice.dtypes import config_with_dtype, output_dtype
 from splice.parallel import bounded_map
 from splice.progress import progress
-from splice.target import check_target, lock_target
+from splice.target import claim_output
 from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
 
 
@@ -30,9 +30,8 @@ def convert(
     Tensors whose dtype does not change are copied byte for byte (kernel copy); others are
     loaded one at a time and cast. Integer tensors keep their dtype. Returns the output folder.
     """
-    with lock_target(out):
-        local = [source] if str(source).strip() and Path(source).exists() else []
-        check_target(out, overwrite, inputs=local)
+    local = [source] if str(source).strip() and Path(source).exists() else []
+    with claim_output(out, overwrite, inputs=local) as claim:  # before any work
         ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
         ckpt.validate()
         target = output_dtype(dtype or None)
@@ -43,9 +42,7 @@ def convert(
 
         specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
         config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
-        with CheckpointWriter(
-            out, specs, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[ckpt.path]
-        ) as w:
+        with CheckpointWriter(claim, specs, max_shard_size=max_shard_size, inputs=[ckpt.path]) as w:
             tasks = bounded_map(
                 lambda spec: w.copy(spec.name, ckpt),
                 specs,

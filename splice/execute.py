@@ -31,6 +31,8 @@ from splice.writer import CheckpointWriter, TensorSpec
 if TYPE_CHECKING:
     import torch
 
+    from splice.target import Claim
+
 Compute = Callable[[list["torch.Tensor"]], "torch.Tensor"]
 
 
@@ -168,7 +170,7 @@ def _set_threads(threads: int | None) -> None:
 def execute(
     tasks: Sequence[TensorTask],
     models: Mapping[str, Checkpoint],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | Claim,
     *,
     config: dict[str, Any],
     tokenizer_from: Checkpoint | None = None,
@@ -179,6 +181,7 @@ def execute(
     """Run ``tasks`` and write the result to ``out`` (atomic; see ``CheckpointWriter``).
 
     The folders of ``models`` are the run's inputs: ``out`` may be none of them nor an ancestor.
+    ``out`` may be the verb's :class:`~splice.target.Claim` (see :class:`CheckpointWriter`).
     """
     opts = options or ExecOptions()
     _set_threads(opts.threads)

@@ -4,7 +4,8 @@ Every verb that writes a model (convert aside: it copies) is "build a :class:`Mo
 :func:`write_model`": a merge plans its tasks from a recipe, a surgery from a layer list or
 calibration statistics. The plan owns everything around the tensors (config, the tokenizer
 donor, extra files such as a re-indexed tokenizer or a chat template, and the model card); the
-writer owns the output folder's promises (:mod:`splice.target`) and the streaming executor.
+writer owns the streaming executor and writes into the output folder the verb claimed at its
+start (:func:`splice.target.claim_output`; a direct call claims it itself).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from splice.checkpoint import Checkpoint
 from splice.execute import ExecOptions, TensorTask, execute
-from splice.target import check_target, lock_target
+from splice.target import Claim, claim_output
 
 
 @dataclass(kw_only=True)
@@ -45,16 +46,20 @@ class ModelPlan:
 
 
 def write_model(
-    plan: ModelPlan, out: str | os.PathLike[str], options: ExecOptions | None = None
+    plan: ModelPlan, out: str | os.PathLike[str] | Claim, options: ExecOptions | None = None
 ) -> Path:
-    """Write ``plan`` to the folder ``out`` (atomically; see :mod:`splice.target`)."""
+    """Write ``plan`` to the folder ``out`` (atomically; see :mod:`splice.target`).
+
+    ``out`` is the verb's :class:`~splice.target.Claim` (taken before its work began; the
+    plan's models are checked as its inputs, nothing is locked again), or a path, claimed here.
+    """
     opts = options or ExecOptions()
-    with lock_target(out):
-        check_target(out, opts.overwrite, inputs=[m.path for m in plan.models.values()])
+    inputs = [m.path for m in plan.models.values()]
+    with claim_output(out, opts.overwrite, inputs=inputs) as claim:
         return execute(
             plan.tasks,
             plan.models,
-            out,
+            claim,
             config=plan.config,
             tokenizer_from=plan.models[plan.tokenizer_from] if plan.tokenizer_from else None,
             card=plan.card,

@@ -17,6 +17,11 @@ Every verb that writes a folder (``convert``, ``merge``, surgery, ``zoo build``,
 * **No litter.** Temporary folders carry their writer's pid in their name; the next run into the
   same target removes those whose process is gone (and puts back an old output whose swap was
   cut short), with a note on stderr.
+
+A verb that writes a model claims its output once, at its start, before any work:
+:func:`claim_output` locks, cleans up and checks, and yields a :class:`Claim` that the verb
+hands down to the writer (:func:`splice.output.write_model`,
+:class:`splice.writer.CheckpointWriter`), which then neither locks nor checks again.
 """
 
 from __future__ import annotations
@@ -114,11 +119,7 @@ def check_target(
     if _is_within(cwd, real):
         what = "the current folder" if real == cwd else "an ancestor of the current folder"
         raise SpliceError(f"{out}: is {what}; give a new folder as the output")
-    for ref in inputs:
-        inp = Path(ref).resolve()
-        if _is_within(inp, real):
-            what = "an input of this run" if inp == real else f"an ancestor of the input {ref}"
-            raise SpliceError(f"{out}: is {what}; write the output somewhere else")
+    _check_inputs(out, real, inputs)
     _missing_parents(out)
     if out.is_symlink() and not out.exists():
         raise SpliceError(f"{out}: is a broken symbolic link")
@@ -131,6 +132,15 @@ def check_target(
         if reason is not None:
             raise SpliceError(f"{out}: --overwrite refused: {reason}; nothing was deleted")
     return out
+
+
+def _check_inputs(out: Path, real: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """``SpliceError`` if ``out`` (resolved: ``real``) is one of ``inputs`` or an ancestor."""
+    for ref in inputs:
+        inp = Path(ref).resolve()
+        if _is_within(inp, real):
+            what = "an input of this run" if inp == real else f"an ancestor of the input {ref}"
+            raise SpliceError(f"{out}: is {what}; write the output somewhere else")
 
 
 def _nonempty(out: str | os.PathLike[str]) -> Path:
@@ -324,6 +334,100 @@ def staging_dir(target: Path, tag: str = "splice") -> Path:
     except OSError as e:
         raise os_error(full, e, "write") from None
     return tmp
+
+
+# ---- the claim: one run's hold on its output ---------------------------------------------------
+class Claim:
+    """An output folder claimed for one run by :func:`claim_output`: locked, what killed runs
+    left beside it cleaned up, and checked (at once, or by :meth:`check` once the run knows its
+    inputs).
+
+    A verb takes its claim at its start, before any work, and hands it down to the writer
+    (:func:`splice.output.write_model`, :class:`splice.writer.CheckpointWriter`), which then
+    neither locks nor checks again. A claim is a path (``os.fspath(claim)`` is the target's),
+    valid while the ``with`` block that took it runs.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        overwrite: bool,
+        allow: Iterable[str] = (),
+        replaceable: Callable[[Path], str | None] | None = None,
+    ) -> None:
+        self.path = path
+        self.overwrite = overwrite
+        self._allow = tuple(allow)
+        self._replaceable = replaceable
+        self._checked = False
+        self._inputs: set[Path] = set()
+        self._held = True
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __repr__(self) -> str:
+        return f"Claim({str(self.path)!r}, overwrite={self.overwrite})"
+
+    def _require_held(self) -> None:
+        if not self._held:
+            raise RuntimeError(f"{self.path}: the claim on this output was released")
+
+    def check(self, inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+        """:func:`check_target` the first time; later, only the ``inputs`` not checked before
+        (a later step of the run found more: a merge's planned models). Returns the path."""
+        self._require_held()
+        fresh = [r for r in inputs if Path(r).resolve() not in self._inputs]
+        if not self._checked:
+            check_target(
+                self.path,
+                self.overwrite,
+                inputs=fresh,
+                allow=self._allow,
+                replaceable=self._replaceable,
+            )
+            self._checked = True
+        elif fresh:
+            _check_inputs(self.path, Path(os.path.abspath(self.path)).resolve(), fresh)
+        self._inputs.update(Path(r).resolve() for r in fresh)
+        return self.path
+
+
+@contextlib.contextmanager
+def claim_output(
+    out: str | os.PathLike[str] | Claim,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[str | os.PathLike[str]] | None = None,
+    allow: Iterable[str] = (),
+    replaceable: Callable[[Path], str | None] | None = None,
+) -> Iterator[Claim]:
+    """Claim the output folder ``out`` for this run, before any work: lock it
+    (:func:`lock_target`: a second run is refused at once), clean up what killed runs left
+    (:func:`clean_stale`, first: it may put back an output set aside), and, given ``inputs``,
+    check it (:func:`check_target`; without, call :meth:`Claim.check` before writing).
+    ``allow`` and ``replaceable`` are :func:`check_target`'s.
+
+    Given a :class:`Claim` (a verb's, handed down), yields it as it is, only checking the
+    ``inputs`` it has not seen: a writer takes its claim through here whether it was handed one
+    or is called on a path.
+    """
+    if isinstance(out, Claim):
+        if inputs is None:
+            out._require_held()
+        else:
+            out.check(inputs)
+        yield out
+        return
+    with lock_target(out):
+        claim = Claim(Path(out), overwrite, allow, replaceable)
+        try:
+            clean_stale(claim.path)
+            if inputs is not None:
+                claim.check(inputs)
+            yield claim
+        finally:
+            claim._held = False
 
 
 # ---- the swap ---------------------------------------------------------------------------------

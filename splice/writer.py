@@ -9,8 +9,10 @@ time, never a shard.
 Everything goes into a hidden temporary folder beside the target
 (``.NAME.splice-tmp-PID-XXXX``); ``config.json`` and the index are written last and the folder
 is swapped into place only when every planned tensor has been written. The target is locked,
-checked and replaced as :mod:`splice.target` says: a crash, an exception, Ctrl-C or SIGTERM
-leaves no folder at the target path, and a full disk is one line, with nothing written.
+checked and replaced as :mod:`splice.target` says (the writer claims the target itself, or is
+handed the verb's :class:`splice.target.Claim` and then neither locks nor checks again): a
+crash, an exception, Ctrl-C or SIGTERM leaves no folder at the target path, and a full disk is
+one line, with nothing written.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from splice.checkpoint import INDEX, SINGLE, TOKENIZER_FILES, Checkpoint
 from splice.dtypes import dtype_name, nbytes, parse_size, to_torch
 from splice.errors import SpliceError
 from splice.st_format import copy_range, encode_header, preallocate, pwrite_all
-from splice.target import check_target, clean_stale, commit, lock_target, os_error, staging_dir
+from splice.target import Claim, claim_output, commit, os_error, staging_dir
 
 if TYPE_CHECKING:
     import torch
@@ -112,11 +114,16 @@ class CheckpointWriter:
             w.copy_tokenizer(source_folder)
             w.write_card(text)
         # the folder appears at `out` here, complete
+
+    ``out`` is a path, which the writer claims for itself (:func:`splice.target.claim_output`:
+    lock, clean-up, check against ``inputs``), or the verb's :class:`splice.target.Claim`,
+    taken before its work began: then only ``inputs`` the claim has not checked yet are
+    checked, and ``overwrite`` is the claim's.
     """
 
     def __init__(
         self,
-        out: str | os.PathLike[str],
+        out: str | os.PathLike[str] | Claim,
         specs: Iterable[TensorSpec],
         *,
         max_shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -132,11 +139,10 @@ class CheckpointWriter:
         self._closed = True  # until the folder exists: abort() has nothing to undo
         self._fds: list[int] = []
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(lock_target(out))
         try:
-            clean_stale(Path(out))  # first: it may put back an output a killed run set aside
-            self.out = check_target(out, overwrite, inputs=inputs)
-            self.overwrite = overwrite
+            claim = self._stack.enter_context(claim_output(out, overwrite, inputs=inputs))
+            self.out = claim.path
+            self.overwrite = claim.overwrite
             self.tmp = staging_dir(self.out, "splice")
         except BaseException:
             self._stack.close()

@@ -4,8 +4,9 @@
 A verb is a plan function ``plan_x(model, **options) -> SurgeryResult`` and a report (a
 :class:`splice.surgery.report.Report`): the plan function ends in :func:`surgery_plan`, which
 adds the card and the ``splice_surgery.json`` record from the report, and the verb itself is
-:func:`run_surgery` (``out`` locked and checked before any calibration runs, then the plan,
-then :func:`write_result`). :class:`SurgeryResult` is what every surgery function returns.
+:func:`run_surgery` (``out`` claimed, i.e. locked and checked, before any calibration runs,
+then the plan, then :func:`write_result` with the claim). :class:`SurgeryResult` is what every
+surgery function returns.
 
 :func:`layer_map_plan` turns a :class:`SurgeryReport`'s layer map into a
 :class:`splice.layerplan.LayerPlan` over one model (every tensor a copy: same dtype, a kernel
@@ -16,9 +17,8 @@ file-to-file copy), replaces the residual writers of the ``zeroed`` layers by ze
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,7 +30,7 @@ from splice.execute import ExecOptions, TensorTask
 from splice.layerplan import LayerPlan, LayerRef
 from splice.output import ModelPlan, write_model
 from splice.surgery.report import RECORD, Report, SurgeryReport
-from splice.target import check_target, lock_target
+from splice.target import Claim, claim_output
 
 if TYPE_CHECKING:
     import torch
@@ -135,8 +135,9 @@ class SurgeryResult:
 R = TypeVar("R", bound=SurgeryResult)
 
 
-def write_result(result: R, out: str | os.PathLike[str], options: ExecOptions) -> R:
-    """Write ``result.plan`` to ``out`` (see :func:`splice.output.write_model`)."""
+def write_result(result: R, out: str | os.PathLike[str] | Claim, options: ExecOptions) -> R:
+    """Write ``result.plan`` to ``out``, a path or the verb's claim (see
+    :func:`splice.output.write_model`)."""
     path = write_model(result.plan, out, options)
     return replace(result, out=path)
 
@@ -151,28 +152,13 @@ def run_surgery(
     **kwargs: Any,
 ) -> R:
     """A surgery verb: ``plan(model, **kwargs)`` written to ``out`` (atomically); with
-    ``dry_run`` only planned. ``out`` is locked and checked before the plan (and any
-    calibration in it) runs."""
+    ``dry_run`` only planned. ``out`` is claimed (locked and checked,
+    :func:`splice.target.claim_output`) before the plan (and any calibration in it) runs, and
+    the claim handed to the writer."""
     opts = options or ExecOptions()
     if out is None and not dry_run:
         raise SpliceError("give an output folder OUT (or --dry-run)")
-    target = None if dry_run else out
-    with claimed(target, opts, [model]):
-        result = plan(model, **kwargs)
-        if target is None:
-            return result
-        return write_result(result, target, opts)
-
-
-@contextlib.contextmanager
-def claimed(
-    out: str | os.PathLike[str] | None, options: ExecOptions, inputs: list[Any]
-) -> Iterator[None]:
-    """Lock and check ``out`` before any work (calibration can take long); ``None`` (a dry
-    run): nothing to claim."""
-    if out is None:
-        yield
-        return
-    with lock_target(out):
-        check_target(out, options.overwrite, inputs=inputs)
-        yield
+    if dry_run:
+        return plan(model, **kwargs)
+    with claim_output(out, opts.overwrite, inputs=[model]) as claim:
+        return write_result(plan(model, **kwargs), claim, opts)

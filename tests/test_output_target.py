@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -449,3 +450,93 @@ def test_convert_refuses_dtypes_that_would_ruin_the_weights(model, tmp_path, cap
     assert main(["convert", str(model), str(tmp_path / "out"), "--dtype", dtype]) == 2
     assert "dtype" in one_error_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
+# ---- one claim per run: locked and checked once, the claim handed to the writer --------------
+@pytest.fixture
+def claims(monkeypatch) -> dict[str, list[Path]]:
+    """Every ``lock_target`` and ``check_target`` call (re-entrant ones too), by target, through
+    every module that imported them."""
+    import splice.convert
+    import splice.merge.runner
+    import splice.output
+    import splice.surgery.depth
+    import splice.writer  # noqa: F401
+
+    calls: dict[str, list[Path]] = {"lock": [], "check": []}
+
+    def counting(kind, real):
+        def wrapper(out, *args, **kwargs):
+            calls[kind].append(Path(os.path.abspath(out)))
+            return real(out, *args, **kwargs)
+
+        return wrapper
+
+    for kind, name in (("lock", "lock_target"), ("check", "check_target")):
+        real = getattr(target_mod, name)
+        wrapper = counting(kind, real)
+        for mod in list(sys.modules.values()):
+            if getattr(mod, name, None) is real:
+                monkeypatch.setattr(mod, name, wrapper)
+    return calls
+
+
+def test_a_merge_claims_its_output_once(model, tmp_path, claims):
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe_for(model, tmp_path)), str(out), "--no-progress"]) == 0
+    assert claims == {"lock": [out], "check": [out]}
+
+
+def test_a_multi_document_merge_claims_each_output_once(model, tmp_path, claims):
+    first = {"merge_method": "linear", "models": [{"model": str(model)}, {"model": str(model)}]}
+    final = {"merge_method": "linear", "models": [{"model": "first"}, {"model": str(model)}]}
+    docs = [{**final, "dtype": "float32"}, {**first, "name": "first", "dtype": "float32"}]
+    recipe = tmp_path / "multi.yml"
+    recipe.write_text(
+        "\n---\n".join(json.dumps({**d, "parameters": {"weight": 0.5}}) for d in docs)
+    )
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    args = ["merge", str(recipe), str(out), "--keep-intermediates", str(keep), "--no-progress"]
+    assert main(args) == 0
+    assert sorted(claims["lock"]) == [keep / "first", out]
+    # keep/first: checked with the others before any merge runs, again when claimed
+    assert sorted(claims["check"]) == [keep / "first", keep / "first", out]
+
+
+def test_convert_and_surgery_claim_their_output_once(model, tmp_path, claims):
+    from splice.surgery.prune import prune
+    from splice.surgery.upscale import upscale
+
+    for name, run in (
+        ("c", lambda o: main(["convert", str(model), str(o), "--no-progress"])),
+        ("u", lambda o: upscale(model, o, layers="0:2,3,1:4")),
+        ("p", lambda o: prune(model, o, drop="1")),
+    ):
+        out = tmp_path / name
+        run(out)
+        assert claims == {"lock": [out], "check": [out]}, name
+        assert (out / "config.json").is_file()
+        claims["lock"].clear()
+        claims["check"].clear()
+
+
+def test_the_writer_claims_a_path_itself_and_takes_a_claim_as_it_is(tmp_path, claims):
+    import torch
+
+    from splice.writer import CheckpointWriter, TensorSpec
+
+    specs = [TensorSpec("a", (2,), "float32")]
+    with CheckpointWriter(tmp_path / "o", specs) as w:  # called on a path: claims it
+        w.write("a", torch.zeros(2))
+        w.write_config({})
+    assert claims == {"lock": [tmp_path / "o"], "check": [tmp_path / "o"]}
+    with target_mod.claim_output(tmp_path / "o", overwrite=True) as claim:
+        assert claims["check"] == [tmp_path / "o"]  # no inputs yet: checked when they are known
+        with CheckpointWriter(claim, specs, inputs=[tmp_path / "in"]) as w:
+            w.write("a", torch.ones(2))
+            w.write_config({})
+        with pytest.raises(SpliceError, match="is an input of this run"):
+            claim.check([tmp_path / "o"])
+    assert len(claims["lock"]) == 2 and len(claims["check"]) == 2
+    with pytest.raises(RuntimeError, match="released"):
+        claim.check()

@@ -21,14 +21,7 @@ from typing import Any
 
 from splice.errors import SpliceError
 from splice.limits import MAX_SEED, check_number
-from splice.target import (
-    check_target,
-    clean_stale,
-    commit,
-    lock_target,
-    replaceable_reason,
-    staging_dir,
-)
+from splice.target import claim_output, commit, replaceable_reason, staging_dir
 from splice.zoo.models import Shape
 
 # Bump when a change to the zoo's code changes what a build produces (data, training, layout).
@@ -180,8 +173,8 @@ def build(
         settings = dataclasses.replace(settings, seed=seed)
     settings = settings.scaled(steps_scale)
     folder = Path(folder) if folder is not None else default_dir()
-    with lock_target(folder):
-        clean_stale(folder)  # first: it may put back a zoo a killed rebuild set aside
+    # claimed before any work; clean-up first: it may put back a zoo a killed rebuild set aside
+    with claim_output(folder, overwrite=True, allow=_ZOO_ENTRIES) as claim:
         if folder.exists() and not folder.is_dir():
             raise SpliceError(f"{folder}: exists and is not a folder")
         if not force and any_seed:
@@ -199,7 +192,7 @@ def build(
                 raise SpliceError(
                     f"{folder}: refusing to replace it: {reason}; nothing was deleted"
                 )
-        check_target(folder, overwrite=True, allow=_ZOO_ENTRIES)
+        claim.check()
         tmp = staging_dir(folder, "zoo")
         try:
             info = _build_into(tmp, settings, show_progress)
