@@ -459,9 +459,8 @@ def compare_activations(
     import torch
 
     from splice.calib import Calibration, calibration_text, windows_for
-    from splice.checkpoint import open_checkpoint
     from splice.layer_metrics import check_vocab, largest_layer_tensor
-    from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
+    from splice.modeling import check_runnable, load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
     calib = Calibration(
@@ -476,10 +475,10 @@ def compare_activations(
     )
     dtype, device = calib.dtype, calib.device
     text = calibration_text(calibration, include_path=include_path)
-    ckpts = [open_checkpoint(m, allow_pickle=allow_pickle) for m in (a, b)]
-    for c in ckpts:
-        check_model_code(c.path, trust_remote_code)
-        c.validate()
+    ckpts = [
+        check_runnable(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        for m in (a, b)
+    ]
     ca, cb = ckpts
     for key, what in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size")):
         va, vb = ca.config.get(key), cb.config.get(key)

@@ -67,17 +67,14 @@ def measure_layers(
     are one error line.
     """
     from splice.calib import Calibration, calibration_text, layer_io, windows_for
-    from splice.checkpoint import open_checkpoint
-    from splice.modeling import check_model_code, load_causal_lm, load_tokenizer
+    from splice.modeling import check_runnable, load_causal_lm, load_tokenizer
     from splice.threads import threads_for
 
     start = time.perf_counter()
     calib = calib if calib is not None else Calibration()
     seq_len, dtype, device = calib.seq_len, calib.dtype, calib.device
     text = calibration_text(calibration, include_path=calib.include_path)
-    ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
-    check_model_code(ckpt.path, trust_remote_code)
-    ckpt.validate()
+    ckpt = check_runnable(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     norm = ckpt.arch.final_norm.removesuffix(".weight") if calib.final_norm else None
     if calib.final_norm and not norm:
         raise SpliceError(

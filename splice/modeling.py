@@ -1,6 +1,7 @@
-"""The one loader of a Hugging Face causal LM (:func:`load_causal_lm`) and of its tokenizer.
+"""The one loader of a Hugging Face causal LM (:func:`load_causal_lm`) and of its tokenizer,
+and the one check of a model folder before it is run (:func:`check_runnable`).
 
-Both refuse the model's own code unless ``trust_remote_code``; the model's weights must be
+The loaders refuse the model's own code unless ``trust_remote_code``; the model's weights must be
 safetensors (unless ``allow_pickle``) and finite. Failures are :class:`SpliceError` one-liners.
 """
 
@@ -14,6 +15,8 @@ from splice.errors import SpliceError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from splice.checkpoint import Checkpoint
 
 
 def check_model_code(path: str | os.PathLike[str], trust_remote_code: bool) -> None:
@@ -43,6 +46,34 @@ def check_model_code(path: str | os.PathLike[str], trust_remote_code: bool) -> N
         )
 
 
+def check_runnable(
+    model: str | os.PathLike[str] | Checkpoint,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    local_only: bool = False,
+) -> Checkpoint:
+    """The model ``model`` (a folder or hub id, or a :class:`~splice.checkpoint.Checkpoint`
+    already open) checked before it is loaded to run it: read (``open_checkpoint``: pickled
+    ``.bin`` only with ``allow_pickle``), its own code only with ``trust_remote_code``
+    (:func:`check_model_code`), its tensors complete and shaped (``Checkpoint.validate``).
+    ``local_only``: a path that is not an existing folder is refused (no hub download).
+    Returns the checkpoint; failures are one-line :class:`SpliceError`. The one such check:
+    every verb that runs a model (eval, zoo eval, analyze, calibration, heal) calls it."""
+    from splice.checkpoint import Checkpoint, open_checkpoint
+
+    if isinstance(model, Checkpoint):
+        ckpt = model
+    else:
+        if local_only and not Path(model).is_dir():
+            what = "not a folder" if Path(model).exists() else "no such folder"
+            raise SpliceError(f"{model}: not a model folder ({what})")
+        ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    check_model_code(ckpt.path, trust_remote_code)
+    ckpt.validate()
+    return ckpt
+
+
 def load_causal_lm(
     path: str | os.PathLike[str],
     *,
@@ -58,7 +89,7 @@ def load_causal_lm(
     Checked (one-line :class:`SpliceError`): own code only with ``trust_remote_code``
     (:func:`check_model_code`); safetensors only unless ``allow_pickle`` (then ``.bin`` with
     ``weights_only=True``); finite weights in ``dtype`` (``check_finite``: the tensor and
-    ``why``); the move to ``device``. Validate the folder first (``open_checkpoint``):
+    ``why``); the move to ``device``. Check the folder first (:func:`check_runnable`):
     transformers fills missing tensors with random ones.
     """
     import torch

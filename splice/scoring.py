@@ -318,6 +318,7 @@ def check_scoring(
     zoo the tasks need (:func:`splice.zoo.evaluate.check_zoo`). The surgery verbs call it with
     the source model before they write the output they score at the end."""
     from splice.limits import check_number
+    from splice.modeling import check_runnable
 
     if text is None and tasks is None:
         raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
@@ -335,7 +336,7 @@ def check_scoring(
     if text is not None:
         check_window(seq_len, stride if stride is not None else max(1, seq_len // 2))
     folders = {
-        name: _check_folder(m, allow_pickle, trust_remote_code)
+        name: check_runnable(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         for name, m in models.items()
         if isinstance(m, str | os.PathLike)
     }
@@ -369,16 +370,6 @@ def check_scoring(
                 show_progress=show_progress,
             )
     return ScoringInputs(folders, task_names, ids)
-
-
-def _check_folder(path: str | os.PathLike[str], allow_pickle: bool, trust: bool) -> Checkpoint:
-    from splice.checkpoint import open_checkpoint
-    from splice.modeling import check_model_code
-
-    ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-    check_model_code(ckpt.path, trust)
-    ckpt.validate()
-    return ckpt
 
 
 def _zoo_tokenizer(tokenizer: Any, folder: Path | None) -> str | os.PathLike[str] | None:

@@ -567,7 +567,7 @@ def plan_slice(
     ``calib.max_samples`` windows of ``calib.seq_len``). Options, the architecture and the
     calibration text are checked before the model is loaded."""
     from splice.dtypes import output_dtype
-    from splice.modeling import load_causal_lm
+    from splice.modeling import check_runnable, load_causal_lm
 
     sparsity = _check_sparsity(sparsity)
     output_dtype(dtype)
@@ -579,7 +579,7 @@ def plan_slice(
         raise SpliceError("slice needs --calibration FILE (a text file, lm-eval:TASK or zoo)")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "slice")
-    ckpt.validate()
+    check_runnable(ckpt, trust_remote_code=trust_remote_code)
     block_names(ckpt)
     hidden = int(ckpt.config["hidden_size"])
     d = new_width(hidden, int(ckpt.config["num_attention_heads"]), sparsity)

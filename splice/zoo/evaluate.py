@@ -51,17 +51,12 @@ def check_model(
     """The local model folder at ``path``, read and checked by the core reader (config, weights
     and their shapes; pickled ``.bin`` only with ``allow_pickle``; custom code only with
     ``trust_remote_code``): one-line :class:`SpliceError` otherwise."""
-    from splice.checkpoint import open_checkpoint
-    from splice.modeling import check_model_code
+    from splice.modeling import check_runnable
 
-    folder = Path(path)
-    if not folder.is_dir():  # zoo eval takes local folders only (no hub downloads)
-        what = "not a folder" if folder.exists() else "no such folder"
-        raise SpliceError(f"{path}: not a model folder ({what})")
-    ckpt = open_checkpoint(folder, allow_pickle=allow_pickle)
-    check_model_code(ckpt.path, trust_remote_code)
-    ckpt.validate()
-    return ckpt
+    # zoo eval takes local folders only (no hub downloads)
+    return check_runnable(
+        path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, local_only=True
+    )
 
 
 def load_model(
