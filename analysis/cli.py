@@ -1,7 +1,7 @@
 """``splice analyze weights|experts|activations``: thin wrappers over splice.analysis.
 
 Each verb calls one public function, saves the report into ``--out`` (JSON, CSV, PNG) and
-prints its summary table.
+prints its summary table (``--json``: the report's data).
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from splice.cli import Parser, add_model_options, positive_int, thread_count
+from splice.cli import (
+    Parser,
+    add_calibration_options,
+    add_compute_options,
+    add_json_option,
+    add_model_options,
+    positive_int,
+    print_json,
+)
 from splice.errors import SpliceError
 
 
@@ -85,21 +93,14 @@ def add(sub: argparse._SubParsersAction) -> None:
         "to prune for each n and the range to duplicate for depth up-scaling.",
     )
     a.add_argument("model", help="model folder")
-    a.add_argument(
-        "--calibration",
+    add_calibration_options(
+        a,
         required=True,
         help="a text file, 'lm-eval:TASK' (an lm-eval task's documents), 'zoo' (English) "
         "or 'zoo:both' (English and Zeta)",
-    )
-    a.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    a.add_argument(
-        "--seq-len", type=_seq_len, default=128, help="tokens per window, 2 or more (default 128)"
-    )
-    a.add_argument(
-        "--max-samples", type=positive_int, default=64, help="windows to run (default 64)"
-    )
-    a.add_argument(
-        "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
+        seq_len_type=_seq_len,
+        seq_len_help="tokens per window, 2 or more (default 128)",
+        calibration_dtype=False,
     )
     a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     a.add_argument(
@@ -135,13 +136,12 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
         p.add_argument(
             "--no-baselines", action="store_true", help="skip the null baselines (faster)"
         )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument(
-        "--threads",
-        type=thread_count,
-        help="torch CPU threads for every tensor (default: one for small tensors, torch's "
-        "choice for large ones)",
+    add_compute_options(
+        p,
+        threads_help="torch CPU threads for every tensor (default: one for small tensors, "
+        "torch's choice for large ones)",
     )
+    add_json_option(p, "print the report as JSON instead of its table (--out still saved)")
     p.add_argument("--no-figures", action="store_true", help="write no PNG")
     p.add_argument(
         "--scale",
@@ -205,6 +205,11 @@ def _finish(report: Any, args: argparse.Namespace, summary: Any = None) -> None:
             overwrite=args.overwrite,
             scale=getattr(args, "scale", "shared"),
         )
+    if args.json:
+        data = report.to_dict()
+        data["out"] = args.out
+        print_json(data)
+        return
     print(summary(report) if summary is not None else report.summary())
     if args.out is not None:
         print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """``splice evolve``: CMA-ES over merge recipes, scored by lm-eval, resumable.
 
-splice evolve run CONFIG.yml --out RUN [--device cuda] [--max-fevals N] [--tasks-dir DIR]
+splice evolve run CONFIG.yml --out RUN [--device cuda] [--max-fevals N] [--include-path DIR]
 splice evolve resume RUN
 splice evolve report RUN [--table]
 
@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import positive_int
+from splice.cli import (
+    add_compute_options,
+    add_deprecated_alias,
+    add_json_option,
+    add_scoring_options,
+    positive_int,
+    print_json,
+)
 
 ACTIONS = ("run", "resume", "report")
 
@@ -34,11 +41,16 @@ def add(sub: argparse._SubParsersAction) -> None:
         "run", nargs="?", metavar="CONFIG|RUN", help="run: the config YAML; resume / report: RUN"
     )
     p.add_argument("--out", help="run folder to write (a new one, or a run of the same config)")
-    p.add_argument("--device", help="device for merging and scoring (overrides the config)")
+    add_compute_options(
+        p,
+        device=None,
+        device_help="device for merging and scoring (default: the config's)",
+        threads=False,
+    )
     p.add_argument(
         "--max-fevals", type=positive_int, help="stop after N candidates (whole generations)"
     )
-    p.add_argument("--tasks-dir", help="folder of local lm-eval YAML tasks")
+    add_deprecated_alias(p, "--tasks-dir", "--include-path", metavar="DIR")
     p.add_argument(
         "--workers",
         type=positive_int,
@@ -57,7 +69,10 @@ def add(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="report: score the sources, naive merges and the winner on the report tasks",
     )
-    p.add_argument("--tasks", help="report --table: comma-separated report tasks")
+    add_scoring_options(
+        p, tasks="report --table: comma-separated report tasks", zoo=False, include_path=True
+    )
+    add_json_option(p, "print the result (run, resume) or the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--allow-pickle",
@@ -84,7 +99,7 @@ def run_cli(args: argparse.Namespace) -> None:
     elif args.config in ACTIONS:
         if not args.run:
             raise SpliceError(f"splice evolve {args.config} RUN: give the run folder")
-        extra = [o for o in ("out", "device", "max_fevals", "tasks_dir") if getattr(args, o)]
+        extra = [o for o in ("out", "device", "max_fevals", "include_path") if getattr(args, o)]
         if extra:
             raise SpliceError(
                 f"splice evolve {args.config}: --{extra[0].replace('_', '-')} does not apply "
@@ -107,12 +122,20 @@ def run_cli(args: argparse.Namespace) -> None:
                         SpliceWarning,
                         stacklevel=1,
                     )
-            table = None
+            table = table_data = None
             if args.table:  # scored before anything is printed: a failure prints nothing
                 from splice.evolve.report import format_table, report_table
 
                 tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
-                table = format_table(report_table(args.run, tasks))
+                table_data = report_table(args.run, tasks)
+                table = format_table(table_data)
+            if args.json:
+                import dataclasses
+
+                data = dataclasses.asdict(rep)
+                data["table"] = table_data
+                print_json(data)
+                return
             print(format_report(rep))
             if table is not None:
                 print("\nreport split:\n" + table)
@@ -126,7 +149,8 @@ def run_cli(args: argparse.Namespace) -> None:
                 workers=args.workers,
                 ray=args.ray,
                 allow_pickle=args.allow_pickle,
-            )
+            ),
+            args.json,
         )
         return
     if args.run:
@@ -140,16 +164,23 @@ def run_cli(args: argparse.Namespace) -> None:
         args.out,
         max_fevals=args.max_fevals,
         device=args.device,
-        tasks_dir=args.tasks_dir,
+        tasks_dir=args.include_path,
         show_progress=show,
         workers=args.workers,
         ray=args.ray,
         allow_pickle=args.allow_pickle,
     )
-    _summary(result)
+    _summary(result, args.json)
 
 
-def _summary(result) -> None:
+def _summary(result, as_json: bool = False) -> None:
+    if as_json:
+        import dataclasses
+
+        data = dataclasses.asdict(result)
+        data["best_recipe_path"] = str(result.run / "best.yml")
+        print_json(data)
+        return
     best = "none" if result.best_fitness is None else f"{result.best_fitness:.4f}"
     print(
         f"{result.run}: {result.generation}/{result.generations} generations, "

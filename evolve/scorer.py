@@ -86,7 +86,7 @@ class TaskScorer:
             zoo_tasks=zoo_tasks,
             batch_size=args.batch_size,
             max_length=args.max_length,
-            hint=" (give --tasks-dir for local YAML tasks)",
+            hint=" (give --include-path for local YAML tasks)",
         )
         self.task_dict = self.lm.task_dict
         try:

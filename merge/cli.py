@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splice.cli import add_model_options, add_output_options, positive_int, thread_count
+from splice.cli import add_compute_options, add_model_options, add_output_options, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +19,15 @@ def add(sub: argparse._SubParsersAction) -> None:
         "mergekit-multi's files too)",
     )
     p.add_argument("out", nargs="?", help="output folder (written atomically)")
-    p.add_argument(
-        "--device", default="cpu", help="device for the arithmetic: cpu, cuda, cuda:1, auto"
+    # cpu, not the other verbs' auto: a seeded DARE/DELLA merge draws its masks on the tensors'
+    # device and cuda's draws differ from cpu's, so a recipe and seed give one checkpoint anywhere
+    add_compute_options(
+        p,
+        device="cpu",
+        device_help="device for the arithmetic: cpu, cuda, cuda:1, ... or auto (default cpu: "
+        "the same seeded merge on any machine)",
+        threads_help="torch threads for the arithmetic",
     )
-    p.add_argument("--threads", type=thread_count, help="torch threads for the arithmetic")
     p.add_argument("--workers", type=positive_int, default=2, help="tensors in flight (default 2)")
     p.add_argument("--memory", default="1GiB", help="cap on bytes held by tensors in flight")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the recipe's)")

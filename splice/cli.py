@@ -209,6 +209,121 @@ def add_model_options(p: argparse.ArgumentParser, *, runs_models: bool = False) 
         )
 
 
+#: ``--device``'s default on every verb that runs tensors: cuda when there is one, else cpu.
+#: Two verbs differ, each for a reason: ``merge`` keeps ``cpu`` (a seeded DARE/DELLA merge draws
+#: its masks from a generator on the tensors' device, and cuda's draws differ from cpu's: the
+#: same recipe and seed must give the same checkpoint on any machine, as mergekit's, which is
+#: cpu unless asked), and ``evolve`` has none (its config says the device; the option overrides).
+DEVICE_DEFAULT = "auto"
+
+
+def add_compute_options(
+    p: argparse.ArgumentParser,
+    *,
+    device: str | None = DEVICE_DEFAULT,
+    device_help: str | None = None,
+    threads: bool = True,
+    threads_help: str = "torch CPU threads",
+) -> None:
+    """Where the tensors are computed: ``--device`` and ``--threads`` (:func:`thread_count`)."""
+    if device_help is None:
+        device_help = "cpu, cuda, cuda:1, ... or auto (default: cuda if any)"
+        if device != DEVICE_DEFAULT:
+            device_help = f"cpu, cuda, cuda:1, ... or auto (default {device})"
+    p.add_argument("--device", default=device, help=device_help)
+    if threads:
+        p.add_argument("--threads", type=thread_count, help=threads_help)
+
+
+def add_calibration_options(
+    p: argparse.ArgumentParser,
+    *,
+    used_by: str = "",
+    required: bool = False,
+    help: str | None = None,
+    seq_len_type: Callable[[str], int] = positive_int,
+    seq_len_help: str = "tokens per window (default 128)",
+    batch_help: str = "windows per batch (default 8)",
+    max_samples: bool = True,
+    include_path: bool = True,
+    calibration_dtype: bool = True,
+) -> None:
+    """The text a model is run on: ``--calibration`` (a file, 'lm-eval:TASK', 'zoo' or
+    'zoo:both'), ``--include-path``, ``--seq-len``, ``--max-samples``, ``--batch-size`` and
+    ``--calibration-dtype``; a verb leaves out what it has no use for."""
+    if help is None:
+        help = (
+            f"text to run the model on{f' ({used_by})' if used_by else ''}: a text file, "
+            "'lm-eval:TASK', 'zoo' (English) or 'zoo:both' (English and Zeta)"
+        )
+    p.add_argument("--calibration", metavar="FILE", required=required, help=help)
+    if include_path:
+        p.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--seq-len", type=seq_len_type, default=128, help=seq_len_help)
+    if max_samples:
+        p.add_argument(
+            "--max-samples", type=positive_int, default=64, help="windows to run (default 64)"
+        )
+    p.add_argument("--batch-size", type=positive_int, default=8, help=batch_help)
+    if calibration_dtype:
+        p.add_argument(
+            "--calibration-dtype",
+            default="float32",
+            help="dtype to run the model in on the calibration text (default float32)",
+        )
+
+
+def add_scoring_options(
+    p: argparse.ArgumentParser,
+    *,
+    ppl: str | None = None,
+    tasks: str = "comma-separated zoo tasks (zoo_math, zoo_lang, zoo_math_lang, ..., all)",
+    zoo: bool = True,
+    include_path: bool = False,
+    limit: bool = False,
+) -> None:
+    """Scoring on text and lm-eval tasks: ``--ppl`` (when ``ppl`` gives its help),
+    ``--tasks``, ``--zoo``, ``--include-path`` and ``--limit``."""
+    if ppl is not None:
+        p.add_argument("--ppl", metavar="FILE", help=ppl)
+    p.add_argument("--tasks", help=tasks)
+    if zoo:
+        p.add_argument(
+            "--zoo", metavar="DIR", help="built zoo whose tasks to use (default: the shared zoo)"
+        )
+    if include_path:
+        p.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs")
+    if limit:
+        p.add_argument(
+            "--limit", type=positive_int, help="score only the first N items of each task"
+        )
+
+
+def add_json_option(p: argparse.ArgumentParser, what: str = "print the report as JSON") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+class _Deprecated(argparse.Action):
+    """An old option name: stores into the new option's ``dest`` and says so on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        print(f"splice: warning: {option} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, **kw: Any) -> None:
+    """``old`` still works as ``new`` (hidden from --help), with one deprecation line."""
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(
+        old, dest=dest, action=_Deprecated, new=new, default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS, **kw,
+    )  # fmt: skip
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
@@ -222,7 +337,7 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
         description="Read a model's headers (no tensor data) and print its layout.",
     )
     p.add_argument("model", help="model folder or hub id")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(p, "machine-readable output")
     p.add_argument("--all-layers", action="store_true", help="one table per layer")
     add_model_options(p)
     p.set_defaults(func=_run_inspect)
@@ -277,10 +392,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "zoo's lm-eval tasks (the path `splice zoo eval` takes), one row per model.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders")
-    p.add_argument("--ppl", metavar="FILE", help="text to score: a file, 'lm-eval:TASK' or 'zoo'")
-    p.add_argument(
-        "--tasks", help="comma-separated zoo tasks (zoo_math, zoo_lang, zoo_math_lang, ..., all)"
-    )
+    add_scoring_options(p, ppl="text to score: a file, 'lm-eval:TASK' or 'zoo'", limit=True)
     p.add_argument(
         "--seq-len", type=positive_int, default=128, help="tokens per window (default 128)"
     )
@@ -291,16 +403,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
     )
     p.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--dtype", default="float32", help="dtype to run the models in (float32)")
-    p.add_argument(
-        "--threads",
-        type=thread_count,
-        help="torch CPU threads (default: one for a small model, torch's default otherwise)",
+    add_compute_options(
+        p, threads_help="torch CPU threads (default: one for a small model, torch's otherwise)"
     )
-    p.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
-    p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
-    p.add_argument("--json", action="store_true", help='print {"<model>": {"ppl": ..., ...}}')
+    p.add_argument("--dtype", default="float32", help="dtype to run the models in (float32)")
+    add_json_option(p, 'print {"<model>": {"ppl": ..., ...}}')
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     add_model_options(p, runs_models=True)
     p.set_defaults(func=_run_eval)

@@ -7,38 +7,25 @@ import sys
 from typing import Any
 
 from splice.cli import (
+    add_calibration_options,
+    add_compute_options,
+    add_deprecated_alias,
+    add_json_option,
     add_model_options,
     add_output_options,
+    add_scoring_options,
     integer,
     number,
     positive_int,
     print_json,
-    thread_count,
 )
 
 
 def _calibration_options(p: argparse.ArgumentParser, used_by: str) -> None:
-    p.add_argument(
-        "--calibration",
-        metavar="FILE",
-        help=f"text to measure layers on ({used_by}): a text file, 'lm-eval:TASK', "
-        "'zoo' (English) or 'zoo:both' (English and Zeta)",
-    )
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument(
-        "--seq-len",
-        type=positive_int,
-        default=128,
-        help="tokens per window, of the calibration and of --ppl (default 128)",
-    )
-    p.add_argument(
-        "--max-samples", type=positive_int, default=64, help="windows to run (default 64)"
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=8, help="windows per batch (default 8)"
-    )
-    p.add_argument(
-        "--calibration-dtype", default="float32", help="dtype to run the model in (float32)"
+    add_calibration_options(
+        p,
+        used_by=used_by,
+        seq_len_help="tokens per window, of the calibration and of --ppl (default 128)",
     )
 
 
@@ -56,23 +43,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", nargs="?", help="output folder (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     _score_options(p)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_compute_options(p)
+    add_json_option(p)
     add_output_options(p)
     add_model_options(p, runs_models=True)
 
 
 def _score_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ppl",
-        metavar="FILE",
-        help="after writing, score the source and the output: perplexity on this text",
+    add_scoring_options(
+        p,
+        ppl="after writing, score the source and the output: perplexity on this text",
+        tasks="after writing, score the source and the output on these zoo tasks",
     )
-    p.add_argument(
-        "--tasks", help="after writing, score the source and the output on these zoo tasks"
-    )
-    p.add_argument("--zoo", help="built zoo whose tasks --tasks uses (default: the shared zoo)")
 
 
 def add_upscale(sub: argparse._SubParsersAction) -> None:
@@ -143,11 +125,18 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model folder")
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--text", required=True, help="training text: a file, 'lm-eval:TASK' or 'zoo'")
+    add_calibration_options(
+        p,
+        help="training text (required): a file, 'lm-eval:TASK' or 'zoo'",
+        seq_len_help="tokens per window (128)",
+        batch_help="windows per step (8)",
+        max_samples=False,
+        include_path=False,
+        calibration_dtype=False,
+    )
+    add_deprecated_alias(p, "--text", "--calibration", metavar="FILE")
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
     p.add_argument("--lr", type=number, default=1e-4, help="peak learning rate, at most 1 (1e-4)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (8)")
-    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (128)")
     p.add_argument("--warmup", type=integer, help="warm-up steps (default: a tenth of --steps)")
     p.add_argument("--weight-decay", type=number, default=0.0, help="AdamW weight decay, 0-1 (0)")
     p.add_argument("--seed", type=integer, default=0, help="seed for windows and LoRA init (0)")
@@ -169,9 +158,8 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--train-dtype", default="float32", help="dtype to train in (float32)")
     _score_options(p)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if any)")
-    p.add_argument("--threads", type=thread_count, help="torch CPU threads")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_compute_options(p)
+    add_json_option(p)
     add_output_options(p)
     add_model_options(p, runs_models=True)
     p.set_defaults(func=_run_heal)
@@ -309,14 +297,17 @@ def _run_prune(args: argparse.Namespace) -> None:
 
 
 def _run_heal(args: argparse.Namespace) -> None:
+    from splice.errors import SpliceError
     from splice.surgery.heal import heal
 
+    if args.calibration is None:
+        raise SpliceError("heal: give the training text with --calibration FILE")
     args.dry_run = False
     _check_scoring(args)
     result = heal(
         args.model,
         args.out,
-        text=args.text,
+        text=args.calibration,
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,

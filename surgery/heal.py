@@ -252,7 +252,7 @@ def heal(
     and write it to ``out``; returns the plan and its :class:`HealReport` (see the module
     docstring). ``dtype``: the output's (default: each tensor's own)."""
     from splice.devices import resolve_device
-    from splice.modeling import load_causal_lm, load_tokenizer
+    from splice.modeling import check_runnable, load_causal_lm, load_tokenizer
     from splice.scoring import check_window, read_text, text_ids
 
     opts = options or ExecOptions()
@@ -280,14 +280,14 @@ def heal(
 
     def plan(_: Any) -> SurgeryResult:
         """Everything after the options, with ``out`` claimed: read, train, plan."""
-        ckpt.validate()
+        check_runnable(ckpt, trust_remote_code=trust_remote_code)
         layers, record = trained_layers(ckpt, only_new_layers, train_layers)
         if lora is not None:
             check_lora_rank(ckpt, layers, lora)
-        raw = read_text(text, option="--text")
+        raw = read_text(text, option="--calibration")
         tok = load_tokenizer(ckpt.path, trust_remote_code=trust_remote_code)
         ids = text_ids(tok, raw, max_tokens=max_tokens)
-        check_window(seq_len, seq_len, int(ids.numel()), what=f"--text {text}")
+        check_window(seq_len, seq_len, int(ids.numel()), what=f"--calibration {text}")
         max_pos = ckpt.config.get("max_position_embeddings")
         if max_pos and seq_len > max_pos:
             raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")

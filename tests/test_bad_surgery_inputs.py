@@ -84,7 +84,7 @@ def argv(inputs: dict[str, Path], out: Path, args: list) -> list:
 
 #: each verb with the least it needs to run; calibration windows of 16 tokens
 VERBS = {
-    "heal": ["heal", "MODEL", "OUT", "--text", "TEXT", "--steps", "2", "--seq-len", "16",
+    "heal": ["heal", "MODEL", "OUT", "--calibration", "TEXT", "--steps", "2", "--seq-len", "16",
              "--batch-size", "2", "--device", "cpu"],
     "upscale": ["upscale", "MODEL", "OUT", "--solar", "1", "--seq-len", "16"],
     "upscale_yi": ["upscale", "MODEL", "OUT", "--yi", "1", "--calibration", "TEXT",
@@ -183,7 +183,7 @@ FILES = [
     for verb in ("heal", "upscale", "prune", "slice", "collapse")
     for extra, needle in SCORING
 ] + [
-    ("heal", ["--text", "MISSING"], "--text"),
+    ("heal", ["--calibration", "MISSING"], "--calibration"),
     ("upscale_yi", ["--calibration", "MISSING"], "missing.txt: no such calibration file"),
     ("prune", ["--calibration", "MISSING"], "missing.txt: no such calibration file"),
     ("slice", ["--calibration", "MISSING"], "missing.txt: no such calibration file"),

@@ -92,7 +92,7 @@ def test_moe_heals_full_and_lora(tiny_models, text, tmp_path):
 
 def test_cli_heal_with_scores(tiny_models, text, tmp_path, capsys):
     src = tiny_models["gemma"]
-    args = ["heal", str(src), str(tmp_path / "h"), "--text", str(text), "--steps", "2"]
+    args = ["heal", str(src), str(tmp_path / "h"), "--calibration", str(text), "--steps", "2"]
     opts = ["--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--ppl", str(text)]
     assert main([*args, *opts, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -108,12 +108,12 @@ def test_cli_heal_with_scores(tiny_models, text, tmp_path, capsys):
         (["--lora-alpha", "4"], "--lora-alpha needs --lora R"),
         (["--seq-len", "5000"], "is too short: 2001 tokens, fewer than one window of 5000"),
         (["--steps", "0"], "'0' must be 1 or more"),
-        (["--text", "MISSING"], "no such text file"),
+        (["--calibration", "MISSING"], "no such text file"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, message, tiny_models, text, tmp_path, capsys):
     args = [str(tmp_path / a) if a == "MISSING" else a for a in args]
-    base = ["heal", str(tiny_models["llama"]), str(tmp_path / "o"), "--text", str(text)]
+    base = ["heal", str(tiny_models["llama"]), str(tmp_path / "o"), "--calibration", str(text)]
     rest = ["--steps", "1"] if "--steps" not in args else []
     code = main([*base, *rest, *args, "--device", "cpu"])
     err = capsys.readouterr().err

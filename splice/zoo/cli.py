@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import Parser, add_model_options, checked, integer, positive_int, print_json
+from splice.cli import (
+    Parser,
+    add_json_option,
+    add_model_options,
+    add_scoring_options,
+    checked,
+    integer,
+    print_json,
+)
 from splice.zoo.build import MAX_STEPS_SCALE, check_seed, check_steps_scale
 
 
@@ -43,14 +51,13 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     e = verbs.add_parser("eval", help="score models on the zoo's tasks (lm-eval, in process)")
     e.add_argument("models", nargs="+", metavar="MODEL", help="model folders")
-    e.add_argument(
-        "--tasks",
-        help="comma-separated: zoo_math, zoo_lang, zoo_math_lang (report splits), their "
+    add_scoring_options(
+        e,
+        tasks="comma-separated: zoo_math, zoo_lang, zoo_math_lang (report splits), their "
         "*_fit fitness splits and *_gen twins, or all (default: the three report splits)",
+        limit=True,
     )
-    e.add_argument("--zoo", help="built zoo whose tasks to use (default: the shared zoo)")
-    e.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
-    e.add_argument("--json", action="store_true", help='print {"<model>": {"<task>": acc}}')
+    add_json_option(e, 'print {"<model>": {"<task>": acc}}')
     e.add_argument("--no-progress", action="store_true", help="no progress output")
     add_model_options(e, runs_models=True)
     e.set_defaults(func=_run_eval)
