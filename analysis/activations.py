@@ -88,7 +88,6 @@ def analyze_activations(
         include_path=include_path,
         show_progress=show_progress,
         final_norm=final_norm,
-        dtype_option="--dtype",
     )
     run = measure_layers(
         model,

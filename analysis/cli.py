@@ -17,6 +17,7 @@ from splice.cli import (
     Parser,
     add_calibration_options,
     add_compute_options,
+    add_deprecated_alias,
     add_json_option,
     add_model_options,
     positive_int,
@@ -100,9 +101,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "or 'zoo:both' (English and Zeta)",
         seq_len_type=_seq_len,
         seq_len_help="tokens per window, 2 or more (default 128)",
-        calibration_dtype=False,
     )
-    a.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    add_deprecated_alias(a, "--dtype", "--calibration-dtype")
     a.add_argument(
         "--last-before-norm",
         action="store_true",
@@ -266,7 +266,7 @@ def _run_activations(args: argparse.Namespace) -> None:
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         device=device,
-        dtype=args.dtype,
+        dtype=args.calibration_dtype,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,
@@ -308,7 +308,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         device=device,
-        dtype=args.dtype,
+        dtype=args.calibration_dtype,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,

@@ -471,7 +471,6 @@ def compare_activations(
         dtype=dtype,
         include_path=include_path,
         show_progress=show_progress,
-        dtype_option="--dtype",
     )
     dtype, device = calib.dtype, calib.device
     text = calibration_text(calibration, include_path=include_path)

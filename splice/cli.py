@@ -406,7 +406,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_compute_options(
         p, threads_help="torch CPU threads (default: one for a small model, torch's otherwise)"
     )
-    p.add_argument("--dtype", default="float32", help="dtype to run the models in (float32)")
+    p.add_argument(
+        "--compute-dtype",
+        default="float32",
+        help="dtype to run the models in (default float32)",
+    )
+    add_deprecated_alias(p, "--dtype", "--compute-dtype")
     add_json_option(p, 'print {"<model>": {"ppl": ..., ...}}')
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     add_model_options(p, runs_models=True)
@@ -426,7 +431,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         device=args.device,
-        dtype=args.dtype,
+        dtype=args.compute_dtype,
         zoo=args.zoo,
         limit=args.limit,
         show_progress=not args.no_progress and sys.stderr.isatty(),

@@ -106,7 +106,7 @@ def measure_layers(
     if not (np.isfinite(stats.angles).all() and np.isfinite(stats.io_cos_all).all()):
         raise SpliceError(
             f"{ckpt.path}: hidden states became NaN or inf running it in {dtype}"
-            + ("; try --dtype float32" if dtype != "float32" else "")
+            + ("; try --calibration-dtype float32" if dtype != "float32" else "")
         )
     meta = {
         "calibration": str(calibration),

@@ -209,7 +209,7 @@ def evaluate(
     if text is None and tasks is None:
         raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
     device = resolve_device(device)
-    dtype = float_dtype(dtype)
+    dtype = float_dtype(dtype, "--compute-dtype")
     if not isinstance(models, Mapping):
         models = {str(m): m for m in models}
     inputs = check_scoring(

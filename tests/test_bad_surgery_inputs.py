@@ -137,7 +137,7 @@ NUMBERS = [
     ("collapse", ["--ridge", "1e300"], "--ridge must be a finite number from 0 to 100"),
     ("collapse", ["--calibration-dtype", "int8"], "--calibration-dtype int8: the model runs"),
     ("collapse", ["--dtype", "int8"], "--dtype int8: weights can be converted to"),
-    ("eval", ["--dtype", "int8"], "--dtype int8: the model runs in float32"),
+    ("eval", ["--compute-dtype", "int8"], "--compute-dtype int8: the model runs in float32"),
     ("eval", ["--seq-len", "100"], "seq_len 100 exceeds the model's 64 positions"),
     ("eval", ["--stride", "99"], "stride 99 is longer than the window (16 tokens)"),
     ("activations", ["--threads", "10000000000"], "'10000000000' must be at most"),

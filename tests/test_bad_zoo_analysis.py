@@ -313,8 +313,9 @@ def test_bad_devices(models, tmp_path, capsys, device):
 
 
 def test_bad_activation_dtype(models, capsys):
-    fails(capsys, act(models["clean"], models["text"], "--dtype", "int8"), "--dtype int8")
-    fails(capsys, act(models["clean"], models["text"], "--dtype", "f7"), "unknown dtype")
+    argv = act(models["clean"], models["text"], "--calibration-dtype")
+    fails(capsys, [*argv, "int8"], "--calibration-dtype int8")
+    fails(capsys, [*argv, "f7"], "unknown dtype")
 
 
 # ---- 6. zoo build --steps-scale ------------------------------------------------------------------

@@ -27,7 +27,7 @@ DIFFERENT = {
     "--workers": "merge: tensors in flight (default 2); evolve: scoring processes (default 1)",
     "--top-k": "analyze tasks: a fraction of entries; collapse: experts per token",
     "--max-tokens": "eval: score only the first N tokens; heal: text tokens read (default 2M)",
-    "--dtype": "output dtype; eval and analyze activations: the run dtype (see the xfail below)",
+    "--dtype": "the output dtype everywhere, with each writer's own default and help text",
     "--seq-len": "analyze activations needs 2 or more (its first token is excluded)",
     "--device": "merge defaults to cpu, evolve to its config's (test_device_default)",
 }
@@ -150,13 +150,6 @@ def test_evolve_takes_json():
     assert _action("evolve", "--json").default is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eval's and analyze activations' --dtype is the dtype to run the model in, not an "
-    "output dtype; the target is --calibration-dtype for analyze activations (a --dtype alias) "
-    "and a run-dtype name for eval, with the messages of splice/scoring.py, "
-    "analysis/activations.py and analysis/compare.py (dtype_option) renamed to match",
-)
 def test_dtype_is_the_output_dtype_everywhere():
     """``--dtype`` only on verbs that write a checkpoint (which also take --max-shard-size)."""
     for verb, _ in OPTIONS["--dtype"]:
