@@ -1,9 +1,10 @@
 """``splice <verb>``: a thin command line over the public functions.
 
-Verbs are found through the ``splice.commands`` entry-point group (see pyproject.toml), so each
-subpackage declares its own verbs and the core imports none of them. An entry point names a
-function ``add(subparsers)`` that adds one subparser and sets ``func`` to a handler
-``(args) -> int | None``. Only the verb being run is imported.
+:data:`VERBS` is the table of splice's verbs: each names, as ``"module:function"``, a function
+``add(subparsers)`` that adds one subparser and sets ``func`` to a handler
+``(args) -> int | None``. Only the verb being run is imported (by name: the core imports no
+subpackage). Other installed packages may add verbs through the ``splice.commands`` entry-point
+group; a built-in name cannot be taken.
 
 Any :class:`SpliceError` becomes one line on stderr and exit code 2; a Python warning, one
 ``splice: warning:`` line. SIGTERM and SIGHUP are
@@ -24,6 +25,23 @@ from typing import Any, NoReturn
 
 from splice.errors import SpliceError
 
+#: the verbs, in the order ``splice --help`` lists them: name -> "module:function" adding its
+#: subparser (imported only when that verb runs)
+VERBS: dict[str, str] = {
+    "inspect": "splice.cli:add_inspect",
+    "convert": "splice.cli:add_convert",
+    "merge": "splice.merge.cli:add",
+    "analyze": "splice.analysis.cli:add",
+    "upscale": "splice.surgery.cli:add_upscale",
+    "prune": "splice.surgery.cli:add_prune",
+    "heal": "splice.surgery.cli:add_heal",
+    "slice": "splice.surgery.cli:add_slice",
+    "collapse": "splice.surgery.cli:add_collapse",
+    "eval": "splice.cli:add_eval",
+    "zoo": "splice.zoo.cli:add",
+    "evolve": "splice.evolve.cli:add",
+}
+#: entry-point group through which other packages add verbs
 GROUP = "splice.commands"
 
 
@@ -62,10 +80,27 @@ def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
     print(f"splice: warning: {message}", file=sys.stderr)
 
 
+class _Verb:
+    """A verb of :data:`VERBS`, loaded on demand (the interface of an entry point's ``load``)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def load(self) -> Callable[[argparse._SubParsersAction], None]:
+        import importlib
+
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
 def _verbs() -> dict[str, Any]:
+    """Every verb: :data:`VERBS`, then those other packages declare (``splice.commands``)."""
     from splice.registry import entry_points_of
 
-    return entry_points_of(GROUP)
+    verbs: dict[str, Any] = {name: _Verb(target) for name, target in VERBS.items()}
+    for name, ep in entry_points_of(GROUP).items():
+        verbs.setdefault(name, ep)
+    return verbs
 
 
 def build_parser(only: str | None = None) -> Parser:
@@ -81,7 +116,7 @@ def build_parser(only: str | None = None) -> Parser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     sub.required = True
     verbs = _verbs()
-    for name in sorted(verbs) if only is None or only not in verbs else [only]:
+    for name in list(verbs) if only is None or only not in verbs else [only]:
         verbs[name].load()(sub)
     return parser
 

@@ -35,6 +35,30 @@ def test_subpackages_import_from_a_plain_checkout(tmp_path):
     assert Path(surgery) == ROOT / "surgery" / "__init__.py"
 
 
+def test_the_cli_runs_from_a_plain_checkout(tmp_path):
+    """Every verb of the table loads without an install (no entry points exist then)."""
+    libs = ":".join(site.getsitepackages())
+    proc = subprocess.run(
+        [sys.executable, "-S", "-m", "splice.cli", "merge", "--help"],
+        env={"PYTHONPATH": f"{ROOT}:{libs}", "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "usage: splice merge" in proc.stdout, proc.stderr[-2000:]
+    code = "from splice import cli; print(sorted(cli._verbs()) == sorted(cli.VERBS))"
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={"PYTHONPATH": f"{ROOT}:{libs}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
 def test_only_the_four_subpackages_are_mapped():
     from splice._checkout import CheckoutFinder
 

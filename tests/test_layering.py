@@ -1,7 +1,8 @@
 """Dependencies point inward, checked on every import statement (module level and inside
 functions): the core (``splice/``) imports none of the subpackages; ``analysis``, ``merge`` and
-``surgery`` import only the core; ``evolve`` may also import ``merge`` and ``analysis``. What the
-core runs of a subpackage goes through entry points the subpackage declares. And no code imports
+``surgery`` import only the core; ``evolve`` may also import ``merge`` and ``analysis``. The
+core reaches what it runs of a subpackage by name only (the CLI's verb table, entry points). And
+no code imports
 a subpackage by its folder name (``import merge``), which would load it twice."""
 
 from __future__ import annotations
@@ -67,16 +68,23 @@ def test_dependencies_point_inward():
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(set(bad)))
 
 
-def test_the_core_reaches_subpackages_through_declared_entry_points():
-    """What the core runs of a subpackage (CLI verbs, the zoo's merge check) is declared in
-    pyproject.toml and loads to the subpackage's own object."""
+def test_the_core_reaches_subpackages_by_name_only():
+    """What the core runs of a subpackage is named, never imported by the core's code: the
+    zoo's merge check through an entry point declared in pyproject.toml, the CLI's verbs through
+    its table (``splice.cli.VERBS``); each loads to the subpackage's own object."""
+    from splice import cli
     from splice.merge import merge_into
     from splice.registry import plugin
+    from splice.surgery.cli import add_upscale
 
     assert plugin("splice.zoo", "merge_into") is merge_into
-    assert callable(plugin("splice.commands", "upscale"))
     with pytest.raises(SpliceError, match="no entry point 'nope'"):
         plugin("splice.zoo", "nope")
+    verbs = cli._verbs()
+    assert list(verbs)[: len(cli.VERBS)] == list(cli.VERBS)
+    assert verbs["upscale"].load() is add_upscale
+    for name, verb in verbs.items():
+        assert callable(verb.load()), name
 
 
 def test_no_subpackage_is_imported_by_its_folder_name():
