@@ -101,11 +101,12 @@ class LayerPlan:
         spec = donor_ckpt.arch
         cfg = dict(donor_ckpt.config)
         cfg[spec.num_layers_key] = len(self.layers)
-        for key in spec.config_keys.get("per_layer", []):
+        for key in per_layer_keys(donor_ckpt):
             values = []
             for ref in self.layers:
-                src = models[ref.model].config.get(key)
-                if not isinstance(src, list) or ref.layer >= len(src):
+                ckpt = models[ref.model]
+                src = ckpt.config.get(key)
+                if not isinstance(src, list) or len(src) != ckpt.num_layers:
                     values = None
                     break
                 values.append(src[ref.layer])
@@ -115,3 +116,30 @@ class LayerPlan:
                 del cfg[key]  # let transformers rebuild its default for the new depth
         cfg["tie_word_embeddings"] = models[self.head_model].tied
         return cfg
+
+
+#: config keys holding one value per layer in some family, whatever the layer count
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+#: list-valued config keys that are never per layer, even when as long as the layer count
+_NOT_PER_LAYER = ("architectures",)
+
+
+def per_layer_keys(ckpt: Checkpoint) -> list[str]:
+    """The config keys of ``ckpt`` that hold one value per layer: its spec's ``per_layer``
+    keys, the known ones (``layer_types``: sliding / full attention per layer, in Qwen3,
+    Gemma 2/3, OLMo 3, Cohere 2, SmolLM3, EXAONE 4, gpt-oss, ...; ``no_rope_layers``), and any
+    other top-level list exactly as long as the layer count (two or more layers; token ids and
+    ``architectures`` excepted). A layer map must carry each along, or transformers refuses the
+    output (``num_hidden_layers`` ... must be equal to the number of ``layer_types``)."""
+    n = ckpt.num_layers
+    keys = [*ckpt.arch.config_keys.get("per_layer", []), *PER_LAYER_KEYS]
+    if n >= 2:
+        keys += [
+            k
+            for k, v in ckpt.config.items()
+            if isinstance(v, list)
+            and len(v) == n
+            and k not in _NOT_PER_LAYER
+            and not k.endswith(("_token_id", "_token_ids"))
+        ]
+    return [k for k in dict.fromkeys(keys) if k in ckpt.config]
