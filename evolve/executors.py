@@ -123,10 +123,11 @@ class RayActors:
             try:
                 ray.init(address=address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-                from splice.errors import SpliceError
+                from splice.errors import SpliceError, first_line
 
-                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise SpliceError(f"--ray {address}: cannot join the cluster ({line})") from None
+                raise SpliceError(
+                    f"--ray {address}: cannot join the cluster ({first_line(e)})"
+                ) from None
         gpu = config.device.startswith("cuda")
         device = "cuda" if gpu else config.device
         actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_RayWorker)

@@ -223,10 +223,11 @@ def prepare(
     sources = _sources(config, device, allow_pickle)
     genome = build_genome(config, sources)
     popsize = popsize_of(config, genome)
-    total = planned_generations(config, popsize) * popsize
+    generations = planned_generations(config, popsize)
+    total = generations * popsize
     if total > MAX_CANDIDATES:
         raise SpliceError(
-            f"search: {planned_generations(config, popsize)} generations of {popsize} "
+            f"search: {generations} generations of {popsize} "
             f"candidates is {total:,} candidates, more than {MAX_CANDIDATES:,}; lower "
             "search.generations, search.max_fevals or search.popsize"
         )
@@ -280,7 +281,8 @@ def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str
 # ---- the run folder --------------------------------------------------------------------------------
 def _write(path: Path, data: bytes) -> None:
     """Write ``path`` atomically: a temporary file beside it, then ``os.replace``. A full or
-    read-only disk is one line, and leaves neither the temporary file nor a partial ``path``."""
+    read-only disk is one line (``splice.target.os_error``), and leaves neither the temporary
+    file nor a partial ``path``: the file is as it was before."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -289,12 +291,11 @@ def _write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
+        from splice.target import os_error
+
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise SpliceError(
-            f"{path}: cannot write ({e.strerror or type(e).__name__}); "
-            f"{path.name} is as it was before"
-        ) from None
+        raise os_error(path, e, "write") from None
 
 
 def _clean_leftovers(run: Path) -> None:

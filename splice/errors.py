@@ -17,3 +17,10 @@ class SpliceError(Exception):
 class SpliceWarning(UserWarning):
     """Something splice did that the user may not expect (a recipe key it ignored, as mergekit
     does); the CLI prints it as one ``splice: warning:`` line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when it has none: what a one-line
+    error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -111,8 +111,7 @@ def load_causal_lm(
             weights_only=True,
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpliceError(f"{path}: cannot load as a causal LM ({first})") from None
+        raise SpliceError(f"{path}: cannot load as a causal LM ({first_line(e)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -123,8 +122,9 @@ def load_causal_lm(
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:  # e.g. out of device memory
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpliceError(f"--device {device}: cannot move the model there ({first})") from None
+        raise SpliceError(
+            f"--device {device}: cannot move the model there ({first_line(e)})"
+        ) from None
     return model.eval()
 
 
@@ -142,12 +142,10 @@ def load_tokenizer(
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
     except ValueError as e:
         if trust_remote_code or "trust_remote_code" not in str(e):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SpliceError(f"{label}: cannot load its tokenizer ({first})") from None
+            raise SpliceError(f"{label}: cannot load its tokenizer ({first_line(e)})") from None
         raise SpliceError(
             f"{label}: its tokenizer needs its own code (auto_map in tokenizer_config.json); "
             "pass --trust-remote-code to run it"
         ) from None
     except (OSError, KeyError, TypeError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpliceError(f"{label}: cannot load its tokenizer ({first})") from None
+        raise SpliceError(f"{label}: cannot load its tokenizer ({first_line(e)})") from None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, first_line
 from splice.registry import Registry
 
 if TYPE_CHECKING:
@@ -83,8 +83,7 @@ def _lm_eval_text(task: str, include_path: str | None) -> str:
         manager = TaskManager(include_path=include_path)
         tasks = manager.load([task])["tasks"]
     except Exception as e:  # lm-eval raises many types for unknown tasks / missing datasets
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpliceError(f"lm-eval task {task!r} cannot be loaded ({first})") from None
+        raise SpliceError(f"lm-eval task {task!r} cannot be loaded ({first_line(e)})") from None
     texts = []
     for t in tasks.values():
         for doc in t.eval_docs:
