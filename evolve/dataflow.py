@@ -33,6 +33,8 @@ import numpy as np
 from splice.errors import SpliceError
 from splice.evolve.config import GenomeSpec
 from splice.evolve.genome import GENOMES, _label
+from splice.layer_config import mapped_config
+from splice.layerplan import LayerRef
 
 if TYPE_CHECKING:
     import torch
@@ -161,7 +163,7 @@ class PathModels:
     """Every source as a live module (loaded once from the resident sources); :meth:`build`
     returns the donor's module with its decoder layers replaced by the path's (shared modules,
     each behind a ``Step``: its scale and its own KV-cache slot) and its config's layer count
-    (and ``layer_types``) set."""
+    and per-layer fields (``layer_types``, ...) set as the written output's would be."""
 
     def __init__(
         self,
@@ -190,10 +192,7 @@ class PathModels:
             merge_into(module, p, {ref: ckpt}, options)
             self.modules[ref] = module
             self.layers[ref] = list(module.get_submodule(self.container))
-        self._types = {
-            ref: list(getattr(m.config, "layer_types", None) or [])
-            for ref, m in self.modules.items()
-        }
+        self.sources = dict(sources)
         self.shell = self.modules[donor]
         self.Step = _step_class()
 
@@ -208,10 +207,12 @@ class PathModels:
         parent, _, attr = self.container.rpartition(".")
         owner = self.shell.get_submodule(parent) if parent else self.shell
         setattr(owner, attr, torch.nn.ModuleList(layers))
+        refs = [LayerRef(s["model"], int(s["layer"])) for s in steps]
+        mapped = mapped_config(self.sources, refs, self.donor)
         cfg = self.shell.config
-        cfg.num_hidden_layers = len(layers)
-        if self._types[self.donor]:
-            cfg.layer_types = [
-                (self._types[s["model"]] or self._types[self.donor])[s["layer"]] for s in steps
-            ]
+        for key, value in mapped.items():  # the layer count and every per-layer field
+            if getattr(cfg, key, None) != value and (
+                key == self.sources[self.donor].arch.num_layers_key or isinstance(value, list)
+            ):
+                setattr(cfg, key, value)
         return self.shell

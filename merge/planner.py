@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from splice.arch import ArchSpec
+from splice.arch import GLOBAL_GROUPS, ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.errors import SpliceError
@@ -451,18 +451,26 @@ def plan_merge(
             problems.add(f"slice {i}: sources span different numbers of layers {sorted(lengths)}")
     problems.raise_if_any()
 
-    donor_ckpt = ckpts[donor]
-    spec = donor_ckpt.arch
     tasks: list[TensorTask] = []
 
-    def global_task(role: str, slc: _Slice, out_name: str) -> None:
-        inputs = [(s, _name_in(ckpts[s.model], spec, role)) for s in slc.sources]
-        by_token = vocab if role in ("embed", "head") else None
-        task = _merge_task(ctx, slc, out_name, inputs, 0.0, by_token)
-        if task is not None:
-            tasks.append(task)
+    def global_tasks(groups: tuple[str, ...], slc: _Slice) -> None:
+        """The donor's tensors outside the layers of ``groups``, each merged from the slice's
+        sources: a role's main weight by role (a tied head reads the embedding), anything else
+        (biases, unclassified tensors) by its own name."""
+        for out_name in donor_ckpt.global_names(*groups):
+            role = spec.parse(out_name).group
+            main = role in GLOBAL_GROUPS and out_name == spec.globals_of(role)[0]
+            inputs = [
+                (s, _name_in(ckpts[s.model], spec, role) if main else out_name) for s in slc.sources
+            ]
+            by_token = vocab if main and role in ("embed", "head") else None
+            task = _merge_task(ctx, slc, out_name, inputs, 0.0, by_token)
+            if task is not None:
+                tasks.append(task)
 
-    global_task("embed", slices[0], spec.embed)
+    donor_ckpt = ckpts[donor]
+    spec = donor_ckpt.arch
+    global_tasks(("embed", "other"), slices[0])
     out_layer = 0
     layer_sources: list[LayerRef] = []
     for slc in slices:
@@ -481,9 +489,7 @@ def plan_merge(
                 if task is not None:
                     tasks.append(task)
             out_layer += 1
-    global_task("final_norm", slices[-1], spec.final_norm)
-    if not donor_ckpt.tied:
-        global_task("head", slices[-1], spec.lm_head)
+    global_tasks(("final_norm", "head"), slices[-1])
     problems.raise_if_any()
     check_fit(tasks, ckpts, donor, vocab is not None, problems)
     problems.raise_if_any()

@@ -184,6 +184,14 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 index.setdefault(layer, []).append(name)
         return dict(sorted(index.items()))
 
+    def global_names(self, *groups: str) -> list[str]:
+        """Tensors outside the layers whose group (``embed``, ``final_norm``, ``head``,
+        ``other``) is one of ``groups``, in storage order."""
+        spec = self.arch
+        return [
+            n for n in self.tensors if spec.layer_of(n) is None and spec.parse(n).group in groups
+        ]
+
     @property
     def num_layers(self) -> int:
         """Layers present in the weights (not just claimed by the config)."""

@@ -19,9 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError
 from splice.execute import TensorTask
+from splice.layer_config import mapped_config
 
 
 @dataclass(frozen=True)
@@ -79,67 +81,33 @@ class LayerPlan:
         def task(out: str, model: str, name: str, scale: float = 1.0) -> TensorTask:
             return TensorTask.copy(out, model, name, models[model][name], dtype=dtype, scale=scale)
 
-        tasks = [task(spec.embed, self.embed_model, spec.embed)]
+        # the embedding (and any tensor outside the layers no spec classifies) comes from the
+        # embedding model, the final norm and head (with their biases) from the head model
+        tasks = [task(n, self.embed_model, n) for n in embed_ckpt.global_names("embed", "other")]
         for j, (ref, div) in enumerate(zip(self.layers, self.divisors(), strict=True)):
             ckpt = models[ref.model]
             for name in ckpt.layer_index[ref.layer]:
                 out = ckpt.arch.rename(name, layer=j)
                 scale = 1.0 / div if ckpt.arch.is_residual_writer(name) else 1.0
                 tasks.append(task(out, ref.model, name, scale))
-        hspec = head_ckpt.arch
-        tasks.append(task(spec.final_norm, self.head_model, hspec.final_norm))
-        if not head_ckpt.tied:
-            tasks.append(task(spec.lm_head, self.head_model, hspec.lm_head))
+        for name in head_ckpt.global_names("final_norm", "head"):
+            tasks.append(task(global_out_name(spec, head_ckpt.arch, name), self.head_model, name))
         return tasks
 
     def config(self, models: Mapping[str, Checkpoint], donor: str | None = None) -> dict[str, Any]:
-        """Output config: the donor's (default: the embedding model's) with the new layer count.
-
-        Per-layer config lists (e.g. ``layer_types``) take each layer's value from its source.
-        """
-        donor_ckpt = models[donor or self.embed_model]
-        spec = donor_ckpt.arch
-        cfg = dict(donor_ckpt.config)
-        cfg[spec.num_layers_key] = len(self.layers)
-        for key in per_layer_keys(donor_ckpt):
-            values = []
-            for ref in self.layers:
-                ckpt = models[ref.model]
-                src = ckpt.config.get(key)
-                if not isinstance(src, list) or len(src) != ckpt.num_layers:
-                    values = None
-                    break
-                values.append(src[ref.layer])
-            if values is not None:
-                cfg[key] = values
-            elif key in cfg:
-                del cfg[key]  # let transformers rebuild its default for the new depth
+        """Output config: the donor's (default: the embedding model's) with the new layer count
+        and every per-layer field mapped by the layers (:func:`splice.layer_config.mapped_config`)."""
+        cfg = mapped_config(models, self.layers, donor or self.embed_model)
         cfg["tie_word_embeddings"] = models[self.head_model].tied
         return cfg
 
 
-#: config keys holding one value per layer in some family, whatever the layer count
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-#: list-valued config keys that are never per layer, even when as long as the layer count
-_NOT_PER_LAYER = ("architectures",)
-
-
-def per_layer_keys(ckpt: Checkpoint) -> list[str]:
-    """The config keys of ``ckpt`` that hold one value per layer: its spec's ``per_layer``
-    keys, the known ones (``layer_types``: sliding / full attention per layer, in Qwen3,
-    Gemma 2/3, OLMo 3, Cohere 2, SmolLM3, EXAONE 4, gpt-oss, ...; ``no_rope_layers``), and any
-    other top-level list exactly as long as the layer count (two or more layers; token ids and
-    ``architectures`` excepted). A layer map must carry each along, or transformers refuses the
-    output (``num_hidden_layers`` ... must be equal to the number of ``layer_types``)."""
-    n = ckpt.num_layers
-    keys = [*ckpt.arch.config_keys.get("per_layer", []), *PER_LAYER_KEYS]
-    if n >= 2:
-        keys += [
-            k
-            for k, v in ckpt.config.items()
-            if isinstance(v, list)
-            and len(v) == n
-            and k not in _NOT_PER_LAYER
-            and not k.endswith(("_token_id", "_token_ids"))
-        ]
-    return [k for k in dict.fromkeys(keys) if k in ckpt.config]
+def global_out_name(spec: ArchSpec, source: ArchSpec, name: str) -> str:
+    """The output's name (``spec``) of a source's global tensor (``source``): a role's main
+    weight by role (an ``--allow-crimes`` donor of another family names it differently), any
+    other tensor by its own name."""
+    for group in ("embed", "final_norm", "head"):
+        mains = source.globals_of(group)
+        if mains and name == mains[0]:
+            return spec.globals_of(group)[0] if spec.globals_of(group) else name
+    return name

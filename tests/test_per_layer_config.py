@@ -140,7 +140,7 @@ def test_a_passthrough_merge_maps_the_per_layer_fields(source, tmp_path):
 def test_the_per_layer_keys_of_a_config():
     from types import SimpleNamespace
 
-    from splice.layerplan import per_layer_keys
+    from splice.layer_config import per_layer_keys
 
     config = {
         "layer_types": ["a", "b"],

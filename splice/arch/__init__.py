@@ -9,8 +9,22 @@ when the layer or expert count changes. Surgery and data-flow merges only ever n
 ``spec.residual_dims(name, ndim)`` and ``spec.feeding_norm(name)`` are all that slicing and norm
 folding need, with no tensor-name tests in code.
 
+A spec's JSON fields: ``embed`` / ``final_norm`` / ``lm_head`` (the weight of each global
+role) and ``global_tensors`` (further tensors of a role: ``{"final_norm": ["….bias"], "head":
+["lm_head.bias"]}``); ``layer_prefix`` and ``layer_tensors`` / ``optional_layer_tensors`` (kinds
+by group; hybrid families list each mixer's kinds as optional, since a layer has one of them);
+``norm`` (``kind``: ``rms`` | ``layer``, LayerNorm with mean-centering; ``offset``: 1.0 where the
+weight is stored as ``w - 1``); ``block``: ``pre_norm`` (norms feed the block, the stream is
+written unnormalised), ``parallel`` (attention and MLP read one norm's output and write the
+stream together), ``post_norm`` (a norm on each block's *output*, none on its input: OLMo 2/3)
+or ``sandwich`` (norms on both sides: Gemma 2/3, GLM-4); ``norm_feeds`` and
+``residual_writers`` (the residual stream roles); ``fused``; ``experts``; ``embed_scale``;
+``config_keys`` (``num_layers``; ``per_layer``: config lists with one value per layer;
+``layer_indices``: config lists of layer indices, e.g. LFM2's ``full_attn_idxs``).
+
 Unknown model types fall back to :meth:`ArchSpec.infer`, which finds the ``…layers.{i}.…``
-pattern in the tensor names and warns.
+pattern in the tensor names and warns; every global tensor it cannot classify is ``other``, and
+layer-independent operations copy those as they are.
 """
 
 from __future__ import annotations
@@ -88,6 +102,8 @@ class ArchSpec:
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tied_default: bool = False
     embed_scale: str | None = None
+    global_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    block: str = "pre_norm"
     norm: dict[str, Any] = field(default_factory=lambda: {"kind": "rms", "offset": 0.0})
     config_keys: dict[str, Any] = field(default_factory=dict)
     inferred: bool = False
@@ -122,6 +138,8 @@ class ArchSpec:
             fused={k: tuple(v) for k, v in d.get("fused", {}).items()},
             tied_default=bool(d.get("tied_default", False)),
             embed_scale=d.get("embed_scale"),
+            global_tensors={k: tuple(v) for k, v in d.get("global_tensors", {}).items()},
+            block=d.get("block", "pre_norm"),
             norm=dict(d.get("norm", {"kind": "rms", "offset": 0.0})),
             config_keys=dict(d.get("config_keys", {})),
             inferred=inferred,
@@ -182,10 +200,16 @@ class ArchSpec:
                 kinds["mlp"].append(kind)
             else:
                 kinds["other"].append(kind)
-        globals_ = [n for n in names if not rx.match(n)]
+        globals_ = sorted((n for n in names if not rx.match(n)), key=_weights_first)
         embed = next((n for n in globals_ if "embed" in n or "wte" in n), "")
         head = next((n for n in globals_ if "lm_head" in n), "lm_head.weight")
         norm = next((n for n in globals_ if "norm" in n or "ln_f" in n), "")
+        extra = {  # the rest of the head's and the final norm's module (biases)
+            group: tuple(
+                n for n in globals_ if n != main and main and _module_of(n) == _module_of(main)
+            )
+            for group, main in (("final_norm", norm), ("head", head))
+        }
         return ArchSpec(
             model_type=model_type,
             embed=embed,
@@ -193,6 +217,7 @@ class ArchSpec:
             lm_head=head,
             layer_prefix=layer_prefix,
             layer_tensors={k: tuple(v) for k, v in kinds.items() if v},
+            global_tensors={k: v for k, v in extra.items() if v},
             inferred=True,
         )
 
@@ -209,6 +234,16 @@ class ArchSpec:
                     groups[kind] = group
         return groups
 
+    def _global_groups(self) -> dict[str, str]:
+        return {n: group for group, names in self.global_tensors.items() for n in names}
+
+    def globals_of(self, group: str) -> tuple[str, ...]:
+        """Every tensor name of a global role (``embed``, ``final_norm``, ``head``): its weight
+        first, then the role's further tensors (biases), e.g. ``("model.final_layernorm.weight",
+        "model.final_layernorm.bias")``."""
+        main = {"embed": self.embed, "final_norm": self.final_norm, "head": self.lm_head}[group]
+        return tuple(n for n in (main, *self.global_tensors.get(group, ())) if n)
+
     def parse(self, name: str) -> TensorName:
         """Classify a tensor name (see :class:`TensorName`)."""
         if name == self.embed:
@@ -219,7 +254,7 @@ class ArchSpec:
             return TensorName("final_norm", name)
         m = self._layer_rx.match(name)
         if not m:
-            return TensorName("other", name)
+            return TensorName(self._global_groups().get(name, "other"), name)
         layer, kind = int(m.group(1)), m.group(2)
         if self.experts is not None:
             e = _compiled(self.experts.prefix, "{e}").match(kind)
@@ -282,24 +317,26 @@ class ArchSpec:
         feeds the head); ``reader``: a linear whose input is the normed stream (q/k/v, gate/up,
         the router, experts' w1/w3), weight ``[out, hidden]``, bias not on the stream;
         ``writer``: a linear whose output is added to the stream (o_proj, down_proj, experts'
-        w2), weight ``[hidden, in]``, bias ``[hidden]``; ``other`` for anything else.
+        w2), weight ``[hidden, in]``, bias ``[hidden]``; ``inner``: a tensor the spec names
+        that never touches the stream (q/k norms over head dims, a convolution's kernel, an
+        activation's parameters), which slicing copies as it is; ``other`` for anything else
+        (a name the spec does not know).
         """
-        if name == self.embed:
-            return "embed"
-        if name == self.lm_head:
-            return "head"
-        if name == self.final_norm:
-            return "final_norm"
+        t = self.parse(name)
+        if t.layer is None:
+            return t.group if t.group in GLOBAL_GROUPS else "other"
         parsed = self._module(name)
         if parsed is None:
             return "other"
         t, module, _ = parsed
-        if t.kind in self.norm_feeds:
-            return "norm"
+        if t.kind in self.norm_feeds or f"{module}.weight" in self.norm_feeds:
+            return "norm"  # a norm's weight, or its bias (LayerNorm families)
         if module in self.residual_writers:
             return "writer"
         if any(module in feeds for feeds in self.norm_feeds.values()):
             return "reader"
+        if t.group not in ("other", "norms"):  # a norm feeding nothing is on the stream
+            return "inner"
         return "other"
 
     def residual_dims(self, name: str, ndim: int) -> tuple[int, ...]:
@@ -309,7 +346,7 @@ class ArchSpec:
         spaces say which side of a tensor lives in the stream)."""
         role = self.role(name)
         if role in ("embed", "head"):
-            return (1,)
+            return (1,) if ndim == 2 else ()  # a head's bias is over the vocabulary
         if role in ("final_norm", "norm"):
             return (0,)
         if role == "reader":
@@ -418,6 +455,15 @@ class ArchSpec:
             if key and value is not None:
                 out[key] = value
         return out
+
+
+def _module_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _weights_first(name: str) -> tuple[bool, str]:
+    """Sort key: a module's ``weight`` before its ``bias`` and other parameters."""
+    return (not name.endswith(".weight"), name)
 
 
 @cache

@@ -1,0 +1,107 @@
+"""The dense and hybrid families splice supports, as tiny random models transformers builds.
+
+``FAMILIES`` maps a ``model_type`` to the config fields that make its tiny model exercise what
+is particular to the family: sliding-window layers short enough to matter on a 12-token input,
+per-layer fields (``layer_types``, ``no_rope_layers``, ``full_attn_idxs``), hybrid layers
+(Qwen3-Next's linear attention, LFM2's convolutions), biases, granite's multipliers, cohere's
+logit scale. :func:`build` saves one such model (float32 safetensors) with every weight
+perturbed, so no two layers and no norm are alike and a wrong layer order shows in the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: sizes shared by every family
+BASE: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+#: model_type -> config fields beyond BASE
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": dict(sliding_window=3),
+    "ministral": dict(sliding_window=3, layer_types=SLIDING),
+    "ministral3": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=3, layer_types=SLIDING),
+    "qwen3": dict(use_sliding_window=True, sliding_window=3, layer_types=SLIDING),
+    "qwen3_next": dict(
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    ),
+    "gemma": dict(tie_word_embeddings=False),
+    "gemma2": dict(sliding_window=3),
+    "gemma3_text": dict(sliding_window=3, layer_types=SLIDING),
+    "phi": {},
+    "phi3": {},
+    "olmo2": {},
+    "olmo3": dict(sliding_window=3),
+    "granite": dict(
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+        logits_scaling=2.0,
+    ),
+    "cohere": dict(logit_scale=0.5, use_qk_norm=True),
+    "cohere2": dict(logit_scale=0.5, sliding_window=3, layer_types=SLIDING),
+    "starcoder2": dict(sliding_window=3),
+    "smollm3": dict(no_rope_layer_interval=2, sliding_window=3),
+    "glm": {},
+    "glm4": {},
+    "exaone4": dict(sliding_window=3, layer_types=SLIDING),
+    "seed_oss": {},
+    "apertus": {},
+    "lfm2": dict(full_attn_idxs=[1, 3], tie_word_embeddings=False),
+}
+
+
+def config(family: str, **overrides: Any) -> Any:
+    """transformers' config object of the tiny ``family`` model."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides})
+
+
+def build(family: str, folder: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random ``family`` model to ``folder`` (float32 safetensors); returns it.
+
+    Every parameter gets ``0.05 * N(0, 1)`` added, so norms are not all ones and layers differ.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(family, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def known(family: str) -> bool:
+    """Whether the installed transformers has this model type."""
+    from transformers import CONFIG_MAPPING
+
+    return family in CONFIG_MAPPING
