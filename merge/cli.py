@@ -57,6 +57,7 @@ def run_cli(args: argparse.Namespace) -> None:
         memory_budget=_size("--memory", args.memory),
         max_shard_size=_size("--max-shard-size", args.max_shard_size),
         overwrite=args.overwrite,
+        verify=not args.no_verify,
         show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         allow_crimes=args.allow_crimes,

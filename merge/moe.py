@@ -296,8 +296,21 @@ def plan_moe(
         config.pop(key, None)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
+    removed: dict[str, dict[str, str]] = {}
+    for key, ck in ckpts.items():  # what the output does not take, by design
+        for name in ck.tensors:
+            mlp = ck.arch.parse(name).kind in to_expert
+            if key == base_key and mlp:
+                removed.setdefault(key, {})[name] = "the base's MLP is replaced by the experts"
+            elif key != base_key and not mlp:
+                removed.setdefault(key, {})[name] = "an expert model gives only its MLP"
     return MergePlan(
-        recipe=recipe, models=dict(ckpts), tasks=tasks, config=config, tokenizer_from=base_key
+        recipe=recipe,
+        models=dict(ckpts),
+        tasks=tasks,
+        config=config,
+        tokenizer_from=base_key,
+        removed=removed,
     )
 
 

@@ -217,12 +217,22 @@ def checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = number) -
     return convert
 
 
-def add_output_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
-    """``OUT``-writing verbs share these: shard size, overwrite, dtype, progress."""
+def add_output_options(
+    p: argparse.ArgumentParser, *, dtype: bool = True, verify: bool = True
+) -> None:
+    """``OUT``-writing verbs share these: shard size, overwrite, dtype, progress, and (verbs
+    that make a new model) ``--no-verify``."""
     p.add_argument(
         "--max-shard-size", default="2GB", help="cap on each safetensors shard (default 2GB)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    if verify:
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="do not check that transformers accepts the output's config and tensors "
+            "(for model types transformers does not know; nothing is lost either way)",
+        )
     if dtype:
         p.add_argument("--dtype", help="output dtype: bfloat16, float16, float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -399,7 +409,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("out", help="output folder (written atomically)")
-    add_output_options(p)
+    add_output_options(p, verify=False)  # a conversion keeps the config and every tensor
     add_model_options(p)
     p.set_defaults(func=_run_convert)
 

@@ -123,6 +123,7 @@ class ExecOptions:
     max_shard_size: str | int = "2GB"
     overwrite: bool = False
     show_progress: bool = True
+    verify: bool = True  # check the output loads in transformers (--no-verify: unknown types)
 
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI, so a notebook gets the same one-line errors."""

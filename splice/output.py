@@ -18,6 +18,7 @@ from typing import Any
 from splice.checkpoint import Checkpoint
 from splice.execute import ExecOptions, TensorTask, execute
 from splice.target import Claim, claim_output
+from splice.verify import check_plan
 
 
 @dataclass(kw_only=True)
@@ -35,6 +36,8 @@ class ModelPlan:
     tokenizer_from: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     card: str | None = None
+    #: input tensors the operation removes on purpose: model key -> {name: why}
+    removed: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def describe(self) -> str:
         """A readable table of the plan (``--dry-run``)."""
@@ -54,6 +57,7 @@ def write_model(
     plan's models are checked as its inputs, nothing is locked again), or a path, claimed here.
     """
     opts = options or ExecOptions()
+    check_plan(plan, verify=opts.verify)
     inputs = [m.path for m in plan.models.values()]
     with claim_output(out, opts.overwrite, inputs=inputs) as claim:
         return execute(

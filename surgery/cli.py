@@ -180,6 +180,7 @@ def _exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
         threads=args.threads,
         max_shard_size=shard,
         overwrite=args.overwrite,
+        verify=not args.no_verify,
         show_progress=not args.no_progress and sys.stderr.isatty(),
     )
 

@@ -500,7 +500,13 @@ def plan_collapse(
     tasks, config = _tasks(ckpt, decisions, opts, dtype, folder)
     if dtype:
         config = config_with_dtype(config, dtype)
-    plan = surgery_plan(report, ckpt, tasks, config, ("collapse", report.method))
+    read = {s.name for t in tasks for s in t.sources}
+    removed = {  # experts merged or pruned away, and the router of a dense result
+        n: "collapsed"
+        for n in ckpt.tensors
+        if n not in read and ckpt.arch.parse(n).group in ("experts", "router")
+    }
+    plan = surgery_plan(report, ckpt, tasks, config, ("collapse", report.method), removed)
     return SurgeryResult(plan, report)
 
 

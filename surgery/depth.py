@@ -83,10 +83,12 @@ def surgery_plan(
     tasks: list[TensorTask],
     config: dict[str, Any],
     tags: Sequence[str] = (),
+    removed: dict[str, str] | None = None,
 ) -> ModelPlan:
     """The output of one surgery on ``ckpt``: ``tasks`` and ``config``, the source's tokenizer,
     the model card (``report``'s title and details, tagged ``surgery`` and ``tags``) and the
-    ``splice_surgery.json`` record."""
+    ``splice_surgery.json`` record; ``removed``: source tensors the surgery drops on purpose
+    (name -> why; whole layers need no entry)."""
     key = str(ckpt.path)
     card = model_card(
         report.title, [report.source], details=report.card_details(), tags=["surgery", *tags]
@@ -98,6 +100,7 @@ def surgery_plan(
         tokenizer_from=key,
         files={RECORD: report.record()},
         card=card,
+        removed={key: dict(removed)} if removed else {},
     )
 
 
