@@ -45,11 +45,12 @@ def _module_class() -> type:
         """``x @ shortcut + block(norm(x))`` after ``x <- x @ proj`` (both optional); with no
         ``block`` (the head boundary) only the projection. ``x``: ``[B, T, width]``."""
 
-        def __init__(self, norm: Any, block: Any, kind: str) -> None:
+        def __init__(self, norm: Any, block: Any, kind: str, scale: float = 1.0) -> None:
             super().__init__()
             self.norm = norm
             self.block = block
             self.kind = kind  # "attn", "mlp" or "head"
+            self.scale = scale  # the block's output multiplier (granite's residual_multiplier)
             self.register_buffer("proj", None, persistent=False)
             self.register_buffer("shortcut", None, persistent=False)
 
@@ -67,7 +68,7 @@ def _module_class() -> type:
             if isinstance(out, (tuple, list)):
                 out = out[0]
             res = x if self.shortcut is None else x @ self.shortcut.to(x.dtype)
-            return res + out
+            return res + (out * self.scale if self.scale != 1.0 else out)
 
     return Block
 
@@ -119,10 +120,13 @@ def _cls(name: str) -> type:
     return _CLASSES[name]
 
 
-def block_modules(layer: Any, norms: list[str], writers: list[str], index: int) -> list[Any]:
+def block_modules(
+    layer: Any, norms: list[str], writers: list[str], index: int, scale: float = 1.0
+) -> list[Any]:
     """The two :class:`Block`s (attention, MLP) of transformers decoder layer ``layer``:
     norm modules named by the spec's ``norm_feeds`` keys, blocks by its residual writers'
-    first path component (``self_attn``, ``mlp``; the MoE block under any of its names)."""
+    first path component (``self_attn``, ``mlp``; the MoE block under any of its names), each
+    block's output multiplied by ``scale`` before the residual add."""
     Block = _cls("Block")
     out = []
     for j, (norm_name, writer) in enumerate(zip(norms, writers, strict=True)):
@@ -136,7 +140,7 @@ def block_modules(layer: Any, norms: list[str], writers: list[str], index: int) 
                 f"layer {index}: no module {norm_name.removesuffix('.weight')!r} or {top!r} "
                 "(slicing needs pre-norm attention and MLP blocks)"
             )
-        out.append(Block(norm, block, "attn" if j == 0 else "mlp"))
+        out.append(Block(norm, block, "attn" if j == 0 else "mlp", scale))
     return out
 
 
@@ -145,8 +149,9 @@ def units(model: PreTrainedModel, layers: Any, norms: list[str], writers: list[s
     (the final norm's input). They share the model's modules."""
     Block = _cls("Block")
     out: list[Any] = []
+    scale = float(getattr(model.config, "residual_multiplier", None) or 1.0)
     for i, layer in enumerate(layers):
-        out += block_modules(layer, norms, writers, i)
+        out += block_modules(layer, norms, writers, i, scale)
     out.append(Block(None, None, "head"))
     return out
 

@@ -206,13 +206,25 @@ def block_names(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     spec = ckpt.arch
     mt = spec.model_type
     why = None
-    if spec.inferred or not spec.norm_feeds or not spec.residual_writers:
+    if spec.block in ("post_norm", "sandwich"):
+        why = (
+            "its blocks normalise their own output before the residual add (post-norm), and a "
+            "norm there does not commute with a rotation of the stream, so no exact slicing "
+            "exists"
+        )
+    elif spec.block == "parallel":
+        why = (
+            "attention and MLP read one norm in parallel blocks, which slicing does not handle yet"
+        )
+    elif spec.inferred or not spec.norm_feeds or not spec.residual_writers:
         why = "its spec declares no norm_feeds / residual_writers roles"
     elif spec.norm.get("kind") != "rms":
         why = f"its norms are {spec.norm.get('kind')!r}, not RMSNorm"
     elif len(spec.norm_feeds) != 2 or len(spec.residual_writers) != 2:
         why = "its layers are not two pre-norm blocks (attention, MLP)"
-    elif spec.embed_scale not in (None, "sqrt_hidden_size"):
+    elif spec.embed_scale not in (None, "sqrt_hidden_size") and not str(
+        spec.embed_scale
+    ).startswith("config:"):
         why = f"its embedding scale {spec.embed_scale!r} is not known to slicing"
     else:
         other = [n for n in ckpt.tensors if spec.role(n) == "other"]
@@ -404,6 +416,7 @@ def _tasks(
     n_layers = ckpt.num_layers
     offset = float(spec.norm.get("offset", 0.0))
     root = math.sqrt(hidden / d)
+    # sqrt(hidden) changes with the width; a config multiplier (granite) stays as it is
     emb_scale = root if spec.embed_scale == "sqrt_hidden_size" else 1.0
     head_q = qs[2 * n_layers]
 
@@ -489,6 +502,8 @@ def _tasks(
                 )
             else:
                 tasks.append(TensorTask.copy(name, key, name, info, dtype=dtype))
+        elif role == "inner":  # off the stream (q/k norms over head dims): as it is
+            tasks.append(TensorTask.copy(name, key, name, info, dtype=dtype))
         elif role == "writer":
             layer = spec.layer_of(name)
             module = spec._module(name)

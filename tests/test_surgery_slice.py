@@ -202,16 +202,12 @@ def test_dry_run_writes_nothing(tiny_models, tmp_path, capsys):
 
 
 @pytest.fixture
-def unsupported(tiny_models, tmp_path):
-    """The tiny llama relabelled as a type splice has no spec for (its roles are inferred:
-    none)."""
-    import shutil
+def unsupported(tmp_path):
+    """A post-norm family (OLMo 2: a norm on each block's output), which no rotation of the
+    stream passes exactly."""
+    from families import build
 
-    dst = tmp_path / "granite"
-    shutil.copytree(tiny_models["llama"], dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, "model_type": "granite"}))
-    return dst
+    return build("olmo2", tmp_path / "olmo2")
 
 
 @pytest.mark.parametrize(
@@ -245,7 +241,8 @@ def test_unsupported_architecture_is_one_line(unsupported, tmp_path, capsys):
     code = main(["slice", str(unsupported), str(out), "--calibration", str(tmp_path / "TEXT")])
     err = capsys.readouterr().err
     lines = [ln for ln in err.strip().splitlines() if "warning" not in ln]
-    assert code == 2 and "architecture 'granite' is not supported" in err, err
+    assert code == 2 and "architecture 'olmo2' is not supported" in err, err
+    assert "post-norm" in err
     assert len(lines) == 1
     with pytest.raises(SpliceError, match="not supported"):
         plan_slice(unsupported, calibration=windows())

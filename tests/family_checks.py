@@ -1,0 +1,546 @@
+"""Every verb of splice on every family of ``families.FAMILIES``, against an independent
+construction (litgpt-style): transformers' own model of the family, built from a config and a
+state dict computed here from the source's safetensors files, never through splice.
+
+``check_<verb>(family, work) -> Outcome`` runs ``splice <verb>`` in-process
+(:func:`splice.cli.main`) on tiny float32 models built by :func:`families.build` (cached per
+family and seed under ``work/sources``) and compares:
+
+- inspect: exit code 0, and ``--json``'s layer count, sizes, parameter and tensor counts are
+  the config's and the files';
+- merge: a linear merge (0.3 / 0.7) of the seed-0 and seed-1 builds against the model whose
+  tensors are ``0.3 * A + 0.7 * B`` of the two builds' files;
+- upscale: ``--duplicate 1:3`` (layers ``[0, 1, 2, 1, 2, 3]``) against the source's file
+  tensors with layer ``j`` taken from source layer ``map[j]`` and every per-layer config field
+  mapped the same way;
+- prune: ``--drop 2`` (layers ``[0, 1, 3]``), the same kind of reference;
+- slice: at 0% sparsity the source's logits (the output loaded with ``load_sliced``); at 25% an
+  output that ``load_sliced`` loads and runs without NaN.
+
+Each output must also load in stock transformers with no missing or unexpected keys (sliced
+outputs: their standard tensors into the family's model at width ``d``, as ``load_sliced``
+does) and keep every tensor name of the input that should survive (biases, the final norm's
+bias, ``lm_head.bias``, ...). Logits are compared on a fixed 12-token input (max abs diff
+< 1e-4, float32, one thread).
+
+A refusal (exit code 2, one ``splice: error:`` line) is ``Outcome("refused", line)``; any other
+exit code, an exception or a failed comparison is ``Outcome("fail", one line)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import tempfile
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import families
+import torch
+
+torch.set_num_threads(1)
+
+#: the verbs checked, in the order of ``splice --help``
+VERBS = ("inspect", "merge", "upscale", "prune", "slice")
+#: a fixed 12-token input (ids inside every family's 96-token vocabulary, no special token)
+IDS = torch.tensor([[5, 17, 42, 8, 63, 29, 71, 11, 90, 36, 54, 23]])
+TOL = 1e-4
+#: linear merge weights of the seed-0 and seed-1 builds (they sum to 1: normalizing changes
+#: nothing)
+WEIGHTS = (0.3, 0.7)
+#: ``upscale --duplicate A:B`` and the layer map it should give on a 4-layer model
+DUPLICATE = (1, 3)
+#: ``prune --drop`` this layer
+DROP = 2
+#: config fields that list layer INDICES rather than one entry per layer
+INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers")
+#: calibration of the slice checks (made-up words w0 ... of the sources' tokenizer)
+SLICE_CALIB = ["--seq-len", "24", "--max-samples", "8", "--batch-size", "4"]
+_LAYER = re.compile(r"^((?:[^.]+\.)*?layers)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one check found: ``status`` "pass" | "fail" | "refused" and a one-line ``detail``."""
+
+    status: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"status": self.status, "detail": self.detail}
+
+
+class Failed(Exception):
+    """A check's comparison failed (the message is the outcome's detail)."""
+
+
+class Refused(Exception):
+    """splice refused (exit code 2; the message is its one line)."""
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ---- running things quietly ---------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet():
+    """Python warnings and transformers' logging silenced for the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def run_cli(argv: list[str]) -> str:
+    """``splice.cli.main(argv)``; returns its stdout. Exit 2 raises :class:`Refused` with the
+    first ``splice: error:`` line, any other non-zero exit :class:`Failed`."""
+    from splice.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with quiet(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    errors = [ln.removeprefix("splice: error: ") for ln in lines if ln.startswith("splice: error:")]
+    if code == 2:
+        raise Refused(one_line(errors[0] if errors else (lines[-1] if lines else "exit code 2")))
+    if code != 0:
+        why = errors[0] if errors else (lines[-1] if lines else "")
+        raise Failed(one_line(f"exit code {code}: {why}"))
+    return out.getvalue()
+
+
+def outcome_of(body: Callable[[], None]) -> Outcome:
+    """Run a check's ``body``: "pass" unless it raises."""
+    try:
+        body()
+    except Refused as e:
+        return Outcome("refused", str(e))
+    except Failed as e:
+        return Outcome("fail", one_line(str(e)))
+    except Exception as e:  # a crash is a failure with its last frame in splice or transformers
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Outcome("fail", one_line(f"{type(e).__name__}: {first}{where}"))
+    return Outcome("pass", "")
+
+
+# ---- sources ------------------------------------------------------------------------------------
+#: the tokenizer's symbols: byte-level characters (``Ġ`` a space, ``Ċ`` a newline), then a
+#: space merged with each lowercase letter; 94 tokens with the 4 special ones
+_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+_CHARS += [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
+
+
+def tokenizer() -> Any:
+    """A byte-level BPE over letters and digits (vocabulary 94 < 96) with <pad> <s> </s> <unk>.
+
+    Byte-level, so that the family tokenizer classes transformers forces on some model types
+    (Qwen2Tokenizer rebuilds a byte-level BPE from the vocabulary and merges) read it alike.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "Ġ", "Ċ", *_CHARS]
+    words += [f"Ġ{c}" for c in _CHARS[:26]]
+    merges = [("Ġ", c) for c in _CHARS[:26]]
+    bpe = models.BPE({w: i for i, w in enumerate(words)}, merges, unk_token="<unk>")
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+
+
+def word_text(words: int = 3000, seed: int = 0) -> str:
+    """Calibration text: made-up words of 1-5 letters or digits, 20 a line."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (words,), generator=g).tolist()
+    picks = torch.randint(0, len(_CHARS), (sum(lengths),), generator=g).tolist()
+    out, at = [], 0
+    for n in lengths:
+        out.append("".join(_CHARS[i] for i in picks[at : at + n]))
+        at += n
+    return "\n".join(" ".join(out[k : k + 20]) for k in range(0, words, 20))
+
+
+def source(family: str, work: Path, seed: int = 0) -> Path:
+    """The tiny ``family`` model of ``seed`` (with a tokenizer), built once under ``work``."""
+    folder = Path(work) / "sources" / family / f"seed{seed}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".seed{seed}-"))
+    with quiet():
+        families.build(family, tmp, seed=seed)
+        tokenizer().save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # built meanwhile by someone else
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def fresh(work: Path, verb: str, family: str) -> Path:
+    """An empty folder for one check's outputs and references."""
+    parent = Path(work) / "runs" / verb
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f"{family}-"))
+
+
+def calibration_file(work: Path) -> Path:
+    path = Path(work) / "sources" / "calibration.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(word_text())
+        tmp.replace(path)
+    return path
+
+
+# ---- files, configs, models ---------------------------------------------------------------------
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def tensor_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            names |= set(h.keys())
+    return names
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def layer_count(cfg: dict[str, Any]) -> int:
+    return int(cfg["num_hidden_layers"])
+
+
+def per_layer_keys(cfg: dict[str, Any]) -> list[str]:
+    """Top-level config lists with one entry per layer (``layer_types``, ``no_rope_layers``)."""
+    n = layer_count(cfg)
+    return [
+        k for k, v in cfg.items()
+        if isinstance(v, list) and len(v) == n and k not in INDEX_LISTS and k != "architectures"
+    ]  # fmt: skip
+
+
+def mapped_config(cfg: dict[str, Any], mapping: list[int]) -> dict[str, Any]:
+    """``cfg`` for the layers ``mapping`` of its model: per-layer lists follow the map; index
+    lists (``full_attn_idxs``) become the output positions whose source layer was listed."""
+    new = dict(cfg)
+    for key in per_layer_keys(cfg):
+        new[key] = [cfg[key][i] for i in mapping]
+    for key in INDEX_LISTS:
+        if isinstance(cfg.get(key), list):
+            old = set(cfg[key])
+            new[key] = [j for j, i in enumerate(mapping) if i in old]
+    new["num_hidden_layers"] = len(mapping)
+    return new
+
+
+def mapped_name(name: str, mapping: list[int]) -> list[str]:
+    """The output names of source tensor ``name`` under the layer map (one per copy)."""
+    m = _LAYER.match(name)
+    if not m:
+        return [name]
+    prefix, i, rest = m.group(1), int(m.group(2)), m.group(3)
+    return [f"{prefix}.{j}.{rest}" for j, src in enumerate(mapping) if src == i]
+
+
+def mapped_tensors(tensors: dict[str, torch.Tensor], mapping: list[int]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        for new in mapped_name(name, mapping):
+            out[new] = t.clone()
+    return out
+
+
+def write_reference(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """A checkpoint folder written here (json + safetensors), for transformers to load."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    return folder
+
+
+def load_checked(folder: Path, what: str = "output") -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with ``output_loading_info``: no key missing,
+    unexpected or of another shape, else :class:`Failed`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, output_loading_info=True
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Failed(f"{what} does not load in transformers: {type(e).__name__}: {first}") from e
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or [])
+        if keys:
+            more = f" (+{len(keys) - 3})" if len(keys) > 3 else ""
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise Failed(f"{what} loads with " + "; ".join(problems))
+    return model.eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad(), quiet():
+        return model(input_ids=IDS, use_cache=False).logits.float()
+
+
+def distinct(ref: torch.Tensor, source: torch.Tensor, what: str) -> None:
+    """The reference is not the source's logits again (else the check would prove nothing)."""
+    if not (ref - source).abs().max().item() > 100 * TOL:
+        raise Failed(f"checker: the reference's logits are the {what}'s (a vacuous check)")
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, what: str = "logits") -> None:
+    if got.shape != want.shape:
+        raise Failed(f"{what}: shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    if not torch.isfinite(got).all():
+        raise Failed(f"{what}: not finite")
+    diff = (got - want).abs().max().item()
+    if not diff < TOL:
+        raise Failed(f"{what} differ from the reference: max abs diff {diff:.3g}")
+
+
+def no_tensor_lost(expected: set[str], out: Path) -> None:
+    lost = sorted(expected - tensor_names(out))
+    if lost:
+        more = f" (+{len(lost) - 4} more)" if len(lost) > 4 else ""
+        raise Failed(f"tensors lost: {', '.join(lost[:4])}{more}")
+
+
+def config_follows(model: torch.nn.Module, want: dict[str, Any]) -> None:
+    """The loaded output's per-layer config fields are the mapped ones."""
+    for key in [*per_layer_keys(want), *INDEX_LISTS]:
+        if key not in want:
+            continue
+        got = getattr(model.config, key, None)
+        if got is not None and list(got) != list(want[key]):
+            raise Failed(f"config {key} {list(got)} != expected {want[key]}")
+
+
+def check_layer_map(
+    family: str, work: Path, verb: str, args: list[str], mapping: list[int]
+) -> None:
+    """``splice <verb> SRC OUT *args`` gives the source's layers ``mapping`` in order."""
+    src = source(family, work)
+    run = fresh(work, verb, family)
+    out = run / "out"
+    run_cli([verb, src, out, *args, "--device", "cpu", "--threads", "1", "--dtype", "float32",
+             "--no-progress"])  # fmt: skip
+    cfg = read_config(src)
+    want_cfg = mapped_config(cfg, mapping)
+    tensors = read_tensors(src)
+    no_tensor_lost({new for name in tensors for new in mapped_name(name, mapping)}, out)
+    model = load_checked(out)
+    config_follows(model, want_cfg)
+    ref = load_checked(write_reference(run / "reference", want_cfg, mapped_tensors(tensors, mapping)),
+                       "reference")  # fmt: skip
+    want = logits(ref)
+    distinct(want, logits(load_checked(src, "source")), "source")
+    compare(logits(model), want)
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+def check_inspect(family: str, work: Path) -> Outcome:
+    def body() -> None:
+        src = source(family, work)
+        run_cli(["inspect", src])
+        data = json.loads(run_cli(["inspect", src, "--json"]))
+        if not isinstance(data, dict):
+            raise Failed(f"inspect --json printed {type(data).__name__}, not an object")
+        cfg, tensors = read_config(src), read_tensors(src)
+        want = {
+            "model_type": cfg["model_type"],
+            "num_layers": cfg["num_hidden_layers"],
+            "hidden_size": cfg["hidden_size"],
+            "vocab_size": cfg["vocab_size"],
+            "num_params": sum(t.numel() for t in tensors.values()),
+        }
+        for key, value in want.items():
+            if data.get(key) != value:
+                raise Failed(f"inspect --json: {key} {data.get(key)!r}, the files say {value!r}")
+        counted = sum(f.get("tensors", 0) for f in data.get("files") or [])
+        if counted != len(tensors):
+            raise Failed(
+                f"inspect --json: {counted} tensors in its files, the files hold {len(tensors)}"
+            )
+
+    return outcome_of(body)
+
+
+def check_merge(family: str, work: Path) -> Outcome:
+    def body() -> None:
+        a, b = source(family, work, 0), source(family, work, 1)
+        run = fresh(work, "merge", family)
+        recipe = run / "recipe.yml"
+        recipe.write_text(
+            "merge_method: linear\n"
+            "dtype: float32\n"
+            "parameters: {normalize: false}\n"
+            "models:\n"
+            f"  - model: {a}\n    parameters: {{weight: {WEIGHTS[0]}}}\n"
+            f"  - model: {b}\n    parameters: {{weight: {WEIGHTS[1]}}}\n"
+        )
+        out = run / "out"
+        run_cli(["merge", recipe, out, "--no-progress"])
+        ta, tb = read_tensors(a), read_tensors(b)
+        if set(ta) != set(tb):
+            raise Failed("the two builds have different tensor names")
+        mixed = {k: WEIGHTS[0] * ta[k] + WEIGHTS[1] * tb[k] for k in ta}
+        no_tensor_lost(set(ta), out)
+        model = load_checked(out)
+        ref = load_checked(write_reference(run / "reference", read_config(a), mixed), "reference")
+        want = logits(ref)
+        distinct(want, logits(load_checked(a, "source")), "first source")
+        compare(logits(model), want)
+
+    return outcome_of(body)
+
+
+def check_upscale(family: str, work: Path) -> Outcome:
+    a, b = DUPLICATE
+    n = families.BASE["num_hidden_layers"]
+    mapping = list(range(b)) + list(range(a, n))  # --duplicate A:B: [0, B) then [A, n)
+    return outcome_of(
+        lambda: check_layer_map(family, work, "upscale", ["--duplicate", f"{a}:{b}"], mapping)
+    )
+
+
+def check_prune(family: str, work: Path) -> Outcome:
+    n = families.BASE["num_hidden_layers"]
+    mapping = [i for i in range(n) if i != DROP]
+    return outcome_of(
+        lambda: check_layer_map(family, work, "prune", ["--drop", str(DROP)], mapping)
+    )
+
+
+def _sliced_tensors_load(out: Path) -> None:
+    """The standard tensors of a per-layer sliced output into the family's transformers model
+    at width d (what ``load_sliced`` does): nothing missing, only shortcuts unexpected."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from splice.surgery.sliced import SHORTCUTS, SLICED_FROM
+
+    raw = read_config(out)
+    family = raw.get(SLICED_FROM) or raw.get("model_type")
+    fields = {
+        k: v for k, v in raw.items() if k not in ("model_type", SLICED_FROM, "splice_slicing")
+    }
+    with quiet():
+        config = AutoConfig.for_model(family, **fields)
+        _, info = AutoModelForCausalLM.from_pretrained(
+            str(out), config=config, dtype=torch.float32, output_loading_info=True
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(
+        k for k in info.get("unexpected_keys") or [] if k.rsplit(".", 1)[-1] not in SHORTCUTS
+    )
+    if missing or unexpected:
+        parts = [f"missing keys: {', '.join(missing[:3])}"] if missing else []
+        parts += [f"unexpected keys: {', '.join(unexpected[:3])}"] if unexpected else []
+        raise Failed("sliced output's tensors load with " + "; ".join(parts))
+
+
+def check_slice(family: str, work: Path) -> Outcome:
+    def body() -> None:
+        from splice.surgery import load_sliced
+
+        src = source(family, work)
+        text = calibration_file(work)
+        run = fresh(work, "slice", family)
+        names = tensor_names(src)
+        want = logits(load_checked(src, "source"))
+        for sparsity in ("0", "0.25"):
+            out = run / f"out{sparsity}"
+            try:
+                run_cli(["slice", src, out, "--sparsity", sparsity, "--calibration", text,
+                         *SLICE_CALIB, "--device", "cpu", "--threads", "1", "--dtype", "float32",
+                         "--no-progress"])  # fmt: skip
+            except (Refused, Failed) as e:
+                raise type(e)(f"at {float(sparsity):.0%}: {e}") from e
+            try:
+                if not out.is_dir() or not any(out.glob("*.safetensors")):
+                    raise Failed("no safetensors written")
+                no_tensor_lost(names, out)
+                _sliced_tensors_load(out)
+                with quiet():
+                    model = load_sliced(out)
+                got = logits(model)
+                if not torch.isfinite(got).all():
+                    raise Failed("the sliced model's logits are not finite")
+                if sparsity == "0":
+                    compare(got, want, "logits at 0% sparsity")
+            except Failed as e:
+                raise Failed(f"at {float(sparsity):.0%}: {e}") from e
+            except Exception as e:  # load_sliced's SpliceError or a crash in the forward pass
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise Failed(f"at {float(sparsity):.0%}: {type(e).__name__}: {first}") from e
+
+    return outcome_of(body)
+
+
+CHECKS: dict[str, Callable[[str, Path], Outcome]] = {
+    "inspect": check_inspect,
+    "merge": check_merge,
+    "upscale": check_upscale,
+    "prune": check_prune,
+    "slice": check_slice,
+}
+
+
+def redact(text: str, work: Path) -> str:
+    """``text`` with the paths under ``work`` written as ``<source>`` / ``<output>`` /
+    ``<work>``, so details read the same from run to run."""
+    root = re.escape(str(Path(work)))
+    text = re.sub(root + r"/sources/[^/\s:]+/seed\d+", "<source>", text)
+    text = re.sub(root + r"/runs/[^\s:]*", "<output>", text)
+    return text.replace(str(Path(work)), "<work>")
+
+
+def check(family: str, verb: str, work: Path) -> Outcome:
+    """``check_<verb>(family, work)``, its detail free of ``work``'s paths."""
+    outcome = CHECKS[verb](family, work)
+    return Outcome(outcome.status, redact(outcome.detail, work))
