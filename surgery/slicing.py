@@ -367,11 +367,16 @@ def compute_bases(
     qs: list[torch.Tensor] = []
     retained: list[dict[str, Any]] = []
     total = None
+    kinds = getattr(live.config, "layer_types", None)
     common = dict(
         device=calib.device,
         batch_size=calib.batch_size,
         sequential=True,
         layer_prefix=prefix,
+        # each block runs with its layer's attention mask (sliding / full); the head's is unused
+        layer_types=[kinds[min(k // 2, n_layers - 1)] for k in range(len(blocks))]
+        if kinds
+        else None,
         show_progress=calib.show_progress,
     )
     if basis == "per-layer":

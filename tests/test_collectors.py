@@ -372,6 +372,27 @@ def test_sequential_without_callbacks_equals_the_plain_run(llama):
         torch.testing.assert_close(seq_mean[i], plain_mean[i])
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "cohere2"])
+def test_sequential_with_sliding_window_layers_equals_the_plain_run(family, tmp_path):
+    """Layers of two attention types (sliding window of 3, full) get their own masks: the
+    sequential run's layer inputs and outputs are the plain forward pass's."""
+    from families import build
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build(family, tmp_path / "m")).eval()
+    assert len(set(model.config.layer_types)) == 2
+    ids = torch.randint(3, 96, (5, 12), generator=torch.Generator().manual_seed(0))
+    seq = run(model, ids, [LayerIO()], batch_size=2, sequential=True)[0]
+    plain = run(model, ids, [LayerIO()], batch_size=2)[0]
+    for name in ("io_cos", "angles"):
+        np.testing.assert_allclose(getattr(seq, name), getattr(plain, name), rtol=1e-6, atol=1e-9)
+    # the masks matter here: every layer with layer 0's mask gives other numbers
+    kinds = model.config.layer_types
+    model.config.layer_types = [kinds[0]] * len(kinds)
+    wrong = run(model, ids, [LayerIO()], batch_size=2)[0]
+    assert not np.allclose(wrong.angles, plain.angles, rtol=1e-4)
+
+
 def test_sequential_moe_equals_the_plain_run(mixtral):
     ids, mask = right_padded(windows(5, 8))
     kw = {"attention_mask": mask, "batch_size": 2}
@@ -588,8 +609,9 @@ def test_bad_input_is_one_line(llama, kw, message):
     assert "\n" not in str(e.value)
 
 
-def test_sequential_refuses_mixed_attention_kinds(llama):
+def test_sequential_refuses_mixed_attention_kinds_it_cannot_place(llama):
+    """Types given for other modules than the model's layers (a wrong count) are refused."""
     model = copy.deepcopy(llama)
     model.config.layer_types = ["full_attention", "sliding_attention"] * 2
     with pytest.raises(SpliceError, match="different attention masks"):
-        run(model, windows(2, 4), [Gram()], sequential=True)
+        run(model, windows(2, 4), [Gram()], sequential=True, layer_types=["full_attention"] * 3)

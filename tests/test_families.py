@@ -19,7 +19,6 @@ from family_checks import VERBS, check
 #: sparsity, or at 0% where slicing does not support the family at all); any other refusal,
 #: and a refusal of any other verb, fails
 POST_NORM = "post-norm"
-SLIDING = "different attention masks"
 PARALLEL = "parallel blocks"
 SLICE_REFUSED: dict[str, str] = {
     # no exact slicing exists: a norm on each block's output does not commute with a rotation
@@ -29,10 +28,6 @@ SLICE_REFUSED: dict[str, str] = {
     "olmo3": POST_NORM,
     "glm4": POST_NORM,
     "exaone4": POST_NORM,
-    # not yet: sliding-window layers in the sequential calibration
-    "ministral": SLIDING,
-    "qwen2": SLIDING,
-    "qwen3": SLIDING,
     # not yet: one norm feeding attention and MLP; LayerNorm's mean-centering
     "phi": PARALLEL,
     "cohere": PARALLEL,

@@ -13,7 +13,7 @@ already modified layers before it (callbacks ``before_layer`` / ``after_layer``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -279,6 +279,7 @@ def run(
     before_layer: Callable[[int], None] | None = None,
     after_layer: Callable[[int, Sequence[Collector]], None] | None = None,
     layer_prefix: str = "model.layers.{i}.",
+    layer_types: Sequence[str] | None = None,
     show_progress: bool = False,
 ) -> list[Any]:
     """Run ``model`` (already on ``device``) on ``windows`` ``[N, T]`` in batches, feeding every
@@ -295,8 +296,11 @@ def run(
     then ``after_layer(i, collectors)`` may modify layer i, and the stored inputs are replaced
     by layer i's outputs recomputed with the modified layer (without a callback: the outputs
     of the pass that fed the collectors). Callbacks run under ``no_grad``, outside inference
-    mode. Models whose layers get different attention masks (``layer_types`` mixing sliding and
-    full attention) are refused in sequential mode.
+    mode. Where layers get different attention masks (``layer_types`` mixing sliding and full
+    attention), what the model hands layer 0 is captured once per type, with the config saying
+    every layer is of that type, and each layer runs with its own type's: ``layer_types`` gives
+    the type of each module under ``layer_prefix`` (default: the config's, when it has one per
+    module).
     """
     import torch
 
@@ -333,6 +337,7 @@ def run(
                     last=last,
                     before_layer=before_layer,
                     after_layer=after_layer,
+                    layer_types=layer_types,
                     show_progress=show_progress,
                 )
             else:
@@ -366,6 +371,38 @@ def _run_batches(
         handle.remove()
 
 
+def _layer_kinds(model: Any, n: int, given: Sequence[str] | None) -> list[str | None]:
+    """The attention type of each of the ``n`` modules the sequential run calls (one ``None``
+    type when all layers get the same mask)."""
+    kinds = getattr(model.config, "layer_types", None)
+    if not kinds or len(set(kinds)) == 1:
+        return [None] * n
+    if given is None and len(kinds) == n:
+        given = kinds
+    if given is None or len(given) != n:
+        raise SpliceError(
+            f"sequential mode: this model's layers get different attention masks "
+            f"(layer_types {sorted(set(kinds))}), and the {n} modules run are not its layers"
+        )
+    return list(given)
+
+
+@contextlib.contextmanager
+def _all_layers_of_type(model: Any, kind: str | None) -> Iterator[None]:
+    """The model's config says every layer is of type ``kind`` (``None``: unchanged), so what
+    the model hands layer 0 (its attention mask) is what a layer of that type gets."""
+    if kind is None:
+        yield
+        return
+    cfg = model.config
+    saved = cfg.layer_types
+    cfg.layer_types = [kind] * len(saved)
+    try:
+        yield
+    finally:
+        cfg.layer_types = saved
+
+
 def _run_sequential(
     model: Any,
     layers: Any,
@@ -376,39 +413,40 @@ def _run_sequential(
     last: int,
     before_layer: Callable[[int], None] | None,
     after_layer: Callable[[int, Sequence[Collector]], None] | None,
+    layer_types: Sequence[str] | None,
     show_progress: bool,
 ) -> None:
-    kinds = getattr(model.config, "layer_types", None)
-    if kinds and len(set(kinds)) > 1:
-        raise SpliceError(
-            f"sequential mode: this model's layers get different attention masks "
-            f"(layer_types {sorted(set(kinds))}); not supported"
-        )
+    kinds = _layer_kinds(model, len(layers), layer_types)
 
     def catch(module: Any, args: tuple, kwargs: dict) -> None:
         raise _Stop(args, kwargs)
 
     inputs: list[torch.Tensor] = []  # [B, T, H] per batch, model dtype, on the device
-    calls: list[tuple[tuple, dict]] = []  # the rest of what the model hands its layers
+    # per layer type, the rest of what the model hands its layers (masks, rotary tables)
+    calls: dict[str | None, list[tuple[tuple, dict]]] = {}
     state.active = False
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                batch.forward(model)
-            except _Stop as s:
-                args, kwargs = s.args
-                kwargs = dict(kwargs)
-                h = args[0] if args else kwargs.pop("hidden_states")
-                inputs.append(h)
-                calls.append((tuple(args[1:]), kwargs))
-            else:
-                raise RuntimeError("layer 0 was never called")
+        for kind in dict.fromkeys(kinds):
+            calls[kind] = []
+            with _all_layers_of_type(model, kind):
+                for batch in batches:
+                    try:
+                        batch.forward(model)
+                    except _Stop as s:
+                        args, kwargs = s.args
+                        kwargs = dict(kwargs)
+                        h = args[0] if args else kwargs.pop("hidden_states")
+                        if len(inputs) < len(batches):
+                            inputs.append(h)
+                        calls[kind].append((tuple(args[1:]), kwargs))
+                    else:
+                        raise RuntimeError("layer 0 was never called")
     finally:
         handle.remove()
 
     def forward(i: int, b: int) -> torch.Tensor:
-        args, kwargs = calls[b]
+        args, kwargs = calls[kinds[i]][b]
         out = layers[i](inputs[b], *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
