@@ -13,14 +13,15 @@ of another kind than the weights it is given:
 * **interval rules** (``decoder_sparse_step``: MoE every k-th layer; ``first_k_dense_replace`` /
   ``moe_layer_freq``; ``moe_layer_start_index`` / ``_end_index`` / ``_interval``;
   ``interleave_moe_layer_step``): which layers are MoE follows from the index. After a map the
-  rule is kept when it still describes every output layer; else it is replaced by the explicit
-  form the family accepts (``mlp_only_layers`` with a step of 1), and where the family has none
-  the map is refused in one line naming the field.
+  rule is kept when it still describes every output layer; else its fields are refitted (a new
+  start, end or step) where some values describe the output, else replaced by the explicit form
+  the family accepts (``mlp_only_layers`` with a step of 1), and where there is none the map is
+  refused in one line naming the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +40,14 @@ _NOT_PER_LAYER = ("architectures",)
 
 @dataclass(frozen=True)
 class IntervalRule:
-    """A config rule deciding per layer index whether a layer is MoE; ``explicit`` turns a
-    list of per-layer answers into config fields that say the same, or is None."""
+    """A config rule deciding per layer index whether a layer is MoE. ``refits`` proposes new
+    values of its fields for a wanted MoE pattern (each tried in turn); ``explicit`` turns the
+    pattern into config fields that list it, or is None where the family has no such form."""
 
     fields: tuple[str, ...]
     is_moe: Callable[[Mapping[str, Any], int], bool]
-    explicit: Callable[[Mapping[str, Any], list[bool]], dict[str, Any]] | None = None
+    refits: Callable[[list[bool]], Iterable[dict[str, Any]]]
+    explicit: Callable[[list[bool]], dict[str, Any]] | None = None
 
 
 def _experts(cfg: Mapping[str, Any]) -> int:
@@ -60,18 +63,37 @@ def _sparse_step(cfg: Mapping[str, Any], i: int) -> bool:
     return i not in dense and _experts(cfg) > 0 and (i + 1) % step == 0
 
 
-def _mlp_only(cfg: Mapping[str, Any], moe: list[bool]) -> dict[str, Any]:
-    return {"decoder_sparse_step": 1, "mlp_only_layers": [j for j, m in enumerate(moe) if not m]}
+def _first(want: list[bool]) -> int:
+    return next((j for j, m in enumerate(want) if m), len(want))
+
+
+def _last(want: list[bool]) -> int:
+    return max((j for j, m in enumerate(want) if m), default=-1)
+
+
+def _steps(want: list[bool]) -> range:
+    return range(1, len(want) + 1)
 
 
 INTERVAL_RULES = (
-    IntervalRule(("decoder_sparse_step",), _sparse_step, _mlp_only),
+    IntervalRule(
+        ("decoder_sparse_step",),
+        _sparse_step,
+        lambda want: ({"decoder_sparse_step": k, "mlp_only_layers": []} for k in _steps(want)),
+        lambda want: {
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [j for j, m in enumerate(want) if not m],
+        },
+    ),
     IntervalRule(
         ("first_k_dense_replace", "moe_layer_freq"),
         lambda c, i: (
             _experts(c) > 0
             and i >= int(c.get("first_k_dense_replace") or 0)
             and i % int(c.get("moe_layer_freq") or 1) == 0
+        ),
+        lambda want: (
+            {"first_k_dense_replace": _first(want), "moe_layer_freq": k} for k in _steps(want)
         ),
     ),
     IntervalRule(
@@ -82,12 +104,21 @@ INTERVAL_RULES = (
             and i >= int(c.get("moe_layer_start_index") or 0)
             and (c.get("moe_layer_end_index") in (None, -1) or i <= int(c["moe_layer_end_index"]))
         ),
+        lambda want: (
+            {
+                "moe_layer_start_index": _first(want),
+                "moe_layer_end_index": _last(want),
+                "moe_layer_interval": k,
+            }
+            for k in _steps(want)
+        ),
     ),
     IntervalRule(
         ("interleave_moe_layer_step",),
         lambda c, i: (
             _experts(c) > 0 and (i + 1) % int(c.get("interleave_moe_layer_step") or 1) == 0
         ),
+        lambda want: ({"interleave_moe_layer_step": k} for k in _steps(want)),
     ),
 )
 
@@ -149,17 +180,32 @@ def mapped_config(
         ]
     for rule in INTERVAL_RULES:
         present = [f for f in rule.fields if f in cfg]
-        if not present:
-            continue
-        want = [rule.is_moe(models[ref.model].config, ref.layer) for ref in layers]
-        if [rule.is_moe(cfg, j) for j in range(len(layers))] == want:
-            continue
-        if rule.explicit is None or "mlp_only_layers" not in cfg:
-            raise SpliceError(
-                f"{donor_ckpt.arch.model_type}: its config places MoE layers by "
-                f"{' / '.join(present)}, which cannot describe the new layer order "
-                f"(MoE layers at {[j for j, m in enumerate(want) if m]}); this family has no "
-                "explicit per-layer form, so the map is refused"
-            )
-        cfg.update(rule.explicit(cfg, want))
+        if present:
+            want = [rule.is_moe(models[ref.model].config, ref.layer) for ref in layers]
+            cfg.update(_fit(rule, cfg, want, present, donor_ckpt.arch.model_type))
     return cfg
+
+
+def _fit(
+    rule: IntervalRule, cfg: dict[str, Any], want: list[bool], present: list[str], family: str
+) -> dict[str, Any]:
+    """Config fields under which ``rule`` gives the MoE pattern ``want``: none changed if it
+    already does, else refitted values of its fields, else the family's explicit form."""
+
+    def gives(fields: Mapping[str, Any]) -> bool:
+        new = {**cfg, **fields}
+        return [rule.is_moe(new, j) for j in range(len(want))] == want
+
+    if gives({}):
+        return {}
+    for proposal in rule.refits(want):
+        fields = {k: v for k, v in proposal.items() if k in cfg}  # absent: the default
+        if gives(fields):
+            return fields
+    if rule.explicit is not None and "mlp_only_layers" in cfg:
+        return rule.explicit(want)
+    raise SpliceError(
+        f"{family}: its config places MoE layers by {' / '.join(present)}, which cannot "
+        f"describe the new layer order (MoE layers at {[j for j, m in enumerate(want) if m]}) "
+        "and the family has no per-layer form of it; choose a map that keeps the pattern"
+    )
