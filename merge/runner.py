@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from splice.arch import ArchSpec
 from splice.card import model_card
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError, SpliceWarning
@@ -289,5 +290,7 @@ def merge_into(
     p = recipe if isinstance(recipe, MergePlan) else plan(recipe, opts, models)
     if isinstance(recipe, MergePlan) and models is not None:
         p = replace(p, models={**p.models, **{k: v for k, v in models.items() if k in p.models}})
-    execute_into(p.tasks, p.models, module, options=opts)
+    model_type = p.config.get("model_type")
+    spec = ArchSpec.load(model_type) if model_type in ArchSpec.known() else None
+    execute_into(p.tasks, p.models, module, options=opts, spec=spec)
     return p

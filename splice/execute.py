@@ -31,6 +31,7 @@ from splice.writer import CheckpointWriter, TensorSpec
 if TYPE_CHECKING:
     import torch
 
+    from splice.arch import ArchSpec
     from splice.target import Claim
 
 Compute = Callable[[list["torch.Tensor"]], "torch.Tensor"]
@@ -227,23 +228,27 @@ def execute_into(
     module: torch.nn.Module,
     *,
     options: ExecOptions | None = None,
+    spec: ArchSpec | None = None,
 ) -> None:
     """Run ``tasks`` and copy each result into ``module``'s parameter or buffer of that name.
 
-    The module keeps its own dtype and device; its state-dict names must be the checkpoint's.
-    A tied head (no ``lm_head`` task) stays tied.
+    The module keeps its own dtype and device; its state-dict names must be the checkpoint's,
+    or, given the output's ``spec``, where the module packs experts into one parameter
+    (transformers 5's MoE modules), each expert's tensor goes into its block of that parameter
+    (:meth:`splice.arch.ArchSpec.module_location`). A tied head (no ``lm_head`` task) stays tied.
     """
     import torch
 
     opts = options or ExecOptions(show_progress=False)
     _set_threads(opts.threads)
     state = module.state_dict(keep_vars=True)
-    check_module(tasks, state)
+    targets = _targets(tasks, state, spec)
+    check_module(tasks, targets)
 
     def run_one(task: TensorTask) -> None:
         result = _run_task(task, models, opts.device)
         with torch.no_grad():
-            state[task.name].copy_(result)
+            targets[task.name].copy_(result)
 
     for _ in bounded_map(
         run_one,
@@ -253,6 +258,28 @@ def execute_into(
         budget=opts.memory_budget,
     ):
         pass
+
+
+def _targets(
+    tasks: Sequence[TensorTask], state: Mapping[str, torch.Tensor], spec: ArchSpec | None
+) -> dict[str, torch.Tensor]:
+    """Each task's tensor in the module: its parameter, or its view into a packed one."""
+    out: dict[str, torch.Tensor] = {}
+    for t in tasks:
+        if t.name in state or spec is None:
+            if t.name in state:
+                out[t.name] = state[t.name]
+            continue
+        name, expert, part, parts = spec.module_location(t.name)
+        param = state.get(name)
+        if param is None:
+            continue
+        if expert is None:
+            out[t.name] = param
+            continue
+        rows = param.shape[1] // parts
+        out[t.name] = param[expert, part * rows : (part + 1) * rows]
+    return out
 
 
 def check_module(tasks: Sequence[TensorTask], state: Mapping[str, torch.Tensor]) -> None:

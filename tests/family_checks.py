@@ -47,8 +47,9 @@ import torch
 
 torch.set_num_threads(1)
 
-#: the verbs checked, in the order of ``splice --help``
-VERBS = ("inspect", "merge", "upscale", "prune", "slice")
+#: the verbs checked, in the order of ``splice --help`` (``evolve-dfs``: evolve's data-flow
+#: path model, run live in memory as its fitness does)
+VERBS = ("inspect", "merge", "upscale", "prune", "slice", "evolve-dfs")
 #: a fixed 12-token input (ids inside every family's 96-token vocabulary, no special token)
 IDS = torch.tensor([[5, 17, 42, 8, 63, 29, 71, 11, 90, 36, 54, 23]])
 TOL = 1e-4
@@ -59,6 +60,8 @@ WEIGHTS = (0.3, 0.7)
 DUPLICATE = (1, 3)
 #: ``prune --drop`` this layer
 DROP = 2
+#: the data-flow path of the evolve check, ``(seed, layer)``: both builds, layer 1 twice
+PATH = ((0, 0), (1, 1), (0, 1), (1, 2), (0, 3))
 #: config fields that list layer INDICES rather than one entry per layer
 INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers")
 #: calibration of the slice checks (made-up words w0 ... of the sources' tokenizer)
@@ -522,12 +525,57 @@ def check_slice(family: str, work: Path) -> Outcome:
     return outcome_of(body)
 
 
+def check_dataflow(family: str, work: Path) -> Outcome:
+    """Evolve's live path model (the source modules run in the path's order, no copy) gives
+    the logits of the same ``layer_path`` written by ``splice merge`` and loaded by
+    transformers, and those are the logits of a reference whose layer j is the path's j-th."""
+
+    def body() -> None:
+        import yaml
+
+        from splice.evolve.dataflow import PathModels
+        from splice.merge import MergeOptions
+        from splice.resident import ResidentCheckpoint
+
+        seeds = {0: source(family, work, 0), 1: source(family, work, 1)}
+        steps = [{"model": str(seeds[s]), "layer": i, "scale": 1.0} for s, i in PATH]
+        run = fresh(work, "evolve-dfs", family)
+        recipe = run / "recipe.yml"
+        recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                          "base_model": str(seeds[0]), "layer_path": steps}))  # fmt: skip
+        out = run / "out"
+        run_cli(["merge", recipe, out, "--no-progress"])
+        written = logits(load_checked(out))
+        tensors = {s: read_tensors(seeds[s]) for s in seeds}
+        ref_tensors = {n: t for n, t in tensors[0].items() if not _LAYER.match(n)}
+        for j, (s, i) in enumerate(PATH):
+            for name, t in tensors[s].items():
+                m = _LAYER.match(name)
+                if m and int(m.group(2)) == i:
+                    ref_tensors[f"{m.group(1)}.{j}.{m.group(3)}"] = t.clone()
+        want_cfg = mapped_config(read_config(seeds[0]), [i for _, i in PATH])
+        for key in per_layer_keys(want_cfg):  # each position's value from its own source
+            want_cfg[key] = [read_config(seeds[s])[key][i] for s, i in PATH]
+        want = logits(load_checked(write_reference(run / "reference", want_cfg, ref_tensors),
+                                   "reference"))  # fmt: skip
+        distinct(want, logits(load_checked(seeds[0], "source")), "source")
+        compare(written, want, "the written path's logits")
+        with quiet():
+            sources = {str(p): ResidentCheckpoint(p) for p in seeds.values()}
+            paths = PathModels(sources, str(seeds[0]), MergeOptions(show_progress=False), "float32")
+            live = paths.build(steps)
+        compare(logits(live), want, "the live path model's logits")
+
+    return outcome_of(body)
+
+
 CHECKS: dict[str, Callable[[str, Path], Outcome]] = {
     "inspect": check_inspect,
     "merge": check_merge,
     "upscale": check_upscale,
     "prune": check_prune,
     "slice": check_slice,
+    "evolve-dfs": check_dataflow,
 }
 
 

@@ -110,6 +110,30 @@ def test_merge_into_module_matches_written_checkpoint(trio, tmp_path):
     torch.testing.assert_close(logits(model), logits(out), rtol=0, atol=0)
 
 
+def test_merge_into_a_module_that_packs_its_experts(tiny_models, tmp_path):
+    """transformers 5's Mixtral holds each layer's experts in one packed parameter; merging into
+    it fills each expert's block, as loading the written merge does."""
+    from transformers import AutoModelForCausalLM
+
+    mixtral = tiny_models["mixtral"]
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(mixtral), "parameters": {"weight": 0.5}},
+            {"model": str(mixtral), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    out = run(recipe, tmp_path / "out", MergeOptions(show_progress=False))
+    model = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32)
+    assert any("experts.gate_up_proj" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    merge_into(model, recipe)
+    torch.testing.assert_close(logits(model), logits(out), rtol=0, atol=1e-6)
+
+
 # ---- passthrough and data flow ------------------------------------------------------------------
 def test_passthrough_frankenmerge_copies_layers(trio, tmp_path):
     recipe = {

@@ -422,6 +422,31 @@ class ArchSpec:
                     )
         return out
 
+    def module_location(self, name: str) -> tuple[str, int | None, int, int]:
+        """Where tensor ``name`` (this spec's per-expert layout) lives in transformers' module
+        when that packs experts (see ExpertSpec): ``(parameter name, expert, part, parts)``,
+        the expert's block ``[e]`` of the packed ``[E, parts·R, *rest]`` parameter, rows
+        ``part·R`` to ``(part + 1)·R``; ``(name, None, 0, 1)`` when it is stored as it is
+        (an alias renamed back). The inverse of :meth:`unpack`."""
+        ex = self.experts
+        t = self.parse(name)
+        if ex is None or t.layer is None:
+            return name, None, 0, 1
+        if t.group == "experts" and t.expert is not None:
+            for packed, parts in ex.packed.items():
+                if t.kind in parts:
+                    return (
+                        self.layer_name(t.layer, packed),
+                        t.expert,
+                        parts.index(t.kind),
+                        len(parts),
+                    )
+            return name, None, 0, 1
+        back = {v: k for k, v in ex.aliases.items()}
+        if t.kind in back:
+            return self.layer_name(t.layer, back[t.kind]), None, 0, 1
+        return name, None, 0, 1
+
     def required_layer_kinds(self) -> list[str]:
         """Layer-relative kinds every layer must have (experts excluded)."""
         return [k for kinds in self.layer_tensors.values() for k in kinds]
