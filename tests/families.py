@@ -105,3 +105,69 @@ def known(family: str) -> bool:
     from transformers import CONFIG_MAPPING
 
     return family in CONFIG_MAPPING
+
+
+#: more causal-LM types users meet (MoE, GPT-2-style naming, ...), shrunk generically: the
+#: promise tested on them is only "a loadable output with no lost tensor, or a one-line refusal"
+OTHERS = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "dots1",
+    "gpt_oss",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "llama4_text",
+    "gpt2",
+    "gpt_neox",
+    "bloom",
+    "opt",
+    "stablelm",
+    "nemotron",
+    "helium",
+    "hunyuan_v1_dense",
+    "exaone",
+    "arcee",
+)
+#: what :func:`build_any` sets where a config has the field (or an alias of it)
+SMALL: dict[str, Any] = {
+    **BASE,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "ffn_dim": 64,
+    "n_inner": 64,
+    "word_embed_proj_dim": 32,  # OPT
+}
+
+
+def build_any(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random model of any causal-LM type: its default config with every field of
+    :data:`SMALL` it has set small (4 layers, hidden 32), saved like :func:`build`."""
+    if model_type in FAMILIES:
+        return build(model_type, folder, seed=seed)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type)
+    for key, value in SMALL.items():
+        if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
+            setattr(cfg, key, value)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: SMALL["num_hidden_layers"]]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder

@@ -66,7 +66,7 @@ PATH = ((0, 0), (1, 1), (0, 1), (1, 2), (0, 3))
 INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers")
 #: calibration of the slice checks (made-up words w0 ... of the sources' tokenizer)
 SLICE_CALIB = ["--seq-len", "24", "--max-samples", "8", "--batch-size", "4"]
-_LAYER = re.compile(r"^((?:[^.]+\.)*?layers)\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks))\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)

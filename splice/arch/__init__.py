@@ -201,7 +201,11 @@ class ArchSpec:
             else:
                 kinds["other"].append(kind)
         globals_ = sorted((n for n in names if not rx.match(n)), key=_weights_first)
-        embed = next((n for n in globals_ if "embed" in n or "wte" in n), "")
+        token_embeds = [n for n in globals_ if "embed" in n or "wte" in n]
+        embed = next(  # the token embedding, not a position embedding (OPT, GPT-2)
+            (n for n in token_embeds if re.search(r"tok|wte|word", n)),
+            next((n for n in token_embeds if "pos" not in n and "wpe" not in n), ""),
+        )
         head = next((n for n in globals_ if "lm_head" in n), "lm_head.weight")
         norm = next((n for n in globals_ if "norm" in n or "ln_f" in n), "")
         extra = {  # the rest of the head's and the final norm's module (biases)
