@@ -87,11 +87,17 @@ def build(family: str, folder: str | Path, *, seed: int = 0, **overrides: Any) -
 
     Every parameter gets ``0.05 * N(0, 1)`` added, so norms are not all ones and layers differ.
     """
+
+    return _save(config(family, **overrides), folder, seed)
+
+
+def _save(cfg: Any, folder: str | Path, seed: int) -> Path:
+    """A random float32 model of ``cfg``, every parameter perturbed, saved to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(family, **overrides), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -154,8 +160,7 @@ def build_any(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
     :data:`SMALL` it has set small (4 layers, hidden 32), saved like :func:`build`."""
     if model_type in FAMILIES:
         return build(model_type, folder, seed=seed)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
     for key, value in SMALL.items():
@@ -163,11 +168,4 @@ def build_any(model_type: str, folder: str | Path, *, seed: int = 0) -> Path:
             setattr(cfg, key, value)
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = cfg.layer_types[: SMALL["num_hidden_layers"]]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    return folder
+    return _save(cfg, folder, seed)

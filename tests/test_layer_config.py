@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import BASE
 from family_checks import (
     Refused,
     compare,
@@ -32,19 +33,6 @@ from family_checks import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 MOE = {
     # MoE at layers 1 and 3: every second layer
     "qwen2_moe": dict(
