@@ -1,8 +1,8 @@
 """Refusing per-layer sliced models where their layers would be moved, dropped or mixed.
 
 ``splice slice --basis per-layer`` writes a model of ``model_type`` :data:`SLICED_TYPE` whose
-decoder layers each carry shortcut matrices (``attn_shortcut_Q`` / ``mlp_shortcut_Q``, the
-basis change from one block to the next). Its tensors read like a standard model's, so a verb
+decoder layers each carry shortcut matrices (``attn_shortcut_Q`` / ``mlp_shortcut_Q``, or one
+``layer_shortcut_Q`` for parallel blocks: the basis change from one block to the next). Its tensors read like a standard model's, so a verb
 that reorders, drops, repeats or merges layers would run and write garbage: the shortcuts
 only fit the neighbours the layer had when it was sliced. Those verbs call
 :func:`refuse_sliced` on every model they open, before anything is loaded or written; verbs

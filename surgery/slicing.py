@@ -2,34 +2,78 @@
 
 Every RMSNorm scale ``γ`` folds into the linears it feeds (``W <- W·diag(γ)``), after which the
 norms are rotation-invariant and the stream can be rotated by any orthogonal ``Q`` ``[D, D]``:
-embeddings ``E <- E·Q``, readers (q/k/v, gate/up, router, experts' w1/w3) ``W <- W·diag(γ)·Q``,
-writers (o_proj, down_proj, experts' w2) ``W <- Qᵀ·W``, the head ``W <- W·diag(γ_final)·Q``.
-Keeping the first ``d`` columns of ``Q`` (``Q_d`` ``[D, d]``) deletes the stream's trailing
-dimensions. The PCA is of the rms-normed stream entering each block (the stream each reader
-sees, every token weighted alike), ``Σ x̃ᵀx̃`` in float64 on the calibration text, ``eigh``;
-``stream="raw"`` takes it of the un-normed stream as SliceGPT does (big-norm tokens weigh more).
+embeddings ``E <- E·Q``, readers (q/k/v, gate/up, router, experts' w1/w3, a convolution's
+in_proj) ``W <- W·diag(γ)·Q``, writers (o_proj, down_proj, experts' w2) ``W <- Qᵀ·W``, the
+head ``W <- W·diag(γ_final)·Q``. Keeping the first ``d`` columns of ``Q`` (``Q_d`` ``[D, d]``)
+deletes the stream's trailing dimensions. The PCA is of the rms-normed stream entering each
+block (the stream each reader sees, every token weighted alike), ``Σ x̃ᵀx̃`` in float64 on the
+calibration text, ``eigh``; ``stream="raw"`` takes it of the un-normed stream as SliceGPT does
+(big-norm tokens weigh more).
 
-- ``basis="per-layer"`` is SliceGPT: one basis ``Q_k`` per block input (attention and MLP of
-  every layer, and the head), each computed on the model whose earlier blocks are already
-  sliced (the runner's sequential mode). The residual path then needs ``S_k = Q_kᵀ·Q_{k+1}``
-  ``[d, d]`` between blocks: saved as ``model.layers.{i}.attn_shortcut_Q`` / ``mlp_shortcut_Q``
-  in the safetensors output; :func:`splice.surgery.load_sliced` loads it (stock transformers
-  modules plus the shortcuts, no remote code).
+LayerNorm (``norm.kind`` ``layer``: StarCoder2, Phi, Cohere) first subtracts the mean, which
+no rotation commutes with; SliceGPT's fold makes the stream mean-zero first: embedding rows
+``E <- E - mean_row(E)``, writers ``W <- C·W`` and their biases ``b <- C·b`` with
+``C = I - 11ᵀ/D`` (exact: every norm subtracts the mean anyway). A mean-zero stream's
+LayerNorm is ``γ ⊙ x/rms(x) + β``, an RMSNorm: ``γ`` folds as above and ``β`` into the readers'
+biases (``b <- b + W·β``; the head's too, Phi's ``lm_head.bias``). Where a reader of a norm
+has no bias (StarCoder2's tied head), ``β`` stays in the norm: its output bias becomes ``1_d``
+and each reader ``W' <- W·diag(γ)·Q_d·C_d + (W·β)·1_dᵀ/d`` (``C_d = I - 11ᵀ/d``), exact
+because a LayerNorm's output minus its bias is orthogonal to ``1_d``. The output is still the
+stock family, whose LayerNorms subtract the mean of the ``d`` kept coordinates; that mean stays
+zero because every basis keeps ``e = 1/√D`` (a direction a mean-zero stream has no energy in)
+as one of its ``d`` columns, the PCA (of the centred stream) taken in ``e⊥``, and is then
+reflected by a Householder ``R`` ``[d, d]`` with ``R·1_d = √d·u_0`` (``u_0`` the coordinate of
+``e``): ``Q_d·1_d ∝ 1_D``, so ``mean(x·Q_d) = 0`` for a mean-zero ``x`` and the output's
+LayerNorm is the RMSNorm the fold assumed. That costs one of the ``d`` dims (``d - 1`` carry
+the stream's energy).
+
+Blocks come from the spec's roles, not its family: a layer is the blocks of its norms, in
+``norm_feeds`` order, and a residual writer belongs to the block of the norm that feeds its
+module's readers (:func:`splice.surgery.sliced.layout_of`). Pre-norm layers have two blocks
+(attention then MLP; LFM2's first block is attention or a short convolution by layer), parallel
+layers (Phi, Cohere) one, whose attention and MLP read the same norm and write the stream
+together (``x + attn(norm(x)) + mlp(norm(x))``): one block input per layer.
+
+- ``basis="per-layer"`` is SliceGPT: one basis ``Q_k`` per block input (``nb`` blocks per
+  layer: ``nb·L + 1`` with the head), each computed on the model whose earlier blocks are
+  already sliced (the runner's sequential mode, each block with its layer's attention mask).
+  The residual path then needs ``S_k = Q_kᵀ·Q_{k+1}`` ``[d, d]`` between blocks: saved as
+  ``model.layers.{i}.attn_shortcut_Q`` / ``mlp_shortcut_Q`` (a parallel layer's:
+  ``layer_shortcut_Q``) in the safetensors output; :func:`splice.surgery.load_sliced` loads it
+  (stock transformers modules plus the shortcuts, no remote code).
 - ``basis="shared"``: one basis for the whole stream, the eigenvectors of the Gram matrices of
   all block inputs summed (on the unsliced model). No shortcut is needed, and the output is a
   standard checkpoint of the same family with ``hidden_size = d`` that ``AutoModelForCausalLM``
-  loads: RMSNorm over ``d`` dims instead of ``D`` differs by ``√(D/d)`` (folded into the norm
-  weights) and its eps by ``D/d`` (``rms_norm_eps`` scaled), exact up to the discarded energy;
-  ``head_dim`` is written explicitly and the head untied from the embeddings (the final norm
-  folds into the head only).
+  loads; ``head_dim`` is written explicitly and the head untied from the embeddings (the final
+  norm folds into the head only).
+
+Both outputs are models of width ``d`` whose norms average over ``d`` coordinates, not ``D``:
+their stream is the source's times ``c = √(d/D)`` (embeddings and writers, weights and biases,
+scaled by ``c``; a ``sqrt(hidden_size)`` embedding scale shrinks by ``c`` by itself), so that a
+norm over the ``d`` kept coordinates sees ``c²·‖x‖²/d = ‖x‖²/D``, the source's mean square, with
+the source's eps, and the norm weights are ``√(D/d)`` (``1/c``). No eps changes, so the q/k
+norms and a linear attention's gated norm, which read the same eps config key, stay exact.
 
 ``d`` is ``(1 - sparsity)·D`` rounded down to a multiple of ``lcm(8, num_attention_heads)`` (so
 ``hidden_size % num_attention_heads == 0`` holds; SliceGPT rounds to multiples of 8), and is the
 same for both bases. Both outputs are exactly the source model with the stream projected onto
 ``span(Q_d)`` at every block input (``x <- x·Q_d·Q_dᵀ``): that full-width model is what the
-calibration runs on and what :attr:`SliceResult.model` holds. Architectures: every one whose
-spec gives every tensor a residual-stream role and has two pre-norm blocks per layer (llama,
-mistral, qwen2, mixtral, phi3; gemma's norm offset and embedding scale fold too).
+calibration runs on and what :attr:`SliceResult.model` holds. One exception widens the cut: a
+module whose inner width transformers sizes from ``hidden_size`` (LFM2's short convolution:
+``in_proj`` ``[3D, D]``, depthwise ``conv`` ``[D, 1, L]``, ``out_proj`` ``[D, D]``) must
+shrink to ``d`` channels too; those are found by building the family's model at width ``d`` on
+the meta device, and each such module keeps the ``d`` channels of most calibrated energy
+(``Σ h_c²·‖W_out[:, c]‖²`` over the calibration tokens, on the block's input before its own
+projection), its other channels zeroed in the in-memory model as well (channel pruning beyond
+the rotation, said in the report's notes). Architectures: every spec
+that gives every tensor a residual-stream role and whose norms feed their blocks (pre-norm or
+parallel; RMSNorm or LayerNorm; gemma's norm offset and embedding scale fold too).
+
+This module is the verb (:func:`plan_slice`, :func:`slice_model`) and its report; the rest is
+:mod:`.slicing_arch` (what an architecture needs: its blocks, its hidden-sized dims, the output's
+config), :mod:`.slicing_calib` (the calibration: collectors and the bases), :mod:`.slicing_math`
+(the tensor math: ``d``, PCA, Householder, the folds) and :mod:`.slicing_tasks` (one task per
+output tensor).
 """
 
 from __future__ import annotations
@@ -39,27 +83,32 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from splice.calib import Collector
-from splice.checkpoint import Checkpoint, open_checkpoint
+from splice.checkpoint import open_checkpoint
 from splice.errors import SpliceError
-from splice.execute import ExecOptions, Source, TensorTask
+from splice.execute import ExecOptions
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
 from splice.surgery.report import Recorded
-from splice.surgery.sliced import SHORTCUTS, SLICED_FROM, SLICED_TYPE, as_layers, units
+from splice.surgery.slicing_arch import (
+    HiddenSized,
+    SliceArch,
+    hidden_sized,
+    slice_arch,
+    sliced_config,
+)
+from splice.surgery.slicing_calib import compute_bases, slice_windows
+from splice.surgery.slicing_math import new_width
+from splice.surgery.slicing_tasks import slice_tasks
 
 if TYPE_CHECKING:
     import torch
-
-    from splice.calib import Capture
 
 BASES = ("per-layer", "shared")
 #: what the PCA is of: the stream each token scaled to rms 1 (what readers see), or as it is
 STREAMS = ("normed", "raw")
 
 
-# ---- the report ---------------------------------------------------------------------------------
 @dataclass
 class SliceReport(Recorded):
     """One slicing of ``source``: ``hidden_size`` ``D`` -> ``new_hidden_size`` ``d``.
@@ -69,6 +118,7 @@ class SliceReport(Recorded):
     ``d`` dimensions, measured on the model whose earlier blocks are sliced (per-layer: the top
     ``d`` eigenvalues over the trace of that block's Gram matrix). ``total_retained`` (shared):
     the same fraction of the Gram matrices of all blocks summed, on the unsliced model.
+    ``notes``: what else the slicing did (LayerNorm's mean-centring, channels pruned).
     """
 
     operation: str
@@ -83,6 +133,7 @@ class SliceReport(Recorded):
     retained: list[dict[str, Any]] = field(default_factory=list)
     total_retained: float | None = None
     stream: str = "normed"
+    notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -118,6 +169,7 @@ class SliceReport(Recorded):
             lines.append(f"    {label:<9} " + "  ".join(parts))
         if self.total_retained is not None:
             lines.append(f"  shared basis, all block inputs together: {self.total_retained:.4f}")
+        lines += [f"  note: {n}" for n in self.notes]
         lines += self.score_lines()
         return "\n".join(lines)
 
@@ -125,7 +177,7 @@ class SliceReport(Recorded):
         """Markdown for the model card."""
         load = (
             "Load it with `splice.surgery.load_sliced(path)`: the residual path carries "
-            "`attn_shortcut_Q` / `mlp_shortcut_Q` matrices between blocks."
+            "shortcut matrices (`model.layers.{i}.*_shortcut_Q`) between blocks."
             if self.basis == "per-layer"
             else "A standard checkpoint: `AutoModelForCausalLM.from_pretrained(path)`."
         )
@@ -136,6 +188,8 @@ class SliceReport(Recorded):
             "",
             load,
         ]
+        if self.notes:
+            lines += ["", *(f"- {n}" for n in self.notes)]
         if self.meta.get("calibration"):
             lines += [
                 "",
@@ -177,20 +231,9 @@ class SliceResult(SurgeryResult):
         return self.report.scores
 
 
-# ---- checks -------------------------------------------------------------------------------------
-def new_width(hidden: int, heads: int, sparsity: float) -> int:
-    """``d``: ``(1 - sparsity)·hidden`` rounded down to a multiple of ``lcm(8, heads)``."""
-    step = math.lcm(8, heads)
-    d = int((1.0 - sparsity) * hidden + 1e-9) // step * step
-    if d < step:
-        raise SpliceError(
-            f"--sparsity {sparsity:g}: keeps {(1 - sparsity) * hidden:.1f} of {hidden} dims, fewer "
-            f"than one multiple of {step} (lcm of 8 and {heads} heads); slice less"
-        )
-    return d
-
-
 def _check_sparsity(sparsity: Any) -> float:
+    """``sparsity`` (the fraction of dims deleted) as a float in ``[0, 1)``, else a one-line
+    ``SpliceError``."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise SpliceError(f"--sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
@@ -200,373 +243,23 @@ def _check_sparsity(sparsity: Any) -> float:
     return float(sparsity)
 
 
-def block_names(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
-    """The spec's norms (``norm_feeds`` keys) and residual writers, attention first; a one-line
-    ``SpliceError`` when the spec lacks the roles slicing needs."""
-    spec = ckpt.arch
-    mt = spec.model_type
-    why = None
-    if spec.block in ("post_norm", "sandwich"):
-        why = (
-            "its blocks normalise their own output before the residual add (post-norm), and a "
-            "norm there does not commute with a rotation of the stream, so no exact slicing "
-            "exists"
+def _notes(arch: SliceArch, sized: HiddenSized, d: int, hidden: int) -> list[str]:
+    """What the report says beyond the rotation (LayerNorm's centring, pruned channels)."""
+    notes = []
+    if arch.centred:
+        notes.append(
+            "LayerNorm: the stream is made mean-zero (embeddings and writers centred) and "
+            f"every basis keeps the all-ones direction, so {d - 1} of the {d} kept dims carry "
+            "the stream's energy"
         )
-    elif spec.block == "parallel":
-        why = (
-            "attention and MLP read one norm in parallel blocks, which slicing does not handle yet"
+    if sized.scored:
+        modules = sorted({top for _, top in sized.scored})
+        notes.append(
+            f"{', '.join(modules)}: {len(sized.scored)} modules whose channels transformers "
+            f"sizes from hidden_size keep {d} of {hidden} channels each (most calibrated energy "
+            "through the writer; channel pruning beyond the rotation)"
         )
-    elif spec.inferred or not spec.norm_feeds or not spec.residual_writers:
-        why = "its spec declares no norm_feeds / residual_writers roles"
-    elif spec.norm.get("kind") != "rms":
-        why = f"its norms are {spec.norm.get('kind')!r}, not RMSNorm"
-    elif len(spec.norm_feeds) != 2 or len(spec.residual_writers) != 2:
-        why = "its layers are not two pre-norm blocks (attention, MLP)"
-    elif spec.embed_scale not in (None, "sqrt_hidden_size") and not str(
-        spec.embed_scale
-    ).startswith("config:"):
-        why = f"its embedding scale {spec.embed_scale!r} is not known to slicing"
-    else:
-        other = [n for n in ckpt.tensors if spec.role(n) == "other"]
-        if other:
-            why = f"its spec gives no residual-stream role to {other[0]}" + (
-                f" and {len(other) - 1} more tensors" if len(other) > 1 else ""
-            )
-    if why is None and "rms_norm_eps" not in ckpt.config:
-        why = "its config has no rms_norm_eps"
-    if why is None and not (
-        ckpt.config.get("hidden_size") and ckpt.config.get("num_attention_heads")
-    ):
-        why = "its config has no hidden_size / num_attention_heads"
-    if why is not None:
-        raise SpliceError(f"slice: architecture {mt!r} is not supported: {why}")
-    return list(spec.norm_feeds), list(spec.residual_writers)
-
-
-def _windows(ckpt: Checkpoint, calibration: Any, calib: Calibration, tc: bool) -> torch.Tensor:
-    import torch
-
-    from splice.calib import windows_for
-
-    windows = windows_for(ckpt, calibration, calib, trust_remote_code=tc)
-    if isinstance(calibration, torch.Tensor):
-        calibration = f"{windows.shape[0]} given windows"
-    hidden = int(ckpt.config["hidden_size"])
-    if windows.numel() < hidden:
-        raise SpliceError(
-            f"--calibration {calibration}: {windows.numel()} tokens, fewer than the hidden size "
-            f"{hidden}: the PCA basis would be underdetermined (give more text or --max-samples)"
-        )
-    return windows
-
-
-# ---- collectors -----------------------------------------------------------------------------------
-def _stream_rows(c: Capture, stream: str) -> torch.Tensor:
-    """``[n, D]`` float64: the real tokens' stream entering the block, each row scaled to rms 1
-    (``stream="normed"``) or as it is (``"raw"``, SliceGPT's choice)."""
-    import torch
-
-    r = c.rows("input")
-    r = r.to("cpu" if r.device.type == "mps" else r.device, torch.float64)
-    if stream == "raw":
-        return r
-    return r / r.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-
-
-@dataclass
-class StreamGram(Collector):
-    """``Σ x̃ᵀx̃`` ``[D, D]`` float64 of the rms-normed stream entering each block (one per
-    block; ``summed``: one for all blocks together)."""
-
-    site: str = "layer"
-    summed: bool = False
-    stream: str = "normed"
-
-    def start(self, model: Any, num_layers: int) -> None:
-        self._sums: dict[int, torch.Tensor] = {}
-
-    def update(self, c: Capture) -> None:
-        r = _stream_rows(c, self.stream)
-        key = 0 if self.summed else int(c.layer)
-        g = r.T @ r
-        self._sums[key] = self._sums[key] + g if key in self._sums else g
-
-    def take(self, key: int) -> torch.Tensor:
-        """The Gram matrix of ``key``, dropped from the collector."""
-        return self._sums.pop(key)
-
-    def result(self) -> dict[int, torch.Tensor]:
-        return dict(self._sums)
-
-
-@dataclass
-class KeptEnergy(Collector):
-    """Per block: the fraction of the rms-normed stream's energy inside ``span(basis)``
-    (``basis`` ``[D, d]`` orthonormal columns)."""
-
-    basis: Any = None
-    site: str = "layer"
-    stream: str = "normed"
-
-    def start(self, model: Any, num_layers: int) -> None:
-        self._kept: dict[int, float] = {}
-        self._total: dict[int, float] = {}
-
-    def update(self, c: Capture) -> None:
-        r = _stream_rows(c, self.stream)
-        k = int(c.layer)
-        kept = float((r @ self.basis.to(r.device)).pow(2).sum())
-        self._kept[k] = self._kept.get(k, 0.0) + kept
-        self._total[k] = self._total.get(k, 0.0) + float(r.pow(2).sum())
-
-    def result(self) -> dict[int, float]:
-        return {k: self._kept[k] / self._total[k] for k in sorted(self._kept)}
-
-
-def pca(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eigenvalues [D] descending, eigenvectors [D, D] as columns)`` of a float64 Gram."""
-    import torch
-
-    vals, vecs = torch.linalg.eigh(gram.to(torch.float64))
-    return vals.flip(0), vecs.flip(1)
-
-
-# ---- calibration: the bases ---------------------------------------------------------------------------
-def _block_label(k: int, n_layers: int) -> dict[str, Any]:
-    if k == 2 * n_layers:
-        return {"layer": None, "block": "head"}
-    return {"layer": k // 2, "block": ("attn", "mlp")[k % 2]}
-
-
-def compute_bases(
-    live: Any,
-    ckpt: Checkpoint,
-    windows: torch.Tensor,
-    calib: Calibration,
-    d: int,
-    basis: str,
-    stream: str = "normed",
-) -> tuple[list[torch.Tensor], list[dict[str, Any]], float | None]:
-    """The kept bases ``Q_d`` ``[D, d]`` float64 (one per block input, ``2L + 1``; shared: the
-    same for all), the retained variance of each, and (shared) of all together. ``live`` is
-    rebuilt in place into the sliced model simulated at full width (:mod:`.sliced`)."""
-    import torch
-
-    from splice.calib import decoder_layers, run
-
-    spec = ckpt.arch
-    norms, writers = block_names(ckpt)
-    prefix = spec.layer_prefix
-    path = prefix.split("{i}")[0].rstrip(".")
-    old = decoder_layers(live, prefix)
-    n_layers = len(old)
-    blocks = units(live, old, norms, writers)
-    parent, _, name = path.rpartition(".")
-    setattr(live.get_submodule(parent), name, torch.nn.ModuleList(blocks))
-    param = next(live.parameters())
-    qs: list[torch.Tensor] = []
-    retained: list[dict[str, Any]] = []
-    total = None
-    kinds = getattr(live.config, "layer_types", None)
-    common = dict(
-        device=calib.device,
-        batch_size=calib.batch_size,
-        sequential=True,
-        layer_prefix=prefix,
-        # each block runs with its layer's attention mask (sliding / full); the head's is unused
-        layer_types=[kinds[min(k // 2, n_layers - 1)] for k in range(len(blocks))]
-        if kinds
-        else None,
-        show_progress=calib.show_progress,
-    )
-    if basis == "per-layer":
-        gram = StreamGram(stream=stream)
-
-        def after(k: int, _: Any) -> None:
-            vals, vecs = pca(gram.take(k))
-            q = vecs[:, :d].contiguous()
-            qs.append(q.cpu())
-            kept = float(vals[:d].clamp_min(0).sum() / vals.clamp_min(0).sum())
-            retained.append({**_block_label(k, n_layers), "value": kept})
-            blocks[k].proj = q.to(param.device, param.dtype)
-
-        run(live, windows, [gram], after_layer=after, **common)
-    else:
-        gram = StreamGram(summed=True, stream=stream)
-        run(live, windows, [gram], **common)
-        vals, vecs = pca(gram.take(0))
-        q = vecs[:, :d].contiguous()
-        total = float(vals[:d].clamp_min(0).sum() / vals.clamp_min(0).sum())
-        proj = q.to(param.device, param.dtype)
-        for b in blocks:
-            b.proj = proj
-        (kept,) = run(live, windows, [KeptEnergy(q, stream=stream)], **common)
-        retained = [{**_block_label(k, n_layers), "value": v} for k, v in kept.items()]
-        qs = [q.cpu()] * len(blocks)
-    as_layers(live, blocks, old, path)
-    return qs, retained, total
-
-
-# ---- the plan --------------------------------------------------------------------------------------
-def _tasks(
-    ckpt: Checkpoint, qs: list[torch.Tensor], d: int, basis: str, dtype: str | None
-) -> list[TensorTask]:
-    """One task per output tensor, in float64 (see the module docstring for the formulas)."""
-    import torch
-
-    spec = ckpt.arch
-    key = str(ckpt.path)
-    norms, writers = block_names(ckpt)
-    hidden = int(ckpt.config["hidden_size"])
-    n_layers = ckpt.num_layers
-    offset = float(spec.norm.get("offset", 0.0))
-    root = math.sqrt(hidden / d)
-    # sqrt(hidden) changes with the width; a config multiplier (granite) stays as it is
-    emb_scale = root if spec.embed_scale == "sqrt_hidden_size" else 1.0
-    head_q = qs[2 * n_layers]
-
-    def task(
-        name: str, shape: tuple[int, ...], like: str, sources: tuple[str, ...], fn: Any, label: str
-    ) -> TensorTask:
-        info = ckpt[like]
-        return TensorTask(
-            name=name,
-            shape=tuple(shape),
-            dtype=dtype or info.dtype,
-            sources=tuple(Source(key, s) for s in sources),
-            compute=fn,
-            load_dtype="float64",
-            label=label,
-        )
-
-    def const(value: torch.Tensor) -> Any:
-        return lambda _: value
-
-    def reads(q: torch.Tensor) -> Any:  # [out, D] · diag(γ [D]) · Q_d [D, d] -> [out, d]
-        return lambda t: (t[0] * (t[1] + offset)) @ q.to(t[0].device)
-
-    def writes(q: torch.Tensor) -> Any:  # [D, in] -> [d, in]; bias [D] -> [d]
-        return lambda t: q.to(t[0].device).T @ t[0] if t[0].dim() == 2 else t[0] @ q.to(t[0].device)
-
-    tasks: list[TensorTask] = []
-    for name, info in ckpt.tensors.items():
-        role = spec.role(name)
-        shape = tuple(info.shape)
-        if role == "embed":
-            q0 = qs[0]
-            tasks.append(
-                task(
-                    name,
-                    (shape[0], d),
-                    name,
-                    (name,),
-                    lambda t, q0=q0: (t[0] @ q0.to(t[0].device)) * emb_scale,
-                    f"{key}:{name} @ Q_0",
-                )
-            )
-            if ckpt.tied:
-                tasks.append(
-                    task(
-                        spec.lm_head,
-                        (shape[0], d),
-                        name,
-                        (name, spec.final_norm),
-                        reads(head_q),
-                        f"{key}:{name} (untied) * final norm @ Q_head",
-                    )
-                )
-        elif role == "head":
-            tasks.append(
-                task(
-                    name,
-                    (shape[0], d),
-                    name,
-                    (name, spec.final_norm),
-                    reads(head_q),
-                    f"{key}:{name} * final norm @ Q_head",
-                )
-            )
-        elif role in ("norm", "final_norm"):
-            value = torch.full((d,), root - offset, dtype=torch.float64)
-            tasks.append(task(name, (d,), name, (), const(value), f"const sqrt(D/d)={root:.6g}"))
-        elif role == "reader":
-            norm = spec.feeding_norm(name)
-            layer = spec.layer_of(name)
-            assert norm is not None and layer is not None
-            k = 2 * layer + norms.index(spec.parse(norm).kind)
-            if len(shape) == 2:
-                tasks.append(
-                    task(
-                        name,
-                        (shape[0], d),
-                        name,
-                        (name, norm),
-                        reads(qs[k]),
-                        f"{key}:{name} * norm @ Q_{k}",
-                    )
-                )
-            else:
-                tasks.append(TensorTask.copy(name, key, name, info, dtype=dtype))
-        elif role == "inner":  # off the stream (q/k norms over head dims): as it is
-            tasks.append(TensorTask.copy(name, key, name, info, dtype=dtype))
-        elif role == "writer":
-            layer = spec.layer_of(name)
-            module = spec._module(name)
-            assert layer is not None and module is not None
-            k = 2 * layer + writers.index(module[1])
-            out_shape = (d, *shape[1:])
-            tasks.append(
-                task(
-                    name, out_shape, name, (name,), writes(qs[k + 1]), f"Q_{k + 1}^T @ {key}:{name}"
-                )
-            )
-        else:  # block_names refused these
-            raise SpliceError(f"{name}: no residual-stream role")
-    if basis == "per-layer":
-        like = spec.final_norm
-        for i in range(n_layers):
-            for j, kind in enumerate(SHORTCUTS):
-                k = 2 * i + j
-                s = (qs[k].T @ qs[k + 1]).contiguous()
-                tasks.append(
-                    task(
-                        spec.layer_prefix.format(i=i) + kind,
-                        (d, d),
-                        like,
-                        (),
-                        const(s),
-                        f"Q_{k}^T Q_{k + 1}",
-                    )
-                )
-    return tasks
-
-
-def _config(ckpt: Checkpoint, d: int, basis: str, dtype: str | None) -> dict[str, Any]:
-    from splice.dtypes import config_with_dtype
-
-    spec = ckpt.arch
-    cfg = dict(ckpt.config)
-    hidden = int(cfg["hidden_size"])
-    heads = int(cfg["num_attention_heads"])
-    cfg["head_dim"] = int(cfg.get("head_dim") or hidden // heads)
-    cfg["hidden_size"] = d
-    cfg["rms_norm_eps"] = float(cfg["rms_norm_eps"]) * hidden / d
-    cfg["tie_word_embeddings"] = False
-    if basis == "per-layer":
-        cfg[SLICED_FROM] = cfg["model_type"]
-        cfg["model_type"] = SLICED_TYPE
-        cfg["splice_slicing"] = {
-            "basis": basis,
-            "source_hidden_size": hidden,
-            "layer_prefix": spec.layer_prefix,
-            "layers": spec.layer_prefix.split("{i}")[0].rstrip("."),
-            "norms": list(spec.norm_feeds),
-            "writers": list(spec.residual_writers),
-            "shortcuts": list(SHORTCUTS),
-        }
-    if dtype:
-        cfg = config_with_dtype(cfg, dtype)
-    return cfg
+    return notes
 
 
 def plan_slice(
@@ -600,11 +293,12 @@ def plan_slice(
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "slice")
     check_runnable(ckpt, trust_remote_code=trust_remote_code)
-    block_names(ckpt)
+    arch = slice_arch(ckpt)
     hidden = int(ckpt.config["hidden_size"])
     d = new_width(hidden, int(ckpt.config["num_attention_heads"]), sparsity)
+    sized = hidden_sized(ckpt, d, arch)
     calib = calib or Calibration()
-    windows = _windows(ckpt, calibration, calib, trust_remote_code)
+    windows = slice_windows(ckpt, calibration, calib, trust_remote_code)
     live = load_causal_lm(
         ckpt.path,
         dtype=calib.dtype,
@@ -613,11 +307,13 @@ def plan_slice(
         allow_pickle=allow_pickle,
         why="slicing needs finite weights",
     )
-    qs, retained, total = compute_bases(live, ckpt, windows, calib, d, basis, stream)
+    qs, retained, total, channels = compute_bases(
+        live, ckpt, windows, calib, d, basis, stream, arch, sized
+    )
     if not isinstance(calibration, (str, os.PathLike)):
         calibration = f"{windows.shape[0]} given windows"
-    tasks = _tasks(ckpt, qs, d, basis, dtype)
-    config = _config(ckpt, d, basis, dtype)
+    tasks = slice_tasks(ckpt, qs, d, basis, dtype, arch, sized, channels)
+    config = sliced_config(ckpt, d, basis, dtype, arch)
     source_params = sum(math.prod(i.shape) for i in ckpt.tensors.values())
     report = SliceReport(
         operation=f"slice --sparsity {sparsity:g} --basis {basis}"
@@ -633,6 +329,7 @@ def plan_slice(
         retained=retained,
         total_retained=total,
         stream=stream,
+        notes=_notes(arch, sized, d, hidden),
         meta={
             "calibration": str(calibration),
             "samples": int(windows.shape[0]),

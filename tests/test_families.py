@@ -19,7 +19,6 @@ from family_checks import VERBS, check
 #: sparsity, or at 0% where slicing does not support the family at all); any other refusal,
 #: and a refusal of any other verb, fails
 POST_NORM = "post-norm"
-PARALLEL = "parallel blocks"
 SLICE_REFUSED: dict[str, str] = {
     # no exact slicing exists: a norm on each block's output does not commute with a rotation
     "gemma2": POST_NORM,
@@ -28,14 +27,6 @@ SLICE_REFUSED: dict[str, str] = {
     "olmo3": POST_NORM,
     "glm4": POST_NORM,
     "exaone4": POST_NORM,
-    # not yet: one norm feeding attention and MLP; LayerNorm's mean-centering
-    "phi": PARALLEL,
-    "cohere": PARALLEL,
-    "cohere2": PARALLEL,
-    "starcoder2": "not RMSNorm",
-    # not yet: hybrid layers (linear attention, convolution) with more than two blocks
-    "qwen3_next": "not two pre-norm blocks",
-    "lfm2": "not two pre-norm blocks",
 }
 
 

@@ -1,6 +1,9 @@
 """SliceGPT slicing against independent references: the source's logits at 0%, stock
 transformers loading the shared-basis output, the Gram matrices recomputed from hooks on the
-stock model, and the in-memory sliced model against what was written."""
+stock model, and the in-memory sliced model against what was written; for LayerNorm families,
+the fold against torch's and transformers' LayerNorm on hand-built tensors and the mean-zero
+stream the output's LayerNorms see; parallel (Phi, Cohere) and hybrid (LFM2, Qwen3-Next)
+families through both bases."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from splice.cli import main
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
 from splice.surgery import Calibration, load_sliced, plan_slice, slice_model
+from splice.surgery.slicing_math import fold_reader, fold_writer, householder, kept_basis
 
 torch.set_num_threads(1)
 CALIB = Calibration(seq_len=24, max_samples=8, batch_size=4)
@@ -66,8 +70,9 @@ def test_every_architecture_keeps_logits_at_zero(tiny_models, tmp_path, model_ty
 def test_shared_output_is_a_stock_checkpoint(tiny_models, tmp_path):
     """At 25% and 50% the written folders load in a fresh interpreter that never imports
     splice and give the logits of the in-memory sliced model (the source at full width with
-    the stream projected at every block input): the √(D/d) norm weights, the eps scaling, the
-    explicit head_dim and the untied head are what make the two agree."""
+    the stream projected at every block input): the √(D/d) norm weights with the stream scaled
+    by √(d/D) (eps unchanged), the explicit head_dim and the untied head are what make the two
+    agree."""
     cases = {}
     for model_type in ("llama", "qwen2"):
         src = tiny_models[model_type]
@@ -81,7 +86,7 @@ def test_shared_output_is_a_stock_checkpoint(tiny_models, tmp_path):
             cfg = json.loads((out / "config.json").read_text())
             assert cfg["model_type"] == model_type and cfg["hidden_size"] == d
             assert cfg["head_dim"] == 8 and cfg["tie_word_embeddings"] is False
-            assert cfg["rms_norm_eps"] == pytest.approx(source_cfg["rms_norm_eps"] * 32 / d)
+            assert cfg["rms_norm_eps"] == source_cfg["rms_norm_eps"]
             norm = load(out).model.norm.weight
             torch.testing.assert_close(norm, torch.full((d,), (32 / d) ** 0.5))
             with torch.no_grad():
@@ -374,3 +379,253 @@ def test_per_layer_raw_equals_a_slicegpt_reference(tiny_models, tmp_path, sparsi
     if sparsity == 0:
         assert (want - logits(src).double()).abs().max() < 1e-6  # the reference itself
     assert (got - want).abs().max() < 1e-5  # measured 1.4e-7; the normed PCA differs by 5e-2
+
+
+# ---- LayerNorm, parallel blocks, hybrid layers ------------------------------------------------
+#: families sliced since LayerNorm folding, parallel blocks and data-driven block layouts:
+#: LayerNorm + bias (starcoder2), parallel LayerNorm + bias (phi), parallel mean-centring
+#: without bias (cohere, cohere2: sliding layers), hybrid conv / attention (lfm2), hybrid
+#: linear attention + MoE with a shared expert (qwen3_next)
+NEW_FAMILIES = ["phi", "cohere", "cohere2", "starcoder2", "lfm2", "qwen3_next"]
+
+
+@pytest.fixture(scope="module")
+def family_sources(tmp_path_factory):
+    """Tiny random models of :data:`NEW_FAMILIES` (``families.build``: every weight perturbed,
+    norm biases included), built once for this module."""
+    from families import build
+
+    root = tmp_path_factory.mktemp("families")
+    return {f: build(f, root / f) for f in NEW_FAMILIES}
+
+
+def test_householder_reflects_one_unit_vector_onto_another():
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    u, v = u / u.norm(), v / v.norm()
+    h = householder(u, v)
+    torch.testing.assert_close(h @ u, v)
+    torch.testing.assert_close(h @ h.T, torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(householder(u, u), torch.eye(7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d", [8, 16, 32])
+def test_centred_basis_keeps_the_kept_coordinates_mean_zero(d):
+    """``kept_basis(centred=True)``: orthonormal columns with ``Q_d·1_d = √(d/D)·1_D``, so a
+    mean-zero stream has mean-zero coordinates (what the output's LayerNorm subtracts is 0);
+    its span is ``e = 1/√D`` plus the top ``d - 1`` eigenvectors of the Gram in ``e⊥``."""
+    big = 32
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, big, generator=g, dtype=torch.float64) @ torch.randn(
+        big, big, generator=g, dtype=torch.float64
+    )
+    x = x - x.mean(1, keepdim=True)
+    gram = x.T @ x
+    q, kept = kept_basis(gram, d, centred=True)
+    torch.testing.assert_close(q.T @ q, torch.eye(d, dtype=torch.float64))
+    ones = torch.ones(d, dtype=torch.float64)
+    torch.testing.assert_close(q @ ones, torch.full((big,), (d / big) ** 0.5, dtype=torch.float64))
+    assert (x @ q).mean(1).abs().max() < 1e-12
+    # the same subspace as e + the top d-1 eigenvectors of the Gram restricted to e⊥
+    e = torch.full((big, 1), big**-0.5, dtype=torch.float64)
+    perp = torch.linalg.svd(torch.eye(big, dtype=torch.float64) - e @ e.T).U[:, : big - 1]
+    vals, vecs = np.linalg.eigh((perp.T @ gram @ perp).numpy())
+    want = torch.cat([e, perp @ torch.from_numpy(vecs[:, ::-1][:, : d - 1].copy())], 1)
+    torch.testing.assert_close(q @ q.T, want @ want.T)
+    assert kept == pytest.approx(vals[::-1][: d - 1].sum() / np.trace(gram.numpy()), abs=1e-12)
+    if d == big:
+        assert kept == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("norm", ["layer_norm", "cohere"])
+def test_layernorm_fold_equals_the_stock_layernorm(norm, d):
+    """Hand-built: a LayerNorm (torch's, with ``γ`` and ``β``; or transformers' CohereLayerNorm,
+    mean-centring without bias) feeding a linear with a bias, on a stream with a mean. The
+    sliced computation, the stream centred, rotated and scaled by ``√(d/D)`` into the output's
+    ``d`` coordinates, normed by the stock LayerNorm of width ``d`` (weight ``√(D/d)``), read by
+    the folded linear, equals the source's on the stream projected onto the kept subspace
+    (exactly the source's at ``d = D``): ``β`` folded into the linear's bias (output norm
+    bias 0) or kept in the norm (output norm bias 1, the linear without a bias)."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    big, eps = 24, 1e-5
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x = rand(50, big) * 2 + rand(50, 1)  # rows with a mean of their own
+    gamma, w, b = 1 + 0.3 * rand(big), rand(6, big), rand(6)
+    if norm == "cohere":
+        source = CohereLayerNorm(big, eps=eps).double()
+        beta = torch.zeros(big, dtype=torch.float64)
+    else:
+        source = torch.nn.LayerNorm(big, eps=eps).double()
+        beta = 0.5 * rand(big)
+        source.bias.data = beta
+    source.weight.data = gamma
+    xc = x - x.mean(1, keepdim=True)
+    q, _ = kept_basis(xc.T @ xc, d, centred=True)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(source(x @ q @ q.T), w, b)
+        if d == big:
+            torch.testing.assert_close(want, torch.nn.functional.linear(source(x), w, b))
+        c = (d / big) ** 0.5
+        y = c * (xc @ q)  # the output's stream: centred, rotated, scaled
+        for kept_in_norm in (False, True):
+            out = torch.nn.LayerNorm(d, eps=eps).double()
+            out.weight.data = torch.full((d,), 1 / c, dtype=torch.float64)
+            if kept_in_norm:
+                out.bias.data = torch.ones(d, dtype=torch.float64)
+                got = torch.nn.functional.linear(out(y), fold_reader(w, gamma, q, beta), b)
+            else:
+                out.bias.data = torch.zeros(d, dtype=torch.float64)
+                got = torch.nn.functional.linear(out(y), fold_reader(w, gamma, q), b + w @ beta)
+            # CohereLayerNorm computes in float32 whatever its input
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10 if norm != "cohere" else 1e-5)
+
+
+def test_writers_keep_the_output_stream_mean_zero():
+    """``fold_writer(centred=True)``: what a writer adds, in the output's coordinates, is the
+    centred output rotated and scaled, and its coordinates are mean-zero."""
+    big, d = 24, 16
+    g = torch.Generator().manual_seed(4)
+    w, bias, h = (torch.randn(*s, generator=g, dtype=torch.float64)
+                  for s in ((big, 10), (big,), (5, 10)))  # fmt: skip
+    x = torch.randn(80, big, generator=g, dtype=torch.float64)
+    x = x - x.mean(1, keepdim=True)
+    q, _ = kept_basis(x.T @ x, d, centred=True)
+    out = h @ w.T + bias  # [5, D] into the stream
+    got = h @ fold_writer(w, q, True, 0.5).T + fold_writer(bias, q, True, 0.5)
+    torch.testing.assert_close(got, 0.5 * (out - out.mean(1, keepdim=True)) @ q)
+    assert got.mean(1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("basis", ["per-layer", "shared"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_layernorm_parallel_and_hybrid_families(family_sources, tmp_path, family, basis):
+    """0%: the source's logits through both bases (a shared output through stock
+    transformers, a per-layer one through load_sliced); 25%: the in-memory sliced model's (so
+    the mean-centring, the LayerNorm biases, parallel blocks, LFM2's pruned convolution
+    channels and Qwen3-Next's linear attention and shared expert all rotate right)."""
+    src = family_sources[family]
+    res = slice_model(
+        src, tmp_path / "o", sparsity=0.0, calibration=windows(), basis=basis, calib=CALIB,
+        options=OPTS,
+    )  # fmt: skip
+    assert (output_logits(res) - logits(src)).abs().max() < 1e-4  # measured <= 1.1e-6
+    blocks = {"phi": 1, "cohere": 1, "cohere2": 1}.get(family, 2)
+    assert len(res.report.retained) == blocks * 4 + 1
+    np.testing.assert_allclose([r["value"] for r in res.report.retained], 1.0, atol=1e-9)
+    res = slice_model(
+        src, tmp_path / "q", sparsity=0.25, calibration=windows(), basis=basis, calib=CALIB,
+        options=OPTS,
+    )  # fmt: skip
+    with torch.no_grad():
+        mem = res.model(IDS).logits
+    assert (output_logits(res) - mem).abs().max() < 1e-4  # measured <= 1.5e-6
+    assert (mem - logits(src)).abs().max() > 1e-3  # slicing did something
+    if basis == "per-layer":
+        names = set()
+        for f in res.out.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as h:
+                keys = h.keys()
+                names |= {n.rsplit(".", 1)[-1] for n in keys if "shortcut" in n}
+        want = {"layer_shortcut_Q"} if blocks == 1 else {"attn_shortcut_Q", "mlp_shortcut_Q"}
+        assert names == want
+
+
+def test_layernorm_bias_stays_in_the_norm_where_a_reader_has_none(tmp_path):
+    """StarCoder2 without linear biases: no reader can take ``W·β``, so every LayerNorm keeps
+    its bias as ``1_d`` (exact at any sparsity); the output's LayerNorms see a mean-zero
+    stream (hooked on the stock model loading the shared output)."""
+    from families import build
+
+    src = build("starcoder2", tmp_path / "src", use_bias=False)
+    res = slice_model(
+        src, tmp_path / "o", sparsity=0.25, calibration=windows(), basis="shared", calib=CALIB,
+        options=OPTS,
+    )  # fmt: skip
+    assert any("LayerNorm" in n and "23 of the 24" in n for n in res.report.notes)
+    model = load(res.out)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 4 + 1
+    for m in norms:
+        torch.testing.assert_close(m.bias, torch.ones(24))
+    ratios = []
+
+    def hook(module, args):
+        x = args[0].double()
+        ratios.append(float((x.mean(-1) / x.pow(2).mean(-1).sqrt()).abs().max()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    with torch.no_grad():
+        got = model(IDS).logits
+        mem = res.model(IDS).logits
+    for h in handles:
+        h.remove()
+    assert len(ratios) == len(norms) and max(ratios) < 1e-5
+    assert (got - mem).abs().max() < 1e-4
+
+
+def test_lfm2_convolutions_keep_d_channels(family_sources, tmp_path):
+    """LFM2's short convolution is as wide as the stream: at 25% each keeps 24 of its 32
+    channels (in_proj's B, C, x chunks alike), said in the report; at 0% none is touched."""
+    src = family_sources["lfm2"]
+    res = plan_slice(src, sparsity=0.25, calibration=windows(), calib=CALIB)
+    shapes = {t.name: t.shape for t in res.plan.tasks}
+    assert shapes["model.layers.0.conv.conv.weight"] == (24, 1, 3)
+    assert shapes["model.layers.0.conv.in_proj.weight"] == (72, 24)
+    assert shapes["model.layers.0.conv.out_proj.weight"] == (24, 24)
+    assert shapes["model.layers.1.self_attn.out_proj.weight"] == (24, 32)
+    assert any("channel pruning" in n for n in res.report.notes)
+    assert [r["block"] for r in res.report.retained[:4]] == ["conv", "mlp", "attn", "mlp"]
+    # the in-memory model computes what the output computes: the dropped channels are zero
+    out_proj = res.model.model.layers[0].blocks[0].mods["conv"].out_proj.weight
+    assert int((out_proj.abs().sum(0) == 0).sum()) == 8
+    res = plan_slice(src, sparsity=0.0, calibration=windows(), calib=CALIB)
+    assert not res.report.notes
+
+
+def test_a_dim_sized_from_hidden_size_otherwise_is_refused(tmp_path):
+    """Phi's q/k LayerNorms are sized ``hidden_size / heads`` (not ``head_dim``): at 0% they
+    are untouched, a narrower width is refused in one line before calibrating."""
+    from families import build
+
+    src = build("phi", tmp_path / "phi", qk_layernorm=True)
+    res = plan_slice(src, sparsity=0.0, calibration=windows(), calib=CALIB)
+    assert res.report.new_hidden_size == 32
+    with pytest.raises(SpliceError, match=r"_layernorm\.\w+ \(8\) is sized from hidden_size") as e:
+        plan_slice(src, sparsity=0.25, calibration=windows(), calib=CALIB)
+    assert "\n" not in str(e.value)
+
+
+def test_block_layouts_come_from_the_spec_roles():
+    """A writer belongs to the block of the norm feeding its module's readers: two blocks
+    (Llama, Mixtral's MoE), one parallel block (Phi), LFM2's attention-or-convolution block;
+    a per-layer output of an older splice (``norms`` / ``writers`` only) loads as two."""
+    from splice.arch import ArchSpec
+    from splice.surgery.sliced import layout_of, saved_layout
+
+    def of(mt):
+        spec = ArchSpec.load(mt)
+        return [(b.norm, b.modules, b.shortcut)
+                for b in layout_of(spec.norm_feeds, spec.residual_writers)]  # fmt: skip
+
+    assert of("llama") == [
+        ("input_layernorm.weight", ("self_attn",), "attn_shortcut_Q"),
+        ("post_attention_layernorm.weight", ("mlp",), "mlp_shortcut_Q"),
+    ]
+    assert of("mixtral")[1][1] == ("block_sparse_moe",)
+    assert of("phi") == [("input_layernorm.weight", ("self_attn", "mlp"), "layer_shortcut_Q")]
+    assert of("lfm2")[0][1] == ("self_attn", "conv")
+    assert of("lfm2")[1][1] == ("feed_forward",)
+    old = {"norms": ["input_layernorm.weight", "post_attention_layernorm.weight"],
+           "writers": ["self_attn.o_proj", "mlp.down_proj"]}  # fmt: skip
+    assert [(b.modules, b.shortcut) for b in saved_layout(old)] == [
+        (("self_attn",), "attn_shortcut_Q"),
+        (("mlp",), "mlp_shortcut_Q"),
+    ]
+    with pytest.raises(SpliceError, match="no norm feeds"):
+        layout_of({"input_layernorm.weight": ["self_attn.q_proj"]}, ["self_attn.o_proj", "mlp.w2"])
