@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ def run_all(work: Path, only: list[str] | None = None) -> dict:
 
 def _cell(result: dict[str, str]) -> str:
     status, detail = result.get("status", "?"), result.get("detail", "")
+    # a refusal's reason, without what the JSON repeats (the sparsity, the verb, the family)
+    detail = re.sub(r"^(at \d+%: )?\w+: architecture '[^']+' is not supported: ", "", detail)
     if len(detail) > CELL:
         detail = detail[: CELL - 1] + "…"
     detail = detail.replace("|", "\\|").replace("`", "'")

@@ -1,0 +1,41 @@
+"""README's architecture table is the battery's result, not typed: the table is what
+``docs/architectures.json`` gives, and the JSON says what ``tests/test_families.py`` asserts
+(every verb passes on every family, slicing refused exactly where the battery allows it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from families import FAMILIES, known
+from family_checks import VERBS
+from test_families import SLICE_REFUSED
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_table_is_the_json() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "arch_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr + run.stdout
+
+
+def test_the_json_is_what_the_battery_asserts() -> None:
+    data = json.loads((ROOT / "docs" / "architectures.json").read_text())
+    assert list(data["families"]) == list(FAMILIES)
+    assert list(data["verbs"]) == list(VERBS)
+    for family, row in data["families"].items():
+        for verb in VERBS:
+            got = row[verb]["status"]
+            if not known(family):
+                continue
+            if verb == "slice" and family in SLICE_REFUSED:
+                assert got == "refused", (family, verb, row[verb])
+                assert SLICE_REFUSED[family] in row[verb]["detail"]
+            else:
+                assert got == "pass", (family, verb, row[verb])
