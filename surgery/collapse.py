@@ -85,12 +85,12 @@ if TYPE_CHECKING:
 MAX_RIDGE = 100.0
 SUPPORTED = ("mixtral",)
 #: MoE model types transformers knows that collapse refuses, with why
-UNSUPPORTED = {
-    "qwen2_moe": "Qwen2-MoE has a shared expert and unnormalised top-k, and no splice spec",
-    "qwen3_moe": "Qwen3-MoE has no splice architecture spec",
-    "deepseek_v2": "DeepSeek-V2 has no splice architecture spec",
-    "deepseek_v3": "DeepSeek-V3 has no splice architecture spec",
-    "olmoe": "OLMoE has no splice architecture spec",
+UNSUPPORTED = {  # specs exist; collapsing their routing exactly is still to come
+    "qwen2_moe": "a shared expert behind a sigmoid gate and unnormalised top-k",
+    "qwen3_moe": "its routing (top-k that need not sum to 1) is not collapsed yet",
+    "deepseek_v2": "shared experts and grouped top-k routing are not collapsed yet",
+    "deepseek_v3": "shared experts and biased, grouped sigmoid routing are not collapsed yet",
+    "olmoe": "its routing (top-k that need not sum to 1) is not collapsed yet",
 }
 
 
@@ -159,8 +159,8 @@ def _check_options(
 
 
 def _refuse_unsupported(ref: str | os.PathLike[str]) -> None:
-    """A known MoE type without a spec is refused before the checkpoint is opened (which
-    would infer a spec for it, with a warning)."""
+    """A known MoE type whose routing collapse cannot reproduce yet is refused before the
+    checkpoint is opened."""
     import json
 
     file = Path(ref) / "config.json"
