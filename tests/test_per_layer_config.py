@@ -151,3 +151,12 @@ def test_the_per_layer_keys_of_a_config():
     }
     fake = SimpleNamespace(num_layers=2, config=config, arch=SimpleNamespace(config_keys={}))
     assert per_layer_keys(fake) == ["layer_types", "my_flags"]
+
+
+def test_an_inferred_layout_names_the_per_layer_fields_it_assumed():
+    from splice.arch import ArchSpec
+
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    config = {"model_type": "private", "num_hidden_layers": 3, "my_flags": [1, 0, 1]}
+    with pytest.warns(UserWarning, match="per-layer config fields my_flags"):
+        ArchSpec.for_model(config, names)

@@ -162,9 +162,13 @@ class ArchSpec:
         if model_type in ArchSpec.known():
             return _load_spec(model_type)
         spec = ArchSpec.infer(str(model_type), list(names))
+        n = config.get(spec.num_layers_key)
+        lists = [k for k, v in config.items() if isinstance(v, list) and n and len(v) == n]
         warnings.warn(
             f"no spec for model_type {model_type!r}; inferred layers "
-            f"{spec.layer_prefix!r} from tensor names (known: {', '.join(ArchSpec.known())})",
+            f"{spec.layer_prefix!r} from tensor names"
+            + (f" and per-layer config fields {', '.join(lists)}" if lists else "")
+            + f" (known: {', '.join(ArchSpec.known())})",
             stacklevel=2,
         )
         return spec
