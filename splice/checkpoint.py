@@ -414,11 +414,9 @@ def _check_config(path: Path, config: dict[str, Any], spec: ArchSpec | None) -> 
     keys = list(_COUNT_KEYS)
     if spec is not None:
         keys += [spec.num_layers_key]
-        keys += [
-            spec.config_keys[r]
-            for r in ("num_experts", "experts_per_token")
-            if r in spec.config_keys
-        ]
+        for role in ("num_experts", "experts_per_token"):
+            named = spec.config_keys.get(role) or []
+            keys += [named] if isinstance(named, str) else list(named)
     for key in dict.fromkeys(keys):
         value = config.get(key)
         if value is not None and not (

@@ -48,6 +48,9 @@ class ModelSummary:
     params_by_dtype: dict[str, int]
     files: list[dict[str, Any]]
     packed: list[str] = field(default_factory=list)  # stored kinds listed as per-expert views
+    #: MoE models: layers without routed experts, and each shared expert's module prefix
+    dense_layers: list[int] = field(default_factory=list)
+    shared_experts: list[str] = field(default_factory=list)
     globals: list[TensorRow] = field(default_factory=list)
     layer_blocks: list[LayerBlock] = field(default_factory=list)
 
@@ -84,7 +87,16 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
             blocks[-1].layers.append(layer)
         else:
             blocks.append(LayerBlock([layer], rows))
-    experts_key = spec.config_keys.get("experts_per_token")
+    moe = spec.experts is not None and bool(spec.num_experts(cfg))
+    with_experts = {spec.parse(n).layer for n in ckpt.tensors if spec.parse(n).group == "experts"}
+    shared = sorted(
+        {
+            p
+            for n in ckpt.tensors
+            for p in (spec.experts.shared if spec.experts else ())
+            if spec.parse(n).kind.startswith(p)
+        }
+    )
     return ModelSummary(
         path=str(ckpt.path),
         model_type=str(cfg.get("model_type")),
@@ -95,13 +107,15 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         hidden_size=cfg.get("hidden_size"),
         vocab_size=cfg.get("vocab_size"),
         num_experts=spec.num_experts(cfg),
-        experts_per_token=cfg.get(experts_key) if experts_key else None,
+        experts_per_token=spec.experts_per_token(cfg),
         tied_embeddings=ckpt.tied,
         num_params=ckpt.num_params,
         nbytes=ckpt.nbytes,
         params_by_dtype=dict(by_dtype),
         files=list(files.values()),
         packed=sorted({spec.parse(n).kind for n in ckpt.packed}),
+        dense_layers=[i for i in sorted(per_layer) if i not in with_experts] if moe else [],
+        shared_experts=[p.rstrip(".") for p in shared],
         globals=globals_,
         layer_blocks=blocks,
     )
@@ -128,6 +142,17 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _list(layers: list[int]) -> str:
+    """``0-2, 5``: consecutive runs as ranges."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(_ranges(r) for r in runs)
+
+
 def _ranges(layers: list[int]) -> str:
     return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
@@ -140,6 +165,8 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
     if s.arch_inferred:
         arch += " [layout inferred from tensor names]"
     experts = f"{s.num_experts} (top-{s.experts_per_token})" if s.num_experts else "none"
+    if s.num_experts and s.shared_experts:
+        experts += f" + shared ({', '.join(s.shared_experts)})"
     dtypes = ", ".join(f"{d} {_count(n)}" for d, n in s.params_by_dtype.items())
     lines = [
         f"model        {s.path}",
@@ -152,6 +179,8 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
             f"{f['file']} ({format_size(f['nbytes'])}, {f['tensors']} tensors)" for f in s.files
         ),
     ]
+    if s.dense_layers:
+        lines.append(f"dense layers {_list(s.dense_layers)} (no routed experts)")
     if s.packed:
         lines.append(
             f"storage      experts packed ({', '.join(s.packed)}), listed below per expert; "

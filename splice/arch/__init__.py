@@ -77,6 +77,9 @@ class ExpertSpec:
     dense_model_type: str | None = None
     packed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    #: layer-relative module prefixes of the shared experts every token goes through
+    #: (``mlp.shared_expert.`` in Qwen2-MoE, ``mlp.shared_experts.`` in DeepSeek)
+    shared: tuple[str, ...] = ()
 
 
 def _template_regex(template: str, placeholder: str) -> re.Pattern[str]:
@@ -130,6 +133,7 @@ class ArchSpec:
                 dense_model_type=experts.get("dense_model_type"),
                 packed={k: tuple(v) for k, v in experts.get("packed", {}).items()},
                 aliases=dict(experts.get("aliases", {})),
+                shared=tuple(experts.get("shared", ())),
             )
             if experts
             else None,
@@ -468,9 +472,27 @@ class ArchSpec:
         value = config.get(self.num_layers_key)
         return int(value) if value is not None else None
 
+    def config_key(self, role: str, config: Mapping[str, Any]) -> str | None:
+        """The config key of ``role`` (``num_experts``, ``experts_per_token``): the spec names
+        one, or several spellings (transformers 5 vs hub configs), of which the first present
+        in ``config`` (else the first) is meant."""
+        keys = self.config_keys.get(role)
+        if not keys:
+            return None
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        return next((k for k in keys if config.get(k) is not None), keys[0])
+
     def num_experts(self, config: dict[str, Any]) -> int | None:
-        key = self.config_keys.get("num_experts")
+        key = self.config_key("num_experts", config)
         return int(config[key]) if key and config.get(key) is not None else None
+
+    def experts_per_token(self, config: dict[str, Any]) -> int | None:
+        key = self.config_key("experts_per_token", config)
+        return int(config[key]) if key and config.get(key) is not None else None
+
+    def is_shared_expert(self, kind: str) -> bool:
+        """Whether a layer-relative kind belongs to a shared expert."""
+        return bool(self.experts) and kind.startswith(self.experts.shared)  # type: ignore[union-attr]
 
     def is_tied(self, config: dict[str, Any], names: Iterable[str] | None = None) -> bool:
         """Whether the head shares the embedding matrix (no ``lm_head`` tensor is stored)."""
@@ -484,7 +506,7 @@ class ArchSpec:
         """Config with a new expert count (``None``: the experts were collapsed to a dense MLP)."""
         out = dict(config)
         for role, value in (("num_experts", num_experts), ("experts_per_token", per_token)):
-            key = self.config_keys.get(role)
+            key = self.config_key(role, config)
             if key and value is not None:
                 out[key] = value
         return out
