@@ -50,7 +50,7 @@ def run_all(work: Path, only: list[str] | None = None) -> dict:
 
     families, fc = _checks()
     results: dict[str, dict[str, dict[str, str]]] = {}
-    for family in only or list(families.FAMILIES):
+    for family in only or [*families.FAMILIES, *families.MOE_FAMILIES]:
         results[family] = {}
         for verb in fc.VERBS:
             if not families.known(family):

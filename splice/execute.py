@@ -242,7 +242,7 @@ def execute_into(
     opts = options or ExecOptions(show_progress=False)
     _set_threads(opts.threads)
     state = module.state_dict(keep_vars=True)
-    targets = _targets(tasks, state, spec)
+    targets = _targets(tasks, state, spec, module)
     check_module(tasks, targets)
 
     def run_one(task: TensorTask) -> None:
@@ -261,14 +261,28 @@ def execute_into(
 
 
 def _targets(
-    tasks: Sequence[TensorTask], state: Mapping[str, torch.Tensor], spec: ArchSpec | None
+    tasks: Sequence[TensorTask],
+    state: Mapping[str, torch.Tensor],
+    spec: ArchSpec | None,
+    module: torch.nn.Module,
 ) -> dict[str, torch.Tensor]:
-    """Each task's tensor in the module: its parameter, or its view into a packed one."""
+    """Each task's tensor in the module: its parameter (under the name transformers' loader
+    gives the checkpoint key), or its view into a packed one."""
     out: dict[str, torch.Tensor] = {}
+    unknown = [t.name for t in tasks if t.name not in state]
+    renamed: dict[str, str] = {}
+    if unknown and hasattr(module, "base_model_prefix"):  # a transformers model
+        from splice.loadcheck import module_names
+
+        renamed = module_names(module, unknown)  # type: ignore[arg-type]
     for t in tasks:
-        if t.name in state or spec is None:
-            if t.name in state:
-                out[t.name] = state[t.name]
+        if t.name in state:
+            out[t.name] = state[t.name]
+            continue
+        if renamed.get(t.name) in state:
+            out[t.name] = state[renamed[t.name]]
+            continue
+        if spec is None:
             continue
         name, expert, part, parts = spec.module_location(t.name)
         param = state.get(name)

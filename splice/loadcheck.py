@@ -268,6 +268,21 @@ def _rename(
     return rename_source_key(name, renamings, converters, prefix, expected)
 
 
+def module_names(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
+    """transformers' parameter name in live ``model`` of each checkpoint key in ``names`` that
+    a plain renaming of its loader changes (GraniteMoE's ``block_sparse_moe.input_linear.weight``
+    is ``block_sparse_moe.experts.gate_up_proj``); keys it converts or keeps are left out."""
+    renamings, _ = _conversions(model)
+    expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name in names:
+        new, _ = _rename(name, renamings, [], prefix, expected)
+        if new != name:
+            out[name] = new
+    return out
+
+
 def _natural(name: str) -> list[tuple]:
     """transformers' order of checkpoint keys (numbers numerically)."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]

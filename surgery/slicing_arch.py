@@ -59,6 +59,8 @@ def slice_arch(ckpt: Checkpoint) -> SliceArch:
             "norm there does not commute with a rotation of the stream, so no exact slicing "
             "exists"
         )
+    elif spec.unsupported.get("slice"):
+        why = spec.unsupported["slice"]
     elif spec.inferred or not spec.norm_feeds or not spec.residual_writers:
         why = "its spec declares no norm_feeds / residual_writers roles"
     elif kind not in NORM_KINDS:

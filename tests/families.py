@@ -75,11 +75,53 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+#: small MLA sizes (the defaults hold 1536/512-wide latent projections); MLA has as many key /
+#: value heads as query heads, and one expert group (the default 8 groups need 8+ experts)
+MLA: dict[str, Any] = dict(
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+    n_group=1,
+    topk_group=1,
+)
+
+#: MoE families: config fields beyond :data:`SMALL` (4 experts, top-2), with a dense layer and
+#: shared experts where the family has them
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": {},
+    "qwen2_moe": dict(mlp_only_layers=[0]),
+    "qwen3_moe": dict(mlp_only_layers=[0]),
+    "olmoe": {},
+    "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
+    "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
+    "glm4_moe": dict(first_k_dense_replace=1, n_shared_experts=1),
+    "gpt_oss": {},
+    "granitemoe": {},
+    "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1),
+    "dots1": dict(first_k_dense_replace=1, n_shared_experts=1),
+}
+
+
 def config(family: str, **overrides: Any) -> Any:
-    """transformers' config object of the tiny ``family`` model."""
+    """transformers' config object of the tiny ``family`` model (dense: :data:`FAMILIES`; MoE:
+    :data:`SMALL` where the config has the field, then :data:`MOE_FAMILIES`)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides})
+    if family in FAMILIES:
+        return AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides})
+    default = AutoConfig.for_model(family)
+    aliases = getattr(default, "attribute_map", {})
+    fields = {k: v for k, v in SMALL.items() if hasattr(default, k) or k in aliases}
+    fields.update(MOE_FAMILIES[family])
+    fields.update(overrides)
+    cfg = AutoConfig.for_model(family, **fields)
+    n = fields["num_hidden_layers"]
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) != n:
+        cfg.layer_types = cfg.layer_types[:n]
+    return cfg
 
 
 def build(family: str, folder: str | Path, *, seed: int = 0, **overrides: Any) -> Path:

