@@ -4,9 +4,10 @@ Existing mergekit recipes run unchanged: ``models`` or ``slices`` (with ``source
 ``layer_range``), ``merge_method``, ``base_model``, ``parameters`` at global / slice / per-model
 level with per-layer gradients (lists interpolated across layers) and name filters
 (``[{filter: self_attn, value: 0.5}, {value: 0.3}]``), ``dtype``, ``out_dtype``,
-``tokenizer_source`` and ``chat_template``; mergekit-moe's ``experts`` / ``gate_mode`` /
-``experts_per_token`` for ``merge_method: moe``. A recipe as mergekit-moe writes it (``experts``
-and no ``merge_method``) is read as ``merge_method: moe``. mergekit-multi's files (several YAML
+``tokenizer_source`` and ``chat_template``; mergekit-moe's ``experts`` / ``shared_experts`` /
+``gate_mode`` / ``experts_per_token`` / ``architecture`` for ``merge_method: moe``. A recipe as
+mergekit-moe writes it (``experts`` and no ``merge_method``) is read as ``merge_method: moe``.
+mergekit-multi's files (several YAML
 documents, each with a ``name`` the later ones use as a model) are read by
 :func:`splice.merge.multi.read_recipe` as a ``MultiRecipe`` and run by ``splice.merge.runner``.
 
@@ -278,16 +279,11 @@ class TokenizerConfig(_Strict):
 
 def _mergekit_moe(cls: type, data: Any) -> Any:
     """``model_validator(mode="before")``: mergekit-moe's format (``experts``, no
-    ``merge_method``) is ``merge_method: moe``; its ``shared_experts`` (Qwen2-MoE / DeepSeek
-    outputs) are refused in one line."""
+    ``merge_method``) is ``merge_method: moe``; an empty ``shared_experts`` is none."""
     if not isinstance(data, dict) or "experts" not in data:
         return data
-    if data.get("shared_experts"):
-        raise ValueError(
-            "shared_experts is not supported: splice's moe writes Mixtral, which has none "
-            "(mergekit-moe writes them for qwen2_moe / deepseek outputs)"
-        )
-    data = {k: v for k, v in data.items() if k != "shared_experts"}  # null or []: nothing
+    if "shared_experts" in data and not data["shared_experts"]:  # null or []: nothing
+        data = {k: v for k, v in data.items() if k != "shared_experts"}
     if "merge_method" not in data:
         data["merge_method"] = "moe"
     return data
@@ -311,6 +307,7 @@ class Recipe(_Strict):
     name: str | None = None
     # mergekit-moe
     experts: list[Expert] | None = None
+    shared_experts: list[Expert] | None = None
     gate_mode: str = "hidden"
     experts_per_token: int = 2
     architecture: str | None = None
@@ -327,6 +324,8 @@ class Recipe(_Strict):
             if not self.base_model:
                 raise ValueError("merge_method moe needs a `base_model` (attention and embeddings)")
             return self
+        if self.shared_experts:
+            raise ValueError("`shared_experts` goes with merge_method moe")
         given = [k for k in ("models", "slices", "layer_path") if getattr(self, k)]
         empty = [k for k in ("models", "slices", "layer_path") if getattr(self, k) == []]
         if not given and empty:
@@ -406,7 +405,7 @@ class Recipe(_Strict):
                 src["model"] = f(src["model"])
         for step in data.get("layer_path") or []:
             step["model"] = f(step["model"])
-        for e in data.get("experts") or []:
+        for e in (data.get("experts") or []) + (data.get("shared_experts") or []):
             e["source_model"] = f(e["source_model"])
         return type(self).model_validate(data)
 
@@ -427,6 +426,7 @@ class Recipe(_Strict):
             refs += [src.model for src in s.sources]
         refs += [step.model for step in self.layer_path or []]
         refs += [e.source_model for e in self.experts or []]
+        refs += [e.source_model for e in self.shared_experts or []]
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
         if src not in (None, "base", "union"):
             refs.append(src)

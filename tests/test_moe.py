@@ -81,6 +81,16 @@ def test_noise_and_residual_scale(trio, tmp_path):
     )
 
 
+def test_residual_scale_zero_is_zero(trio, tmp_path):
+    """``residual_scale: 0`` silences an expert (mergekit multiplies by it whenever it is set);
+    it is not the default 1."""
+    recipe = moe_recipe(trio, [("ft1", None), ("ft2", None)], gate_mode="random")
+    recipe["experts"][1]["residual_scale"] = 0.0
+    got = reference_tensors(run(recipe, tmp_path / "moe", OPTS))
+    assert not got["model.layers.2.block_sparse_moe.experts.1.w2.weight"].any()
+    assert got["model.layers.2.block_sparse_moe.experts.0.w2.weight"].any()
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

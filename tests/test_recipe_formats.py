@@ -84,7 +84,7 @@ def test_mergekit_moe_file_runs_like_merge_method_moe(trio, tmp_path, capsys):
 @pytest.mark.parametrize(
     "change, problem",
     [
-        ({"shared_experts": [{"source_model": "x/y"}]}, "shared_experts is not supported"),
+        ({"shared_experts": [{"source_model": "x/y"}]}, "x/y: not a local folder"),
         ({"base_model": None}, "merge_method moe needs a `base_model`"),
         ({"experts": []}, "merge_method moe needs an `experts` list"),
         ({"gate_mode": "hiddden"}, "moe: unknown gate_mode 'hiddden'"),
