@@ -394,8 +394,10 @@ def add_collapse(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "collapse",
         help="MoE -> dense MLP (uniform, frequency, slice refit) or MoE -> k experts",
-        description="Collapse every MoE layer of a Mixtral model: into one dense MLP (written "
-        "as the matching dense architecture, Mixtral -> Mistral) by the experts' mean "
+        description="Collapse every MoE layer (Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, "
+        "DeepSeek-V2/V3, GLM-4-MoE, dots1, ERNIE-4.5-MoE): into one dense MLP (written as the "
+        "dense sibling where the family has one, Mixtral -> Mistral, else the family with one "
+        "routed expert) by the experts' mean "
         "(uniform), their mean weighted by routing probability on --calibration (frequency), "
         "or the E experts' most contributing neurons with the down projection refit by ridge "
         "least squares (slice); or into k experts (--keep-experts: merged by output "
@@ -412,6 +414,12 @@ def add_collapse(sub: argparse._SubParsersAction) -> None:
                    help="experts per token of the --keep-experts result (default the source's)")  # fmt: skip
     p.add_argument("--prune", action="store_true",
                    help="--keep-experts: keep the K best experts instead of merging groups")  # fmt: skip
+    p.add_argument("--by", choices=("naee", "reap"),
+                   help="--prune: naee (the K that reconstruct the layer best, default) or reap "
+                        "(the K of highest router-weighted output norm, REAP)")  # fmt: skip
+    p.add_argument("--shared-gate", choices=("keep", "mean"), default="keep",
+                   help="Qwen2-MoE's sigmoid shared-expert gate: keep it exact (the family with "
+                        "one routed expert) or fold it at its calibration mean into a dense Qwen2")  # fmt: skip
     p.add_argument("--align", action="store_true",
                    help="permute each expert's neurons to a reference expert before averaging")  # fmt: skip
     p.add_argument("--ridge", type=number, default=1e-6,
@@ -439,6 +447,8 @@ def _run_collapse(args: argparse.Namespace) -> None:
         keep_experts=args.keep_experts,
         top_k=args.top_k,
         prune=args.prune,
+        by=args.by,
+        shared_gate=args.shared_gate,
         align=args.align,
         ridge=args.ridge,
         max_rows=args.max_rows,

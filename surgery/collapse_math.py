@@ -2,9 +2,13 @@
 
 Notation: ``E`` experts of intermediate width ``I`` on a residual stream of width ``H``;
 ``w1`` (gate) and ``w3`` (up) are ``[E, I, H]``, ``w2`` (down) ``[E, H, I]``, the router
-``[E, H]``; an expert computes ``w2_e · (act(w1_e x) * (w3_e x))``. Calibration rows are ``x``
-``[n, H]`` (the MoE block's normed input) and ``y`` ``[n, H]`` (its output). Nothing here reads
-files or knows tensor names: :mod:`splice.surgery.collapse` owns those.
+``[E, H]`` (and a selection bias ``[E]`` where the family has one); an expert computes
+``w2_e · (act(w1_e x) * (w3_e x))``. Calibration rows are ``x`` ``[n, H]`` (the MoE block's
+normed input) and ``y`` ``[n, H]`` (its routed experts' part of the output: shared experts
+taken out). How the router's logits become weights is a
+:class:`~splice.surgery.collapse_routing.Routing` (Mixtral's softmax top-k renormalised when
+none is given). Nothing here reads files or knows tensor names: :mod:`splice.surgery.collapse`
+owns those.
 """
 
 from __future__ import annotations
@@ -13,21 +17,44 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from splice.surgery.collapse_routing import Routing
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Experts:
-    """One MoE layer: ``w1``, ``w3`` ``[E, I, H]``, ``w2`` ``[E, H, I]``, ``router`` ``[E, H]``."""
+    """One MoE layer: ``w1``, ``w3`` ``[E, I, H]``, ``w2`` ``[E, H, I]``, ``router`` ``[E, H]``,
+    ``bias`` ``[E]`` the router's selection bias (None: the family has none)."""
 
     w1: torch.Tensor
     w3: torch.Tensor
     w2: torch.Tensor
     router: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def gates(self, x: torch.Tensor, routing: Routing | None, top_k: int) -> torch.Tensor:
+        """``[n, E]``: the routing weights of rows ``x`` (Mixtral's when ``routing`` is None)."""
+        logits = x @ self.router.T
+        if routing is None:
+            return routing_weights(logits, top_k)[1]
+        return routing.route(logits, self.bias)
+
+    def subset(self, keep: list[int]) -> Experts:
+        """The experts ``keep`` (router rows and bias alike)."""
+        return Experts(
+            self.w1[keep],
+            self.w3[keep],
+            self.w2[keep],
+            self.router[keep],
+            None if self.bias is None else self.bias[keep],
+        )
 
     @property
     def count(self) -> int:
@@ -53,10 +80,11 @@ class Experts:
             self.w3.gather(1, rows),
             self.w2.gather(2, idx[:, None, :].expand_as(self.w2)),
             self.router,
+            self.bias,
         )
 
 
-def routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_weights(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's routing of router logits ``[n, E]``: ``(probs [n, E], gates [n, E])`` — the
     softmax, and the top-``k`` probabilities renormalised to sum to 1 (zero elsewhere)."""
     probs = torch.softmax(logits, dim=-1)
@@ -66,14 +94,19 @@ def routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def moe_forward(
-    experts: Experts, x: torch.Tensor, top_k: int, act: Act, block: int = 1024
+    experts: Experts,
+    x: torch.Tensor,
+    top_k: int,
+    act: Act,
+    block: int = 1024,
+    routing: Routing | None = None,
 ) -> torch.Tensor:
-    """``[n, H]``: the MoE block's output on ``x`` (every expert evaluated on every row, in
-    blocks of ``block`` rows)."""
+    """``[n, H]``: the routed experts' output on ``x`` (every expert evaluated on every row, in
+    blocks of ``block`` rows; ``routing`` as the family routes, Mixtral's when None)."""
     out = []
     for lo in range(0, x.shape[0], block):
         xb = x[lo : lo + block]
-        _, gates = routing(xb @ experts.router.T, top_k)
+        gates = experts.gates(xb, routing, top_k)
         out.append(torch.einsum("ne,enh->nh", gates, experts.outputs(xb, act)))
     return torch.cat(out)
 
@@ -228,11 +261,19 @@ def group_experts(outputs: torch.Tensor, k: int) -> list[list[int]]:
 
 
 def subset_output(
-    logits: torch.Tensor, outputs: torch.Tensor, keep: list[int], top_k: int
+    logits: torch.Tensor,
+    outputs: torch.Tensor,
+    keep: list[int],
+    top_k: int,
+    route: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[n, H]``: the MoE output with only the experts ``keep`` (router rows restricted,
-    top-``k`` renormalised among them), from ``logits`` ``[n, E]`` and ``outputs`` ``[E, n, H]``."""
-    _, gates = routing(logits[:, keep], top_k)
+    top-``k`` renormalised among them, or ``route(keep, logits[:, keep])`` the family's
+    weights), from ``logits`` ``[n, E]`` and ``outputs`` ``[E, n, H]``."""
+    if route is None:
+        gates = routing_weights(logits[:, keep], top_k)[1]
+    else:
+        gates = route(keep, logits[:, keep])
     return torch.einsum("ne,enh->nh", gates, outputs[keep])
 
 
@@ -243,14 +284,16 @@ def prune_experts(
     k: int,
     top_k: int,
     exhaustive_limit: int = 5000,
+    route: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[int], float]:
     """NAEE: the ``k`` experts whose keeping (the others removed) reconstructs ``y`` best:
     every subset when there are at most ``exhaustive_limit``, else greedy backward
-    elimination. Returns the kept experts (sorted) and their relative error."""
+    elimination (``route``: see :func:`subset_output`). Returns the kept experts (sorted) and
+    their relative error."""
     count = outputs.shape[0]
 
     def err(keep: list[int]) -> float:
-        return relative_error(y, subset_output(logits, outputs, keep, top_k))
+        return relative_error(y, subset_output(logits, outputs, keep, top_k, route))
 
     if math.comb(count, k) <= exhaustive_limit:
         best = min((list(c) for c in itertools.combinations(range(count), k)), key=err)
@@ -259,3 +302,21 @@ def prune_experts(
     while len(keep) > k:
         keep = min(([e for e in keep if e != d] for d in keep), key=err)
     return keep, err(keep)
+
+
+# ---- REAP -----------------------------------------------------------------------------------------
+def reap_saliency(gates: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """REAP (Cerebras, 2025): ``[E]``, per expert ``e`` the mean over the rows routed to ``e``
+    (``gates[:, e] > 0``) of ``g_e(x) · ‖E_e(x)‖₂``, from the routing weights ``gates`` ``[n, E]``
+    and the experts' outputs ``outputs`` ``[E, n, H]``; 0 for an expert no row chose."""
+    norms = torch.linalg.norm(outputs, dim=-1).T  # [n, E]
+    chosen = gates > 0
+    total = (gates * norms * chosen).sum(0)
+    count = chosen.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def top_experts(saliency: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` experts of highest saliency (ties: the lower index), sorted."""
+    order = sorted(range(saliency.numel()), key=lambda e: (-float(saliency[e]), e))
+    return sorted(order[:k])

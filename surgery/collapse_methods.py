@@ -1,7 +1,11 @@
 """How ``splice collapse`` decides one MoE layer: the registered methods (``--method``
-uniform / frequency / slice; ``--keep-experts`` merge / prune), each filling a layer's
+uniform / frequency / slice; ``--keep-experts`` merge / prune, the experts ``--prune`` keeps
+chosen ``--by`` naee / reap), each filling a layer's
 :class:`~splice.surgery.collapse_report.LayerCollapse` record and its :class:`Decision` (which
-experts merge with which weights and permutations, or which neurons are kept)."""
+experts merge with which weights and permutations, or which neurons are kept). The family's
+routing (:class:`~splice.surgery.collapse_routing.Routing`) gives every calibration row's routing
+weights; a layer's shared experts are taken out of its output first, so every method fits the
+routed experts' part alone."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from splice.surgery.collapse_math import Experts
+    from splice.surgery.collapse_routing import Family, Routing, Shared
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,20 @@ class CollapseOptions:
     ridge: float
     max_rows: int
     seed: int
+    by: str = "naee"  # --prune criterion (PRUNE_BY)
+    shared_gate: str = "keep"  # Qwen's sigmoid shared-expert gate: keep (exact) | mean (folded)
 
 
 @dataclass
 class Decision:
     """What the writer needs for one layer: per output expert (one for a dense result) its
     source experts, their weights and permutations; for slice the kept neurons (flat
-    ``e·I + j``) and the file of the refit down projection; the router mix ``[k, E]``."""
+    ``e·I + j``) and the file of the refit down projection; the router mix ``[k, E]`` (its
+    selection bias mixed alike) and the routing of the kept experts (``routing``, with a
+    ``note`` when the expert groups changed). ``down_scale``: the factor of the dense MLP's
+    down projection (the mean routed mass ``Σ_e g_e(x)``; 1 for slice, whose refit has it);
+    ``shared_scale``: the factor of the shared experts' down projection folded into a dense
+    MLP (Qwen's mean sigmoid gate; 1 for ungated shared experts)."""
 
     members: list[list[int]] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
@@ -44,6 +56,10 @@ class Decision:
     picks: list[int] | None = None
     down_file: Path | None = None
     router_mix: Any = None
+    routing: Any = None
+    note: str | None = None
+    down_scale: float = 1.0
+    shared_scale: float = 1.0
 
 
 def _blocks(fn: Any, x: torch.Tensor, block: int = 2048) -> torch.Tensor:
@@ -57,7 +73,7 @@ def _merged(ex: Experts, members: list[int], weights: Any, align: bool, ref: int
     ``weights``-mean of ``members`` (aligned to member ``ref`` first when ``align``)."""
     from splice.surgery import collapse_math as cm
 
-    sub = cm.Experts(ex.w1[members], ex.w3[members], ex.w2[members], ex.router[members])
+    sub = ex.subset(members)
     perms, moved, before, after = None, None, None, None
     if align and len(members) > 1:
         at = members.index(ref)
@@ -67,15 +83,19 @@ def _merged(ex: Experts, members: list[int], weights: Any, align: bool, ref: int
         after = cm.weight_spread(sub, weights)
         moved = cm.moved_fraction([p for j, p in enumerate(perms) if j != at])
     w1, w3, w2 = cm.average(sub, weights)
-    merged = cm.Experts(w1[None], w3[None], w2[None], (weights @ sub.router)[None])
+    bias = None if sub.bias is None else (weights @ sub.bias)[None]
+    merged = cm.Experts(w1[None], w3[None], w2[None], (weights @ sub.router)[None], bias)
     return merged, perms, moved, before, after
 
 
 @dataclass
 class Layer:
     """One layer being decided: its experts, the calibration rows (``x`` the MoE block's
-    inputs, ``y`` its outputs; None without calibration) and their seeded sample ``xs`` /
-    ``ys``, the routing statistics, and the record and decision being filled."""
+    inputs, ``y`` its routed experts' part of the output: the block's output less what its
+    shared experts add; None without calibration) and their seeded sample ``xs`` / ``ys``,
+    the routing statistics (``gates`` the family's routing weights, ``mass`` the dense MLP's
+    scale: the routed mass, exact or measured), and the record and decision being filled.
+    Errors are relative to ``y_norm``, the norm of the whole block's output."""
 
     i: int
     ex: Experts
@@ -92,6 +112,24 @@ class Layer:
     spill: Path | None
     rec: LayerCollapse
     dec: Decision
+    routing: Routing
+    family: Family
+    mass: float = 1.0
+    y_norm: float = 1.0
+
+    def error(self, approx: torch.Tensor) -> float:
+        """``‖y − approx‖ / ‖block output‖`` on all calibration rows."""
+        import torch
+
+        assert self.y is not None
+        return float(torch.linalg.norm(self.y - approx) / max(self.y_norm, 1e-30))
+
+    def route_kept(self, keep: list[int], logits: torch.Tensor, top_k: int) -> torch.Tensor:
+        """The routing weights ``[n, k]`` of the experts ``keep`` alone (their router rows,
+        ``logits`` ``[n, k]``), as the written router of those experts routes."""
+        routing, _ = self.routing.for_experts([[e] for e in keep], top_k, self.family)
+        bias = None if self.ex.bias is None else self.ex.bias[keep]
+        return routing.route(logits, bias)
 
 
 @dataclass(frozen=True)
@@ -108,8 +146,11 @@ class CollapseMethod:
 
 #: ``--method``: the ways to a dense MLP
 METHODS: Registry[CollapseMethod] = Registry("collapse method")
-#: ``--keep-experts k``: ``merge`` (HC-SMoE grouping) or ``prune`` (NAEE, ``--prune``)
+#: ``--keep-experts k``: ``merge`` (HC-SMoE grouping) or ``prune`` (``--prune``, the experts
+#: kept chosen by ``--by``: :data:`PRUNE_BY`)
 KEEP_METHODS: Registry[CollapseMethod] = Registry("keep-experts method")
+#: ``--prune --by NAME``: ``choose(layer, outputs [E, m, H], k, out_k) -> kept experts``
+PRUNE_BY: Registry[Callable[[Layer, Any, int, int], list[int]]] = Registry("prune criterion")
 
 
 def method_of(opts: CollapseOptions) -> CollapseMethod:
@@ -125,55 +166,92 @@ def decide_layer(
     x: torch.Tensor | None,
     y: torch.Tensor | None,
     opts: CollapseOptions,
-    top_k: int,
+    routing: Routing,
     act: Any,
     spill: Path | None,
+    *,
+    family: Family,
+    shared: Shared | None = None,
 ) -> tuple[LayerCollapse, Decision]:
+    """Decide layer ``i``: its experts ``ex``, the block's calibration inputs ``x`` and outputs
+    ``y`` (None without calibration), routed by ``routing``; ``shared``: its shared experts,
+    whose part of ``y`` is taken out first (all of it; with ``shared_gate="mean"`` the
+    shared experts folded into the dense MLP at their mean gate, so the rest of ``y`` is what
+    the routed part is fitted to)."""
     import numpy as np
     import torch
 
-    from splice.surgery import collapse_math as cm
-
-    count = ex.count
+    count, top_k = ex.count, routing.top_k
     rec, dec = LayerCollapse(layer=i), Decision()
     probability = torch.full((count,), 1.0 / count, dtype=torch.float64)
     xs = ys = gates = None
+    mass = routing.constant_mass()
+    y_norm = 1.0
     if x is not None:
+        assert y is not None
+        y_norm = float(torch.linalg.norm(y))
+        if shared is not None:
+            part = shared.ungated(x, act)
+            g = shared.gate_values(x)
+            if g is not None and opts.shared_gate == "mean" and opts.keep_experts is None:
+                m = float(g.mean())
+                dec.shared_scale = rec.shared_gate_mean = m
+                rec.shared_gate_error = float(torch.linalg.norm((g - m) * part)) / max(
+                    y_norm, 1e-30
+                )
+                y = y - m * part
+            else:
+                y = y - (part if g is None else g * part)
         rec.tokens = int(x.shape[0])
-        probs, gates = cm.routing(x @ ex.router.T, top_k)
+        probs = routing.scores(x @ ex.router.T)
+        gates = ex.gates(x, routing, top_k)
         probability = probs.mean(0)
         rec.probability = probability.tolist()
         rec.frequency = (gates > 0).double().mean(0).tolist()
         rec.mean_gate = gates.mean(0).tolist()
+        measured = float(gates.sum(1).mean())
+        rec.mass_measured = measured
+        if mass is None:
+            mass = measured
         rng = np.random.default_rng([opts.seed, i])
         n = x.shape[0]
         sample = np.sort(rng.choice(n, opts.max_rows, replace=False)) if n > opts.max_rows else None
         xs = x if sample is None else x[torch.from_numpy(sample)]
-        ys = y if sample is None else y[torch.from_numpy(sample)]  # type: ignore[index]
+        ys = y if sample is None else y[torch.from_numpy(sample)]
+    if mass is None:  # plan_collapse refuses this before calibration
+        raise AssertionError("the routed mass is neither constant nor measured")
     ref = int(torch.argmax(probability)) if x is not None else 0
-    layer = Layer(i, ex, x, y, xs, ys, gates, probability, ref, opts, top_k, act, spill, rec, dec)
+    layer = Layer(
+        i, ex, x, y, xs, ys, gates, probability, ref, opts, top_k, act, spill, rec, dec,
+        routing, family, mass, y_norm,
+    )  # fmt: skip
+    if opts.keep_experts is None and not method_of(opts).neurons:
+        rec.mass = mass
     method_of(opts).decide(layer)
     return rec, dec
 
 
 def _mean(layer: Layer, weights: torch.Tensor) -> None:
-    """The dense MLP as the ``weights``-mean of all experts (aligned first with ``--align``)."""
+    """The dense MLP as the ``weights``-mean of all experts (aligned first with ``--align``),
+    its down projection times the routed mass."""
     from splice.surgery import collapse_math as cm
 
-    ex, x, y, rec, dec, act = layer.ex, layer.x, layer.y, layer.rec, layer.dec, layer.act
-    count, align = ex.count, layer.opts.align
+    ex, x, rec, dec, act = layer.ex, layer.x, layer.rec, layer.dec, layer.act
+    count, align, mass = ex.count, layer.opts.align, layer.mass
     merged, perms, rec.moved, rec.spread_before, rec.spread_after = _merged(
         ex, list(range(count)), weights, align, layer.ref
     )
     rec.weights = weights.tolist()
     dec.members, dec.weights, dec.perms = [list(range(count))], [weights.tolist()], [perms]
+    dec.down_scale = mass
     if x is not None:
-        w1, w3, w2 = merged.w1[0], merged.w3[0], merged.w2[0]
-        rec.error = cm.relative_error(y, _blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x))
+        w1, w3, w2 = merged.w1[0], merged.w3[0], merged.w2[0] * mass
+        rec.error = layer.error(_blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x))
         if align:
             w1, w3, w2 = cm.average(ex, weights)
-            rec.error_unaligned = cm.relative_error(
-                y, _blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x)
+            w2 = w2 * mass
+            rec.error_unaligned = layer.error(
+                _blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x)
             )
 
 
@@ -212,9 +290,9 @@ def _slice(layer: Layer) -> None:
 
     from splice.surgery import collapse_math as cm
 
-    ex, x, y, xs, ys, act = layer.ex, layer.x, layer.y, layer.xs, layer.ys, layer.act
+    ex, x, xs, ys, act = layer.ex, layer.x, layer.xs, layer.ys, layer.act
     rec, dec, opts, count = layer.rec, layer.dec, layer.opts, layer.ex.count
-    assert x is not None and y is not None
+    assert x is not None and layer.y is not None
     width = ex.w1.shape[1]
     keep = opts.intermediate_size or width
     mean_gate = layer.gates.mean(0)
@@ -224,10 +302,10 @@ def _slice(layer: Layer) -> None:
     down = cm.ridge_refit(h[:, picks], ys, opts.ridge)  # [H, keep]
     w1 = ex.w1.reshape(count * width, -1)[picks]
     w3 = ex.w3.reshape(count * width, -1)[picks]
-    rec.error = cm.relative_error(y, _blocks(lambda b: cm.mlp_forward(w1, w3, down, b, act), x))
+    rec.error = layer.error(_blocks(lambda b: cm.mlp_forward(w1, w3, down, b, act), x))
     wide = (ex.w2 * mean_gate[:, None, None]).permute(1, 0, 2).reshape(-1, count * width)
-    rec.error_before_refit = cm.relative_error(
-        y, _blocks(lambda b: cm.mlp_forward(w1, w3, wide[:, picks], b, act), x)
+    rec.error_before_refit = layer.error(
+        _blocks(lambda b: cm.mlp_forward(w1, w3, wide[:, picks], b, act), x)
     )
     rec.neurons = np.bincount(np.array(picks) // width, minlength=count).tolist()
     assert layer.spill is not None
@@ -245,9 +323,9 @@ def _keep(layer: Layer, groups: Callable[[torch.Tensor, int, int], list[list[int
 
     from splice.surgery import collapse_math as cm
 
-    ex, x, y, xs, act = layer.ex, layer.x, layer.y, layer.xs, layer.act
+    ex, x, xs, act = layer.ex, layer.x, layer.xs, layer.act
     rec, dec, opts, probability = layer.rec, layer.dec, layer.opts, layer.probability
-    assert x is not None and y is not None
+    assert x is not None and layer.y is not None
     count = ex.count
     k = opts.keep_experts
     assert k is not None
@@ -272,16 +350,20 @@ def _keep(layer: Layer, groups: Callable[[torch.Tensor, int, int], list[list[int
         dec.weights.append(w.tolist())
         dec.perms.append(perms)
     dec.router_mix = mix
+    routing, note = layer.routing.for_experts(chosen, out_k, layer.family)
+    dec.routing, dec.note, rec.note = routing, note, note
 
     def stack(ps: list[Experts]) -> Experts:
-        return cm.Experts(
-            *(torch.cat([getattr(p, f) for p in ps]) for f in ("w1", "w3", "w2", "router"))
-        )
+        parts = [torch.cat([getattr(p, f) for p in ps]) for f in ("w1", "w3", "w2", "router")]
+        bias = None if ex.bias is None else torch.cat([p.bias for p in ps])  # type: ignore[misc]
+        return cm.Experts(*parts, bias)
 
     rec.groups = chosen
-    rec.error = cm.relative_error(y, cm.moe_forward(stack(parts), x, out_k, act))
+    rec.error = layer.error(cm.moe_forward(stack(parts), x, out_k, act, routing=routing))
     if opts.align:
-        rec.error_unaligned = cm.relative_error(y, cm.moe_forward(stack(unaligned), x, out_k, act))
+        rec.error_unaligned = layer.error(
+            cm.moe_forward(stack(unaligned), x, out_k, act, routing=routing)
+        )
         total = sum(len(m) - 1 for m in chosen)
         rec.moved = sum(moved) / total if total else 0.0
         rec.spread_before = float(np.mean(before)) if before else 0.0
@@ -298,11 +380,37 @@ def _merge_groups(layer: Layer) -> None:
 
 @_method(KEEP_METHODS, "prune", calibrated=True)
 def _prune_experts(layer: Layer) -> None:
-    """The ``k`` experts whose keeping reconstructs the layer best (NAEE), kept as they are."""
-    from splice.surgery import collapse_math as cm
+    """The ``k`` experts ``--by`` chooses (:data:`PRUNE_BY`), kept as they are."""
+    choose = PRUNE_BY.get(layer.opts.by)
 
     def groups(outputs: torch.Tensor, k: int, out_k: int) -> list[list[int]]:
-        kept, _ = cm.prune_experts(layer.xs @ layer.ex.router.T, outputs, layer.ys, k, out_k)
-        return [[e] for e in kept]
+        return [[e] for e in choose(layer, outputs, k, out_k)]
 
     _keep(layer, groups)
+
+
+@PRUNE_BY.register("naee")
+def _naee(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
+    """NAEE: the ``k`` experts whose keeping reconstructs the layer best (the others removed,
+    the kept ones routed as the written router routes them)."""
+    from splice.surgery import collapse_math as cm
+
+    def route(keep: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return layer.route_kept(keep, logits, out_k)
+
+    logits = layer.xs @ layer.ex.router.T
+    kept, _ = cm.prune_experts(logits, outputs, layer.ys, k, out_k, route=route)
+    return kept
+
+
+@PRUNE_BY.register("reap")
+def _reap(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
+    """REAP: the ``k`` experts of highest router-weighted expert activation norm, the mean over
+    the calibration rows routed to expert ``e`` of ``g_e(x) · ‖E_e(x)‖₂`` (``g_e`` the
+    family's routing weight: renormalised top-k, times ``routed_scaling_factor``)."""
+    from splice.surgery import collapse_math as cm
+
+    gates = layer.ex.gates(layer.xs, layer.routing, layer.top_k)
+    saliency = cm.reap_saliency(gates, outputs)
+    layer.rec.saliency = saliency.tolist()
+    return cm.top_experts(saliency, k)

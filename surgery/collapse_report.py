@@ -12,14 +12,21 @@ from splice.surgery.report import Recorded
 @dataclass
 class LayerCollapse:
     """One MoE layer. Per expert (lists of ``E``): ``frequency`` the share of tokens choosing
-    it, ``probability`` its mean softmax probability (what ``frequency`` weights by),
-    ``mean_gate`` its mean routing weight. ``weights`` the merge weights (dense methods),
-    ``groups`` the source experts of each output expert (keep-k), ``neurons`` how many
-    neurons ``slice`` kept from each expert. ``error`` the relative reconstruction error of
-    the layer's output; ``error_unaligned`` the same without alignment, ``error_before_refit``
-    ``slice`` with the wide MLP's scaled columns instead of the refit. ``moved`` the share of
-    neurons alignment permuted, ``spread_before`` / ``spread_after`` the weighted relative
-    distance of the experts from their mean before and after alignment."""
+    it, ``probability`` its mean router score (softmax probability, or sigmoid score for the
+    DeepSeek-V3 kind: what ``frequency`` weights by), ``mean_gate`` its mean routing weight,
+    ``saliency`` its REAP score (``--prune --by reap``). ``weights`` the merge weights (dense
+    methods), ``groups`` the source experts of each output expert (keep-k), ``neurons`` how
+    many neurons ``slice`` kept from each expert. ``mass`` the factor of a mean dense MLP's
+    down projection (the routed mass ``Σ_e g_e(x)``: exact where the family's weights sum to a
+    constant, else its calibration mean), ``mass_measured`` its calibration mean.
+    ``shared_gate_mean`` Qwen's sigmoid shared-expert gate's calibration mean where it was
+    folded into a dense MLP, ``shared_gate_error`` what that alone costs (relative to the
+    block's output). ``error`` the relative reconstruction error of the layer's MoE block
+    output (shared experts included); ``error_unaligned`` the same without alignment,
+    ``error_before_refit`` ``slice`` with the wide MLP's scaled columns instead of the refit.
+    ``moved`` the share of neurons alignment permuted, ``spread_before`` / ``spread_after`` the
+    weighted relative distance of the experts from their mean before and after alignment.
+    ``note``: what changed in the routing (expert groups dropped)."""
 
     layer: int
     tokens: int = 0
@@ -35,14 +42,27 @@ class LayerCollapse:
     moved: float | None = None
     spread_before: float | None = None
     spread_after: float | None = None
+    saliency: list[float] | None = None
+    mass: float | None = None
+    mass_measured: float | None = None
+    shared_gate_mean: float | None = None
+    shared_gate_error: float | None = None
+    note: str | None = None
 
 
 @dataclass
 class CollapseReport(Recorded):
     """What ``collapse`` did: the method, shapes before and after, and every layer's numbers.
 
-    ``out_experts`` is None for a dense result; ``meta`` holds the calibration settings;
-    ``scores`` evaluation numbers once scored."""
+    ``out_experts`` is None for a dense result; ``form`` says how a dense result is written
+    (``sibling``: the dense architecture ``out_model_type`` with one MLP; ``one-expert``: the
+    same family with one routed expert at top-1 beside the shared experts; ``split``: the
+    collapsed MLP's neurons as several routed experts every token chooses, where one expert
+    cannot run or its width must divide the shared experts'; ``experts``: ``--keep-experts``);
+    ``form_experts`` / ``form_width`` the routed experts a collapsed layer is written as and
+    their width; ``prune_by`` the ``--prune`` criterion; ``params_before`` / ``params_after`` the
+    parameter counts; ``notes`` what is approximated or changed beyond the experts; ``meta``
+    holds the calibration settings; ``scores`` evaluation numbers once scored."""
 
     operation: str
     source: str
@@ -56,6 +76,14 @@ class CollapseReport(Recorded):
     align: bool = False
     prune: bool = False
     dense_model_type: str | None = None
+    form: str = ""
+    out_model_type: str = ""
+    form_experts: int | None = None
+    form_width: int | None = None
+    prune_by: str | None = None
+    params_before: int = 0
+    params_after: int = 0
+    notes: list[str] = field(default_factory=list)
     layers: list[LayerCollapse] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -64,8 +92,15 @@ class CollapseReport(Recorded):
 
     @property
     def title(self) -> str:
-        if self.out_experts is None:
+        if self.out_experts is None and self.form in ("", "sibling"):
             shape = f"dense {self.dense_model_type} MLP of {self.out_intermediate_size}"
+        elif self.out_experts is None and self.form == "one-expert":
+            shape = f"{self.out_model_type}, one routed expert of {self.form_width} at top-1"
+        elif self.out_experts is None:
+            shape = (
+                f"{self.out_model_type}, one MLP of {self.out_intermediate_size} as "
+                f"{self.form_experts} routed experts of {self.form_width}, all chosen"
+            )
         else:
             shape = f"{self.out_experts} experts, top-{self.out_top_k}"
         return f"{self.operation}: {self.num_experts} experts (top-{self.top_k}) -> {shape}"
@@ -92,12 +127,27 @@ class CollapseReport(Recorded):
                 line += "  groups " + " ".join("+".join(map(str, g)) for g in r.groups)
             if r.neurons is not None:
                 line += "  neurons/expert " + " ".join(map(str, r.neurons))
+            if r.saliency is not None:
+                line += "  reap " + " ".join(f"{v:.3g}" for v in r.saliency)
+            if r.mass is not None and r.mass != 1.0:
+                line += f"  mass {r.mass:.4f}"
+            if r.shared_gate_mean is not None:
+                line += f"  shared gate ~ {r.shared_gate_mean:.4f} (costs {f(r.shared_gate_error)})"
             out.append(line)
         return out
+
+    def _params(self) -> str:
+        if not self.params_before:
+            return ""
+        ratio = self.params_after / self.params_before
+        return f"  parameters {self.params_before:,} -> {self.params_after:,} ({ratio:.1%})"
 
     def summary(self) -> str:
         """Plain text for the terminal."""
         lines = [self.title]
+        if self.params_before:
+            lines.append(self._params())
+        lines += [f"  note: {n}" for n in self.notes]
         if self.meta.get("calibration"):
             lines.append(
                 f"  calibration {self.meta['calibration']}: {self.meta.get('samples')} windows "
@@ -113,6 +163,9 @@ class CollapseReport(Recorded):
     def card_details(self) -> str:
         """Markdown for the model card."""
         lines = [f"Operation: `{self.operation}` on `{self.source}`.", "", self.title + "."]
+        if self.params_before:
+            lines.append(self._params().strip().capitalize() + ".")
+        lines += [f"Note: {n}." for n in self.notes]
         if self.meta.get("calibration"):
             lines.append(
                 f"Calibration: `{self.meta['calibration']}`, {self.meta.get('samples')} windows "

@@ -1,7 +1,11 @@
-"""Reading a Mixtral-style MoE layer by layer for ``splice collapse``: one layer's experts as
-tensors (:func:`layer_experts`), and the calibration run that streams the model one decoder layer
-at a time (:func:`stream_layers`: a skeleton model, each layer's weights loaded, its MLP inputs
-and outputs handed to a callback, then freed), so a model far larger than memory can be read."""
+"""Reading an MoE model layer by layer for ``splice collapse``: one layer's experts, router and
+selection bias as tensors (:func:`layer_experts`, the router named by the family's
+:class:`~splice.surgery.collapse_routing.Family`), the layers that hold experts
+(:func:`moe_layers`; the others are dense MLPs: DeepSeek's ``first_k_dense_replace``, Qwen's
+``mlp_only_layers``, ERNIE's ``moe_layer_start_index``), and the calibration run that streams the
+model one decoder layer at a time (:func:`stream_layers`: a skeleton model, each layer's weights
+loaded, its MLP inputs and outputs handed to a callback, then freed), so a model far larger than
+memory can be read."""
 
 from __future__ import annotations
 
@@ -15,20 +19,38 @@ if TYPE_CHECKING:
     import torch
 
     from splice.surgery.collapse_math import Experts
+    from splice.surgery.collapse_routing import Family
 
 EXPERT_KINDS = ("w1", "w3", "w2")  # gate, up, down in collapse_math's notation
+#: the per-expert tensor names of families that call them gate/up/down_proj
+_PROJ = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}
+
+
+def expert_kind(ckpt: Checkpoint, kind: str) -> str:
+    """The spec's expert tensor kind for ``w1`` / ``w3`` / ``w2`` (Mixtral's own names, or
+    ``gate_proj`` / ``up_proj`` / ``down_proj``)."""
+    ex = ckpt.arch.experts
+    assert ex is not None
+    return f"{kind}.weight" if f"{kind}.weight" in ex.tensors else _PROJ[kind]
 
 
 def expert_name(ckpt: Checkpoint, layer: int, kind: str, e: int) -> str:
-    return ckpt.arch.layer_name(layer, f"{kind}.weight", e)
+    return ckpt.arch.layer_name(layer, expert_kind(ckpt, kind), e)
 
 
-def router_name(ckpt: Checkpoint, layer: int) -> str:
-    return ckpt.arch.layer_name(layer, ckpt.arch.layer_tensors["router"][0])
+def router_name(ckpt: Checkpoint, layer: int, family: Family) -> str:
+    return ckpt.arch.layer_name(layer, family.router)
 
 
-def layer_experts(ckpt: Checkpoint, layer: int) -> Experts:
-    """One layer's experts and router from the checkpoint, float64 (see collapse_math)."""
+def moe_layers(ckpt: Checkpoint) -> list[int]:
+    """The layers holding routed experts (from the stored tensors, not the config's rules)."""
+    spec = ckpt.arch
+    return sorted({t.layer for n in ckpt.tensors if (t := spec.parse(n)).group == "experts"})  # type: ignore[misc]
+
+
+def layer_experts(ckpt: Checkpoint, layer: int, family: Family) -> Experts:
+    """One layer's experts, router and selection bias from the checkpoint, float64 (see
+    collapse_math)."""
     import torch
 
     from splice.surgery.collapse_math import Experts
@@ -41,8 +63,11 @@ def layer_experts(ckpt: Checkpoint, layer: int) -> Experts:
         )
         for k in EXPERT_KINDS
     }
-    router = ckpt.load(router_name(ckpt, layer), dtype="float64")
-    return Experts(stacked["w1"], stacked["w3"], stacked["w2"], router)
+    router = ckpt.load(router_name(ckpt, layer, family), dtype="float64")
+    bias = None
+    if family.bias is not None:
+        bias = ckpt.load(ckpt.arch.layer_name(layer, family.bias), dtype="float64").reshape(-1)
+    return Experts(stacked["w1"], stacked["w3"], stacked["w2"], router, bias)
 
 
 def activation(config: dict[str, Any]) -> Any:
@@ -69,8 +94,13 @@ def _skeleton(ckpt: Checkpoint, device: str, dtype: str) -> Any:
     emb.weight = torch.nn.Parameter(
         ckpt.load(ckpt.arch.embed, dtype=dtype, device=device), requires_grad=False
     )
+    layers = ckpt.arch.layer_prefix.split("{i}")[0]
     for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if meta:
+            transient = getattr(module, "_non_persistent_buffers_set", set())
+            if f"{name}.".startswith(layers) and not set(meta) & transient:
+                continue  # a layer's stored buffer (a router's selection bias): loaded with it
             if not hasattr(module, "inv_freq"):
                 raise SpliceError(f"collapse: cannot rebuild buffer module {name!r} of the model")
             with torch.device(device):
@@ -151,7 +181,6 @@ def stream_layers(
     spec = ckpt.arch
     path = spec.layer_prefix.split("{i}")[0].rstrip(".")
     layers = model.get_submodule(path)
-    keys = list(layers[0].state_dict().keys())
     rows = type("BlockRows", (_BlockRows, Collector), {})()
 
     def finish(i: int) -> None:
@@ -162,6 +191,7 @@ def stream_layers(
     def before(i: int) -> None:
         if i > 0:
             finish(i - 1)
+        keys = list(layers[i].state_dict().keys())  # dense and MoE layers differ
         state = _layer_state(ckpt, i, keys, calib.dtype, calib.device)
         layers[i].load_state_dict(state, assign=True, strict=True)
 

@@ -361,14 +361,23 @@ def bad_models(tmp_path_factory, models) -> dict[str, Path]:
     qwen = root / "qwen"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(qwen)
     make_tokenizer(96).save_pretrained(qwen)
-    return {"dense": make_tiny(root / "dense", "mistral", layers=1), "short": short, "qwen": qwen}
+    granite = root / "granite"
+    cfg = AutoConfig.for_model(
+        "granitemoe", vocab_size=96, hidden_size=H, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(granite)
+    make_tokenizer(96).save_pretrained(granite)
+    return {"dense": make_tiny(root / "dense", "mistral", layers=1), "short": short, "qwen": qwen,
+            "granite": granite}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("which", "extra", "message"),
     [
         ("dense", [], "is a dense model"),
-        ("qwen", [], "'qwen2_moe' is not supported"),
+        ("granite", [], "'granitemoe' is not supported (its experts are stored packed"),
+        ("qwen", [], "norm_topk_prob false), so a token's routed experts add up"),
         ("moe", ["--keep-experts", "5", "--calibration", "TEXT"], "has only 4 experts"),
         ("moe", ["--keep-experts", "1", "--calibration", "TEXT"], "give --top-k"),
         ("moe", ["--keep-experts", "2", "--top-k", "3", "--calibration", "TEXT"], "more than the 2"),
@@ -398,6 +407,16 @@ def test_bad_input_is_one_line_and_exit_code_2(which, extra, message, models, ba
 def test_api_errors_are_splice_errors(models):
     with pytest.raises(SpliceError, match="choose from"):
         plan_collapse(models["random"], method="mean")
+    text = models["text"]
+    for kw, message in [
+        (dict(keep_experts=2, by="reap", calibration=text), "give --prune"),
+        (dict(keep_experts=2, prune=True, by="size", calibration=text), "choose from naee, reap"),
+        (dict(shared_gate="mean"), "give --calibration"),
+        (dict(shared_gate="half", calibration=text), "choose from keep, mean"),
+        (dict(keep_experts=2, shared_gate="mean", calibration=text), "for a dense result"),
+    ]:
+        with pytest.raises(SpliceError, match=message):
+            plan_collapse(models["random"], **kw)
 
 
 def test_neuron_selection_is_scipys_pivoted_qr():
