@@ -55,6 +55,10 @@ FAST_LEAVES_OUT = (
     "tests/test_evolve_reliability.py::test_a_full_disk",
     "tests/test_fuzz_headers.py::test_mutated_headers_raise_only_splice_errors",
     "tests/test_surgery_slice.py::test_shared_output_is_a_stock_checkpoint",
+    # the architecture batteries: every verb on 36 families, 45 types (README's table)
+    "tests/test_families.py",
+    "tests/test_never_broken.py",
+    "tests/test_arch_table.py",
 )
 
 
