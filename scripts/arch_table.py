@@ -90,7 +90,8 @@ def table(data: dict) -> str:
     lines = [
         f"Checked with transformers {data['transformers']} by `python scripts/arch_table.py` "
         "(tiny float32 models against transformers' own; ✓ tested, refused: splice's one-line "
-        "refusal, ✗ fail: what differed; details in `docs/architectures.json`).",
+        "refusal, ✗ fail: what differed, – not applicable (collapse of a dense model); details "
+        "in `docs/architectures.json`).",
         "",
         "| family | " + " | ".join(verbs) + " |",
         "|---|" + "---|" * len(verbs),

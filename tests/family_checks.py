@@ -49,7 +49,7 @@ torch.set_num_threads(1)
 
 #: the verbs checked, in the order of ``splice --help`` (``evolve-dfs``: evolve's data-flow
 #: path model, run live in memory as its fitness does)
-VERBS = ("inspect", "merge", "upscale", "prune", "slice", "evolve-dfs")
+VERBS = ("inspect", "merge", "upscale", "prune", "slice", "collapse", "evolve-dfs")
 #: a fixed 12-token input (ids inside every family's 96-token vocabulary, no special token)
 IDS = torch.tensor([[5, 17, 42, 8, 63, 29, 71, 11, 90, 36, 54, 23]])
 TOL = 1e-4
@@ -581,12 +581,38 @@ def check_dataflow(family: str, work: Path) -> Outcome:
     return outcome_of(body)
 
 
+def check_collapse(family: str, work: Path) -> Outcome:
+    """MoE families: ``--keep-experts E --prune`` (all of them) keeps the logits; a dense
+    ``uniform`` collapse writes a model transformers loads (its numbers against identical
+    experts are tests/test_collapse_families.py's). Dense families: not applicable."""
+    if family not in families.MOE_FAMILIES and family != "qwen3_next":
+        return Outcome("skipped", "not an MoE")
+
+    def body() -> None:
+        from splice.arch import ArchSpec
+
+        src = source(family, work)
+        run = fresh(work, "collapse", family)
+        n = ArchSpec.load(family).num_experts(read_config(src))
+        base = ["--device", "cpu", "--threads", "1", "--dtype", "float32", "--no-progress"]
+        text = calibration_file(work)
+        calib = ["--calibration", text, "--seq-len", "24", "--max-samples", "8"]
+        run_cli(["collapse", src, run / "all", "--keep-experts", n, "--prune", *calib, *base])
+        compare(logits(load_checked(run / "all")), logits(load_checked(src, "source")),
+                "logits with every expert kept")  # fmt: skip
+        run_cli(["collapse", src, run / "dense", "--method", "frequency", *calib, *base])
+        load_checked(run / "dense")
+
+    return outcome_of(body)
+
+
 CHECKS: dict[str, Callable[[str, Path], Outcome]] = {
     "inspect": check_inspect,
     "merge": check_merge,
     "upscale": check_upscale,
     "prune": check_prune,
     "slice": check_slice,
+    "collapse": check_collapse,
     "evolve-dfs": check_dataflow,
 }
 
