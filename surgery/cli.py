@@ -414,9 +414,10 @@ def add_collapse(sub: argparse._SubParsersAction) -> None:
                    help="experts per token of the --keep-experts result (default the source's)")  # fmt: skip
     p.add_argument("--prune", action="store_true",
                    help="--keep-experts: keep the K best experts instead of merging groups")  # fmt: skip
-    p.add_argument("--by", choices=("naee", "reap"),
-                   help="--prune: naee (the K that reconstruct the layer best, default) or reap "
-                        "(the K of highest router-weighted output norm, REAP)")  # fmt: skip
+    p.add_argument("--by", choices=("naee", "frequency", "reap"),
+                   help="--prune: naee (the K that reconstruct the layer best, default), "
+                        "frequency (the K routed to most often) or reap (the K of highest "
+                        "router-weighted output norm, REAP)")  # fmt: skip
     p.add_argument("--shared-gate", choices=("keep", "mean"), default="keep",
                    help="Qwen2-MoE's sigmoid shared-expert gate: keep it exact (the family with "
                         "one routed expert) or fold it at its calibration mean into a dense Qwen2")  # fmt: skip

@@ -403,6 +403,17 @@ def _naee(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
     return kept
 
 
+@PRUNE_BY.register("frequency")
+def _by_frequency(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
+    """The ``k`` experts routed to most often: the share of calibration tokens whose top-k
+    holds the expert (ties: the lower index)."""
+    import torch
+
+    from splice.surgery import collapse_math as cm
+
+    return cm.top_experts(torch.tensor(layer.rec.frequency, dtype=torch.float64), k)
+
+
 @PRUNE_BY.register("reap")
 def _reap(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
     """REAP: the ``k`` experts of highest router-weighted expert activation norm, the mean over

@@ -27,7 +27,7 @@ DIFFERENT = {
     "--workers": "merge: tensors in flight (default 2); evolve: scoring processes (default 1)",
     "--top-k": "analyze tasks: a fraction of entries; collapse: experts per token",
     "--by": "prune: the layer metric (angular, influence); collapse --prune: the expert "
-    "criterion (naee, reap)",
+    "criterion (naee, frequency, reap)",
     "--max-tokens": "eval: score only the first N tokens; heal: text tokens read (default 2M)",
     "--dtype": "the output dtype everywhere, with each writer's own default and help text",
     "--seq-len": "analyze activations needs 2 or more (its first token is excluded)",

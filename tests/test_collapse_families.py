@@ -295,7 +295,7 @@ def test_keeping_every_expert_leaves_the_logits(fam, prune, tmp_path):
     torch.testing.assert_close(got, source_logits(src), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("by", ["naee", "reap"])
+@pytest.mark.parametrize("by", ["naee", "frequency", "reap"])
 def test_a_pruned_model_routes_only_to_the_kept_experts(fam, by, tmp_path):
     family, src = fam["family"], fam["random"]
     res = run(src, tmp_path / "o", keep_experts=2, top_k=2, prune=True, by=by, calibration=fam["text"],
@@ -325,6 +325,9 @@ def test_a_pruned_model_routes_only_to_the_kept_experts(fam, by, tmp_path):
                     atol=0,
                 )
         assert not any(f".layers.{i}." in n and ".experts.2." in n for n in out_t)
+        if by == "frequency":  # the 2 experts in the most tokens' top-k
+            order = sorted(range(E), key=lambda e: (-rec.frequency[e], e))
+            assert kept == sorted(order[:2])
     if family == "deepseek_v3":  # 1 expert left per group: the groups go, the report says so
         assert cfg.n_group == 1 and cfg.topk_group == 1
         assert any("expert groups dropped" in n for n in res.report.notes)
