@@ -6,7 +6,9 @@
 Rows: the MoE itself; ``uniform``; ``frequency``; ``slice`` at I and at 2·I neurons; uniform
 and frequency with ``--align``; the best single expert per layer (``--keep-experts 1 --prune
 --top-k 1``: NAEE's choice of the one expert that reconstructs each layer best, an MoE of one
-expert, i.e. dense); ``--keep-experts 2`` merged (HC-SMoE) and pruned (NAEE), with top-k 2.
+expert, i.e. dense); ``--keep-experts 2`` merged (HC-SMoE); ``--keep-experts 2`` and ``3``
+pruned by each criterion (NAEE's reconstruction, routing frequency, REAP's saliency).
+``--only`` runs the rows whose names start with the given prefixes.
 Everything goes through ``splice.surgery.collapse`` and ``splice.scoring.evaluate``
 (perplexity with sliding windows of the zoo's training length; the zoo's tasks through
 ``splice.zoo.evaluate``). Calibration is ``--calibration`` (default ``zoo:both``: the zoo's
@@ -60,7 +62,12 @@ def runs(width: int) -> dict[str, dict]:
         "best single expert": dict(keep_experts=1, prune=True, top_k=1),
         "keep 2 merge": dict(keep_experts=2),
         "keep 2 merge --align": dict(keep_experts=2, align=True),
-        "keep 2 prune": dict(keep_experts=2, prune=True),
+        "keep 2 prune": dict(keep_experts=2, prune=True),  # NAEE
+        "keep 2 prune --by frequency": dict(keep_experts=2, prune=True, by="frequency"),
+        "keep 2 prune --by reap": dict(keep_experts=2, prune=True, by="reap"),
+        "keep 3 prune": dict(keep_experts=3, prune=True),
+        "keep 3 prune --by frequency": dict(keep_experts=3, prune=True, by="frequency"),
+        "keep 3 prune --by reap": dict(keep_experts=3, prune=True, by="reap"),
     }
 
 
@@ -83,6 +90,7 @@ def main() -> None:
         type=Path,
         default=Path(__file__).parents[1] / "benchmarks/results/collapse_zoo.json",
     )
+    ap.add_argument("--only", help="comma-separated row-name prefixes: run only those rows")
     args = ap.parse_args()
 
     import torch
@@ -110,7 +118,11 @@ def main() -> None:
     errors: dict[str, float | None] = {"moe": 0.0}
     seconds: dict[str, float] = {}
     reports: dict[str, dict] = {}
-    for name, kw in runs(width).items():
+    chosen = runs(width)
+    if args.only:
+        prefixes = tuple(p.strip() for p in args.only.split(","))
+        chosen = {k: v for k, v in chosen.items() if k.startswith(prefixes)}
+    for name, kw in chosen.items():
         t = time.perf_counter()
         r = collapse(moe, work / name.replace(" ", "_").replace("=", ""),
                      calibration=args.calibration, calib=calib, options=opts, **kw)  # fmt: skip
@@ -134,10 +146,17 @@ def main() -> None:
     dense = {
         k: v["ppl"] for k, v in scores.items() if k.startswith(("uniform", "frequency", "slice"))
     }
-    best = min(dense, key=dense.get)  # type: ignore[arg-type]
-    print(f"\nbest dense collapse: {best} (ppl {dense[best]:.3f} vs uniform {dense['uniform']:.3f}, "
-          f"{100 * (1 - dense[best] / dense['uniform']):.1f}% lower); MoE ppl "
-          f"{scores['moe']['ppl']:.3f}")  # fmt: skip
+    if "uniform" in dense:
+        best = min(dense, key=dense.get)  # type: ignore[arg-type]
+        print(f"\nbest dense collapse: {best} (ppl {dense[best]:.3f} vs uniform "
+              f"{dense['uniform']:.3f}, {100 * (1 - dense[best] / dense['uniform']):.1f}% lower); "
+              f"MoE ppl {scores['moe']['ppl']:.3f}")  # fmt: skip
+    for k in (2, 3):
+        pruned = {n: v["ppl"] for n, v in scores.items() if n.startswith(f"keep {k} prune")}
+        if pruned:
+            best = min(pruned, key=pruned.get)  # type: ignore[arg-type]
+            print(f"keep {k}, pruned: lowest ppl {best} ({pruned[best]:.3f}; "
+                  + ", ".join(f"{n} {v:.3f}" for n, v in pruned.items()) + ")")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
