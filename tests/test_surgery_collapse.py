@@ -410,7 +410,10 @@ def test_api_errors_are_splice_errors(models):
     text = models["text"]
     for kw, message in [
         (dict(keep_experts=2, by="reap", calibration=text), "give --prune"),
-        (dict(keep_experts=2, prune=True, by="size", calibration=text), "choose from frequency, naee, reap"),
+        (
+            dict(keep_experts=2, prune=True, by="size", calibration=text),
+            "choose from frequency, naee, reap",
+        ),
         (dict(shared_gate="mean"), "give --calibration"),
         (dict(shared_gate="half", calibration=text), "choose from keep, mean"),
         (dict(keep_experts=2, shared_gate="mean", calibration=text), "for a dense result"),
