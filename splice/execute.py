@@ -274,7 +274,7 @@ def _targets(
     if unknown and hasattr(module, "base_model_prefix"):  # a transformers model
         from splice.loadcheck import module_names
 
-        renamed = module_names(module, unknown)  # type: ignore[arg-type]
+        renamed = module_names(module, unknown, state)  # type: ignore[arg-type]
     for t in tasks:
         if t.name in state:
             out[t.name] = state[t.name]

@@ -101,6 +101,18 @@ def load_report(
         return _simulate(model, tensors)
 
 
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the model transformers builds from ``config`` (a config.json
+    dict of a family it knows), on the meta device: no memory, no weights, no model code.
+    SpliceError (one line) if transformers rejects the config or cannot build the model."""
+    with _quiet():
+        cfg = _config(config)
+        model = _meta_model(
+            _model_class(config, cfg), json.dumps(config, sort_keys=True, default=str)
+        )
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 # ---- config -----------------------------------------------------------------------------------
 def _config(config: dict[str, Any]) -> PretrainedConfig:
     """transformers' config object of ``config``, as ``AutoConfig.from_pretrained`` builds it."""
@@ -268,12 +280,14 @@ def _rename(
     return rename_source_key(name, renamings, converters, prefix, expected)
 
 
-def module_names(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
-    """transformers' parameter name in live ``model`` of each checkpoint key in ``names`` that
-    a plain renaming of its loader changes (GraniteMoE's ``block_sparse_moe.input_linear.weight``
-    is ``block_sparse_moe.experts.gate_up_proj``); keys it converts or keeps are left out."""
+def module_names(
+    model: PreTrainedModel, names: list[str], expected: Mapping[str, Any]
+) -> dict[str, str]:
+    """transformers' parameter name in live ``model`` (whose state dict is ``expected``) of each
+    checkpoint key in ``names`` that a plain renaming of its loader changes (GraniteMoE's
+    ``block_sparse_moe.input_linear.weight`` is ``block_sparse_moe.experts.gate_up_proj``);
+    keys it converts or keeps are left out."""
     renamings, _ = _conversions(model)
-    expected = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
     out = {}
     for name in names:

@@ -9,7 +9,6 @@ output's ``config.json`` at width ``d``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,32 +106,14 @@ class HiddenSized:
 def _meta_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The state dict shapes of the causal LM transformers builds from ``config`` (a
     config.json dict of a stock family), on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from splice.loadcheck import expected_shapes
 
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        cfg = AutoConfig.for_model(config["model_type"], **fields)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.device("meta"))
-            try:
-                from transformers import initialization as init
-
-                stack.enter_context(init.no_init_weights())
-            except (ImportError, AttributeError):  # transformers 4
-                pass
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # transformers' verdict on the config at width d
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return expected_shapes(config)
+    except SpliceError as e:  # transformers' verdict on the config at width d
         raise SpliceError(
-            f"slice: transformers cannot build the model at the new width: {first}"
+            f"slice: transformers cannot build the model at the new width: {e}"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def hidden_sized(ckpt: Checkpoint, d: int, arch: SliceArch) -> HiddenSized:
