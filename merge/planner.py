@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from splice.arch import GLOBAL_GROUPS, ArchSpec
+from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.dtypes import config_with_dtype, dtype_name
 from splice.errors import SpliceError
@@ -458,12 +458,11 @@ def plan_merge(
         sources: a role's main weight by role (a tied head reads the embedding), anything else
         (biases, unclassified tensors) by its own name."""
         for out_name in donor_ckpt.global_names(*groups):
-            role = spec.parse(out_name).group
-            main = role in GLOBAL_GROUPS and out_name == spec.globals_of(role)[0]
+            role = spec.main_role(out_name)
             inputs = [
-                (s, _name_in(ckpts[s.model], spec, role) if main else out_name) for s in slc.sources
+                (s, _name_in(ckpts[s.model], spec, role) if role else out_name) for s in slc.sources
             ]
-            by_token = vocab if main and role in ("embed", "head") else None
+            by_token = vocab if role in ("embed", "head") else None
             task = _merge_task(ctx, slc, out_name, inputs, 0.0, by_token)
             if task is not None:
                 tasks.append(task)

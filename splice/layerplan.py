@@ -106,8 +106,5 @@ def global_out_name(spec: ArchSpec, source: ArchSpec, name: str) -> str:
     """The output's name (``spec``) of a source's global tensor (``source``): a role's main
     weight by role (an ``--allow-crimes`` donor of another family names it differently), any
     other tensor by its own name."""
-    for group in ("embed", "final_norm", "head"):
-        mains = source.globals_of(group)
-        if mains and name == mains[0]:
-            return spec.globals_of(group)[0] if spec.globals_of(group) else name
-    return name
+    role = source.main_role(name)
+    return spec.globals_of(role)[0] if role and spec.globals_of(role) else name

@@ -88,15 +88,9 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         else:
             blocks.append(LayerBlock([layer], rows))
     moe = spec.experts is not None and bool(spec.num_experts(cfg))
-    with_experts = {spec.parse(n).layer for n in ckpt.tensors if spec.parse(n).group == "experts"}
-    shared = sorted(
-        {
-            p
-            for n in ckpt.tensors
-            for p in (spec.experts.shared if spec.experts else ())
-            if spec.parse(n).kind.startswith(p)
-        }
-    )
+    rows = [(layer, r) for layer, rs in per_layer.items() for r in rs]
+    with_experts = {layer for layer, r in rows if r.group == "experts"}
+    shared = sorted({p for _, r in rows if (p := spec.shared_expert(r.kind))})
     return ModelSummary(
         path=str(ckpt.path),
         model_type=str(cfg.get("model_type")),

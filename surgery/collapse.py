@@ -929,16 +929,14 @@ def plan_collapse(
     tasks, config = _tasks(ckpt, decisions, opts, dtype, folder, form, family, cfg)
     if dtype:
         config = config_with_dtype(config, dtype)
-    read = {s.name for t in tasks for s in t.sources}
-    removed = {  # experts merged or pruned away, routers and gates of a dense result
+    # experts merged or pruned away, routers and gates of a dense result (the ones still
+    # read by a task need no entry: splice.verify counts a read tensor as kept)
+    gates = (*_router_kinds(family).values(), family.shared_gate)
+    parsed = {n: ckpt.arch.parse(n) for n in ckpt.tensors}
+    removed = {
         n: "collapsed"
-        for n in ckpt.tensors
-        if n not in read
-        and ckpt.arch.parse(n).layer in decisions
-        and (
-            ckpt.arch.parse(n).group in ("experts", "router")
-            or ckpt.arch.parse(n).kind in (*_router_kinds(family).values(), family.shared_gate)
-        )
+        for n, t in parsed.items()
+        if t.layer in decisions and (t.group in ("experts", "router") or t.kind in gates)
     }
     report.params_before = _params(ckpt)
     report.params_after = sum(prod(t.shape) for t in tasks)

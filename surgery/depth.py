@@ -87,8 +87,8 @@ def surgery_plan(
 ) -> ModelPlan:
     """The output of one surgery on ``ckpt``: ``tasks`` and ``config``, the source's tokenizer,
     the model card (``report``'s title and details, tagged ``surgery`` and ``tags``) and the
-    ``splice_surgery.json`` record; ``removed``: source tensors the surgery drops on purpose
-    (name -> why; whole layers need no entry)."""
+    ``splice_surgery.json`` record; ``removed``: source tensors the surgery drops, or replaces
+    without reading, on purpose (name -> why; whole layers need no entry)."""
     key = str(ckpt.path)
     card = model_card(
         report.title, [report.source], details=report.card_details(), tags=["surgery", *tags]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
-from splice.execute import ExecOptions, Source, TensorTask
+from splice.execute import ExecOptions, TensorTask
 from splice.limits import MAX_SEED, check_number
 from splice.output import ModelPlan
 from splice.schedule import lr_at
@@ -474,11 +474,11 @@ def heal_plan(
         module_name, tensor = found
         if module_name in changed:
             tasks.append(
-                TensorTask(  # the source is named (it is what was healed), not used
+                TensorTask(
                     name=name,
                     shape=tuple(info.shape),
                     dtype=dtype or info.dtype,
-                    sources=(Source(key, name),),
+                    sources=(),
                     compute=_const(tensor.detach()),
                     label="healed",
                 )
@@ -490,8 +490,10 @@ def heal_plan(
             f"{ckpt.path}: {len(missing)} tensors have no parameter in the loaded model, e.g. "
             f"{missing[0]!r}"
         )
-    report.changed_tensors = sum(1 for t in tasks if t.label == "healed")
+    report.changed_tensors = sum(1 for t in tasks if not t.sources)
     config = dict(ckpt.config)
     if dtype:
         config = config_with_dtype(config, dtype)
-    return surgery_plan(report, ckpt, tasks, config, ("heal",))
+    # a healed tensor replaces its source, which is therefore not read (nor lost)
+    healed = {t.name: "replaced by its healed value" for t in tasks if not t.sources}
+    return surgery_plan(report, ckpt, tasks, config, ("heal",), healed)

@@ -261,6 +261,11 @@ class ArchSpec:
         main = {"embed": self.embed, "final_norm": self.final_norm, "head": self.lm_head}[group]
         return tuple(n for n in (main, *self.global_tensors.get(group, ())) if n)
 
+    def main_role(self, name: str) -> str | None:
+        """The global role (``embed``, ``final_norm``, ``head``) whose main weight ``name``
+        is, or None (a bias, a layer tensor, anything else)."""
+        return next((g for g in GLOBAL_GROUPS if self.globals_of(g)[:1] == (name,)), None)
+
     def parse(self, name: str) -> TensorName:
         """Classify a tensor name (see :class:`TensorName`)."""
         if name == self.embed:
@@ -495,9 +500,11 @@ class ArchSpec:
         key = self.config_key("experts_per_token", config)
         return int(config[key]) if key and config.get(key) is not None else None
 
-    def is_shared_expert(self, kind: str) -> bool:
-        """Whether a layer-relative kind belongs to a shared expert."""
-        return bool(self.experts) and kind.startswith(self.experts.shared)  # type: ignore[union-attr]
+    def shared_expert(self, kind: str) -> str | None:
+        """The shared expert (its module prefix, ``mlp.shared_experts.``) a layer-relative
+        kind belongs to, or None."""
+        shared = self.experts.shared if self.experts else ()
+        return next((p for p in shared if kind.startswith(p)), None)
 
     def is_tied(self, config: dict[str, Any], names: Iterable[str] | None = None) -> bool:
         """Whether the head shares the embedding matrix (no ``lm_head`` tensor is stored)."""
