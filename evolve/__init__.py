@@ -3,6 +3,7 @@
 from splice.evolve import EvolveConfig, evolve, resume, report
 result = evolve("search.yml", "runs/a")      # RUN written after every generation
 resume("runs/a")                             # continues to the uninterrupted result
+resume("runs/a", generations=20)             # extends it: the result of a 20-generation run
 print(format_report(report("runs/a")))
 
 Modules: ``config`` (the schema; mergekit-evolve files run unchanged), ``genome`` (genes <->

@@ -73,13 +73,14 @@ def format_report(rep: EvolveReport) -> str:
         lines.append("no candidate scored yet")
         return "\n".join(lines)
     cols = list(dict.fromkeys(k for r in rep.top for k in r["scores"]))
-    head = f"{'rank':>4}  {'gen.idx':>7}  {'fitness':>9}  " + "  ".join(f"{c:>12}" for c in cols)
+    head = f"{'rank':>4}  {'gen':>4}  {'cand':>4}  {'fitness':>9}  "
+    head += "  ".join(f"{c:>12}" for c in cols)
     head += f"  {'merge s':>7}  {'eval s':>7}"
     lines += ["", "best candidates:", head]
     for k, r in enumerate(rep.top, 1):
         scores = "  ".join(f"{r['scores'].get(c, math.nan):>12.4f}" for c in cols)
         lines.append(
-            f"{k:>4}  {str(r['generation']) + '.' + str(r['index']):>7}  {r['fitness']:>9.4f}  "
+            f"{k:>4}  {r['generation']:>4d}  {r['index']:>4d}  {r['fitness']:>9.4f}  "
             f"{scores}  {r.get('merge_s', math.nan):>7.3f}  {r.get('eval_s', math.nan):>7.3f}"
         )
     if rep.best_recipe:
@@ -92,6 +93,7 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | N
     PNG to ``path`` when given (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 3.5))
     FigureCanvasAgg(fig)
@@ -105,6 +107,7 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike[str] | N
     ax.plot(gens, col("mean"), "s--", label="generation mean")
     ax.plot(gens, col("best_so_far"), "-", label="best so far")
     ax.set_xlabel("generation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fitness")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

@@ -2,7 +2,10 @@
 the run folder written atomically after every generation.
 
 ``evolve(config, out)`` runs a search into the run folder ``out``; ``resume(out)`` continues it
-to exactly the result an uninterrupted run gives. The run folder::
+to exactly the result an uninterrupted run gives. ``resume(out, generations=N)`` (or
+``max_fevals=N``, or ``evolve`` again with a larger budget) extends a run, finished or not, to
+the result an uninterrupted run with that budget gives; ``config.yml`` and the state then record
+the new budget. The run folder::
 
     config.yml        the configuration (CLI overrides applied); the run belongs to it
     state.json        the whole state after the last finished generation, as data: every scored
@@ -34,12 +37,13 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import yaml
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
 
 CONFIG = "config.yml"
 DEFAULT_MAX_FEVALS = 100  # mergekit-evolve's default
+#: the config keys a run may change after it began: its budget (the run is then extended)
+BUDGET = ("search.generations", "search.max_fevals")
 MAX_WORKERS = 1024
 
 
@@ -258,6 +264,56 @@ def start_point(config: EvolveConfig, genome: Genome) -> np.ndarray:
     return genome.start(s.start, random_init=config.random_init, seed=s.seed)
 
 
+def with_budget(
+    config: EvolveConfig, *, max_fevals: int | None = None, generations: int | None = None
+) -> EvolveConfig:
+    """``config`` with its budget replaced by ``max_fevals`` or ``generations`` (``None``:
+    unchanged; not both)."""
+    if max_fevals is not None and generations is not None:
+        raise SpliceError("give a budget of max_fevals or of generations, not both")
+    if generations is None:
+        return config.with_overrides(max_fevals=max_fevals)
+    data = config.model_dump(mode="json")
+    data["search"].update(generations=generations, max_fevals=None)
+    return EvolveConfig.from_dict(data)
+
+
+def check_budget(run: Path, state: dict[str, Any], config: EvolveConfig) -> None:
+    """``config``'s budget can extend the run in ``state``: it is more than the run has spent,
+    and CMA-ES did not stop the run itself (else ``SpliceError``, one line)."""
+    stop = state["stop"] or ""
+    if stop.startswith("cma:"):
+        raise SpliceError(
+            f"{run}: CMA-ES stopped this search itself after generation {state['generation']} "
+            f"({stop}); a larger budget would not continue it"
+        )
+    s, gen, n = config.search, state["generation"], len(state["records"])
+    if s.generations is not None and s.generations <= gen:
+        raise SpliceError(
+            f"{run}: {gen} generations are done already; a budget of {s.generations} "
+            "generations is not more (give a larger one)"
+        )
+    fevals = s.max_fevals or DEFAULT_MAX_FEVALS
+    if s.generations is None and fevals <= n:
+        raise SpliceError(
+            f"{run}: {n} candidates are scored already; a budget of max_fevals {fevals} is not "
+            "more (give a larger one)"
+        )
+
+
+def _extend(run: Path, config: EvolveConfig, state: dict[str, Any], generations: int) -> None:
+    """Move the run to ``config``'s budget of ``generations``: ``config.yml`` first, then
+    ``state`` (saved by the caller). A kill in between leaves a ``config.yml`` whose budget is
+    not the state's: the next resume extends again, to the same result."""
+    _write(run / CONFIG, config.to_yaml().encode())
+    state.update(
+        config=config.model_dump(mode="json"),
+        fingerprint=config.fingerprint(),
+        generations=generations,
+        stop=None,
+    )
+
+
 def planned_generations(config: EvolveConfig, popsize: int) -> int:
     """Generations the run makes (unless CMA-ES stops first)."""
     s = config.search
@@ -361,12 +417,16 @@ def _result(run: Path, state: dict[str, Any]) -> EvolveResult:
 
 
 def _refuse_other(run: Path, config: EvolveConfig, state: dict[str, Any]) -> None:
+    """Refuse a run folder of another configuration; one that differs only in its
+    :data:`BUDGET` is extended (by ``_run``)."""
     if state["fingerprint"] == config.fingerprint():
         return
     try:
         changed = EvolveConfig.from_dict(state["config"]).differences(config)
     except SpliceError:
         changed = []
+    if changed and set(changed) <= set(BUDGET):
+        return
     raise SpliceError(
         f"{run} holds a run of another configuration (changed: {', '.join(changed[:4]) or '?'}"
         f"{', ...' if len(changed) > 4 else ''}); use a new --out folder"
@@ -382,6 +442,7 @@ def evolve(
     out: str | os.PathLike[str],
     *,
     max_fevals: int | None = None,
+    generations: int | None = None,
     device: str | None = None,
     tasks_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = False,
@@ -391,8 +452,10 @@ def evolve(
     allow_pickle: bool = False,
 ) -> EvolveResult:
     """Run the search of ``config`` (an :class:`EvolveConfig` or a YAML file) into the run
-    folder ``out``. An existing run folder of the same configuration is resumed; one of another
-    is refused. ``max_fevals``, ``device`` and ``tasks_dir`` override the config's; ``workers``
+    folder ``out``. An existing run folder of the same configuration is resumed (extended, when
+    only the budget is larger); one of another is refused. ``max_fevals`` or ``generations``,
+    ``device`` and ``tasks_dir`` override the config's; ``show_progress``: see
+    :class:`GenerationProgress`; ``workers``
     processes score the candidates, or ``workers`` Ray actors with ``ray`` (``auto``, an
     address; a Ray instance this process started is used as it is); the result does not depend
     on either. ``allow_pickle``: read an older splice's ``state.pkl`` (and pickled weights)."""
@@ -402,7 +465,8 @@ def evolve(
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config)
     config = config.with_paths(Path.cwd())  # the run folder's config names absolute paths
-    config = config.with_overrides(max_fevals=max_fevals, device=device, tasks_dir=tasks_dir)
+    config = config.with_overrides(device=device, tasks_dir=tasks_dir)
+    config = with_budget(config, max_fevals=max_fevals, generations=generations)
     run = Path(out)
     if is_run(run):
         _refuse_other(run, config, load_state(run, allow_pickle=allow_pickle))
@@ -440,6 +504,8 @@ def evolve(
 def resume(
     run: str | os.PathLike[str],
     *,
+    max_fevals: int | None = None,
+    generations: int | None = None,
     show_progress: bool = False,
     on_generation: Progress | None = None,
     workers: int = 1,
@@ -447,13 +513,18 @@ def resume(
     allow_pickle: bool = False,
 ) -> EvolveResult:
     """Continue the run in ``run`` from its last finished generation (its ``config.yml``; a
-    config changed since the run began is refused)."""
+    config changed since the run began is refused). A budget of ``max_fevals`` or
+    ``generations`` extends the run, finished or not, to what an uninterrupted run with that
+    budget gives; one not more than the run has spent is refused."""
     from splice.target import lock_target
 
     check_run_options(workers, ray)
     run = Path(run)
     state = load_state(run, allow_pickle=allow_pickle)
     config = EvolveConfig.from_yaml(run / CONFIG)
+    if max_fevals is not None or generations is not None:
+        config = with_budget(config, max_fevals=max_fevals, generations=generations)
+        check_budget(run, state, config)  # the same budget as the run's too
     _refuse_other(run, config, state)
     with lock_target(run):
         return _run(run, config, show_progress, on_generation, workers, ray, allow_pickle)
@@ -501,7 +572,10 @@ def _run(
 
     _clean_leftovers(run)
     state = load_state(run, allow_pickle=allow_pickle)
-    if state["stop"] is not None:
+    extend = state["fingerprint"] != config.fingerprint()  # the budget only (_refuse_other)
+    if extend:
+        check_budget(run, state, config)
+    elif state["stop"] is not None:
         if prepared is not None:
             prepared[3].close()
         return _result(run, state)
@@ -512,7 +586,12 @@ def _run(
     else:
         genome, sources, options, scorer = prepared
     with scorer:
+        if extend:
+            _extend(run, config, state, planned_generations(config, popsize_of(config, genome)))
         strategy = strategy_of(run, config, genome, state)
+        stop = strategy.stop() if extend and state["generation"] else {}
+        if stop:  # the run stopped by its budget where CMA-ES would have stopped it
+            state["stop"] = "cma: " + ", ".join(sorted(stop))
         save(run, state)  # the views match the state again (a kill may have left newer ones)
         if ray is not None or workers > 1:
             for src in sources.values():
@@ -525,25 +604,19 @@ def _run(
             executor = Workers(config, workers)
         else:
             executor = InProcess(Candidates(config, genome, sources, scorer, options))
-        bar = _bar(state, show_progress)
+        shown = GenerationProgress(state) if show_progress else None
         try:
             while state["stop"] is None:
                 _generation(state, strategy, executor.map)
                 save(run, state)
                 if on_generation is not None:
                     on_generation(state["history"][-1])
-                if bar is not None:
-                    h = state["history"][-1]
-                    bar.set_postfix_str(
-                        f"best {h['best_so_far']:.4g} mean {h['mean']:.4g} "
-                        f"{h['per_minute']:.1f}/min",
-                        refresh=False,
-                    )
-                    bar.update(1)
+                if shown is not None:
+                    shown.update(state["history"][-1])
         finally:
             executor.close()
-            if bar is not None:
-                bar.close()
+            if shown is not None:
+                shown.close()
     with contextlib.suppress(Exception):
         from splice.evolve.report import plot_history
 
@@ -551,18 +624,74 @@ def _run(
     return _result(run, state)
 
 
-def _bar(state: dict[str, Any], enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class GenerationProgress:
+    """A search's progress on ``stream`` (default: stderr), by one rule: a tqdm bar on a
+    terminal; anywhere else (a log, nohup) one plain line per generation with the elapsed time
+    (:func:`generation_line`), never a ``\\r``. (``splice.progress`` wraps an iterable in a
+    bar and has no plain-line mode, hence this.)"""
 
-    return tqdm(
-        total=state["generations"],
-        initial=state["generation"],
-        desc="evolve",
-        unit="gen",
-        dynamic_ncols=True,
+    def __init__(self, state: dict[str, Any], stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.total = state["generations"]
+        self.t0 = time.monotonic()
+        self.bar: Any = None
+        if _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total,
+                initial=state["generation"],
+                desc="evolve",
+                unit="gen",
+                dynamic_ncols=True,
+                file=self.stream,
+            )
+
+    def update(self, h: dict[str, Any]) -> None:
+        """Show the generation whose history entry is ``h``."""
+        if self.bar is None:
+            line = generation_line(h, self.total, time.monotonic() - self.t0)
+            print(line, file=self.stream, flush=True)
+            return
+        self.bar.set_postfix_str(
+            f"best {h['best_so_far']:.4g} mean {h['mean']:.4g} {h['per_minute']:.1f}/min",
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def generation_line(h: dict[str, Any], total: int, elapsed: float) -> str:
+    """A generation's history entry ``h`` as one log line, e.g. ``generation 3/10: best
+    0.712, mean 0.655, 12 candidates, 41 s`` (best so far; candidates scored so far; time since
+    this process started the loop)."""
+    failed = f" ({h['failed']} failed)" if h.get("failed") else ""
+    return (
+        f"generation {h['generation'] + 1}/{total}: best {h['best_so_far']:.4g}, mean "
+        f"{h['mean']:.4g}, {h['evaluations']} candidates{failed}, {_duration(elapsed)}"
     )
+
+
+def _duration(seconds: float) -> str:
+    """``41 s``, ``12 min 05 s``, ``2 h 03 min``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
 
 
 def _generation(

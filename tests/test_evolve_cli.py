@@ -101,16 +101,21 @@ def test_run_report_and_a_resume_folder_of_another_config(capsys, trio, tasks, t
     table = printed.out.split("report split:")[1].splitlines()
     labels = [line.split("  ")[0].strip() for line in table[2:]]
     assert labels == ["base", "ft1", "ft2", "linear (equal weights)", "ties (start)", "winner"]
-    # --max-fevals overrides the config: another configuration for this folder
-    line = one_error(capsys, ["evolve", str(cfg), "--out", str(run), "--max-fevals", "12"])
-    assert "another configuration" in line and "search.max_fevals" in line
+    # another configuration for this folder is refused; a larger budget extends the run
+    other = write_config(tmp_path / "o.yml", config_dict(trio, tasks, generations=3, seed=2))
+    line = one_error(capsys, ["evolve", str(other), "--out", str(run)])
+    assert "another configuration" in line and "search.seed" in line
+    assert main(["evolve", str(cfg), "--out", str(run), "--max-fevals", "12"]) == 0
+    assert "3/3 generations, 12 candidates" in capsys.readouterr().out
     # a finished run resumes to itself
     assert main(["evolve", "resume", str(run)]) == 0
-    assert "2/2 generations" in capsys.readouterr().out
+    assert "3/3 generations" in capsys.readouterr().out
     line = one_error(capsys, ["evolve", "resume", str(tmp_path)])
     assert "not an evolve run folder" in line
     line = one_error(capsys, ["evolve", "resume", str(run), "--max-fevals", "3"])
-    assert "--max-fevals does not apply" in line
+    assert "12 candidates are scored already; a budget of max_fevals 3 is not more" in line
+    line = one_error(capsys, ["evolve", "resume", str(run), "--device", "cpu"])
+    assert "--device does not apply" in line
 
 
 def test_a_mergekit_evolve_file_runs_unchanged(capsys, trio, tasks, tmp_path):
@@ -131,15 +136,22 @@ def test_a_mergekit_evolve_file_runs_unchanged(capsys, trio, tasks, tmp_path):
     assert all(len(r["scores"]) == 2 for r in state["records"])
 
 
-def test_progress_bar_shows_generation_best_mean_and_rate(capsys, trio, tasks, tmp_path):
+def test_progress_bar_shows_generation_best_mean_and_rate(
+    capsys, monkeypatch, trio, tasks, tmp_path
+):
+    """On a terminal: a bar (elsewhere, lines: test_evolve_progress.py)."""
+    import sys
+
     from splice.evolve import evolve
     from splice.evolve.config import EvolveConfig
 
     cfg = EvolveConfig.from_dict(config_dict(trio, tasks, generations=2))
     capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stream: a terminal
     evolve(cfg, tmp_path / "run", show_progress=True)
     err = capsys.readouterr().err
     assert "evolve" in err and "2/2" in err and "best " in err and "mean " in err and "/min" in err
+    assert "\r" in err
 
 
 def test_run_is_an_action_and_options_belong_to_theirs(capsys, trio, tasks, tmp_path):

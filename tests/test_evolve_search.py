@@ -155,6 +155,10 @@ def test_resume_after_sigterm_gives_the_uninterrupted_result(finished, trio, tas
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err.decode()[-2000:]
     killed = load_state(run)
+    assert err.decode().strip().splitlines()[-1] == (
+        f"splice: stopped by SIGTERM after generation {killed['generation']}/6 (saved in {run}); "
+        f"continue with: splice evolve resume {run}"
+    )
     assert 2 <= killed["generation"] < 6 and killed["stop"] is None
     assert "unfinished" in format_report(report(run))
 
