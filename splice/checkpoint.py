@@ -84,6 +84,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
         )
         #: stored tensors that are listed through views instead (empty for most checkpoints)
         self.packed: list[str] = [n for n in stored if n not in self.tensors]
+        self._stored = {n: stored[n] for n in self.packed}
+        #: name -> metadata of every tensor as the files hold it (packed experts unsplit)
+        self.stored_tensors: dict[str, TensorInfo] = stored
 
     # ---- listing ----------------------------------------------------------------------------
     def _scan(self) -> dict[str, TensorInfo]:
@@ -161,6 +164,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def stored_info(self, name: str) -> TensorInfo:
+        """A tensor as stored, listed or not: one of :attr:`packed`, or any listed tensor."""
+        return self._stored[name] if name in self._stored else self[name]
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -241,9 +251,16 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
         from splice.dtypes import to_torch
 
-        info = self[name]
+        info = self.stored_info(name)
         if info.offset < 0:  # pickled weights, already memory-mapped by torch.load
             t = self._pickled[info.file][name].clone()
+        elif not info.readable:  # a part of an expert's block of a stored tensor
+            v = info.view
+            assert v is not None
+            buf = torch.empty(v.block_nbytes, dtype=torch.uint8)
+            pread_into(self._fd(info.file), memoryview(buf.numpy()), v.block_offset)
+            block = buf.view(to_torch(info.dtype)).reshape(v.block_shape)
+            t = v.layout.take(block, v.part)
         else:
             buf = torch.empty(info.nbytes, dtype=torch.uint8)
             if info.nbytes:

@@ -102,8 +102,8 @@ class TensorTask:
         """True if the output is one source's bytes, unchanged."""
         if self.compute is not None or self.scale != 1.0 or len(self.sources) != 1:
             return False
-        info = models[self.sources[0].model][self.sources[0].name]
-        return info.dtype == self.dtype and info.shape == self.shape
+        info = models[self.sources[0].model].stored_info(self.sources[0].name)
+        return info.dtype == self.dtype and info.shape == self.shape and info.readable
 
     def cost(self, models: Mapping[str, Checkpoint]) -> int:
         """Bytes a running task holds, roughly: inputs in compute dtype, plus temporaries."""
@@ -241,6 +241,10 @@ def execute_into(
 
     opts = options or ExecOptions(show_progress=False)
     _set_threads(opts.threads)
+    if spec is not None and spec.experts is not None and spec.experts.stored:
+        from splice.stored import pack_tasks
+
+        tasks = pack_tasks(tasks, spec, models)  # the module holds them packed, as stored
     state = module.state_dict(keep_vars=True)
     targets = _targets(tasks, state, spec, module)
     check_module(tasks, targets)

@@ -57,7 +57,7 @@ def write_model(
     plan's models are checked as its inputs, nothing is locked again), or a path, claimed here.
     """
     opts = options or ExecOptions()
-    check_plan(plan, verify=opts.verify)
+    plan = check_plan(plan, verify=opts.verify)
     inputs = [m.path for m in plan.models.values()]
     with claim_output(out, opts.overwrite, inputs=inputs) as claim:
         return execute(

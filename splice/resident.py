@@ -67,7 +67,7 @@ class ResidentCheckpoint(Checkpoint):
         if t is None:
             t = super().load(name, dtype=self.dtype, device=self.device)
             with self._lock:
-                self.bytes_read += self[name].nbytes
+                self.bytes_read += self.stored_info(name).nbytes
                 t = self._resident.setdefault(name, t)
         return t
 

@@ -17,9 +17,13 @@ import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splice.dtypes import NAME_TO_CODE, SAFETENSORS_DTYPES
 from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    from splice.stored import StoredView
 
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 MAX_DIM = 2**63 - 1  # torch sizes are int64
@@ -35,6 +39,15 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    #: a per-expert part of a tensor stored packed (splice.stored); the bytes at ``offset`` are
+    #: the tensor's own only when its layout is contiguous
+    view: StoredView | None = None
+
+    @property
+    def readable(self) -> bool:
+        """The tensor is the ``nbytes`` bytes at ``offset`` of ``file`` (a kernel copy can take
+        them): not pickled, not a strided part of a packed tensor."""
+        return self.offset >= 0 and (self.view is None or self.view.layout.contiguous)
 
     @property
     def numel(self) -> int:

@@ -65,11 +65,12 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
     files: dict[str, dict[str, Any]] = {}
     globals_: list[TensorRow] = []
     per_layer: dict[int, list[TensorRow]] = {}
-    for name, info in ckpt.tensors.items():
-        by_dtype[info.dtype] += info.numel
+    for info in ckpt.stored_tensors.values():
         f = files.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "nbytes": 0})
         f["tensors"] += 1
         f["nbytes"] += info.nbytes
+    for name, info in ckpt.tensors.items():
+        by_dtype[info.dtype] += info.numel
         t = spec.parse(name)
         if t.layer is None:
             globals_.append(TensorRow(name, t.group, list(info.shape), info.dtype))

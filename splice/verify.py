@@ -68,14 +68,35 @@ def check_nothing_lost(plan: ModelPlan) -> None:
         )
 
 
-def check_plan(plan: ModelPlan, *, verify: bool = True) -> None:
-    """Both promises for a planned model; ``verify=False`` (``--no-verify``) skips the second."""
+def check_plan(plan: ModelPlan, *, verify: bool = True) -> ModelPlan:
+    """Both promises for a planned model; ``verify=False`` (``--no-verify``) skips the second.
+    Returns the plan as it is written: experts the output's family stores packed, packed
+    (:func:`stored_plan`)."""
     check_nothing_lost(plan)
+    plan = stored_plan(plan)
     if verify:
         from splice.loadcheck import check_loads
 
         config, tensors = loadable_view(plan)
         check_loads(config, tensors)
+    return plan
+
+
+def stored_plan(plan: ModelPlan) -> ModelPlan:
+    """``plan`` with its per-expert outputs packed where the output's family stores experts
+    packed (:mod:`splice.stored`); the plan itself when it does not."""
+    from dataclasses import replace
+
+    from splice.arch import ArchSpec
+    from splice.stored import pack_tasks
+
+    model_type = plan.config.get("model_type")
+    if model_type not in ArchSpec.known():
+        return plan
+    spec = ArchSpec.load(str(model_type))
+    if spec.experts is None or not spec.experts.stored:
+        return plan
+    return replace(plan, tasks=pack_tasks(plan.tasks, spec, plan.models))
 
 
 def loadable_view(plan: ModelPlan) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:

@@ -214,11 +214,11 @@ class CheckpointWriter:
         Otherwise the tensor is loaded and cast.
         """
         source_name = source_name or name
-        info = source[source_name]
+        info = source.stored_info(source_name)
         spec = self.slots[name].spec if name in self.slots else None
         if spec is None:
             raise ValueError(f"tensor {name!r} was not planned for this checkpoint")
-        if info.dtype != spec.dtype or info.offset < 0 or info.shape != spec.shape:
+        if info.dtype != spec.dtype or not info.readable or info.shape != spec.shape:
             self.write(name, source.load(source_name))
             return
         slot = self._claim(name)

@@ -80,10 +80,12 @@ one decoder layer (its attention and all its experts) is read, run on the calibr
 spilled to a temporary folder. Writing then streams as every other verb (one layer's experts of
 one kind in flight).
 
-Supported: every family whose experts are stored one per tensor (``collapse_routing.FAMILIES``:
-Mixtral, both per-expert and packed storage, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE,
-DeepSeek-V2/V3, GLM-4-MoE, dots1, ERNIE-4.5-MoE). gpt-oss and GraniteMoE store their experts
-packed with no per-expert roles in their specs and are refused (:data:`UNSUPPORTED`).
+Supported: every MoE family of ``collapse_routing.FAMILIES``: Mixtral (per-expert and packed
+storage), Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, dots1,
+ERNIE-4.5-MoE, and the two that store experts packed on disk (splice.stored), read per expert
+and written packed again: GraniteMoE (dense sibling: Granite) and gpt-oss (biased experts, a
+clamped SwiGLU and a router bias: the one-expert form; ``--method slice``, whose refit has no
+bias term, refuses it).
 """
 
 from __future__ import annotations
@@ -118,10 +120,11 @@ from splice.surgery.collapse_routing import (
     shared_kinds,
 )
 from splice.surgery.collapse_stream import (
-    EXPERT_KINDS,
+    BIAS_KINDS,
     activation,
     calibration_windows,
     expert_kind,
+    expert_kinds,
     expert_name,
     layer_experts,
     moe_layers,
@@ -133,13 +136,6 @@ from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
 #: refit down projection close to zero
 MAX_RIDGE = 100.0
 SUPPORTED = tuple(sorted(FAMILIES))
-#: MoE model types transformers knows that collapse refuses, with why
-UNSUPPORTED = {
-    "gpt_oss": "its experts are stored packed (gate_up_proj [E, H, 2I] with biases, a clamped "
-    "SwiGLU) and its spec names no per-expert tensors",
-    "granitemoe": "its experts are stored packed (block_sparse_moe.input_linear [E, 2I, H]) and "
-    "its spec names no per-expert tensors",
-}
 #: Qwen's sigmoid shared-expert gate: kept exact (one-expert form) or folded at its mean
 SHARED_GATES = ("keep", "mean")
 
@@ -224,21 +220,6 @@ def _check_options(
     check_number("--max-rows", max_rows, least=1, whole=True)
 
 
-def _refuse_unsupported(ref: str | os.PathLike[str]) -> None:
-    """A known MoE type collapse cannot read is refused before the checkpoint is opened."""
-    import json
-
-    file = Path(ref) / "config.json"
-    try:
-        model_type = json.loads(file.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # not a local folder with a readable config: open_checkpoint says why
-    if model_type in UNSUPPORTED:
-        raise SpliceError(
-            f"collapse: model type {model_type!r} is not supported ({UNSUPPORTED[model_type]})"
-        )
-
-
 def _num_experts(ckpt: Checkpoint, cfg: Any) -> int:
     """The expert count, through the config class's aliases (Qwen3-MoE's ``num_experts``)."""
     key = ckpt.arch.config_key("num_experts", ckpt.config)
@@ -251,10 +232,6 @@ def _num_experts(ckpt: Checkpoint, cfg: Any) -> int:
 def _check_model(ckpt: Checkpoint, cfg: Any) -> Family:
     model_type = ckpt.config.get("model_type")
     spec = ckpt.arch
-    if model_type in UNSUPPORTED:
-        raise SpliceError(
-            f"collapse: model type {model_type!r} is not supported ({UNSUPPORTED[model_type]})"
-        )
     experts = _num_experts(ckpt, cfg) if spec.experts is not None else 0
     if spec.experts is None or not experts or not moe_layers(ckpt):
         moe_keys = [
@@ -536,6 +513,8 @@ def _router_kinds(family: Family) -> dict[str, str]:
     out = {"router": family.router}
     if family.bias:
         out["bias"] = family.bias
+    if family.router_bias:
+        out["router_bias"] = family.router_bias
     return out
 
 
@@ -573,16 +552,18 @@ def _tasks(
         dec = decisions[layer]
         tasks += _router_tasks(ckpt, layer, dec, form, family, dtype)
         shared = shared_kinds(ckpt, family, layer) if form.fold_shared else {}
-        for kind in EXPERT_KINDS:
+        for kind in expert_kinds(ckpt):
             first = ckpt[expert_name(ckpt, layer, kind, 0)]
             out_dtype = dtype or first.dtype
             axis = 1 if kind == "w2" else 0
             ekind = expert_kind(ckpt, kind)
-            down = kind == "w2"
+            down = kind in ("w2", "b2")
+            whole = kind == "b2"  # a down bias [H]: no neurons to permute or split
             if form.kind == "experts":
                 for out_e, (members, weights, perms) in enumerate(
                     zip(dec.members, dec.weights, dec.perms, strict=True)
                 ):
+                    perms = None if whole else perms
                     srcs = tuple(Source(key, expert_name(ckpt, layer, kind, e)) for e in members)
                     label = " + ".join(
                         f"{w:.3g}*e{e}" for w, e in zip(weights, members, strict=True)
@@ -615,17 +596,20 @@ def _tasks(
             else:
                 (members,), (weights,), (perms,) = dec.members, dec.weights, dec.perms
                 srcs = tuple(Source(key, expert_name(ckpt, layer, kind, e)) for e in members)
-                make = _Merge(weights, perms, axis)
+                make = _Merge(weights, None if whole else perms, axis)
                 label = " + ".join(f"{w:.3g}*e{e}" for w, e in zip(weights, members, strict=True))
                 label += " (aligned)" if perms else ""
                 scale = dec.down_scale if down else 1.0
             if down and form.weight != 1.0:
                 scale /= form.weight
                 label += f" /{form.weight:g} (the router's weight)"
+            if whole and (form.experts or 1) > 1:  # every written expert adds its bias
+                scale /= form.experts or 1
+                label += f" /{form.experts} (added by each written expert)"
             if down and scale != 1.0:
                 label += f" x{scale:.6g}"
             n = len(srcs)
-            skind = shared.get({"w1": "gate", "w3": "up", "w2": "down"}[kind])
+            skind = shared.get({"w1": "gate", "w3": "up", "w2": "down"}.get(kind, ""))
             if skind is not None:
                 srcs = (*srcs, Source(key, spec.layer_name(layer, skind)))
                 label += " + shared experts" + (
@@ -633,10 +617,12 @@ def _tasks(
                     if down and dec.shared_scale != 1
                     else ""
                 )
-            outer = first.shape[1] if not down else first.shape[0]
+            outer = first.shape[1] if kind in ("w1", "w3") else first.shape[0]
 
-            def shape(width: int, outer: int = outer, down: bool = down) -> tuple[int, int]:
-                return (outer, width) if down else (width, outer)
+            def shape(width: int, outer: int = outer, kind: str = kind) -> tuple[int, ...]:
+                return {"w2": (outer, width), "b1": (width,), "b3": (width,), "b2": (outer,)}.get(
+                    kind, (width, outer)
+                )
 
             common = dict(
                 n=n,
@@ -661,7 +647,9 @@ def _tasks(
             size = form.expert_width
             for out_e in range(form.experts or 1):
                 part = (
-                    (out_e * size, size) if (form.experts or 1) > 1 or size != form.width else None
+                    (out_e * size, size)
+                    if not whole and ((form.experts or 1) > 1 or size != form.width)
+                    else None
                 )
                 tasks.append(
                     TensorTask(
@@ -802,13 +790,18 @@ def plan_collapse(
         max_rows, by, shared_gate,
     )  # fmt: skip
     output_dtype(dtype)
-    _refuse_unsupported(moe)
     ckpt = open_checkpoint(moe, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "collapse")
     ckpt.validate()
     cfg = full_config(ckpt)
     family = _check_model(ckpt, cfg)
     routing = Routing.of(ckpt, family, cfg)
+    biased = bool(set(BIAS_KINDS) & set(expert_kinds(ckpt)))
+    if keep_experts is None and METHODS.get(method).neurons and biased:
+        raise SpliceError(
+            f"--method {method}: {ckpt.config.get('model_type')}'s experts have biases, "
+            "which its down-projection refit does not fit; use uniform or frequency"
+        )
     moe_at = moe_layers(ckpt)
     count = routing.experts or _num_experts(ckpt, cfg)
     src_k = routing.top_k

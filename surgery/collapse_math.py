@@ -3,7 +3,10 @@
 Notation: ``E`` experts of intermediate width ``I`` on a residual stream of width ``H``;
 ``w1`` (gate) and ``w3`` (up) are ``[E, I, H]``, ``w2`` (down) ``[E, H, I]``, the router
 ``[E, H]`` (and a selection bias ``[E]`` where the family has one); an expert computes
-``w2_e · (act(w1_e x) * (w3_e x))``. Calibration rows are ``x`` ``[n, H]`` (the MoE block's
+``w2_e · glu(w1_e x, w3_e x)``, ``glu(g, u) = act(g) * u`` in most families (gpt-oss clamps
+both and adds one to ``u``: :func:`splice.surgery.collapse_stream.activation`), with biases
+``b1``, ``b3`` ``[E, I]`` and ``b2`` ``[E, H]`` where the family has them (gpt-oss, whose router
+also has a bias ``[E]`` added to its logits). Calibration rows are ``x`` ``[n, H]`` (the MoE block's
 normed input) and ``y`` ``[n, H]`` (its routed experts' part of the output: shared experts
 taken out). How the router's logits become weights is a
 :class:`~splice.surgery.collapse_routing.Routing` (Mixtral's softmax top-k renormalised when
@@ -25,50 +28,85 @@ import torch
 if TYPE_CHECKING:
     from splice.surgery.collapse_routing import Routing
 
-Act = Callable[[torch.Tensor], torch.Tensor]
+#: an expert's gated unit: ``glu(gate pre-activation, up pre-activation)`` ``[..., I]``
+Act = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Experts:
     """One MoE layer: ``w1``, ``w3`` ``[E, I, H]``, ``w2`` ``[E, H, I]``, ``router`` ``[E, H]``,
-    ``bias`` ``[E]`` the router's selection bias (None: the family has none)."""
+    ``bias`` ``[E]`` the router's selection bias (None: the family has none); ``b1``, ``b3``
+    ``[E, I]``, ``b2`` ``[E, H]`` the experts' biases and ``router_bias`` ``[E]`` the one added
+    to the router's logits (gpt-oss; None elsewhere)."""
 
     w1: torch.Tensor
     w3: torch.Tensor
     w2: torch.Tensor
     router: torch.Tensor
     bias: torch.Tensor | None = None
+    b1: torch.Tensor | None = None
+    b3: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, E]``: the router's logits on rows ``x`` ``[n, H]``."""
+        out = x @ self.router.T
+        return out if self.router_bias is None else out + self.router_bias
 
     def gates(self, x: torch.Tensor, routing: Routing | None, top_k: int) -> torch.Tensor:
         """``[n, E]``: the routing weights of rows ``x`` (Mixtral's when ``routing`` is None)."""
-        logits = x @ self.router.T
+        logits = self.logits(x)
         if routing is None:
             return routing_weights(logits, top_k)[1]
         return routing.route(logits, self.bias)
 
+    def _each(self, fn: Callable[[torch.Tensor], torch.Tensor], router: bool = True) -> dict:
+        """The optional per-expert tensors, ``fn`` applied (router biases only if ``router``)."""
+        names = ("bias", "b1", "b3", "b2", "router_bias") if router else ("b1", "b3", "b2")
+        return {k: None if getattr(self, k) is None else fn(getattr(self, k)) for k in names}
+
     def subset(self, keep: list[int]) -> Experts:
-        """The experts ``keep`` (router rows and bias alike)."""
+        """The experts ``keep`` (router rows and biases alike)."""
         return Experts(
-            self.w1[keep],
-            self.w3[keep],
-            self.w2[keep],
-            self.router[keep],
-            None if self.bias is None else self.bias[keep],
+            self.w1[keep], self.w3[keep], self.w2[keep], self.router[keep],
+            **self._each(lambda t: t[keep]),
+        )  # fmt: skip
+
+    def mixed(self, weights: torch.Tensor) -> Experts:
+        """One expert: the ``weights`` ``[E]``-weighted sum of every tensor (router rows and
+        biases alike)."""
+
+        def mix(t: torch.Tensor) -> torch.Tensor:
+            return torch.tensordot(weights, t, dims=1)[None]
+
+        return Experts(
+            mix(self.w1), mix(self.w3), mix(self.w2), mix(self.router), **self._each(mix)
         )
 
     @property
     def count(self) -> int:
         return self.w1.shape[0]
 
+    @property
+    def biased(self) -> bool:
+        """The experts have biases (gpt-oss)."""
+        return self.b1 is not None or self.b3 is not None or self.b2 is not None
+
     def hidden(self, x: torch.Tensor, act: Act) -> torch.Tensor:
         """``[E, n, I]``: every expert's intermediate on every row of ``x`` ``[n, H]``."""
-        return act(torch.einsum("nh,eih->eni", x, self.w1)) * torch.einsum(
-            "nh,eih->eni", x, self.w3
-        )
+        g = torch.einsum("nh,eih->eni", x, self.w1)
+        u = torch.einsum("nh,eih->eni", x, self.w3)
+        if self.b1 is not None:
+            g = g + self.b1[:, None, :]
+        if self.b3 is not None:
+            u = u + self.b3[:, None, :]
+        return act(g, u)
 
     def outputs(self, x: torch.Tensor, act: Act) -> torch.Tensor:
         """``[E, n, H]``: every expert's output (unweighted) on every row."""
-        return torch.einsum("eni,ehi->enh", self.hidden(x, act), self.w2)
+        out = torch.einsum("eni,ehi->enh", self.hidden(x, act), self.w2)
+        return out if self.b2 is None else out + self.b2[:, None, :]
 
     def permuted(self, perms: list[torch.Tensor]) -> Experts:
         """Each expert's intermediate neurons reordered by ``perms[e]`` ``[I]`` (new j <- old
@@ -81,6 +119,10 @@ class Experts:
             self.w2.gather(2, idx[:, None, :].expand_as(self.w2)),
             self.router,
             self.bias,
+            b1=None if self.b1 is None else self.b1.gather(1, idx),
+            b3=None if self.b3 is None else self.b3.gather(1, idx),
+            b2=self.b2,
+            router_bias=self.router_bias,
         )
 
 
@@ -115,7 +157,7 @@ def mlp_forward(
     w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, act: Act
 ) -> torch.Tensor:
     """``[n, H]``: a dense gated MLP (``w1``, ``w3`` ``[I, H]``, ``w2`` ``[H, I]``) on ``x``."""
-    return (act(x @ w1.T) * (x @ w3.T)) @ w2.T
+    return act(x @ w1.T, x @ w3.T) @ w2.T
 
 
 def relative_error(y: torch.Tensor, approx: torch.Tensor) -> float:
@@ -125,9 +167,12 @@ def relative_error(y: torch.Tensor, approx: torch.Tensor) -> float:
 
 # ---- alignment ---------------------------------------------------------------------------------
 def neuron_features(experts: Experts) -> torch.Tensor:
-    """``[E, I, 3H]``: each intermediate neuron's weights (its w1 row, w3 row and w2 column),
-    unit-normalised, so that matching neurons have cosine 1."""
-    f = torch.cat([experts.w1, experts.w3, experts.w2.transpose(1, 2)], dim=-1)
+    """``[E, I, 3H]``: each intermediate neuron's weights (its w1 row, w3 row and w2 column,
+    and its w1 / w3 biases where there are), unit-normalised, so that matching neurons have
+    cosine 1."""
+    parts = [experts.w1, experts.w3, experts.w2.transpose(1, 2)]
+    parts += [b[:, :, None] for b in (experts.b1, experts.b3) if b is not None]
+    f = torch.cat(parts, dim=-1)
     return f / torch.linalg.norm(f, dim=-1, keepdim=True).clamp(min=1e-30)
 
 
@@ -161,21 +206,22 @@ def moved_fraction(perms: list[torch.Tensor]) -> float:
 def weight_spread(experts: Experts, weights: torch.Tensor) -> float:
     """``Σ_e w_e ‖W_e − W̄‖² / Σ_e w_e ‖W_e‖²`` over the concatenated w1, w3, w2 (``W̄`` the
     ``weights``-average): 0 when the experts are equal; what averaging throws away."""
-    flat = torch.cat(
-        [experts.w1.flatten(1), experts.w3.flatten(1), experts.w2.flatten(1)], dim=1
-    )  # [E, P]
+    tensors = [experts.w1, experts.w3, experts.w2, *experts._each(lambda t: t, False).values()]
+    flat = torch.cat([t.flatten(1) for t in tensors if t is not None], dim=1)  # [E, P]
     mean = weights @ flat
     num = (weights * ((flat - mean) ** 2).sum(1)).sum()
     return float(num / (weights * (flat**2).sum(1)).sum().clamp(min=1e-30))
 
 
-def average(experts: Experts, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(w1 [I, H], w3 [I, H], w2 [H, I])``: the ``weights`` ``[E]``-weighted mean expert."""
-    return (
-        torch.einsum("e,eih->ih", weights, experts.w1),
-        torch.einsum("e,eih->ih", weights, experts.w3),
-        torch.einsum("e,ehi->hi", weights, experts.w2),
-    )
+def stacked(parts: list[Experts]) -> Experts:
+    """The experts of ``parts`` as one layer, in order (every tensor concatenated)."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        ts = [getattr(p, name) for p in parts]
+        return None if ts[0] is None else torch.cat(ts)
+
+    fields = ("w1", "w3", "w2", "router", "bias", "b1", "b3", "b2", "router_bias")
+    return Experts(*(cat(f) for f in fields))  # type: ignore[arg-type]
 
 
 # ---- slice: one wide MLP of E·I neurons, sliced to I and refit ----------------------------------

@@ -82,10 +82,7 @@ def _merged(ex: Experts, members: list[int], weights: Any, align: bool, ref: int
         sub = sub.permuted(perms)
         after = cm.weight_spread(sub, weights)
         moved = cm.moved_fraction([p for j, p in enumerate(perms) if j != at])
-    w1, w3, w2 = cm.average(sub, weights)
-    bias = None if sub.bias is None else (weights @ sub.bias)[None]
-    merged = cm.Experts(w1[None], w3[None], w2[None], (weights @ sub.router)[None], bias)
-    return merged, perms, moved, before, after
+    return sub.mixed(weights), perms, moved, before, after
 
 
 @dataclass
@@ -203,7 +200,7 @@ def decide_layer(
             else:
                 y = y - (part if g is None else g * part)
         rec.tokens = int(x.shape[0])
-        probs = routing.scores(x @ ex.router.T)
+        probs = routing.scores(ex.logits(x))
         gates = ex.gates(x, routing, top_k)
         probability = probs.mean(0)
         rec.probability = probability.tolist()
@@ -234,8 +231,6 @@ def decide_layer(
 def _mean(layer: Layer, weights: torch.Tensor) -> None:
     """The dense MLP as the ``weights``-mean of all experts (aligned first with ``--align``),
     its down projection times the routed mass."""
-    from splice.surgery import collapse_math as cm
-
     ex, x, rec, dec, act = layer.ex, layer.x, layer.rec, layer.dec, layer.act
     count, align, mass = ex.count, layer.opts.align, layer.mass
     merged, perms, rec.moved, rec.spread_before, rec.spread_after = _merged(
@@ -245,14 +240,10 @@ def _mean(layer: Layer, weights: torch.Tensor) -> None:
     dec.members, dec.weights, dec.perms = [list(range(count))], [weights.tolist()], [perms]
     dec.down_scale = mass
     if x is not None:
-        w1, w3, w2 = merged.w1[0], merged.w3[0], merged.w2[0] * mass
-        rec.error = layer.error(_blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x))
+        rec.error = layer.error(_blocks(lambda b: mass * merged.outputs(b, act)[0], x))
         if align:
-            w1, w3, w2 = cm.average(ex, weights)
-            w2 = w2 * mass
-            rec.error_unaligned = layer.error(
-                _blocks(lambda b: cm.mlp_forward(w1, w3, w2, b, act), x)
-            )
+            plain = ex.mixed(weights)
+            rec.error_unaligned = layer.error(_blocks(lambda b: mass * plain.outputs(b, act)[0], x))
 
 
 def _method(
@@ -353,16 +344,11 @@ def _keep(layer: Layer, groups: Callable[[torch.Tensor, int, int], list[list[int
     routing, note = layer.routing.for_experts(chosen, out_k, layer.family)
     dec.routing, dec.note, rec.note = routing, note, note
 
-    def stack(ps: list[Experts]) -> Experts:
-        parts = [torch.cat([getattr(p, f) for p in ps]) for f in ("w1", "w3", "w2", "router")]
-        bias = None if ex.bias is None else torch.cat([p.bias for p in ps])  # type: ignore[misc]
-        return cm.Experts(*parts, bias)
-
     rec.groups = chosen
-    rec.error = layer.error(cm.moe_forward(stack(parts), x, out_k, act, routing=routing))
+    rec.error = layer.error(cm.moe_forward(cm.stacked(parts), x, out_k, act, routing=routing))
     if opts.align:
         rec.error_unaligned = layer.error(
-            cm.moe_forward(stack(unaligned), x, out_k, act, routing=routing)
+            cm.moe_forward(cm.stacked(unaligned), x, out_k, act, routing=routing)
         )
         total = sum(len(m) - 1 for m in chosen)
         rec.moved = sum(moved) / total if total else 0.0
@@ -398,7 +384,7 @@ def _naee(layer: Layer, outputs: torch.Tensor, k: int, out_k: int) -> list[int]:
     def route(keep: list[int], logits: torch.Tensor) -> torch.Tensor:
         return layer.route_kept(keep, logits, out_k)
 
-    logits = layer.xs @ layer.ex.router.T
+    logits = layer.ex.logits(layer.xs)
     kept, _ = cm.prune_experts(logits, outputs, layer.ys, k, out_k, route=route)
     return kept
 

@@ -20,8 +20,8 @@ So the routed mass ``Σ_e g_e(x)`` of a token is 1 for Mixtral, ``routed_scaling
 weights are renormalised, and a token-dependent number below 1 otherwise (Qwen/OLMoE with
 ``norm_topk_prob: false``, DeepSeek-V2 unless every expert is chosen): :meth:`Routing.constant_mass`.
 
-Families with experts packed on disk and no per-expert roles (gpt-oss, GraniteMoE) have no entry:
-collapse refuses them (``collapse.UNSUPPORTED``).
+gpt-oss adds a bias to its router's logits (``router_bias``: it moves both the choice and the
+weights) and softmaxes the top-k logits, which is the renormalised top-k.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Family:
     shared_gate: str | None = None
     width_key: str = "moe_intermediate_size"
     shared_count_key: str | None = None
+    router_bias: str | None = None  # added to the router's logits (gpt-oss)
 
     @property
     def min_per_group(self) -> int:
@@ -81,7 +82,7 @@ _QWEN_SHARED = dict(
     shared_gate="mlp.shared_expert_gate.weight",
 )
 
-#: model_type -> its router (the families whose experts are stored one per tensor)
+#: model_type -> its router
 FAMILIES: dict[str, Family] = {
     "mixtral": Family(
         router="block_sparse_moe.gate.weight", norm="always", width_key="intermediate_size"
@@ -107,6 +108,16 @@ FAMILIES: dict[str, Family] = {
         bias="mlp.moe_statics.e_score_correction_bias",
         shared="mlp.shared_experts.",
         shared_count_key="moe_num_shared_experts",
+    ),
+    # experts stored packed on disk (splice.stored), read and written per expert
+    "granitemoe": Family(
+        router="block_sparse_moe.router.layer.weight", norm="always", width_key="intermediate_size"
+    ),
+    "gpt_oss": Family(
+        router="mlp.router.weight",
+        norm="always",  # the softmax of the top-k logits: the renormalised top-k
+        width_key="intermediate_size",
+        router_bias="mlp.router.bias",
     ),
 }
 
@@ -308,7 +319,7 @@ class Shared:
         b = self.biases
         g = x @ self.gate.T + b.get("gate", 0)
         u = x @ self.up.T + b.get("up", 0)
-        return (act(g) * u) @ self.down.T + b.get("down", 0)
+        return act(g, u) @ self.down.T + b.get("down", 0)
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[n, 1]``: the sigmoid gate on each row (None without one)."""

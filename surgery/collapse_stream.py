@@ -22,16 +22,32 @@ if TYPE_CHECKING:
     from splice.surgery.collapse_routing import Family
 
 EXPERT_KINDS = ("w1", "w3", "w2")  # gate, up, down in collapse_math's notation
+#: their biases (gpt-oss), where the spec names them
+BIAS_KINDS = ("b1", "b3", "b2")
 #: the per-expert tensor names of families that call them gate/up/down_proj
-_PROJ = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}
+_PROJ = {
+    "w1": "gate_proj.weight",
+    "w3": "up_proj.weight",
+    "w2": "down_proj.weight",
+    "b1": "gate_proj.bias",
+    "b3": "up_proj.bias",
+    "b2": "down_proj.bias",
+}
 
 
 def expert_kind(ckpt: Checkpoint, kind: str) -> str:
     """The spec's expert tensor kind for ``w1`` / ``w3`` / ``w2`` (Mixtral's own names, or
-    ``gate_proj`` / ``up_proj`` / ``down_proj``)."""
+    ``gate_proj`` / ``up_proj`` / ``down_proj``) and the biases ``b1`` / ``b3`` / ``b2``."""
     ex = ckpt.arch.experts
     assert ex is not None
     return f"{kind}.weight" if f"{kind}.weight" in ex.tensors else _PROJ[kind]
+
+
+def expert_kinds(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The kinds each expert of ``ckpt`` has: weights, and biases where the spec names them."""
+    ex = ckpt.arch.experts
+    assert ex is not None
+    return EXPERT_KINDS + tuple(k for k in BIAS_KINDS if _PROJ[k] in ex.tensors)
 
 
 def expert_name(ckpt: Checkpoint, layer: int, kind: str, e: int) -> str:
@@ -61,19 +77,40 @@ def layer_experts(ckpt: Checkpoint, layer: int, family: Family) -> Experts:
         k: torch.stack(
             [ckpt.load(expert_name(ckpt, layer, k, e), dtype="float64") for e in range(count)]
         )
-        for k in EXPERT_KINDS
+        for k in expert_kinds(ckpt)
     }
     router = ckpt.load(router_name(ckpt, layer, family), dtype="float64")
-    bias = None
-    if family.bias is not None:
-        bias = ckpt.load(ckpt.arch.layer_name(layer, family.bias), dtype="float64").reshape(-1)
-    return Experts(stacked["w1"], stacked["w3"], stacked["w2"], router, bias)
+
+    def vector(kind: str | None) -> torch.Tensor | None:
+        if kind is None:
+            return None
+        return ckpt.load(ckpt.arch.layer_name(layer, kind), dtype="float64").reshape(-1)
+
+    return Experts(
+        stacked.pop("w1"), stacked.pop("w3"), stacked.pop("w2"), router, vector(family.bias),
+        router_bias=vector(family.router_bias), **stacked,
+    )  # fmt: skip
 
 
 def activation(config: dict[str, Any]) -> Any:
+    """The experts' gated unit ``glu(gate, up)`` (collapse_math's ``Act``): ``act(gate) * up``,
+    or gpt-oss's clamped form (transformers' ``GptOssExperts._apply_gate``: gate clamped above
+    and up on both sides at ``swiglu_limit``, ``gate · σ(α · gate) · (up + 1)``)."""
+    if config.get("model_type") == "gpt_oss":
+        import torch
+
+        limit = float(config.get("swiglu_limit", 7.0))
+        alpha = float(config.get("swiglu_alpha", 1.702))
+
+        def clamped(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            g = g.clamp(max=limit)
+            return g * torch.sigmoid(g * alpha) * (u.clamp(-limit, limit) + 1)
+
+        return clamped
     from transformers.activations import ACT2FN
 
-    return ACT2FN[config.get("hidden_act", "silu")]
+    act = ACT2FN[config.get("hidden_act", "silu")]
+    return lambda g, u: act(g) * u
 
 
 # ---- the layer-by-layer calibration run -----------------------------------------------------

@@ -9,8 +9,9 @@ dense layer and shared experts where the family has them (``DEFAULT``), and once
 ``VARIANTS`` entry (biases, q/k norms, DeepSeek's ``q_lora_rank=None``, no shared experts ...),
 saved by transformers and read back. transformers 5 converts its packed in-memory experts back
 to per-expert tensors on save for every family here except gpt-oss and GraniteMoE, whose files
-are packed themselves (``PACKED_ON_DISK``): those name their packed tensors as plain layer kinds
-and declare no residual roles (see their JSON), so slicing refuses them.
+are packed themselves (``PACKED_ON_DISK``): their specs describe the stored layout
+(``experts.stored``, splice.stored), splice lists per-expert views of it, and they declare no
+residual roles (see their JSON), so slicing refuses them.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _all_kinds(built: Built) -> set[str]:
     return {
         k
         for v in built.variants.values()
-        for ks in _layers(built.spec, v.names).values()
+        for ks in _layers(built.spec, set(open_checkpoint(v.path).tensors)).values()
         for k in ks
     }
 
@@ -182,20 +183,25 @@ def test_the_stored_layout(built):
     spec = built.spec
     for variant, v in built.variants.items():
         ckpt = open_checkpoint(v.path)
-        assert not ckpt.packed and set(ckpt) == v.names, variant
         per_expert = {n for n in v.names if re.search(r"\.experts\.\d+\.", n)}
+        assert spec.experts is not None, variant
         if built.family in PACKED_ON_DISK:
-            assert spec.experts is None and not per_expert, variant
+            assert not per_expert, variant
+            stored = {n for n in v.names if spec.parse(n).kind in spec.experts.stored}
+            assert stored and set(ckpt.packed) == stored, variant
+            views = set(ckpt) - v.names
+            assert set(ckpt) - views == v.names - stored, variant
+            assert all(spec.parse(n).expert is not None for n in views), variant
         else:
-            assert per_expert and spec.experts is not None, variant
+            assert not ckpt.packed and set(ckpt) == v.names, variant
+            assert per_expert, variant
 
 
 def test_experts_parse_to_their_index(built):
     spec = built.spec
-    if spec.experts is None:
-        pytest.skip(f"{built.family} stores its experts packed")
+    assert spec.experts is not None
     for variant, v in built.variants.items():
-        for name in v.names:
+        for name in open_checkpoint(v.path).tensors:
             m = re.search(r"\.experts\.(\d+)\.", name)
             t = spec.parse(name)
             if m is None:
@@ -213,7 +219,8 @@ def test_every_moe_layer_has_every_expert(built):
     for variant, v in built.variants.items():
         experts = spec.num_experts(v.config)
         assert experts == families.SMALL["num_experts"], variant
-        layers = _layers(spec, v.names)
+        names = set(open_checkpoint(v.path).tensors)  # stored experts as per-expert views
+        layers = _layers(spec, names)
         groups = {
             layer: {spec.parse(spec.layer_name(layer, k)).group for k in kinds if "{e}" not in k}
             for layer, kinds in layers.items()
@@ -232,10 +239,10 @@ def test_every_moe_layer_has_every_expert(built):
                 spec.layer_name(layer, kind, e)
                 for e in range(experts)
                 for kind in spec.experts.tensors
-                if spec.layer_name(layer, kind, e) not in v.names
+                if spec.layer_name(layer, kind, e) not in names
             ]
             assert not missing, f"{variant}: {missing[:3]}"
-            indices = {spec.parse(x).expert for x in v.names if spec.parse(x).layer == layer}
+            indices = {spec.parse(x).expert for x in names if spec.parse(x).layer == layer}
             assert indices - {None} == set(range(experts)), f"{variant}: layer {layer}"
 
 
@@ -360,11 +367,11 @@ def test_packed_experts_on_disk_are_their_first_dim(built):
     if built.family not in PACKED_ON_DISK:
         pytest.skip("experts stored one per tensor")
     spec, v = built.spec, built.default
-    packed = [k for k in spec.layer_tensors["mlp"] if not k.endswith("_bias")]
+    assert spec.experts is not None
     for layer in v.moe_layers:
-        for kind in packed:
+        for kind in spec.experts.stored:
             shape = v.shapes[spec.layer_name(layer, kind)]
-            assert len(shape) == 3 and shape[0] == spec.num_experts(v.config), kind
+            assert len(shape) in (2, 3) and shape[0] == spec.num_experts(v.config), kind
 
 
 # ---- the in-memory layout (a state dict saved as it is) -----------------------------------------
@@ -377,8 +384,8 @@ def test_the_in_memory_layout_reads_as_the_stored_one(built, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    if built.family in PACKED_ON_DISK:
-        pytest.skip("no per-expert layout to read it as")
+    if built.family == "gpt_oss":
+        pytest.skip("its in-memory names and layout are the stored ones")
     src = built.default.path
     ckpt = open_checkpoint(src)
     # the saved weights, through transformers' own conversion on load
@@ -529,7 +536,8 @@ def test_inspect_reports_the_experts(built):
     assert report["num_layers"] == v.config["num_hidden_layers"]
     assert report["num_experts"] == families.SMALL["num_experts"]
     assert report["experts_per_token"] == families.SMALL["num_experts_per_tok"]
-    assert report["packed"] == []
+    stored = sorted(built.spec.experts.stored) if built.spec.experts else []
+    assert report["packed"] == stored  # listed per expert, stored packed
     # dense and MoE layers show as separate blocks of layers
     blocks = [b["layers"] for b in report["layer_blocks"]]
     assert sorted(i for b in blocks for i in b) == list(range(v.config["num_hidden_layers"]))

@@ -1,5 +1,4 @@
-"""``splice collapse`` on every MoE family whose experts are stored one per tensor, against
-transformers' own modules: tiny models (4 layers, hidden 32, 4 experts, ``families.SMALL``) built
+"""``splice collapse`` on every MoE family, against transformers' own modules: tiny models (4 layers, hidden 32, 4 experts, ``families.SMALL``) built
 with a dense layer and shared experts where the family has them (``test_arch_moe.DEFAULT``),
 DeepSeek-V3 with two expert groups and selection biases that are not zero.
 
@@ -12,7 +11,8 @@ DeepSeek-V3 with two expert groups and selection biases that are not zero.
 - a pruned model loads, its routers are the kept experts' rows (and selection biases), its
   experts the kept ones, and its config counts them;
 - REAP's saliency equals a hand computation on transformers' own router and experts;
-- gpt-oss and GraniteMoE (experts packed on disk) are refused in one line.
+- gpt-oss and GraniteMoE, whose experts are packed on disk, read and written packed the same
+  way (gpt-oss's biased experts and router bias included; its ``slice`` refused in one line).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ ROUTING: dict[str, dict[str, Any]] = {
     "glm4_moe": dict(norm_topk_prob=True, routed_scaling_factor=1.5),
     "dots1": dict(norm_topk_prob=True),
     "ernie4_5_moe": {},  # always renormalised
+    "granitemoe": {},  # the softmax of the top-k logits
+    "gpt_oss": {},
 }
 #: the written form of a dense collapse of each family's main build, and its model type
 FORM = {
@@ -62,10 +64,14 @@ FORM = {
     "glm4_moe": ("split", "glm4_moe"),
     "dots1": ("split", "dots1"),
     "ernie4_5_moe": ("one-expert", "ernie4_5_moe"),
+    "granitemoe": ("sibling", "granite"),
+    "gpt_oss": ("one-expert", "gpt_oss"),  # no dense gpt-oss exists
 }
 #: the router and selection-bias kinds (layer-relative) of each family
 ROUTER = {f: "block_sparse_moe.gate.weight" if f == "mixtral" else "mlp.gate.weight" for f in FORM}
+ROUTER.update(granitemoe="block_sparse_moe.router.layer.weight", gpt_oss="mlp.router.weight")
 BIAS = {
+    "gpt_oss": "mlp.router.bias",  # added to the logits
     "deepseek_v3": "mlp.gate.e_score_correction_bias",
     "glm4_moe": "mlp.gate.e_score_correction_bias",
     "dots1": "mlp.gate.e_score_correction_bias",
@@ -101,18 +107,18 @@ def build(family: str, folder: Path, *, same: bool, seed: int = 0, **overrides: 
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-            if name.endswith(".gate.weight") and "shared" not in name:
+            if name.endswith((".gate.weight", ".router.weight")) and "shared" not in name:
                 p.mul_(20.0)  # a router that prefers some experts
         for layer in model.model.layers:
-            mlp = layer.mlp
+            mlp = moe_block(layer)
             if not hasattr(mlp, "experts"):
                 continue
             for name, b in [*mlp.named_buffers(), *mlp.named_parameters()]:
                 if name.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn(b.shape, generator=g))
             if same:
-                mlp.experts.gate_up_proj[:] = mlp.experts.gate_up_proj[0].clone()
-                mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
+                for p in mlp.experts.parameters():
+                    p[:] = p[0].clone()  # gpt-oss's biases too
         with fc.quiet():
             model.save_pretrained(folder)
             fc.tokenizer().save_pretrained(folder)
@@ -140,6 +146,11 @@ def fam(request, work) -> dict[str, Any]:
     }
     built["seconds"] = time.perf_counter() - start
     return built
+
+
+def moe_block(layer: Any) -> Any:
+    """A decoder layer's MLP block (GraniteMoE calls it ``block_sparse_moe``)."""
+    return layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
 
 
 def source_logits(folder: Path) -> torch.Tensor:
@@ -205,8 +216,13 @@ def test_identical_experts_collapse_to_the_same_logits(fam, method, tmp_path):
 
 def test_slice_of_identical_experts_is_exact_too(fam, tmp_path):
     """slice keeps one expert's neurons and refits the down projection to the routed experts'
-    part of the block output (shared experts taken out): exact up to the ridge."""
+    part of the block output (shared experts taken out): exact up to the ridge. gpt-oss's
+    biased experts are refused (the refit has no bias term)."""
     src = fam["same"]
+    if fam["family"] == "gpt_oss":
+        with pytest.raises(SpliceError, match=r"experts have biases.*use uniform or frequency"):
+            plan_collapse(src, method="slice", calibration=fam["text"], calib=CALIB)
+        return
     res = run(src, tmp_path / "o", method="slice", calibration=fam["text"], calib=CALIB)
     got = fc.logits(fc.load_checked(res.out))
     torch.testing.assert_close(got, source_logits(src), atol=1e-4, rtol=0)
@@ -310,8 +326,9 @@ def test_a_pruned_model_routes_only_to_the_kept_experts(fam, by, tmp_path):
         i = rec.layer
         router = f"model.layers.{i}.{ROUTER[family]}"
         torch.testing.assert_close(out_t[router], src_t[router][kept], rtol=0, atol=0)
-        mlp = model.model.layers[i].mlp  # transformers' module routes among the 2 kept experts
-        assert mlp.gate.weight.shape[0] == 2 and mlp.experts.gate_up_proj.shape[0] == 2
+        mlp = moe_block(model.model.layers[i])  # transformers' module routes among the 2 kept
+        router_module = mlp.gate if hasattr(mlp, "gate") else mlp.router
+        assert router_module.weight.shape[0] == 2 and mlp.experts.gate_up_proj.shape[0] == 2
         if family in BIAS:
             bias = f"model.layers.{i}.{BIAS[family]}"
             torch.testing.assert_close(out_t[bias], src_t[bias][..., kept], rtol=0, atol=0)
@@ -324,6 +341,11 @@ def test_a_pruned_model_routes_only_to_the_kept_experts(fam, by, tmp_path):
                     rtol=0,
                     atol=0,
                 )
+        stored = ArchSpec.load(family).experts.stored  # packed on disk: expert e is row e
+        for kind in stored:
+            name = f"model.layers.{i}.{kind}"
+            torch.testing.assert_close(out_t[name], src_t[name][kept], rtol=0, atol=0)
+        assert kinds or stored, "no expert tensor compared"
         assert not any(f".layers.{i}." in n and ".experts.2." in n for n in out_t)
         if by == "frequency":  # the 2 experts in the most tokens' top-k
             order = sorted(range(E), key=lambda e: (-rec.frequency[e], e))
@@ -386,19 +408,7 @@ def test_reap_saliency_is_the_hand_computation(tmp_path):
         assert res.report.prune_by == "reap" and "--by reap" in res.report.operation
 
 
-# ---- refusals -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
-def test_packed_families_are_refused_in_one_line(family, tmp_path):
-    if not families.known(family):
-        pytest.skip(f"transformers has no {family!r}")
-    with fc.quiet():
-        src = families.build_any(family, tmp_path / "src")
-    out = tmp_path / "o"
-    with pytest.raises(fc.Refused, match=f"'{family}' is not supported .*stored packed"):
-        fc.run_cli(["collapse", src, out, "--device", "cpu"])
-    assert not out.exists()
-
-
+# ---- the report ---------------------------------------------------------------------------------
 def test_the_report_and_the_record(fam, tmp_path):
     """The parameter counts are the files', the summary says the form, the record reads back."""
     src = fam["same"]

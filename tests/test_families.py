@@ -37,10 +37,7 @@ SLICE_REFUSED: dict[str, str] = {
 
 
 #: family -> a substring of the one-line refusal ``splice collapse`` may give for it
-COLLAPSE_REFUSED: dict[str, str] = {
-    "gpt_oss": "stored packed",
-    "granitemoe": "stored packed",
-}
+COLLAPSE_REFUSED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")

@@ -361,22 +361,23 @@ def bad_models(tmp_path_factory, models) -> dict[str, Path]:
     qwen = root / "qwen"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(qwen)
     make_tokenizer(96).save_pretrained(qwen)
-    granite = root / "granite"
+    biased = root / "gpt_oss"
     cfg = AutoConfig.for_model(
-        "granitemoe", vocab_size=96, hidden_size=H, intermediate_size=16, num_hidden_layers=1,
+        "gpt_oss", vocab_size=96, hidden_size=H, intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        head_dim=8, layer_types=["full_attention"],
     )  # fmt: skip
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(granite)
-    make_tokenizer(96).save_pretrained(granite)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(biased)
+    make_tokenizer(96).save_pretrained(biased)
     return {"dense": make_tiny(root / "dense", "mistral", layers=1), "short": short, "qwen": qwen,
-            "granite": granite}  # fmt: skip
+            "biased": biased}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("which", "extra", "message"),
     [
         ("dense", [], "is a dense model"),
-        ("granite", [], "'granitemoe' is not supported (its experts are stored packed"),
+        ("biased", ["--method", "slice", "--calibration", "TEXT"], "experts have biases"),
         ("qwen", [], "norm_topk_prob false), so a token's routed experts add up"),
         ("moe", ["--keep-experts", "5", "--calibration", "TEXT"], "has only 4 experts"),
         ("moe", ["--keep-experts", "1", "--calibration", "TEXT"], "give --top-k"),

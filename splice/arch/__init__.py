@@ -43,6 +43,7 @@ from typing import Any
 
 from splice.errors import SpliceError
 from splice.st_format import TensorInfo
+from splice.stored import StoredLayout, StoredView, layout_of
 
 SPEC_DIR = Path(__file__).parent
 GLOBAL_GROUPS = ("embed", "final_norm", "head")
@@ -82,6 +83,9 @@ class ExpertSpec:
     #: layer-relative module prefixes of the shared experts every token goes through
     #: (``mlp.shared_expert.`` in Qwen2-MoE, ``mlp.shared_experts.`` in DeepSeek)
     shared: tuple[str, ...] = ()
+    #: tensors the family stores packed on disk and nowhere else (gpt-oss, GraniteMoE): read
+    #: per expert, written packed again (:mod:`splice.stored`)
+    stored: dict[str, StoredLayout] = field(default_factory=dict)
 
 
 def _template_regex(template: str, placeholder: str) -> re.Pattern[str]:
@@ -138,6 +142,7 @@ class ArchSpec:
                 packed={k: tuple(v) for k, v in experts.get("packed", {}).items()},
                 aliases=dict(experts.get("aliases", {})),
                 shared=tuple(experts.get("shared", ())),
+                stored={k: layout_of(v) for k, v in experts.get("stored", {}).items()},
             )
             if experts
             else None,
@@ -282,6 +287,8 @@ class ArchSpec:
             e = _compiled(self.experts.prefix, "{e}").match(kind)
             if e:
                 return TensorName("experts", e.group(2), layer, int(e.group(1)))
+            if kind in self.experts.stored:  # all experts of the layer, as stored
+                return TensorName("experts", kind, layer)
         return TensorName(self._kind_groups().get(kind, "other"), kind, layer)
 
     def layer_of(self, name: str) -> int | None:
@@ -413,16 +420,19 @@ class ArchSpec:
         everything downstream (merge, analysis, convert) sees the per-expert layout.
         """
         ex = self.experts
-        if ex is None or not (ex.packed or ex.aliases):
+        if ex is None or not (ex.packed or ex.aliases or ex.stored):
             return dict(tensors)
         out: dict[str, TensorInfo] = {}
         for name, info in tensors.items():
             m = self._layer_rx.match(name)
             kind = m.group(2) if m else None
-            if m is None or (kind not in ex.packed and kind not in ex.aliases):
+            if m is None or kind not in {**ex.packed, **ex.aliases, **ex.stored}:
                 out[name] = info
                 continue
             layer = int(m.group(1))
+            if kind in ex.stored:
+                out.update(self._stored_views(name, info, layer, ex.stored[kind]))
+                continue
             if kind in ex.aliases:
                 new = self.layer_name(layer, ex.aliases[kind])
                 out[new] = replace(info, name=new)
@@ -442,6 +452,34 @@ class ArchSpec:
                     out[new] = replace(
                         info, name=new, shape=(rows, *info.shape[2:]), offset=offset, nbytes=size
                     )
+        return out
+
+    def _stored_views(
+        self, name: str, info: TensorInfo, layer: int, layout: StoredLayout
+    ) -> dict[str, TensorInfo]:
+        """The per-expert views of stored tensor ``name`` ``[E, *block]`` (splice.stored)."""
+        try:
+            if info.offset < 0 or len(info.shape) < 2:
+                raise ValueError("pickled weights" if info.offset < 0 else "no expert axis")
+            part = layout.part_shape(info.shape[1:])
+        except ValueError as e:
+            raise SpliceError(
+                f"{name}: experts stored as {list(info.shape)} cannot be split into "
+                f"{', '.join(layout.parts)} ({e})"
+            ) from None
+        n_experts, n = info.shape[0], len(layout.parts)
+        block = info.nbytes // n_experts
+        size = block // n
+        out = {}
+        for e in range(n_experts):
+            start = info.offset + e * block
+            for j, kind in enumerate(layout.parts):
+                new = self.layer_name(layer, kind, e)
+                view = StoredView(name, e, j, layout, start, block, tuple(info.shape[1:]))
+                offset = start + j * size if layout.contiguous else start
+                out[new] = replace(
+                    info, name=new, shape=part, offset=offset, nbytes=size, view=view
+                )
         return out
 
     def module_location(self, name: str) -> tuple[str, int | None, int, int]:
