@@ -53,9 +53,65 @@ class ModelSummary:
     shared_experts: list[str] = field(default_factory=list)
     globals: list[TensorRow] = field(default_factory=list)
     layer_blocks: list[LayerBlock] = field(default_factory=list)
+    #: the config's attention and MLP shape, RoPE and context (None: the config has no such
+    #: key); ``rope_theta`` is per layer type (``{"full_attention": 1e6, ...}``) where the
+    #: config's RoPE parameters are, ``rope_type`` its scaling type (``default``, ``llama3``...)
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    moe_intermediate_size: int | None = None
+    rope_theta: float | dict[str, float] | None = None
+    rope_type: str | dict[str, str] | None = None
+    max_position_embeddings: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: the config keys of each shape field: transformers' spellings, the first present is read,
+#: unless the architecture spec names the key (``config_keys``, :meth:`ArchSpec.config_key`)
+CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "num_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"),
+    "head_dim": ("head_dim",),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "moe_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "seq_length"),
+}
+
+
+def _config_field(spec: Any, cfg: dict[str, Any], role: str) -> Any:
+    """``role``'s value in ``cfg`` (:data:`CONFIG_FIELDS`), or None where the config has none."""
+    key = spec.config_key(role, cfg)
+    if key is None:
+        key = next((k for k in CONFIG_FIELDS[role] if cfg.get(k) is not None), None)
+    value = cfg.get(key) if key else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """``(theta, scaling type)`` of a config: transformers 5's ``rope_parameters`` (one dict,
+    or one per layer type), else ``rope_theta`` and ``rope_scaling`` (``rope_type`` / ``type``;
+    none: ``default``). Either is None where the config has no RoPE fields."""
+
+    def one(params: dict[str, Any], theta: Any) -> tuple[Any, Any]:
+        theta = params.get("rope_theta", theta)
+        kind = params.get("rope_type") or params.get("type")
+        return (theta if isinstance(theta, (int, float)) else None), kind
+
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        pairs = {k: one(v, cfg.get("rope_theta")) for k, v in params.items()}
+        thetas = {k: t for k, (t, _) in pairs.items() if t is not None}
+        kinds = {k: str(t) for k, (_, t) in pairs.items() if t is not None}
+        return thetas or None, kinds or None
+    if not isinstance(params, dict):
+        params = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else {}
+    theta, kind = one(params, cfg.get("rope_theta"))
+    if kind is None and theta is not None:
+        kind = "default"
+    return theta, (str(kind) if kind is not None else None)
 
 
 def summarize(ckpt: Checkpoint) -> ModelSummary:
@@ -113,6 +169,8 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         shared_experts=[p.rstrip(".") for p in shared],
         globals=globals_,
         layer_blocks=blocks,
+        **{role: _config_field(spec, cfg, role) for role in CONFIG_FIELDS},
+        **dict(zip(("rope_theta", "rope_type"), _rope(cfg), strict=True)),
     )
 
 
@@ -152,6 +210,46 @@ def _ranges(layers: list[int]) -> str:
     return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
 
+def _per_type(value: Any, show: Any = str) -> str:
+    """A value, or one per layer type: ``1e+06 (full_attention), 10000 (sliding_attention)``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{show(v)} ({k})" for k, v in value.items())
+    return show(value)
+
+
+def _shape_lines(s: ModelSummary) -> list[str]:
+    """The ``attention`` / ``mlp`` / ``position`` header lines: only what the config has."""
+    attn = [
+        f"{label} {value}"
+        for label, value in (
+            ("heads", s.num_heads),
+            ("kv heads", s.num_kv_heads),
+            ("head dim", s.head_dim),
+        )
+        if value is not None
+    ]
+    mlp = [
+        f"{label} {value}"
+        for label, value in (
+            ("intermediate", s.intermediate_size),
+            ("experts' intermediate", s.moe_intermediate_size),
+        )
+        if value is not None
+    ]
+    position = []
+    if s.rope_theta is not None:
+        position.append(f"rope theta {_per_type(s.rope_theta, lambda t: f'{t:g}')}")
+    if s.rope_type is not None:
+        position.append(f"rope type {_per_type(s.rope_type)}")
+    if s.max_position_embeddings is not None:
+        position.append(f"context {s.max_position_embeddings}")
+    lines = []
+    for head, parts in (("attention", attn), ("mlp", mlp), ("position", position)):
+        if parts:
+            lines.append(f"{head:<12} " + "   ".join(parts))
+    return lines
+
+
 def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
     """Plain-text report: header lines, then global and per-layer tensor tables."""
     from splice.dtypes import format_size
@@ -171,9 +269,12 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
         f"parameters   {_count(s.num_params)} ({dtypes}), {format_size(s.nbytes)}",
         f"files        {len(s.files)}: "
         + ", ".join(
-            f"{f['file']} ({format_size(f['nbytes'])}, {f['tensors']} tensors)" for f in s.files
+            f"{f['file']} ({format_size(f['nbytes'])}, {f['tensors']} "
+            f"{'tensor' if f['tensors'] == 1 else 'tensors'})"
+            for f in s.files
         ),
     ]
+    lines[3:3] = _shape_lines(s)  # after the layers line
     if s.dense_layers:
         lines.append(f"dense layers {_list(s.dense_layers)} (no routed experts)")
     if s.packed:

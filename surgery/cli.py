@@ -91,7 +91,8 @@ def add_upscale(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--layers",
         metavar="SPEC",
-        help="explicit half-open ranges / indices of this model, e.g. 0:24,8:32",
+        help="explicit layer list of this model: comma-separated indices and half-open ranges "
+        "A:B (B not included), in output order, repeats allowed, e.g. 0:24,8:32",
     )
     _calibration_options(p, "--yi")
     _last_layer_option(p)
@@ -110,7 +111,12 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--n", type=positive_int, metavar="N", help="number of layers to remove")
     p.add_argument("--by", choices=("angular", "influence"), help="metric (default angular)")
-    p.add_argument("--drop", metavar="LAYERS", help="remove exactly these layers, e.g. 3,4,7")
+    p.add_argument(
+        "--drop",
+        metavar="LAYERS",
+        help="remove exactly these layers: comma-separated indices and half-open ranges A:B "
+        "as upscale --layers takes them (B not included: 3:5,7 removes 3, 4 and 7)",
+    )
     _calibration_options(p, "--n")
     _last_layer_option(p)
     p.set_defaults(func=_run_prune)
@@ -145,7 +151,11 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train only the blocks up-scaling added (from the input's splice_surgery.json)",
     )
-    p.add_argument("--train-layers", metavar="LAYERS", help="train only these layers, e.g. 4,5")
+    p.add_argument(
+        "--train-layers",
+        metavar="LAYERS",
+        help="train only these layers: indices and half-open ranges A:B, e.g. 4,5 or 4:6",
+    )
     p.add_argument(
         "--lora",
         type=positive_int,

@@ -29,6 +29,7 @@ from splice.errors import SpliceError
 from splice.execute import ExecOptions, TensorTask
 from splice.layerplan import LayerPlan, LayerRef
 from splice.output import ModelPlan, write_model
+from splice.surgery import layermaps
 from splice.surgery.report import RECORD, Report, SurgeryReport
 from splice.target import Claim, claim_output
 
@@ -77,6 +78,43 @@ def layer_map_plan(
     return surgery_plan(report, ckpt, tasks, config, tags)
 
 
+def describe_layer_map(report: SurgeryReport, plan: ModelPlan) -> str:
+    """What a depth operation's dry run prints after its summary: the layer map (output layers
+    <- the source layers they copy), the counts and size, and only the tensors that are not
+    copies (LLaMA-Pro's zeroed writers), not every tensor."""
+    from splice.dtypes import format_size, nbytes
+
+    (ckpt,) = plan.models.values()
+    tasks = plan.tasks
+    in_layers = sum(ckpt.arch.layer_of(t.name) is not None for t in tasks)
+    size = sum(nbytes(t.shape, t.dtype) for t in tasks)
+    dtypes = ", ".join(sorted({t.dtype for t in tasks})) or "no dtype"
+    computed = [t for t in tasks if t.compute is not None]
+    cast = [t for t in tasks if t.compute is None and ckpt[t.sources[0].name].dtype != t.dtype]
+    changes = [
+        layermaps.plural(len(report.new_layers), "added copy", "added copies"),
+        f"{len(report.removed)} removed",
+    ]
+    changes = [c for c in changes if not c.startswith("0 ")]
+    copied = "the rest copied" if computed else "all copied"
+    if cast:
+        copied += f" ({len(cast)} cast to {dtypes})"
+    lines = [
+        f"layer map (output <- source): {layermaps.format_map(report.layers)}",
+        f"{layermaps.plural(len(report.layers), 'output layer')} from "
+        f"{layermaps.plural(report.num_layers, 'source layer')}"
+        + (f" ({', '.join(changes)})" if changes else ""),
+        f"{layermaps.plural(len(tasks), 'tensor')} to write ({in_layers} in layers, "
+        f"{len(tasks) - in_layers} outside them), {dtypes}, {format_size(size)}: "
+        + (f"{len(computed)} computed, " if computed else "")
+        + copied
+        + (":" if computed else ""),
+    ]
+    for t in computed:
+        lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
+    return "\n".join(lines)
+
+
 def surgery_plan(
     report: Report,
     ckpt: Checkpoint,
@@ -113,7 +151,10 @@ class SurgeryResult:
     out: Path | None = None
 
     def describe(self) -> str:
-        """The report and the tensor plan (``--dry-run``)."""
+        """The report and the plan (``--dry-run``): a depth operation's layer map and tensor
+        counts (:func:`describe_layer_map`), any other surgery's tensor table."""
+        if isinstance(self.report, SurgeryReport):
+            return self.report.summary() + "\n" + describe_layer_map(self.report, self.plan)
         return self.report.summary() + "\n" + self.plan.describe()
 
     def score(

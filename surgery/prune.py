@@ -6,7 +6,8 @@
   real one);
 - ``n=N, by="influence"`` (ShortGPT) — the ``N`` layers of lowest block influence
   ``1 - cos(in, out)`` (mean over all tokens), not necessarily contiguous;
-- ``drop="3,4,7"`` — exactly these layers.
+- ``drop="3,4,7"`` — exactly these layers; half-open ranges as ``upscale --layers`` takes
+  them too (``"3:5,7"`` is ``3,4,7``: :func:`~splice.surgery.layermaps.parse_ranges`).
 
 The report lists the metric of every candidate and the chosen layers. MoE models work the same
 way (a layer goes with all its experts).
@@ -92,7 +93,7 @@ def plan_prune(
     if drop is not None:
         gone = layermaps.parse_indices(drop, total)
         layermaps.without(total, gone)
-        report.operation = f"prune --drop {','.join(map(str, gone))}"
+        report.operation = f"prune --drop {layermaps.format_spec(gone)}"
     else:
         count = layermaps._whole(n, "--n")
         if count < 1:

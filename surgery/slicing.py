@@ -80,6 +80,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -222,13 +224,33 @@ class SliceResult(SurgeryResult):
         from splice.scoring import evaluate
         from splice.surgery.sliced import load_sliced
 
-        live = load_sliced(self.out, device=kwargs.get("device", "cpu"))
+        with _quiet_transformers():  # no "Loading weights" bar
+            live = load_sliced(self.out, device=kwargs.get("device", "cpu"))
         source = evaluate({"source": self.report.source}, text=text, tasks=tasks, **kwargs)
-        output = evaluate(
-            {"output": live}, text=text, tasks=tasks, tokenizer=str(self.out), **kwargs
-        )
+        # the output's tokenizer is loaded from its folder, whose config.json is of model type
+        # splice_sliced: transformers warns that it is not a tokenizer's config type
+        with _quiet_transformers():
+            output = evaluate(
+                {"output": live}, text=text, tasks=tasks, tokenizer=str(self.out), **kwargs
+            )
         self.report.scores = {**source, **output}
         return self.report.scores
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off inside, restored after (as they were)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_sparsity(sparsity: Any) -> float:

@@ -102,7 +102,7 @@ def plan_upscale(
             raise SpliceError(f"--layers: layer {bad[0]} is out of range (0-{n - 1})")
         if not report.layers:
             raise SpliceError("--layers: no layers given")
-        report.operation = f"upscale --layers {layermaps.format_ranges(report.layers)}"
+        report.operation = f"upscale --layers {layermaps.format_spec(report.layers)}"
     else:  # yi
         k = layermaps._whole(yi, "--yi")
         if not 1 <= k <= n - 2:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splice.errors import SpliceError, first_line
+from splice.errors import SpliceError, SpliceWarning, first_line
 from splice.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,14 +53,24 @@ def is_text_source(source: str | os.PathLike[str]) -> bool:
 def calibration_text(source: str | os.PathLike[str], *, include_path: str | None = None) -> str:
     """Text of a calibration source: a text file, ``lm-eval:TASK``, or a registered source such
     as the zoo's corpus: ``zoo`` (English), ``zoo:both`` (English and Zeta alternately),
-    ``zoo:zeta``. A file of a source's name is read as the file."""
+    ``zoo:zeta``. A source's name is the source even where a file or folder of that name is in
+    the current folder (``./zoo`` reads the file)."""
     src = str(source)
     if src.startswith("lm-eval:"):
         text = _lm_eval_text(src.removeprefix("lm-eval:"), include_path)
-    elif not Path(src).exists() and (named := text_source(src)) is not None:
+    elif isinstance(source, str) and (named := text_source(src)) is not None:
+        if Path(src).exists():
+            warnings.warn(
+                f"{src}: read as the calibration source {src!r}, not the file or folder of that "
+                f"name here (give ./{src} for that)",
+                SpliceWarning,
+                stacklevel=2,
+            )
         text = named()
     else:
         path = Path(src)
+        if path.is_dir():
+            raise SpliceError(f"{src}: a folder, not a calibration text file")
         if not path.is_file():
             raise SpliceError(
                 f"{src}: no such calibration file (give a text file, lm-eval:TASK or zoo)"
