@@ -115,8 +115,11 @@ class CollapseReport(Recorded):
 
         out = []
         for r in self.layers:
-            probs = " ".join(f"{p:.2f}" for p in r.probability) if r.probability else "-"
-            line = f"    layer {r.layer:<3} error {f(r.error)}  p(expert) [{probs}]"
+            line = ""
+            if r.error is not None:
+                line += f"  error {f(r.error)}"
+            if r.probability:
+                line += "  p(expert) [" + " ".join(f"{p:.2f}" for p in r.probability) + "]"
             if r.error_unaligned is not None:
                 line += f"  unaligned {f(r.error_unaligned)}"
             if r.error_before_refit is not None:
@@ -133,7 +136,14 @@ class CollapseReport(Recorded):
                 line += f"  mass {r.mass:.4f}"
             if r.shared_gate_mean is not None:
                 line += f"  shared gate ~ {r.shared_gate_mean:.4f} (costs {f(r.shared_gate_error)})"
-            out.append(line)
+            if line:
+                out.append(f"    layer {r.layer:<3}{line}")
+        if self.layers and not out:  # nothing measured: weights alone
+            n = len(self.layers)
+            out.append(
+                f"    {n} MoE layer{'s' if n != 1 else ''} collapsed from the weights alone "
+                "(--calibration FILE measures each layer's error)"
+            )
         return out
 
     def _params(self) -> str:

@@ -469,3 +469,11 @@ def test_upcycled_experts_keep_their_neurons(models, tmp_path):
                    calibration=models["text"], calib=CALIB)  # fmt: skip
     assert all(r.moved == 0.0 and r.error < 0.05 for r in res.report.layers)
     torch.testing.assert_close(logits(res.out), logits(dense), atol=0.05, rtol=0)
+
+
+def test_a_summary_without_calibration_shows_no_empty_rows(models):
+    """uniform without calibration measures nothing per layer: one line says so, instead of
+    a row of dashes per layer."""
+    text = plan_collapse(models["random"], method="uniform").report.summary()
+    assert "error -" not in text and "[-]" not in text
+    assert "MoE layer" in text and "collapsed from the weights alone" in text
