@@ -1,6 +1,9 @@
 """Experts vs dense: every expert of every layer of a MoE against the dense model's MLP at the
-same layer (via ``ArchSpec.dense_kind``), and expert vs expert within each layer. Holds one
-layer's experts of one kind at a time."""
+same layer (via ``ArchSpec.dense_kind``), expert vs expert within each layer, and each routed
+expert vs the layer's shared experts where the family has them (Qwen2-MoE, DeepSeek, GLM-4-MoE,
+ERNIE ...: kept apart from the routed experts, compared where their tensors have the experts'
+shape, e.g. DeepSeek-V3's one shared expert). Holds one layer's experts of one kind at a
+time."""
 
 from __future__ import annotations
 
@@ -83,6 +86,33 @@ def _dense_names(
     return out
 
 
+def _shared_names(
+    ckpt: Checkpoint, experts: dict[tuple[int, str], dict[int, str]]
+) -> tuple[dict[tuple[int, str], str], list[str]]:
+    """``({(layer, expert kind): shared expert tensor}, skipped)``: the layer's shared-expert
+    tensor of the same kind and shape (the spec's ``experts.shared`` prefixes); ``skipped``
+    says which exist with another shape (a wider shared MLP: not comparable tensor to tensor)."""
+    spec = ckpt.arch
+    prefixes = spec.experts.shared if spec.experts is not None else ()
+    out: dict[tuple[int, str], str] = {}
+    skipped: list[str] = []
+    for (layer, kind), names in experts.items():
+        shape = ckpt.tensors[next(iter(names.values()))].shape
+        for prefix in prefixes:
+            name = spec.layer_name(layer, prefix + kind)
+            if name not in ckpt.tensors:
+                continue
+            if ckpt.tensors[name].shape == shape:
+                out[(layer, kind)] = name
+            elif layer == min(i for i, _ in experts):
+                skipped.append(
+                    f"{prefix + kind} {list(ckpt.tensors[name].shape)} vs the experts' "
+                    f"{list(shape)}"
+                )
+            break
+    return out, skipped
+
+
 def _has_experts(ckpt: Checkpoint) -> bool:
     return any(ckpt.arch.parse(n).expert is not None for n in ckpt.tensors)
 
@@ -104,7 +134,10 @@ def compare_experts(
     ``value``, ``baseline_gaussian`` (expert vs a Gaussian of its shape and norm) and
     ``baseline_other_layer`` (expert vs the dense MLP half the depth away). Records with
     ``against="experts"`` hold each expert's mean metric to the other experts of its layer.
-    Matrices: ``"{kind}/{metric}"`` layers × experts vs dense (panels), and
+    Records with ``against="shared"`` compare each routed expert with its layer's shared
+    experts, with the Gaussian baseline (where their tensors have the experts' shape; ``meta["shared_skipped"]`` names the
+    ones that do not). Matrices: ``"{kind}/{metric}"`` layers × experts vs dense (panels),
+    ``"{kind}/{metric}/shared"`` layers × experts vs the shared experts (panels), and
     ``"L{i}/{kind}/{metric}"`` experts × experts per layer (data; their mean over layers as
     ``"{kind}/{metric}/experts"``). ``threads``: CPU threads for every tensor (None: one below
     ``splice.threads.SMALL_NUMEL`` elements, torch's setting above).
@@ -115,6 +148,7 @@ def compare_experts(
     experts = _expert_names(cm)
     cd = open_model(dense, allow_pickle) if dense is not None else None
     dense_names = _dense_names(cm, cd, experts) if cd is not None else {}
+    shared_names, shared_skipped = _shared_names(cm, experts)
     timer = Timer()
     base = Baseline(device=device) if baselines else None
     records: list[dict[str, Any]] = []
@@ -166,6 +200,27 @@ def compare_experts(
                         }
                     )
             del dt, other
+        if (layer, kind) in shared_names:
+            sname = shared_names[(layer, kind)]
+            st = load_finite(cm, sname, device)
+            for e, t in zip(ids, tensors, strict=True):
+                vals = metric_values(applicable, t, st, base, timer, dense_cache, ("", sname),
+                                     threads)  # fmt: skip
+                for metric, (value, gauss) in vals.items():
+                    records.append(
+                        {
+                            "layer": layer,
+                            "expert": e,
+                            "kind": kind,
+                            "dense_kind": cm.arch.parse(sname).kind,
+                            "against": "shared",
+                            "metric": metric,
+                            "value": value,
+                            "baseline_gaussian": gauss,
+                            "baseline_other_layer": None,
+                        }
+                    )
+            del st
         for m in applicable:
             values, gauss = pairwise(m, tensors, base, timer, threads=threads)
             labels = [f"e{e}" for e in ids]
@@ -203,7 +258,13 @@ def compare_experts(
         records,
         matrices,
         meta=report_meta(
-            ms, device, start, timer, num_experts=max(len(v) for v in experts.values())
+            ms,
+            device,
+            start,
+            timer,
+            num_experts=max(len(v) for v in experts.values()),
+            shared_compared=bool(shared_names),
+            shared_skipped=shared_skipped,
         ),
     )
 
@@ -218,23 +279,25 @@ def _expert_panels(
     out: dict[str, SimilarityMatrix] = {}
     for kind, layers in layers_of_kind.items():
         for m in ms:
-            rs = [
-                r
-                for r in records
-                if r["kind"] == kind and r["metric"] == m.name and r["against"] == "dense"
-            ]
-            if rs:
+            for against, suffix, what in (("dense", "", "dense"), ("shared", "/shared", "shared")):
+                rs = [
+                    r
+                    for r in records
+                    if r["kind"] == kind and r["metric"] == m.name and r["against"] == against
+                ]
+                if not rs:
+                    continue
+                rows = sorted({r["layer"] for r in rs})
                 experts = sorted({r["expert"] for r in rs})
-                values = np.full((len(layers), len(experts)), np.nan)
+                values = np.full((len(rows), len(experts)), np.nan)
                 for r in rs:
-                    values[layers.index(r["layer"]), experts.index(r["expert"])] = r["value"]
+                    values[rows.index(r["layer"]), experts.index(r["expert"])] = r["value"]
                 gauss = [r["baseline_gaussian"] for r in rs if r["baseline_gaussian"] is not None]
-                dense_kind = short(rs[0]["dense_kind"])
-                out[f"{short(kind)}/{m.name}"] = SimilarityMatrix(
-                    f"{short(kind)} vs dense {dense_kind}: {m.name}",
+                out[f"{short(kind)}/{m.name}{suffix}"] = SimilarityMatrix(
+                    f"{short(kind)} vs {what} {short(rs[0]['dense_kind'])}: {m.name}",
                     m.name,
                     values,
-                    [str(i) for i in layers],
+                    [str(i) for i in rows],
                     [f"e{e}" for e in experts],
                     "layer",
                     "expert",

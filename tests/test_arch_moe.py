@@ -544,3 +544,45 @@ def test_inspect_reports_the_experts(built):
     moe = set(v.moe_layers)
     for b in blocks:
         assert len({i in moe for i in b}) == 1, blocks
+
+
+# ---- analyze experts ----------------------------------------------------------------------------
+def test_analyze_experts_keeps_shared_experts_apart(built):
+    """``analyze experts`` on every family: the routed experts of every MoE layer are compared
+    with each other (the shared experts are not among them), and with the layer's shared
+    experts where those have the experts' shape (the cosine checked by hand); a shared expert
+    of another width is named as skipped."""
+    import torch
+
+    from splice.analysis.experts import compare_experts
+
+    spec, v = built.spec, built.default
+    assert spec.experts is not None
+    rep = compare_experts(v.path, metrics=["cosine"], baselines=False)
+    routed = [r for r in rep.records if r["against"] == "experts"]
+    assert {r["layer"] for r in routed} == set(v.moe_layers)
+    assert {r["expert"] for r in routed} == set(range(families.SMALL["num_experts"]))
+    assert {r["kind"] for r in routed} <= set(spec.experts.tensors)
+    ckpt = open_checkpoint(v.path)
+    shared = [r for r in rep.records if r["against"] == "shared"]
+    for r in shared:
+        a = ckpt.load(spec.layer_name(r["layer"], r["kind"], r["expert"]), dtype="float64")
+        b = ckpt.load(spec.layer_name(r["layer"], r["dense_kind"]), dtype="float64")
+        want = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        assert r["value"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    prefixes = spec.experts.shared
+    has_shared = bool(prefixes) and any(
+        spec.parse(n).kind.startswith(prefixes) for n in ckpt.tensors if spec.parse(n).layer
+    )
+    assert bool(shared or rep.meta["shared_skipped"]) == has_shared, rep.meta["shared_skipped"]
+    if shared:
+        assert any(k.endswith("/shared") for k in rep.matrices)
+
+
+def test_a_wider_shared_expert_is_named_not_compared(tmp_path):
+    from splice.analysis.experts import compare_experts
+
+    src = families.build("qwen2_moe", tmp_path / "m", shared_expert_intermediate_size=24)
+    rep = compare_experts(src, metrics=["cosine"], baselines=False)
+    assert not [r for r in rep.records if r["against"] == "shared"]
+    assert any("shared_expert.gate_proj.weight [24, 32]" in s for s in rep.meta["shared_skipped"])
