@@ -50,6 +50,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from splice.errors import SpliceError
+from splice.paths import resolve_path
 
 #: merge methods a parameter-space genome can drive, and the genes each takes per source
 METHOD_GENES: dict[str, tuple[str, ...]] = {
@@ -301,9 +302,9 @@ class EvolveConfig(_Frozen):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> EvolveConfig:
         """Read a config file (plain YAML data only); relative model, tokenizer, tasks_dir and
-        zoo paths are taken relative to the file's folder when they exist there (else to the
-        current folder), and made absolute, so a run folder's config names the same models
-        from anywhere."""
+        zoo paths are resolved as :mod:`splice.paths` says (from the current folder when they
+        exist there, else from the file's folder) and made absolute, so a run folder's config
+        names the same models from anywhere."""
         p = Path(path)
         if not p.is_file():
             raise SpliceError(f"{path}: no such config file")
@@ -324,25 +325,28 @@ class EvolveConfig(_Frozen):
             config = cls.model_validate(data)
         except ValidationError as e:
             raise SpliceError(_format(e, what)) from None
-        return config.with_paths(base_dir) if base_dir is not None else config
+        return config.with_paths(base_dir, what=what) if base_dir is not None else config
 
-    def with_paths(self, base_dir: Path) -> EvolveConfig:
-        """Relative paths that exist under ``base_dir`` made absolute."""
+    def with_paths(self, base_dir: Path, *, what: str = "config") -> EvolveConfig:
+        """Relative paths resolved as :func:`splice.paths.resolve_path` says (from the current
+        folder, else ``base_dir``: the config file's) and made absolute; hub ids unchanged."""
 
         def near(ref: str | None) -> str | None:
-            if ref is None or os.path.isabs(ref):
-                return ref
-            candidate = base_dir / ref
-            if candidate.exists():
-                return str(candidate.resolve())
-            return os.path.abspath(ref) if os.path.exists(ref) else ref  # else a hub id
+            if ref is None:
+                return None
+            found = resolve_path(ref, base_dir, what=what)
+            return os.path.abspath(found) if os.path.exists(found) else found  # else a hub id
 
         g = self.genome
         genome = g.model_copy(
             update={
                 "models": [near(m) for m in g.models],
                 "base_model": near(g.base_model),
-                "tokenizer_source": near(g.tokenizer_source),
+                "tokenizer_source": (
+                    g.tokenizer_source
+                    if g.tokenizer_source in ("base", "union")  # keywords, not paths
+                    else near(g.tokenizer_source)
+                ),
             }
         )
         return self.model_copy(

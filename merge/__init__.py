@@ -5,8 +5,9 @@ run("recipe.yml", "out/")                    # streams to a checkpoint folder
 merge_into(model, recipe, models)            # writes into a live nn.Module
 
 Modules: ``recipe`` (the schema), ``params`` (resolving a setting for one tensor), ``planner``
-(recipe -> MergePlan), ``runner`` (run / plan / merge_into / multi-document recipes), ``moe``,
-``vocab``, ``chat_template``, ``methods``. A module path always names the module: the functions
+(recipe -> MergePlan), ``runner`` (run / plan / merge_into / multi-document recipes),
+``dry_run`` (a plan's resolved parameters per tensor and by layer range), ``moe``, ``vocab``,
+``chat_template``, ``methods``. A module path always names the module: the functions
 ``run`` and ``plan`` live in ``runner``.
 """
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from splice.cli import add_compute_options, add_model_options, add_output_options, positive_int
+from splice.cli import (
+    add_compute_options,
+    add_json_option,
+    add_model_options,
+    add_output_options,
+    positive_int,
+)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +40,17 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-crimes", action="store_true", help="merge models of different architectures"
     )
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan only: its tensors, then the resolved parameters (t, "
+        "weight, density, ...) by layer range and tensor group",
+    )
+    add_json_option(
+        p,
+        "with --dry-run: print every tensor's resolved parameters as JSON; after a merge, "
+        'the same with "out"',
+    )
     p.add_argument(
         "--keep-intermediates",
         metavar="DIR",
@@ -47,8 +63,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    from splice.cli import print_json
     from splice.errors import SpliceError
-    from splice.merge.runner import MergeOptions, describe, run
+    from splice.merge.runner import MergeOptions, describe, describe_json, run
 
     opts = MergeOptions(  # checks the options before the recipe is read
         device=args.device,
@@ -65,11 +82,19 @@ def run_cli(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
     )
     keep = args.keep_intermediates
+    if args.dry_run and args.json:
+        print_json(describe_json(args.recipe, opts, keep_intermediates=keep))
+        return
     if args.dry_run:
         print(describe(args.recipe, opts, keep_intermediates=keep))
         return
     if not args.out:
         raise SpliceError("give an output folder OUT (or --dry-run)")
+    if args.json:  # planned before the merge: a recipe that cannot run fails first
+        data = describe_json(args.recipe, opts, keep_intermediates=keep)
+        out = run(args.recipe, args.out, opts, keep_intermediates=keep)
+        print_json({"out": str(out), **data})
+        return
     print(f"wrote {run(args.recipe, args.out, opts, keep_intermediates=keep)}")
 
 

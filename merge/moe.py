@@ -410,6 +410,7 @@ def plan_moe(
         tokenizer_from=base_key,
         removed=removed,
         warnings=warns,
+        seed=seed,
     )
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from splice.errors import SpliceError
 from splice.merge.recipe import Recipe
-from splice.merge.recipe_text import near, one_mapping, source_text, yaml_documents
+from splice.merge.recipe_text import one_mapping, source_text, yaml_documents
+from splice.paths import resolve_path
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _RESERVED = ("base", "union")  # tokenizer_source keywords
@@ -51,7 +52,8 @@ class MultiRecipe:
     """
 
     stages: tuple[Stage, ...]
-    base_dir: Path | None = None
+    base_dir: Path | None = None  # the recipe file's folder, for relative paths
+    what: str = "recipe"
 
     @property
     def final(self) -> Stage:
@@ -63,20 +65,24 @@ class MultiRecipe:
 
     def resolved(self, stage: Stage, outputs: Mapping[str, str | os.PathLike[str]]) -> Recipe:
         """``stage``'s recipe with the documents it uses replaced by their ``outputs`` (folders,
-        made absolute) and relative paths resolved against the recipe file's folder."""
+        made absolute) and relative paths resolved as :mod:`splice.paths` says (from the
+        current folder, else the recipe file's)."""
         missing = [n for n in stage.uses if n not in outputs]
         if missing:
             raise SpliceError(f"{stage.label}: no output for {missing[0]!r} yet")
         done = {n: os.path.abspath(outputs[n]) for n in stage.uses}
-        recipe = stage.recipe.map_models(lambda ref: done.get(ref, ref))
-        return recipe.with_paths(self.base_dir) if self.base_dir else recipe
+        return stage.recipe.map_models(lambda ref: done.get(ref) or self.path(ref))
+
+    def path(self, ref: str) -> str:
+        """A model reference that is no document's name, resolved (:mod:`splice.paths`)."""
+        return resolve_path(ref, self.base_dir, what=self.what)
 
     def external_models(self) -> list[str]:
         """The models the documents name that are no document's output, in file order
         (relative paths resolved as in :meth:`resolved`)."""
         names = {s.name for s in self.stages}
         refs = [
-            ref if self.base_dir is None else near(ref, self.base_dir)
+            self.path(ref)
             for s in sorted(self.stages, key=lambda s: s.index)
             for ref in s.recipe.referenced_models()
             if ref not in names
@@ -97,7 +103,8 @@ def read_recipe(source: str | os.PathLike[str]) -> Recipe | MultiRecipe:
     text, base_dir, what = source_text(source)
     docs = yaml_documents(text, what)
     if len(docs) <= 1:
-        return Recipe.from_dict(one_mapping(docs, what), base_dir=base_dir)
+        recipe = Recipe.from_dict(one_mapping(docs, what))
+        return recipe.with_paths(base_dir, what=what) if base_dir else recipe
     return _multi(docs, what, base_dir)
 
 
@@ -164,7 +171,9 @@ def _multi(docs: list[Any], what: str, base_dir: Path | None) -> MultiRecipe:
             "it, or merge it on its own"
         )
     order.remove(final)  # nothing uses the final merge: it can go last
-    return MultiRecipe((*order, final), base_dir)
+    multi = MultiRecipe((*order, final), base_dir, what)
+    multi.external_models()  # a relative path found nowhere is an error now, not mid-run
+    return multi
 
 
 def _cycle(stages: list[Stage]) -> str:

@@ -43,6 +43,8 @@ class MergePlan(ModelPlan):
     recipe: Recipe
     warnings: list[str] = field(default_factory=list)
     chat_template: str | None = None
+    #: the seed of stochastic methods' per-tensor generators (``tensor_seed(seed, name)``)
+    seed: int = 0
 
     def describe(self) -> str:
         """A readable table of the plan (``splice merge --dry-run``)."""
@@ -508,6 +510,7 @@ def plan_merge(
         tokenizer_from=tokenizer_from,
         files=files,
         warnings=ignored,
+        seed=ctx.seed,
     )
 
 

@@ -37,7 +37,8 @@ from pydantic import (
 )
 
 from splice.errors import SpliceError
-from splice.merge.recipe_text import format_errors, near, one_mapping, source_text, yaml_documents
+from splice.merge.recipe_text import format_errors, one_mapping, source_text, yaml_documents
+from splice.paths import resolve_path
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 - pydantic needs the runtime union
 ScalarOrGradient = Union[Scalar, list[Scalar]]  # noqa: UP007
@@ -356,26 +357,28 @@ class Recipe(_Strict):
                 f"{what} holds {len(docs)} YAML documents (a mergekit-multi recipe); "
                 "`splice merge` runs it (splice.merge.runner, or read_recipe to load it)"
             )
-        return cls.from_dict(one_mapping(docs, what), base_dir=base_dir)
+        recipe = cls.from_dict(one_mapping(docs, what))
+        return recipe.with_paths(base_dir, what=what) if base_dir else recipe
 
     @classmethod
     def from_dict(
         cls, data: dict[str, Any], base_dir: Path | None = None, *, what: str = "recipe"
     ) -> Recipe:
         """Validate a recipe dict; ``SpliceError`` with one line per problem (each line starts
-        with ``what``)."""
+        with ``what``). ``base_dir``: the folder of the file it was read from, for relative
+        model paths (:mod:`splice.paths`)."""
         if not isinstance(data, dict):
             raise SpliceError(f"{what} must be a mapping, not {type(data).__name__}")
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:
             raise SpliceError(format_errors(e, what)) from None
-        return recipe.with_paths(base_dir) if base_dir else recipe
+        return recipe.with_paths(base_dir, what=what) if base_dir else recipe
 
-    def with_paths(self, base_dir: Path) -> Recipe:
-        """Resolve relative model paths that do not exist from the CWD against ``base_dir``."""
-
-        return self.map_models(lambda ref: near(ref, base_dir))
+    def with_paths(self, base_dir: Path, *, what: str = "recipe") -> Recipe:
+        """Relative model paths resolved as :func:`splice.paths.resolve_path` says: from the
+        current folder when they exist there, else from ``base_dir`` (the recipe's folder)."""
+        return self.map_models(lambda ref: resolve_path(ref, base_dir, what=what))
 
     def map_models(self, fn: Callable[[str], str]) -> Recipe:
         """The recipe with every model reference ``ref`` replaced by ``fn(ref)`` (the

@@ -1,6 +1,6 @@
 """Recipe text: a file or a YAML string read as plain data (``yaml.SafeLoader``, a key given
-twice refused, tags refused), paths taken relative to the recipe's folder, and the schema's
-validation errors as one line each. The schema itself is ``splice.merge.recipe``.
+twice refused, tags refused), and the schema's validation errors as one line each. The schema
+itself is ``splice.merge.recipe``; relative paths follow :mod:`splice.paths`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ import yaml
 from pydantic import ValidationError
 
 from splice.errors import SpliceError
-
-
-def near(ref: str, base_dir: Path) -> str:
-    """``ref``, or ``base_dir / ref`` when only that exists (a path relative to the recipe)."""
-    if os.path.exists(ref) or os.path.isabs(ref):
-        return ref
-    candidate = base_dir / ref
-    return str(candidate) if candidate.exists() else ref
 
 
 def read_text(path: Path) -> str:

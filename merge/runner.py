@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splice.arch import ArchSpec
 from splice.card import model_card
@@ -245,30 +245,77 @@ def describe(
     *,
     keep_intermediates: str | os.PathLike[str] | None = None,
 ) -> str:
-    """The plan as text (``splice merge --dry-run``); for a multi-document recipe, each
-    document in run order with its output, and the plans of those that read no intermediate
-    (the others are planned when they run)."""
+    """The plan as text (``splice merge --dry-run``): its tensors, then the resolved parameters
+    by layer range and tensor group (:mod:`splice.merge.dry_run`); for a multi-document recipe,
+    each document in run order with its output, and the plans of those that read no
+    intermediate (the others are planned when they run)."""
+    from splice.merge.dry_run import describe as describe_plan
+
     loaded = load_recipes(recipe)
     if isinstance(loaded, Recipe):
         if keep_intermediates is not None:
             raise SpliceError(NOTHING_TO_KEEP)
-        return plan(loaded, options).describe()
-    _precheck(loaded, options or MergeOptions())
+        return describe_plan(plan(loaded, options))
     lines = [f"{len(loaded.stages)} documents (mergekit-multi), in run order:"]
-    for stage in loaded.stages:
-        if stage is loaded.final:
+    for stage, where, p in _dry_stages(loaded, options, keep_intermediates):
+        lines.append(f"{stage.label} -> {where}")
+        if p is None:
+            lines.append(f"  uses {', '.join(stage.uses)}: planned when it runs")
+        else:
+            lines += ["  " + line for line in describe_plan(p).splitlines()]
+    return "\n".join(lines)
+
+
+def describe_json(
+    recipe: RecipeLike | MultiRecipe,
+    options: MergeOptions | None = None,
+    *,
+    keep_intermediates: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`describe` as data (``splice merge --dry-run --json``): every tensor's resolved
+    parameters and the table's rows (:func:`splice.merge.dry_run.plan_json`); for a
+    multi-document recipe, ``documents`` in run order, each with ``plan`` (``None`` for those
+    planned when they run)."""
+    from splice.merge.dry_run import plan_json
+
+    loaded = load_recipes(recipe)
+    if isinstance(loaded, Recipe):
+        if keep_intermediates is not None:
+            raise SpliceError(NOTHING_TO_KEEP)
+        return plan_json(plan(loaded, options))
+    return {
+        "documents": [
+            {
+                "document": stage.index,
+                "name": stage.name,
+                "output": where,
+                "uses": list(stage.uses),
+                "plan": None if p is None else plan_json(p),
+            }
+            for stage, where, p in _dry_stages(loaded, options, keep_intermediates)
+        ]
+    }
+
+
+def _dry_stages(
+    multi: MultiRecipe,
+    options: MergeOptions | None,
+    keep_intermediates: str | os.PathLike[str] | None,
+) -> list[tuple[Stage, str, MergePlan | None]]:
+    """Each document in run order: where it is written, and its plan when it reads no
+    intermediate (after :func:`_precheck` of them all)."""
+    _precheck(multi, options or MergeOptions())
+    out = []
+    for stage in multi.stages:
+        if stage is multi.final:
             where = "OUT"
         elif keep_intermediates is not None:
             where = str(Path(keep_intermediates) / str(stage.name))
         else:
             where = f"a temporary folder beside OUT ({stage.name})"
-        lines.append(f"{stage.label} -> {where}")
-        if stage.uses:
-            lines.append(f"  uses {', '.join(stage.uses)}: planned when it runs")
-        else:
-            text = plan(loaded.resolved(stage, {}), options).describe()
-            lines += ["  " + line for line in text.splitlines()]
-    return "\n".join(lines)
+        p = None if stage.uses else plan(multi.resolved(stage, {}), options)
+        out.append((stage, where, p))
+    return out
 
 
 def merge_into(
