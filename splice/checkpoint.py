@@ -84,7 +84,16 @@ class Checkpoint(Mapping[str, TensorInfo]):
         )
         #: stored tensors that are listed through views instead (empty for most checkpoints)
         self.packed: list[str] = [n for n in stored if n not in self.tensors]
-        self._stored = {n: stored[n] for n in self.packed}
+        #: the multi-token-prediction layers stored after the decoder layers (DeepSeek-V3,
+        #: GLM-4.5): not part of ``tensors`` (no verb plans them), carried to every output
+        #: renumbered after its last layer (:mod:`splice.mtp`)
+        self.mtp: dict[str, TensorInfo] = {}
+        if known:
+            spec = ArchSpec.load(model_type)
+            mtp = spec.mtp_layers(config)
+            self.mtp = {n: i for n, i in self.tensors.items() if spec.layer_of(n) in mtp}
+            self.tensors = {n: i for n, i in self.tensors.items() if n not in self.mtp}
+        self._stored = {n: stored[n] for n in self.packed} | self.mtp
         #: name -> metadata of every tensor as the files hold it (packed experts unsplit)
         self.stored_tensors: dict[str, TensorInfo] = stored
 
@@ -169,7 +178,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
         return name in self.tensors
 
     def stored_info(self, name: str) -> TensorInfo:
-        """A tensor as stored, listed or not: one of :attr:`packed`, or any listed tensor."""
+        """A tensor as stored, listed or not: one of :attr:`packed` or :attr:`mtp`, or any listed
+        tensor."""
         return self._stored[name] if name in self._stored else self[name]
 
     def __len__(self) -> int:

@@ -48,6 +48,11 @@ class ModelSummary:
     params_by_dtype: dict[str, int]
     files: list[dict[str, Any]]
     packed: list[str] = field(default_factory=list)  # stored kinds listed as per-expert views
+    #: where experts are stored packed: whether outputs store them packed again (splice.stored)
+    packed_written: bool = False
+    #: multi-token-prediction layers after the decoder layers (not in ``num_params``)
+    mtp_layers: list[int] = field(default_factory=list)
+    mtp_params: int = 0
     #: MoE models: layers without routed experts, and each shared expert's module prefix
     dense_layers: list[int] = field(default_factory=list)
     shared_experts: list[str] = field(default_factory=list)
@@ -165,6 +170,9 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         params_by_dtype=dict(by_dtype),
         files=list(files.values()),
         packed=sorted({spec.parse(n).kind for n in ckpt.packed}),
+        packed_written=bool(spec.experts and spec.experts.stored),
+        mtp_layers=list(spec.mtp_layers(cfg)) if ckpt.mtp else [],
+        mtp_params=sum(i.numel for i in ckpt.mtp.values()),
         dense_layers=[i for i in sorted(per_layer) if i not in with_experts] if moe else [],
         shared_experts=[p.rstrip(".") for p in shared],
         globals=globals_,
@@ -280,7 +288,15 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
     if s.packed:
         lines.append(
             f"storage      experts packed ({', '.join(s.packed)}), listed below per expert; "
-            "outputs use the per-expert layout"
+            + ("outputs store them packed again" if s.packed_written else
+               "outputs use the per-expert layout")
+        )  # fmt: skip
+    if s.mtp_layers:
+        n = len(s.mtp_layers)
+        lines.append(
+            f"mtp          {n} multi-token-prediction layer{'s' if n != 1 else ''} "
+            f"({_list(s.mtp_layers)}, {s.mtp_params:,} parameters, not counted above): carried "
+            "after the last layer by every verb but collapse and slice"
         )
     lines.append("")
     width = max(

@@ -70,8 +70,12 @@ def check_nothing_lost(plan: ModelPlan) -> None:
 
 def check_plan(plan: ModelPlan, *, verify: bool = True) -> ModelPlan:
     """Both promises for a planned model; ``verify=False`` (``--no-verify``) skips the second.
-    Returns the plan as it is written: experts the output's family stores packed, packed
+    Returns the plan as it is written: the multi-token-prediction layers carried
+    (:func:`splice.mtp.carry_mtp`), experts the output's family stores packed, packed
     (:func:`stored_plan`)."""
+    from splice.mtp import carry_mtp
+
+    plan = carry_mtp(plan)
     check_nothing_lost(plan)
     plan = stored_plan(plan)
     if verify:
@@ -103,10 +107,13 @@ def loadable_view(plan: ModelPlan) -> tuple[dict, dict[str, tuple[tuple[int, ...
     """The config and tensors transformers will see: a per-layer sliced model
     (``splice_sliced``) is its source family at the new width, less the shortcut matrices
     :func:`splice.surgery.sliced.load_sliced` adds to its layers."""
+    from splice.mtp import mtp_names
     from splice.sliced_check import SLICED_TYPE
 
     config = dict(plan.config)
     tensors = {t.name: (t.shape, t.dtype) for t in plan.tasks}
+    for name in mtp_names(config, list(tensors)):  # transformers does not use them
+        del tensors[name]
     if config.get("model_type") == SLICED_TYPE:
         config["model_type"] = config.get("sliced_from")
         config.pop("auto_map", None)

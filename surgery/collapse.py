@@ -99,6 +99,7 @@ from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
 from splice.limits import check_number
+from splice.mtp import removed_mtp
 from splice.scratch import scratch_folder
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
@@ -931,6 +932,12 @@ def plan_collapse(
         for n, t in parsed.items()
         if t.layer in decisions and (t.group in ("experts", "router") or t.kind in gates)
     }
+    if ckpt.mtp:  # its MoE would need the same collapse, with no calibration rows to fit
+        removed.update(removed_mtp(ckpt, "multi-token prediction: not collapsed"))
+        report.notes.append(
+            f"the {len(ckpt.arch.mtp_layers(ckpt.config))} multi-token-prediction layer(s) left "
+            "out (num_nextn_predict_layers 0): their experts are not collapsed"
+        )
     report.params_before = _params(ckpt)
     report.params_after = sum(prod(t.shape) for t in tasks)
     plan = surgery_plan(report, ckpt, tasks, config, ("collapse", report.method), removed)

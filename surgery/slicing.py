@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from splice.checkpoint import open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
+from splice.mtp import removed_mtp
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
@@ -360,7 +361,13 @@ def plan_slice(
             "dtype": calib.dtype,
         },
     )
-    plan = surgery_plan(report, ckpt, tasks, config, ("slice",))
+    if ckpt.mtp:  # a multi-token-prediction layer would need slicing too
+        report.notes.append(
+            f"the {len(ckpt.arch.mtp_layers(ckpt.config))} multi-token-prediction layer(s) left "
+            "out (num_nextn_predict_layers 0): they read the full-width stream"
+        )
+    removed = removed_mtp(ckpt, "multi-token prediction: not sliced")
+    plan = surgery_plan(report, ckpt, tasks, config, ("slice",), removed)
     return SliceResult(plan, report, model=live)
 
 

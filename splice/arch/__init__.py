@@ -530,6 +530,15 @@ class ArchSpec:
         keys = [keys] if isinstance(keys, str) else list(keys)
         return next((k for k in keys if config.get(k) is not None), keys[0])
 
+    def mtp_layers(self, config: Mapping[str, Any]) -> range:
+        """The layer indices of the multi-token-prediction layers a checkpoint stores after its
+        decoder layers (``config_keys.mtp_layers``: DeepSeek-V3 and GLM-4.5's
+        ``num_nextn_predict_layers``); empty for other families."""
+        key = self.config_keys.get("mtp_layers")
+        n = self.num_layers(dict(config))
+        count = int(config.get(key) or 0) if key else 0
+        return range(n, n + count) if n is not None and count > 0 else range(0)
+
     def num_experts(self, config: dict[str, Any]) -> int | None:
         key = self.config_key("num_experts", config)
         return int(config[key]) if key and config.get(key) is not None else None
