@@ -10,8 +10,10 @@ dense layer and shared experts where the family has them (``DEFAULT``), and once
 saved by transformers and read back. transformers 5 converts its packed in-memory experts back
 to per-expert tensors on save for every family here except gpt-oss and GraniteMoE, whose files
 are packed themselves (``PACKED_ON_DISK``): their specs describe the stored layout
-(``experts.stored``, splice.stored), splice lists per-expert views of it, and they declare no
-residual roles (see their JSON), so slicing refuses them.
+(``experts.stored``, splice.stored) and splice lists per-expert views of it.
+GraniteMoE's residual roles name the per-expert views (slicing rotates them and the writer packs
+them again); gpt-oss declares none (``NO_ROLES``: its attention sinks and biased experts are not
+described for slicing), so slicing refuses it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 #: families whose files keep transformers' packed experts (no per-expert tensors on disk)
 PACKED_ON_DISK = ("gpt_oss", "granitemoe")
+#: families whose spec declares no residual roles (slicing refuses them)
+NO_ROLES = ("gpt_oss",)
 #: the family's module holding a layer's MoE block (its packed experts in memory)
 MOE_BLOCK = {"granitemoe": "block_sparse_moe"}
 
@@ -300,7 +304,7 @@ def test_roles_name_existing_modules(built):
         for ks in (*spec.layer_tensors.values(), *spec.optional_layer_tensors.values())
         for k in ks
     }
-    if built.family in PACKED_ON_DISK:
+    if built.family in NO_ROLES:
         # no roles: the packed experts read and write the stream along dims the format cannot
         # name yet, and a spec with roles for the rest would let slicing treat them as inner
         assert not spec.norm_feeds and not spec.residual_writers
@@ -467,13 +471,16 @@ def test_norm_feeds_are_the_readers_of_each_norm(built):
     layer has (the router, shared experts, dense MLP, attention's first projections); the
     experts' own readers are packed in memory and checked by name above."""
     spec = built.spec
-    if built.family in PACKED_ON_DISK:
+    if built.family in NO_ROLES:
         pytest.skip("no residual roles declared (packed experts)")
     stored = built.default.names
+    # the module's names where the file's differ (GraniteMoE's router.layer is router in memory)
+    aliases = {v.removesuffix(".weight"): k.removesuffix(".weight")
+               for k, v in (spec.experts.aliases if spec.experts else {}).items()}  # fmt: skip
     for layer in range(built.default.config["num_hidden_layers"]):
         for norm, readers in _readers(built, layer).items():
             listed = {
-                m
+                aliases.get(m, m)
                 for m in spec.norm_feeds.get(norm, ())
                 if spec.layer_name(layer, f"{m}.weight") in stored
             }
@@ -483,8 +490,8 @@ def test_norm_feeds_are_the_readers_of_each_norm(built):
 def test_slicing_at_full_width_gives_the_same_logits(built, tmp_path):
     """``slice --sparsity 0`` rotates the residual stream through every norm, reader and writer
     the spec names (experts, shared experts and biases included), in every variant: a wrong or
-    missing role changes the logits. gpt-oss and GraniteMoE declare no roles and are refused in
-    one line."""
+    missing role changes the logits (GraniteMoE's packed experts too). gpt-oss declares no roles
+    and is refused in one line."""
     import family_checks as fc
 
     from splice.surgery import load_sliced
@@ -511,8 +518,8 @@ def test_slicing_at_full_width_gives_the_same_logits(built, tmp_path):
             "float32",
             "--no-progress",
         ]
-        if built.family in PACKED_ON_DISK:
-            with pytest.raises(fc.Refused, match="stored packed on disk"):
+        if built.family in NO_ROLES:
+            with pytest.raises(fc.Refused, match="no residual-stream roles"):
                 fc.run_cli(argv)
             assert not out.exists()
             continue

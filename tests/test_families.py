@@ -28,9 +28,8 @@ SLICE_REFUSED: dict[str, str] = {
     "olmo3": POST_NORM,
     "glm4": POST_NORM,
     "exaone4": POST_NORM,
-    # experts stored packed on disk (gpt-oss transposed and interleaved): no roles in the spec yet
-    "gpt_oss": "stored packed on disk",
-    "granitemoe": "stored packed on disk",
+    # no residual roles described (attention sinks, biased experts)
+    "gpt_oss": "no residual-stream roles",
     # at 25%: OLMoE's q/k norms span all heads, a width slicing cannot map
     "olmoe": "k_norm.weight",
 }
