@@ -340,3 +340,25 @@ def test_experts_of_another_dense_type(dense, tmp_path):
     r["experts"][1]["source_model"] = str(gemma)
     with pytest.raises(SpliceError, match="hidden_act gelu_pytorch_tanh vs silu"):
         plan(r)
+
+
+def test_splice_reads_its_own_deepseek_output(dense, tmp_path):
+    """The DeepSeek-MoE layout (remote code, written unverified) has a spec: inspect reads its
+    routed and shared experts and dense layers with no inferred-architecture warning, and a
+    layer-moving verb keeps the experts."""
+    from splice.cli import main
+    from splice.summary import summarize
+
+    r = recipe(dense, "llama", "random", {"residual_scale": 0.25})
+    with pytest.warns(SpliceWarning, match="DeepSeek's own model code"):
+        out = run(r, tmp_path / "ds", UNVERIFIED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no spec for model_type" inference
+        s = summarize(open_checkpoint(out))
+    assert s.model_type == "deepseek" and s.num_experts == len(r["experts"])
+    assert s.shared_experts == ["mlp.shared_experts"] and not s.dense_layers
+    up = tmp_path / "up"
+    assert main(["upscale", str(out), str(up), "--layers", "0,0,1", "--no-verify",
+                 "--no-progress"]) == 0  # fmt: skip
+    t = summarize(open_checkpoint(up))
+    assert t.num_layers == 3 and t.num_experts == s.num_experts
