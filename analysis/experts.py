@@ -33,6 +33,7 @@ from splice.analysis.common import (
     report_meta,
     short,
 )
+from splice.text import plural
 
 
 def _expert_names(ckpt: Checkpoint) -> dict[tuple[int, str], dict[int, str]]:
@@ -65,7 +66,7 @@ def _dense_names(
     n_moe, n_dense = moe.num_layers, dense.num_layers
     if n_moe != n_dense:
         raise SpliceError(
-            f"{moe.path} has {n_moe} layers but {dense.path} has {n_dense}: experts are "
+            f"{moe.path} has {plural(n_moe, 'layer')} but {dense.path} has {n_dense}: experts are "
             "compared with the dense MLP at the same layer"
         )
     out: dict[tuple[int, str], str] = {}

@@ -54,6 +54,7 @@ from splice.evolve.genome import Genome, build_genome, check_genome
 from splice.evolve.state import STATE, Strategy, dumps, is_run, new_state, replay
 from splice.evolve.state import costs as _costs
 from splice.evolve.state import load as _load
+from splice.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -290,13 +291,13 @@ def check_budget(run: Path, state: dict[str, Any], config: EvolveConfig) -> None
     s, gen, n = config.search, state["generation"], len(state["records"])
     if s.generations is not None and s.generations <= gen:
         raise SpliceError(
-            f"{run}: {gen} generations are done already; a budget of {s.generations} "
-            "generations is not more (give a larger one)"
+            f"{run}: {plural(gen, 'generation')} done already; a budget of "
+            f"{plural(s.generations, 'generation')} is not more (give a larger one)"
         )
     fevals = s.max_fevals or DEFAULT_MAX_FEVALS
     if s.generations is None and fevals <= n:
         raise SpliceError(
-            f"{run}: {n} candidates are scored already; a budget of max_fevals {fevals} is not "
+            f"{run}: {plural(n, 'candidate')} scored already; a budget of max_fevals {fevals} is not "
             "more (give a larger one)"
         )
 

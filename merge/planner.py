@@ -33,6 +33,7 @@ from splice.merge.recipe import Params, Recipe
 from splice.merge.vocab import ReindexVocab, RowOverride, VocabPlan, plan_vocab
 from splice.output import ModelPlan
 from splice.problems import Problems, open_models, shape_mismatch
+from splice.text import plural
 
 
 @dataclass(kw_only=True)
@@ -446,7 +447,7 @@ def plan_merge(
             if src.end > n:
                 problems.add(
                     f"slice {i}: layer_range [{src.start}, {src.end}] is out of bounds for "
-                    f"{src.model}, which has {n} layers"
+                    f"{src.model}, which has {plural(n, 'layer')}"
                 )
             lengths.add(src.end - src.start)
         if len(lengths) > 1:

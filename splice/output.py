@@ -18,6 +18,7 @@ from typing import Any
 from splice.checkpoint import Checkpoint
 from splice.execute import ExecOptions, TensorTask, execute
 from splice.target import Claim, claim_output
+from splice.text import plural
 from splice.verify import check_plan
 
 
@@ -42,7 +43,7 @@ class ModelPlan:
     def describe(self) -> str:
         """A readable table of the plan (``--dry-run``)."""
         layers = self.config.get("num_hidden_layers")
-        lines = [f"{len(self.tasks)} tensors, {layers} layers"]
+        lines = [f"{plural(len(self.tasks), 'tensor')}, {layers} layers"]
         for t in self.tasks:
             lines.append(f"  {t.name:<50} {list(t.shape)!s:<14} {t.dtype:<9} {t.label}")
         return "\n".join(lines)

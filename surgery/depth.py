@@ -32,6 +32,7 @@ from splice.output import ModelPlan, write_model
 from splice.surgery import layermaps
 from splice.surgery.report import RECORD, Report, SurgeryReport
 from splice.target import Claim, claim_output
+from splice.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +93,7 @@ def describe_layer_map(report: SurgeryReport, plan: ModelPlan) -> str:
     computed = [t for t in tasks if t.compute is not None]
     cast = [t for t in tasks if t.compute is None and ckpt[t.sources[0].name].dtype != t.dtype]
     changes = [
-        layermaps.plural(len(report.new_layers), "added copy", "added copies"),
+        plural(len(report.new_layers), "added copy", "added copies"),
         f"{len(report.removed)} removed",
     ]
     changes = [c for c in changes if not c.startswith("0 ")]
@@ -101,10 +102,10 @@ def describe_layer_map(report: SurgeryReport, plan: ModelPlan) -> str:
         copied += f" ({len(cast)} cast to {dtypes})"
     lines = [
         f"layer map (output <- source): {layermaps.format_map(report.layers)}",
-        f"{layermaps.plural(len(report.layers), 'output layer')} from "
-        f"{layermaps.plural(report.num_layers, 'source layer')}"
+        f"{plural(len(report.layers), 'output layer')} from "
+        f"{plural(report.num_layers, 'source layer')}"
         + (f" ({', '.join(changes)})" if changes else ""),
-        f"{layermaps.plural(len(tasks), 'tensor')} to write ({in_layers} in layers, "
+        f"{plural(len(tasks), 'tensor')} to write ({in_layers} in layers, "
         f"{len(tasks) - in_layers} outside them), {dtypes}, {format_size(size)}: "
         + (f"{len(computed)} computed, " if computed else "")
         + copied

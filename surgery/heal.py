@@ -32,6 +32,7 @@ from splice.schedule import lr_at
 from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
 from splice.surgery.layermaps import format_ranges
 from splice.surgery.report import RECORD, Recorded, read_record
+from splice.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,7 @@ class HealReport(Recorded):
 
     @property
     def title(self) -> str:
-        return f"{self.operation}: {self.steps} steps"
+        return f"{self.operation}: {plural(self.steps, 'step')}"
 
     @property
     def layers(self) -> list[int]:
@@ -108,7 +109,7 @@ class HealReport(Recorded):
         first, last = self.loss_span()
         return "\n".join(
             [
-                f"Healed `{self.source}` with a causal-LM fine-tune: {self.steps} steps of "
+                f"Healed `{self.source}` with a causal-LM fine-tune: {plural(self.steps, 'step')} of "
                 f"{self.batch_size} windows of {self.seq_len} tokens of `{self.text}`, AdamW, lr "
                 f"{self.lr:g} (warm-up, cosine decay).",
                 "",

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from splice.errors import SpliceError
 from splice.surgery.layermaps import format_ranges
+from splice.text import plural
 
 #: the record beside the weights of every surgery output (every verb, every kind)
 RECORD = "splice_surgery.json"
@@ -128,7 +129,7 @@ class SurgeryReport(Recorded):
 
     @property
     def title(self) -> str:
-        return f"{self.operation}: {self.num_layers} -> {len(self.layers)} layers"
+        return f"{self.operation}: {self.num_layers} -> {plural(len(self.layers), 'layer')}"
 
     def _candidate_rows(self) -> list[tuple[str, float, bool]]:
         chosen = set(self.chosen)
@@ -162,7 +163,7 @@ class SurgeryReport(Recorded):
     def card_details(self) -> str:
         """Markdown for the model card."""
         lines = [
-            f"Operation: `{self.operation}` on `{self.source}` ({self.num_layers} layers -> "
+            f"Operation: `{self.operation}` on `{self.source}` ({plural(self.num_layers, 'layer')} -> "
             f"{len(self.layers)}).",
             "",
             f"Output layers, as source layer indices: {format_ranges(self.layers)}.",

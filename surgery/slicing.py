@@ -103,6 +103,7 @@ from splice.surgery.slicing_arch import (
 from splice.surgery.slicing_calib import compute_bases, slice_windows
 from splice.surgery.slicing_math import new_width
 from splice.surgery.slicing_tasks import slice_tasks
+from splice.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +147,7 @@ class SliceReport(Recorded):
     def title(self) -> str:
         return (
             f"{self.operation}: hidden {self.hidden_size} -> {self.new_hidden_size} "
-            f"({self.num_layers} layers)"
+            f"({plural(self.num_layers, 'layer')})"
         )
 
     @property

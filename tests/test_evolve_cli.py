@@ -113,7 +113,7 @@ def test_run_report_and_a_resume_folder_of_another_config(capsys, trio, tasks, t
     line = one_error(capsys, ["evolve", "resume", str(tmp_path)])
     assert "not an evolve run folder" in line
     line = one_error(capsys, ["evolve", "resume", str(run), "--max-fevals", "3"])
-    assert "12 candidates are scored already; a budget of max_fevals 3 is not more" in line
+    assert "12 candidates scored already; a budget of max_fevals 3 is not more" in line
     line = one_error(capsys, ["evolve", "resume", str(run), "--device", "cpu"])
     assert "--device does not apply" in line
 

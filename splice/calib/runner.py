@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from splice.calib.collectors import SITES, Capture, Collector
 from splice.errors import SpliceError
 from splice.progress import progress
+from splice.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -195,7 +196,7 @@ def _layers_of(c: Collector, n_layers: int) -> list[int]:
     bad = [i for i in out if not 0 <= i < n_layers]
     if bad:
         raise SpliceError(
-            f"{type(c).__name__}: layer {bad[0]} is out of range (the model has {n_layers} layers)"
+            f"{type(c).__name__}: layer {bad[0]} is out of range (the model has {plural(n_layers, 'layer')})"
         )
     return out
 
