@@ -76,6 +76,9 @@ def analyze_activations(
     ``final_norm``: the last layer's output through the model's final norm, HF's
     ``hidden_states[-1]`` as PruneMe and ShortGPT read it; False: before the norm).
     Near-tied recommendations warn (see the module docstring) unless ``warn_ties`` is False.
+    A per-layer sliced model (``splice slice --basis per-layer``) is refused in one line: its
+    residual stream changes basis at every block, so its layers' inputs and outputs are not
+    comparable (``--basis shared`` writes one that is).
     """
     from splice.calib import Calibration
 

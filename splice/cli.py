@@ -432,12 +432,31 @@ def _run_convert(args: argparse.Namespace) -> None:
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="score models: perplexity on a text and/or the zoo's lm-eval tasks",
-        description="Token-level perplexity on a text (sliding windows, batched) and/or the "
-        "zoo's lm-eval tasks (the path `splice zoo eval` takes), one row per model.",
+        help="score models: perplexity on a text and/or lm-eval tasks (the zoo's or any)",
+        description="Token-level perplexity on a text (sliding windows, batched) and/or lm-eval "
+        "tasks run in process, one row per model. --ppl zoo is the zoo's held-out English text "
+        "(text/heldout_en.txt; zoo:zeta its Zeta half, zoo:both both; the zoo's models train on "
+        "windows of 64 tokens: --seq-len 64 is the README's setting). --tasks takes the zoo's "
+        "tasks (zoo_math, ..., all), any lm-eval task, group or tag (hellaswag), and YAML task "
+        "files or the tasks of --include-path DIR. A per-layer sliced model (splice slice) "
+        "scores like any other.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders")
-    add_scoring_options(p, ppl="text to score: a file, 'lm-eval:TASK' or 'zoo'", limit=True)
+    add_scoring_options(
+        p,
+        ppl="text to score: a file, 'lm-eval:TASK', or 'zoo' (the zoo's held-out English text), "
+        "'zoo:zeta' (its Zeta half), 'zoo:both'",
+        tasks="comma-separated tasks: the zoo's (zoo_math, zoo_lang, ..., all), lm-eval's "
+        "(hellaswag, groups, tags), YAML files, or tasks of --include-path",
+        include_path=True,
+        limit=True,
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=integer,
+        metavar="N",
+        help="examples in each task's context (default: the task's own, else 0)",
+    )
     p.add_argument(
         "--seq-len", type=positive_int, default=128, help="tokens per window (default 128)"
     )
@@ -466,7 +485,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     from splice.scoring import evaluate, format_table, read_text
 
-    text = read_text(args.ppl) if args.ppl is not None else None
+    text = (
+        read_text(args.ppl, zoo=args.zoo, include_path=args.include_path)
+        if args.ppl is not None
+        else None
+    )
     scores = evaluate(
         args.models,
         text=text,
@@ -479,6 +502,8 @@ def _run_eval(args: argparse.Namespace) -> None:
         dtype=args.compute_dtype,
         zoo=args.zoo,
         limit=args.limit,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
         show_progress=not args.no_progress and sys.stderr.isatty(),
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,

@@ -2,7 +2,11 @@
 and the one check of a model folder before it is run (:func:`check_runnable`).
 
 The loaders refuse the model's own code unless ``trust_remote_code``; the model's weights must be
-safetensors (unless ``allow_pickle``) and finite. Failures are :class:`SpliceError` one-liners.
+safetensors (unless ``allow_pickle``) and finite. A per-layer sliced model (``splice slice
+--basis per-layer``, model type ``splice_sliced``) is checked and loaded only where the caller
+says ``sliced=True`` (scoring: built by :func:`splice.sliced_check.load_sliced_model`);
+elsewhere it is refused with one line naming ``--basis shared``. Failures are
+:class:`SpliceError` one-liners.
 """
 
 from __future__ import annotations
@@ -19,13 +23,9 @@ if TYPE_CHECKING:
     from splice.checkpoint import Checkpoint
 
 
-def check_model_code(path: str | os.PathLike[str], trust_remote_code: bool) -> None:
-    """``SpliceError`` if the model at ``path`` cannot be built without its own Python code
-    (a model type transformers does not know, with ``auto_map``) and ``trust_remote_code`` is
-    off, or cannot be built at all (an unknown model type and no ``auto_map``)."""
+def _read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The model folder's ``config.json`` (one-line ``SpliceError`` if unreadable)."""
     import json
-
-    from transformers import CONFIG_MAPPING
 
     file = Path(path) / "config.json"
     try:
@@ -34,6 +34,26 @@ def check_model_code(path: str | os.PathLike[str], trust_remote_code: bool) -> N
         raise SpliceError(f"{file}: cannot read it ({e})") from None
     if not isinstance(config, dict):
         raise SpliceError(f"{file}: not a JSON object")
+    return config
+
+
+def check_model_code(
+    path: str | os.PathLike[str], trust_remote_code: bool, *, sliced: bool = False
+) -> None:
+    """``SpliceError`` if the model at ``path`` cannot be built without its own Python code
+    (a model type transformers does not know, with ``auto_map``) and ``trust_remote_code`` is
+    off, or cannot be built at all (an unknown model type and no ``auto_map``). A per-layer
+    sliced model needs no code of its own but is refused unless ``sliced`` (the caller runs it
+    through :func:`load_causal_lm` with ``sliced=True``)."""
+    from transformers import CONFIG_MAPPING
+
+    from splice.sliced_check import RUN_REFUSAL, is_sliced
+
+    config = _read_config(path)
+    if is_sliced(config):
+        if not sliced:
+            raise SpliceError(f"{path}: {RUN_REFUSAL}")
+        return
     model_type = config.get("model_type")
     if model_type in CONFIG_MAPPING:
         return
@@ -52,15 +72,20 @@ def check_runnable(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     local_only: bool = False,
+    sliced: bool = False,
 ) -> Checkpoint:
     """The model ``model`` (a folder or hub id, or a :class:`~splice.checkpoint.Checkpoint`
     already open) checked before it is loaded to run it: read (``open_checkpoint``: pickled
     ``.bin`` only with ``allow_pickle``), its own code only with ``trust_remote_code``
     (:func:`check_model_code`), its tensors complete and shaped (``Checkpoint.validate``).
     ``local_only``: a path that is not an existing folder is refused (no hub download).
+    ``sliced``: a per-layer sliced model is accepted (else refused, naming ``--basis shared``).
     Returns the checkpoint; failures are one-line :class:`SpliceError`. The one such check:
     every verb that runs a model (eval, zoo eval, analyze, calibration, heal) calls it."""
+    import warnings
+
     from splice.checkpoint import Checkpoint, open_checkpoint
+    from splice.sliced_check import SLICED_TYPE, is_sliced
 
     if isinstance(model, Checkpoint):
         ckpt = model
@@ -69,8 +94,11 @@ def check_runnable(
             what = "not a folder" if Path(model).exists() else "no such folder"
             raise SpliceError(f"{model}: not a model folder ({what})")
         ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
-    check_model_code(ckpt.path, trust_remote_code)
-    ckpt.validate()
+    check_model_code(ckpt.path, trust_remote_code, sliced=sliced)
+    with warnings.catch_warnings():
+        if is_sliced(ckpt.config):  # its layers are its source family's: nothing to warn of
+            warnings.filterwarnings("ignore", f"no spec for model_type '{SLICED_TYPE}'")
+        ckpt.validate()
     return ckpt
 
 
@@ -82,15 +110,18 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     why: str = "analysis needs finite weights",
+    sliced: bool = False,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM`` from a model folder in ``dtype`` on ``device`` (resolved:
-    ``resolve_device``), in eval mode; the one model loader.
+    ``resolve_device``), in eval mode; the one model loader. With ``sliced``, a per-layer sliced
+    model (``splice_sliced``) loads too, through :func:`splice.sliced_check.load_sliced_model`
+    (safetensors only); without, it is refused (:func:`check_model_code`).
 
     Checked (one-line :class:`SpliceError`): own code only with ``trust_remote_code``
     (:func:`check_model_code`); safetensors only unless ``allow_pickle`` (then ``.bin`` with
     ``weights_only=True``); finite weights in ``dtype`` (``check_finite``: the tensor and
-    ``why``); the move to ``device``. Check the folder first (:func:`check_runnable`):
-    transformers fills missing tensors with random ones.
+    ``why``; a sliced model's shortcut matrices too); the move to ``device``. Check the folder
+    first (:func:`check_runnable`): transformers fills missing tensors with random ones.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -98,18 +129,23 @@ def load_causal_lm(
 
     from splice.dtypes import dtype_name, to_torch
     from splice.finite import check_finite
+    from splice.sliced_check import is_sliced, load_sliced_model
 
-    check_model_code(path, trust_remote_code)
+    check_model_code(path, trust_remote_code, sliced=sliced)
+    per_layer = is_sliced(_read_config(path))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=to_torch(dtype),
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-            weights_only=True,
-        )
+        if per_layer:
+            model = load_sliced_model(path, dtype=dtype, device="cpu")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=to_torch(dtype),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+                weights_only=True,
+            )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SpliceError(f"{path}: cannot load as a causal LM ({first_line(e)})") from None
     finally:
@@ -119,6 +155,9 @@ def load_causal_lm(
     with torch.no_grad():
         for name, p in model.named_parameters():
             check_finite(p, f"{path}: {name}{cast}", why)
+        for name, b in model.named_buffers():
+            if name.endswith(".shortcut"):  # a per-layer sliced model's [d, d] basis changes
+                check_finite(b, f"{path}: {name}{cast}", why)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:  # e.g. out of device memory
@@ -134,10 +173,22 @@ def load_tokenizer(
     """``AutoTokenizer`` from ``path`` (SpliceError if the folder has none, or if its tokenizer
     is its own code, ``auto_map`` in tokenizer_config.json, and ``trust_remote_code`` is off;
     ``name``: the model as the messages call it, default ``path``). ``trust_remote_code`` is
-    always passed as a bool: transformers' default (``None``) would ask on the terminal."""
+    always passed as a bool: transformers' default (``None``) would ask on the terminal. A
+    per-layer sliced model's tokenizer loads without transformers' warning that its model
+    type (``splice_sliced``) is not the tokenizer's."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from splice.sliced_check import is_sliced
 
     label = name if name is not None else path
+    try:
+        sliced = is_sliced(_read_config(path))
+    except SpliceError:  # a hub id, or no config: transformers says what is missing
+        sliced = False
+    verbosity = hf_logging.get_verbosity()
+    if sliced:
+        hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
     except ValueError as e:
@@ -149,3 +200,5 @@ def load_tokenizer(
         ) from None
     except (OSError, KeyError, TypeError, ImportError) as e:
         raise SpliceError(f"{label}: cannot load its tokenizer ({first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)

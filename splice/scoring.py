@@ -1,4 +1,4 @@
-"""Scores of a causal LM: perplexity on a text, and the zoo's lm-eval tasks.
+"""Scores of a causal LM: perplexity on a text, and lm-eval tasks (the zoo's or any other).
 
 :func:`perplexity` is token-level perplexity with sliding windows (Hugging Face's recipe): the
 text is tokenized once (BOS first, if the tokenizer has one), windows of ``seq_len`` tokens start
@@ -7,22 +7,33 @@ with ``stride < seq_len`` every token after the first is scored exactly once wit
 ``seq_len - stride`` tokens of context. Windows run in batches; log-probabilities are taken in
 float32 and summed in float64.
 
-:func:`evaluate` scores several models: perplexity on a text and/or the zoo's tasks, the latter
-through :func:`splice.zoo.evaluate` (the path ``splice zoo eval`` takes). It returns plain numbers
-``{model: {"ppl": ..., "zoo_math": ...}}``; ``splice eval`` prints them, and every surgery verb
-reports with it.
+:func:`evaluate` scores several models: perplexity on a text and/or lm-eval tasks, each a
+zoo task, a task, group or tag of lm-eval's or of a folder of YAML tasks (``include_path``), or
+a YAML file (:func:`resolve_tasks`), all run in process by one
+:class:`splice.lmeval.LmEvalScorer` (the scorer ``splice zoo eval`` configures). It returns plain
+numbers ``{model: {"ppl": ..., "zoo_math": ...}}`` (:func:`task_columns` names the task
+columns); ``splice eval`` prints them, and every surgery verb reports with it. A per-layer
+sliced model (``splice slice --basis per-layer``) is scored like any other
+(:func:`splice.modeling.load_causal_lm` with ``sliced=True``).
+
+``--ppl zoo`` is the zoo's held-out English text (``text/heldout_en.txt`` of a built zoo:
+documents of the pre-training distribution never trained on, joined as the zoo trains),
+``zoo:zeta`` its Zeta half and ``zoo:both`` all its documents, English and Zeta alternately
+(:data:`HELDOUT_NAMES`). The same names given to ``--calibration`` are fresh calibration text
+instead (:func:`splice.calib.calibration_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, SpliceWarning
 from splice.threads import threads_for
 
 if TYPE_CHECKING:
@@ -32,6 +43,12 @@ if TYPE_CHECKING:
     from splice.checkpoint import Checkpoint
 
 Model = Union[str, "os.PathLike[str]", "PreTrainedModel"]
+
+#: ``--ppl`` names of the zoo's held-out text, read from a built zoo's ``text/``
+#: (:func:`splice.zoo.build.read_heldout`): name -> language
+HELDOUT_NAMES = {"zoo": "en", "zoo:en": "en", "zoo:zeta": "zeta", "zoo:both": "both"}
+#: items per batch of an lm-eval task
+TASK_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -50,17 +67,41 @@ class Perplexity:
         return asdict(self)
 
 
-def read_text(source: str | os.PathLike[str], *, option: str = "--ppl") -> str:
-    """A text file, ``lm-eval:TASK`` (a task's documents) or ``zoo`` / ``zoo:both`` (the zoo's
-    calibration text, English / both languages), as :func:`splice.calib.calibration_text` reads them."""
+def read_text(
+    source: str | os.PathLike[str],
+    *,
+    option: str = "--ppl",
+    zoo: str | os.PathLike[str] | None = None,
+    include_path: str | os.PathLike[str] | None = None,
+) -> str:
+    """A text file, ``lm-eval:TASK`` (a task's documents) or a named text, for ``option``.
+    ``--ppl`` reads the :data:`HELDOUT_NAMES` as the held-out text of the built zoo ``zoo``
+    (default the shared zoo): ``zoo`` (or ``zoo:en``) its English documents, what ``base``
+    and ``math`` read; ``zoo:zeta`` its Zeta ones; ``zoo:both`` the two alternately. Any other
+    option reads every name as :func:`splice.calib.calibration_text` does (``zoo``: fresh
+    calibration text). A name is the named text even where a file of that name is here.
+    ``include_path``: a folder of YAML tasks ``lm-eval:TASK`` may name."""
     from splice.calib import calibration_text, is_text_source
 
     src = str(source)
+    if option == "--ppl" and isinstance(source, str) and src in HELDOUT_NAMES:
+        from splice.zoo.build import read_heldout
+
+        if Path(src).exists():
+            import warnings
+
+            warnings.warn(
+                f"{option} {src}: read as the zoo's held-out text, not the file or folder of "
+                f"that name here (give ./{src} for that)",
+                SpliceWarning,
+                stacklevel=2,
+            )
+        return read_heldout(zoo, HELDOUT_NAMES[src])
     if not (Path(src).exists() or is_text_source(src)):
         raise SpliceError(f"{option} {src}: no such text file (give a file, lm-eval:TASK or zoo)")
     if Path(src).exists() and not Path(src).is_file():
         raise SpliceError(f"{option} {src}: not a file")
-    return calibration_text(src)
+    return calibration_text(src, include_path=None if include_path is None else str(include_path))
 
 
 def text_ids(tokenizer: Any, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
@@ -186,20 +227,25 @@ def evaluate(
     tokenizer: str | os.PathLike[str] | Any = None,
     zoo: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    include_path: str | os.PathLike[str] | None = None,
+    num_fewshot: int | None = None,
     show_progress: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     text_name: str = "the text",
     threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Scores of every model: ``{name: {"ppl": perplexity on text, task: accuracy, ...}}``.
+    """Scores of every model: ``{name: {"ppl": perplexity on text, task: metric, ...}}``.
 
     ``models``: folders (named by their path) or a mapping name -> folder or live model.
     ``text`` is scored with :func:`perplexity` (each folder's own tokenizer; a live model needs
-    ``tokenizer``); ``tasks`` (``"zoo_math,zoo_lang"``, a list, ``"all"``) are the zoo's lm-eval
-    tasks, scored by :func:`splice.zoo.evaluate` (``zoo``: the built zoo whose tasks to use).
-    Every input is checked before any model is loaded (:func:`check_scoring`; ``text_name``
-    names the text in its messages); each model is then loaded once, in ``dtype`` on
+    ``tokenizer``). ``tasks`` (``"zoo_math,hellaswag"``, a list; ``"all"``: the zoo's) are
+    lm-eval tasks, groups, tags or YAML files (:func:`resolve_tasks`: the zoo's from ``zoo``,
+    others from ``include_path`` or lm-eval's installed tasks), run with ``num_fewshot``
+    examples in context (None: each task's own) on the first ``limit`` items; their columns are
+    named by :func:`task_columns`. Every input is checked before any model is loaded
+    (:func:`check_scoring`; ``text_name`` names the text in its messages) and the tasks are
+    loaded once; each model is then loaded once (a per-layer sliced model too), in ``dtype`` on
     ``device``, scored on ``threads`` CPU threads (None: one for a small model, as
     :func:`splice.threads.threads_for` decides), and dropped.
     """
@@ -207,7 +253,7 @@ def evaluate(
     from splice.layer_metrics import float_dtype
 
     if text is None and tasks is None:
-        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
+        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or tasks (--tasks)")
     device = resolve_device(device)
     dtype = float_dtype(dtype, "--compute-dtype")
     if not isinstance(models, Mapping):
@@ -223,55 +269,86 @@ def evaluate(
         tokenizer=tokenizer,
         zoo=zoo,
         limit=limit,
+        include_path=include_path,
+        num_fewshot=num_fewshot,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         text_name=text_name,
         show_progress=show_progress,
     )
     checked = {name: ckpt.path for name, ckpt in inputs.folders.items()}
-    task_names = inputs.tasks
     from splice.progress import progress
 
-    out: dict[str, dict[str, float]] = {}
-    for name in progress(list(models), "eval", enabled=show_progress and len(models) > 1):
-        out[name] = {}
-        if name in checked:
-            from splice.modeling import load_causal_lm
+    with contextlib.ExitStack() as stack:
+        scorer = None
+        if inputs.tasks is not None:
+            from splice.lmeval import LmEvalScorer
 
-            model = load_causal_lm(
-                checked[name],
-                dtype=dtype,
-                device=device,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                why="a model with NaN or inf weights cannot be scored",
+            scorer = stack.enter_context(
+                LmEvalScorer(
+                    inputs.tasks.names,
+                    tokenizer=None,
+                    task_dirs=inputs.tasks.dirs,
+                    zoo_tasks=inputs.zoo / "tasks" if inputs.zoo is not None else None,
+                    batch_size=TASK_BATCH,
+                    num_fewshot=num_fewshot,
+                )
             )
-        else:
-            model = models[name]
-        with threads_for(_largest(inputs.folders.get(name), model), threads):
-            if text is not None:
-                ppl = perplexity(
-                    model,
-                    inputs.ids[name],
-                    seq_len=seq_len,
-                    stride=stride,
-                    batch_size=batch_size,
-                    max_tokens=max_tokens,
-                )
-                out[name]["ppl"] = ppl.ppl
-            if task_names:
-                from splice.zoo.evaluate import evaluate as zoo_evaluate
+        out: dict[str, dict[str, float]] = {}
+        for name in progress(list(models), "eval", enabled=show_progress and len(models) > 1):
+            out[name] = {}
+            if name in checked:
+                from splice.modeling import load_causal_lm
 
-                scores = zoo_evaluate(
-                    {name: model},
-                    task_names,
-                    zoo=zoo,
-                    tokenizer=_zoo_tokenizer(tokenizer, checked.get(name)),
-                    limit=limit,
-                    show_progress=False,
+                model = load_causal_lm(
+                    checked[name],
+                    dtype=dtype,
+                    device=device,
+                    trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle,
+                    why="a model with NaN or inf weights cannot be scored",
+                    sliced=True,
                 )
-                out[name].update(scores[name])
-        del model
+            else:
+                model = models[name]
+            with threads_for(_largest(inputs.folders.get(name), model), threads):
+                if text is not None:
+                    ppl = perplexity(
+                        model,
+                        inputs.ids[name],
+                        seq_len=seq_len,
+                        stride=stride,
+                        batch_size=batch_size,
+                        max_tokens=max_tokens,
+                    )
+                    out[name]["ppl"] = ppl.ppl
+                if scorer is not None:
+                    tok = _tokenizer(inputs.tokenizers[name])
+                    rows = scorer.score(model, limit=limit, tokenizer=tok)
+                    out[name].update(task_columns(rows, scorer.tasks, scorer.members))
+            del model
+    return out
+
+
+def task_columns(
+    rows: Mapping[str, Mapping[str, float]],
+    names: Sequence[str],
+    members: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, float]:
+    """The score columns of lm-eval's results ``rows`` (``{task: {"metric,filter": value}}``)
+    for the requested ``names``: each name's own metrics where lm-eval reports them (a task, a
+    group with an aggregate), else those of its ``members`` (a tag's tasks). A task's metric is
+    the column ``task`` if it is ``acc,none`` or the task's only metric (the zoo's ``zoo_math``
+    is its accuracy, ``zoo_math_gen`` its exact match), else ``task:metric,filter``
+    (``hellaswag:acc_norm,none``), as evolve names its columns."""
+    out: dict[str, float] = {}
+    for name in names:
+        tasks = [name] if rows.get(name) else list((members or {}).get(name, ()))
+        for task in tasks:
+            metrics = rows.get(task, {})
+            for key, value in metrics.items():
+                one = key == "acc,none" or len(metrics) == 1
+                out[task if one else f"{task}:{key}"] = value
     return out
 
 
@@ -284,14 +361,91 @@ def _largest(ckpt: Checkpoint | None, model: Any) -> int:
     return max((p.numel() for p in model.parameters()), default=0)
 
 
+@dataclass(frozen=True)
+class TaskSet:
+    """The lm-eval tasks ``--tasks`` names, resolved (:func:`resolve_tasks`): ``names`` (each a
+    task, group or tag; a YAML file's own task), ``dirs`` (folders of YAML tasks: the include
+    path, then each YAML file's folder) and ``zoo`` (those of ``names`` the zoo provides: zoo
+    task names no folder of ``dirs`` defines)."""
+
+    names: tuple[str, ...]
+    dirs: tuple[str, ...] = ()
+    zoo: tuple[str, ...] = ()
+
+
+def resolve_tasks(
+    tasks: str | Sequence[str], include_path: str | os.PathLike[str] | None = None
+) -> TaskSet:
+    """``"zoo_math,hellaswag"`` (or a list) as a :class:`TaskSet`: ``all`` is every zoo task
+    (:data:`splice.zoo.tasks.ALL_TASKS`); a ``.yaml`` / ``.yml`` file is the task it declares,
+    its folder searched like ``include_path`` (a folder of YAML tasks, searched first); a zoo
+    task name no folder defines is the zoo's; any other name must be a task, group or tag of
+    those folders or of lm-eval's installed tasks (:func:`splice.lmeval.unknown_tasks`, which
+    indexes lm-eval's tasks once per process). One :class:`SpliceError` line otherwise."""
+    from splice.zoo.tasks import ALL_TASKS
+
+    raw = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
+    specs = list(dict.fromkeys(t.strip() for t in raw if t.strip()))
+    if not specs:
+        raise SpliceError("--tasks names no task (give zoo_math, a lm-eval task or a YAML file)")
+    dirs: list[str] = []
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise SpliceError(f"--include-path {include_path}: no such folder")
+        dirs.append(str(include_path))
+    names: list[str] = []
+    for spec in specs:
+        if spec == "all":
+            names += ALL_TASKS
+        elif spec.endswith((".yaml", ".yml")):
+            from splice.lmeval import yaml_task
+
+            if not Path(spec).is_file():
+                raise SpliceError(f"--tasks {spec}: no such task file")
+            names.append(yaml_task(spec))
+            dirs.append(str(Path(spec).parent))
+        else:
+            names.append(spec)
+    names = list(dict.fromkeys(names))
+    dirs = list(dict.fromkeys(dirs))
+    local: set[str] = set()
+    if dirs and any(n in ALL_TASKS for n in names):
+        from splice.lmeval import local_tasks
+
+        local = set(local_tasks(dirs).all_tasks)
+    zoo = [n for n in names if n in ALL_TASKS and n not in local]
+    other = [n for n in names if n not in zoo]
+    if other:
+        from splice.lmeval import unknown_tasks
+
+        unknown = unknown_tasks(other, dirs)
+        guessed = [n for n in unknown if n.startswith("zoo_")]
+        if guessed:
+            raise SpliceError(
+                f"unknown zoo task {', '.join(guessed)}; choose from: {', '.join(ALL_TASKS)}, "
+                "all (or give --include-path for local YAML tasks)"
+            )
+        if unknown:
+            where = f" in {', '.join(dirs)} or" if dirs else ""
+            raise SpliceError(
+                f"unknown task {', '.join(unknown)}: not found{where} among lm-eval's tasks "
+                "(give --include-path for local YAML tasks)"
+            )
+    return TaskSet(tuple(names), tuple(dirs), tuple(zoo))
+
+
 @dataclass
 class ScoringInputs:
-    """What :func:`check_scoring` checked: the model folders (opened checkpoints), the zoo task
-    names, and every model's token ids of the text."""
+    """What :func:`check_scoring` checked: the model folders (opened checkpoints), the tasks
+    (None: none asked for), the built zoo their zoo tasks come from, the tokenizer each model's
+    tasks are read with (a folder or a loaded tokenizer), and every model's token ids of the
+    text."""
 
     folders: dict[str, Checkpoint]
-    tasks: list[str]
+    tasks: TaskSet | None
     ids: dict[str, torch.Tensor]
+    zoo: Path | None = None
+    tokenizers: dict[str, Any] = field(default_factory=dict)
 
 
 def check_scoring(
@@ -306,37 +460,40 @@ def check_scoring(
     tokenizer: str | os.PathLike[str] | Any = None,
     zoo: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    include_path: str | os.PathLike[str] | None = None,
+    num_fewshot: int | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     text_name: str = "the text",
     show_progress: bool = False,
 ) -> ScoringInputs:
     """Every input of :func:`evaluate`, checked before any model is loaded (one
-    :class:`SpliceError` line otherwise): the numbers, the task names, every model folder
-    (config, weights, shapes, code), the text (``text_name`` in messages) tokenized by each
-    model's tokenizer filling one window of ``seq_len`` within the model's positions, and the
-    zoo the tasks need (:func:`splice.zoo.evaluate.check_zoo`). The surgery verbs call it with
-    the source model before they write the output they score at the end."""
+    :class:`SpliceError` line otherwise): the numbers, the tasks (:func:`resolve_tasks`), every
+    model folder (config, weights, shapes, code; a per-layer sliced model is accepted), the
+    text (``text_name`` in messages) tokenized by each model's tokenizer filling one window of
+    ``seq_len`` within the model's positions, the tokenizer each model's tasks need, and the
+    zoo the zoo tasks need (:func:`splice.zoo.evaluate.check_zoo`). The surgery verbs call it
+    with the source model before they write the output they score at the end."""
     from splice.limits import check_number
     from splice.modeling import check_runnable
 
     if text is None and tasks is None:
-        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or zoo tasks (--tasks)")
-    task_names: list[str] = []
-    if tasks is not None:
-        from splice.zoo.evaluate import parse_tasks
-
-        task_names = parse_tasks(tasks)
+        raise SpliceError("nothing to score: give a text (--ppl FILE) and/or tasks (--tasks)")
     if not models:
         raise SpliceError("no model to score")
     check_number("batch_size", batch_size, least=1, whole=True)
     for name, value in (("max_tokens", max_tokens), ("limit", limit)):
         if value is not None:
             check_number(name, value, least=1, whole=True)
+    if num_fewshot is not None:
+        check_number("num_fewshot", num_fewshot, least=0, whole=True)
     if text is not None:
         check_window(seq_len, stride if stride is not None else max(1, seq_len // 2))
+    task_set = resolve_tasks(tasks, include_path) if tasks is not None else None
     folders = {
-        name: check_runnable(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        name: check_runnable(
+            m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, sliced=True
+        )
         for name, m in models.items()
         if isinstance(m, str | os.PathLike)
     }
@@ -358,18 +515,36 @@ def check_scoring(
                 by_source[key] = text_ids(_tokenizer(source), text, max_tokens=max_tokens)
             ids[name] = by_source[key]
             check_window(seq_len, seq_len, int(ids[name].numel()), what=text_name)
-    if task_names:
-        from splice.zoo.evaluate import check_zoo
+    zoo_dir: Path | None = None
+    tokenizers: dict[str, Any] = {}
+    if task_set is not None:
+        if task_set.zoo:
+            from splice.zoo.evaluate import check_zoo
 
-        for name, m in models.items():
+            for name, m in models.items():
+                folder = folders[name].path if name in folders else None
+                zoo_dir, _ = check_zoo(
+                    zoo,
+                    {name: folders.get(name, m)},
+                    tokenizer=_zoo_tokenizer(tokenizer, folder),
+                    show_progress=show_progress,
+                )
+        for name in models:
             folder = folders[name].path if name in folders else None
-            check_zoo(
-                zoo,
-                {name: folders.get(name, m)},
-                tokenizer=_zoo_tokenizer(tokenizer, folder),
-                show_progress=show_progress,
-            )
-    return ScoringInputs(folders, task_names, ids)
+            tokenizers[name] = _task_tokenizer(name, tokenizer, folder, zoo_dir)
+    return ScoringInputs(folders, task_set, ids, zoo_dir, tokenizers)
+
+
+def _task_tokenizer(name: str, tokenizer: Any, folder: Path | None, zoo: Path | None) -> Any:
+    """The tokenizer a model's tasks are read with: ``tokenizer`` if given, else the model
+    folder's own, else (zoo tasks only) the zoo's base model's."""
+    if tokenizer is not None:
+        return tokenizer
+    if folder is not None and _has_tokenizer(folder):
+        return folder
+    if zoo is not None:
+        return zoo / "base"
+    raise SpliceError(f"{name}: has no tokenizer, which lm-eval tasks need (tokenizer=...)")
 
 
 def _zoo_tokenizer(tokenizer: Any, folder: Path | None) -> str | os.PathLike[str] | None:

@@ -7,21 +7,42 @@ that reorders, drops, repeats or merges layers would run and write garbage: the 
 only fit the neighbours the layer had when it was sliced. Those verbs call
 :func:`refuse_sliced` on every model they open, before anything is loaded or written; verbs
 that only read (inspect, analyze weights) accept such models.
+
+Running one is scoring's alone (``splice eval``, :func:`splice.scoring.evaluate`): the model
+loader (:func:`splice.modeling.load_causal_lm` with ``sliced=True``) builds it with
+:func:`load_sliced_model`, which reaches :data:`LOADER` by name (the core imports no
+subpackage). Every other verb that runs a model refuses it with :data:`RUN_REFUSAL`: its
+residual stream changes basis at every block, so hidden states of two layers are not
+comparable (analyze activations) and its layers are not a stock model's (heal).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: the model_type of a per-layer sliced output (so stock transformers refuses it instead of
 #: ignoring the shortcut tensors)
 SLICED_TYPE = "splice_sliced"
 
 _WHY = "its shortcut matrices tie each layer to its neighbours"
+
+#: the function that builds a per-layer sliced model, ``"module:function"`` (imported on use)
+LOADER = "splice.surgery.sliced:load_sliced"
+
+#: why a verb that runs models, scoring aside, refuses a per-layer sliced one (after its path)
+RUN_REFUSAL = (
+    "a per-layer sliced model (splice slice --basis per-layer) runs only in splice eval: its "
+    "residual stream changes basis at every block; slice with --basis shared for a standard "
+    "checkpoint every verb reads"
+)
 
 #: verb -> (what would be done to the model, the way out)
 _VERBS: dict[str, tuple[str, str]] = {
@@ -51,3 +72,19 @@ def refuse_sliced(model: Any, verb: str, name: str | os.PathLike[str] | None = N
         f"{label}: a per-layer sliced model (splice slice --basis per-layer) cannot be {done}: "
         f"{_WHY}; {instead}"
     )
+
+
+def load_sliced_model(
+    path: str | os.PathLike[str], *, dtype: str = "float32", device: str = "cpu"
+) -> PreTrainedModel:
+    """The per-layer sliced model at ``path``, live, built by :data:`LOADER`
+    (``splice.surgery.load_sliced``: the source family's transformers model at the sliced
+    width, its decoder layers carrying the shortcut matrices)."""
+    module, _, name = LOADER.partition(":")
+    try:
+        load = getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise SpliceError(
+            f"{path}: a per-layer sliced model loads with {module}, which this build lacks"
+        ) from None
+    return load(path, dtype=dtype, device=device)

@@ -214,16 +214,55 @@ def build(
 
 _ZOO_ENTRIES = (*MODELS, "tasks", "text", STAMP_FILE)
 HELDOUT = "text/heldout.txt"
+#: the held-out text's English and Zeta halves (:func:`heldout_halves`)
+HELDOUT_FILES = {"en": "text/heldout_en.txt", "zeta": "text/heldout_zeta.txt"}
 
 
-def heldout_text_path(folder: str | os.PathLike[str] | None = None) -> Path:
-    """The held-out text of a built zoo (default :func:`default_dir`), for perplexity: running
-    text in English and Zeta from the pre-training distribution, never trained on, one
-    document per line. ``SpliceError`` if the zoo has none."""
-    path = (Path(folder) if folder is not None else default_dir()) / HELDOUT
+def join_documents(docs: list[str]) -> str:
+    """Documents as one text the way the zoo trains on them: ``doc<eos><bos>doc...`` and a final
+    newline. The zoo's tokenizer splits words on spaces only, so a newline between documents
+    would glue the last word of one to the first of the next into one unknown token."""
+    from splice.zoo.tokenizer import BOS, EOS
+
+    return f"{EOS}{BOS}".join(docs) + "\n"
+
+
+def heldout_halves(heldout: str) -> dict[str, str]:
+    """The texts of :data:`HELDOUT_FILES` made from the held-out text (one document per line,
+    English and Zeta alternately, :func:`corpus.heldout_text`): its English and its Zeta
+    documents, each joined as the zoo trains (:func:`join_documents`), ready for perplexity."""
+    docs = heldout.splitlines()
+    return {lang: join_documents(by_language(docs, lang)) for lang in HELDOUT_FILES}
+
+
+def heldout_text_path(folder: str | os.PathLike[str] | None = None, language: str = "both") -> Path:
+    """The held-out text of a built zoo (default :func:`default_dir`): running text from the
+    pre-training distribution, never trained on. ``language`` ``"both"``: ``text/heldout.txt``,
+    one document per line, English and Zeta alternately; ``"en"`` / ``"zeta"``:
+    ``text/heldout_en.txt`` / ``text/heldout_zeta.txt``, that half's documents joined as the
+    zoo trains (:func:`heldout_halves`; what ``--ppl zoo`` / ``zoo:zeta`` score).
+    ``SpliceError`` if the zoo has none (:func:`read_heldout` also reads a zoo built before the
+    halves were shipped)."""
+    files = {"both": HELDOUT, **HELDOUT_FILES}
+    if language not in files:
+        raise SpliceError(f"language {language!r}: expected en, zeta or both")
+    path = (Path(folder) if folder is not None else default_dir()) / files[language]
     if not path.is_file():
         raise SpliceError(f"{path}: missing; not a built zoo (run `splice zoo build`)")
     return path
+
+
+def read_heldout(folder: str | os.PathLike[str] | None = None, language: str = "en") -> str:
+    """The held-out documents of a built zoo (default :func:`default_dir`) in ``language``
+    (``en``, ``zeta`` or ``both``: all 400, alternately), joined as the zoo trains
+    (:func:`join_documents`), for perplexity: ``text/heldout_en.txt`` /
+    ``text/heldout_zeta.txt`` as they are, or made from ``text/heldout.txt`` where a zoo has
+    no such file."""
+    if language in HELDOUT_FILES:
+        path = (Path(folder) if folder is not None else default_dir()) / HELDOUT_FILES[language]
+        if path.is_file():
+            return path.read_text()
+    return join_documents(heldout_documents(folder, language))
 
 
 def heldout_documents(
@@ -245,6 +284,8 @@ def by_language(docs: list[str], language: str) -> list[str]:
 
 def _not_a_zoo(folder: Path) -> str | None:
     """Why ``folder`` is not a zoo splice may replace (``None``: empty, or a zoo and nothing else)."""
+    from splice.zoo.tasks import LOADER, TEMPLATE
+
     entries = {p.name: p for p in folder.iterdir()}
     if not entries:
         return None
@@ -260,7 +301,12 @@ def _not_a_zoo(folder: Path) -> str | None:
             if odd:
                 return f"text/ holds {odd[0]!r}, which is not a zoo text file"
         if name == "tasks" and path.is_dir():
-            odd = [p.name for p in path.iterdir() if p.suffix not in (".jsonl", ".yaml")]
+            odd = [
+                p.name
+                for p in path.iterdir()
+                if p.suffix not in (".jsonl", ".yaml")
+                and p.name not in (LOADER, TEMPLATE, "__pycache__")
+            ]
             if odd:
                 return f"tasks/ holds {odd[0]!r}, which is not a zoo task file"
     return None
@@ -314,6 +360,8 @@ def _build_into(out: Path, s: Settings, show: bool) -> dict[str, Any]:
         heldout = corpus.heldout_text(world, s.seed)
         (out / "text").mkdir()
         (out / HELDOUT).write_text(heldout)
+        for language, text in heldout_halves(heldout).items():
+            (out / HELDOUT_FILES[language]).write_text(text)
         stream = train.token_stream(tok, corpus.pretraining_texts(world, s.documents, s.seed))
         timings["data"] = time.perf_counter() - t0
 

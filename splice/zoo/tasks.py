@@ -3,16 +3,20 @@
 Each skill has a report split, a multiple-choice task named for the skill (``zoo_math``:
 log-likelihood of each choice after the prompt, metric ``acc``) with a generate-until twin
 (``zoo_math_gen``: greedy answer, metric ``exact_match``), and a disjoint fitness split
-(``zoo_math_fit``, multiple choice), the one a search may optimise on. The YAML files name their jsonl by absolute path; :func:`write_tasks` rewrites
-them for the folder they are in, so a moved or committed zoo is fixed by calling it again.
-(:func:`splice.zoo.evaluate.evaluate` writes its own copy into a temporary folder and leaves the
-zoo untouched.)
+(``zoo_math_fit``, multiple choice), the one a search may optimise on. The YAML files read
+their jsonl through ``zoo_data.py`` beside them (:mod:`splice.zoo.zoo_data`, copied there,
+named by the template :data:`TEMPLATE` they include, so each task file stays plain YAML),
+which finds a relative path in its own folder: ``ZOO/tasks`` works as it is with lm-eval from
+any current folder, moved or committed (``lm_eval --include_path ZOO/tasks --tasks
+zoo_math``). The scorers write their own copy into a temporary folder, naming the zoo's jsonl by
+absolute path, and leave the zoo untouched (:class:`splice.lmeval.LmEvalScorer`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from splice.errors import SpliceError
@@ -26,6 +30,11 @@ GEN_TASKS = tuple(f"{s}_gen" for s in SKILLS)
 ALL_TASKS = MC_TASKS + FIT_TASKS + GEN_TASKS
 DATA = SKILLS + FIT_TASKS  # one jsonl each (the _gen tasks read their skill's report split)
 TAG = "zoo"
+#: the module the YAML files load their jsonl with (``custom_dataset``), beside them
+LOADER = "zoo_data.py"
+#: the template every task YAML includes: the loader (lm-eval indexes no file of this name,
+#: which does not end in ``.yaml``; the ``!function`` tag stays out of the task files)
+TEMPLATE = "_zoo_template_yaml"
 
 
 def test_items(world: World, seed: int, split: str = "report") -> dict[str, list[Item]]:
@@ -45,14 +54,15 @@ def all_items(world: World, seed: int) -> dict[str, list[Item]]:
     return {**test_items(world, seed, "report"), **fit}
 
 
-def _yaml(name: str, data: Path, generate: bool) -> str:
+def _yaml(name: str, data: str, generate: bool) -> str:
+    """A task's YAML; ``data``: its jsonl, relative to the YAML's folder or absolute."""
     head = (
+        f"include: {TEMPLATE}\n"
         f"task: {name}\n"
         f"tag: [{TAG}]\n"
-        "dataset_path: json\n"
         "dataset_kwargs:\n"
         "  data_files:\n"
-        f"    test: {json.dumps(str(data))}\n"
+        f"    test: {json.dumps(data)}\n"
         "test_split: test\n"
         'doc_to_text: "{{prompt}}"\n'
     )
@@ -102,17 +112,24 @@ def write_data(items: dict[str, list[Item]], folder: str | os.PathLike[str]) -> 
 
 
 def write_tasks(folder: str | os.PathLike[str], data: str | os.PathLike[str] | None = None) -> Path:
-    """(Re)write the YAML configs in ``folder`` for the jsonl files in ``data`` (default: beside
-    them); returns ``folder``. ``SpliceError`` if a jsonl file is missing."""
+    """(Re)write the YAML configs in ``folder`` with their template (:data:`TEMPLATE`) and
+    loader (:data:`LOADER`), for the jsonl files in ``data`` (default: beside them, named
+    relative to the folder; elsewhere: by absolute path); returns ``folder``. ``SpliceError``
+    if a jsonl file is missing."""
     folder = Path(folder).resolve()
     data_dir = Path(data).resolve() if data is not None else folder
     for name in DATA:
         file = data_dir / f"{name}.jsonl"
         if not file.is_file():
             raise SpliceError(f"{file}: missing; not a built zoo (run `splice zoo build`)")
-        (folder / f"{name}.yaml").write_text(_yaml(name, file, generate=False))
+        ref = file.name if data_dir == folder else str(file)
+        (folder / f"{name}.yaml").write_text(_yaml(name, ref, generate=False))
         if name in SKILLS:
-            (folder / f"{name}_gen.yaml").write_text(_yaml(f"{name}_gen", file, generate=True))
+            (folder / f"{name}_gen.yaml").write_text(_yaml(f"{name}_gen", ref, generate=True))
+    shutil.copyfile(Path(__file__).with_name(LOADER), folder / LOADER)
+    (folder / TEMPLATE).write_text(
+        f"dataset_path: json\ncustom_dataset: !function {LOADER.removesuffix('.py')}.load\n"
+    )
     return folder
 
 
