@@ -2,7 +2,9 @@
 
 Issue 25's memory target: collapsing or pruning grows peak RSS by less than 100 MB when the
 model doubles in layers. For each family (Qwen3-MoE with a dense first layer; DeepSeek-V3 with
-MLA, a dense first layer, a shared expert and grouped sigmoid routing), a random bf16 model is
+MLA, a dense first layer, a shared expert and grouped sigmoid routing; gpt-oss, whose experts
+are stored packed, interleaved and transposed, read per expert and written packed again), a
+random bf16 model is
 built by transformers at L and 2L layers (hidden 512, 8 experts of width 512), and the peak RSS
 of `splice collapse --method frequency` and `--keep-experts 4 --prune --by reap` is measured in
 a fresh process on one thread, next to loading the model whole. Run:
@@ -40,6 +42,7 @@ FAMILIES = {
         v_head_dim=64,
         head_dim=32,
     ),
+    "gpt_oss": dict(num_local_experts=8, head_dim=64, sliding_window=128),
 }
 
 
@@ -63,6 +66,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/splice-bench", type=Path)
     ap.add_argument("--layers", type=int, default=8, help="L (the other model has 2L)")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                    help="measure these (the others' results in --json are kept)")  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", type=Path,
                     default=Path(__file__).parent / "results" / "collapse_memory_families.json")  # fmt: skip
@@ -82,8 +87,9 @@ def main() -> None:
         "keep 4 prune --by reap": ["--keep-experts", "4", "--prune", "--by", "reap", *cal],
     }
     out = args.workdir / "collapsed-family"
-    results: dict = {}
-    for family in FAMILIES:
+    results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results = {k: v for k, v in results.items() if k in FAMILIES}
+    for family in args.families:
         results[family] = {}
         for layers in (args.layers, 2 * args.layers):
             model = make(family, layers, args.workdir / f"{family}-{layers}")
