@@ -334,8 +334,7 @@ class EvolveConfig(_Frozen):
         def near(ref: str | None) -> str | None:
             if ref is None:
                 return None
-            found = resolve_path(ref, base_dir, what=what)
-            return os.path.abspath(found) if os.path.exists(found) else found  # else a hub id
+            return resolve_path(ref, base_dir, what=what, absolute=True)  # a hub id as it is
 
         g = self.genome
         genome = g.model_copy(
@@ -417,8 +416,11 @@ class EvolveConfig(_Frozen):
 
     def tokenizer_ref(self) -> str:
         """The tokenizer candidates are scored with (``tokenizer``, else the genome's
-        ``tokenizer_source``, else the base model, else the first model)."""
-        return (
+        ``tokenizer_source``, else the base model, else the first model; of a LoRA reference
+        ``BASE+ADAPTER``, the adapter's folder when it ships a tokenizer, else the base)."""
+        from splice.lora import tokenizer_ref
+
+        return tokenizer_ref(
             self.tokenizer
             or self.genome.tokenizer_source
             or self.genome.base_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from splice.cli import (
     add_compute_options,
@@ -11,6 +12,7 @@ from splice.cli import (
     add_output_options,
     positive_int,
 )
+from splice.merge import mergekit_flags
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +20,9 @@ def add(sub: argparse._SubParsersAction) -> None:
         "merge",
         help="merge models as a YAML recipe says (mergekit recipes run unchanged)",
         description="Merge models from a YAML recipe, streaming tensor by tensor into OUT.",
+        epilog="mergekit-yaml's flags are accepted too (--cuda, --out-shard-size, -j, "
+        "--random-seed, --lazy-unpickle, --copy-tokenizer, ...): each sets its splice option, "
+        "is ignored with a note, or is refused; see docs/merging.md",
     )
     p.add_argument(
         "recipe",
@@ -59,6 +64,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     add_output_options(p, dtype=False)
     add_model_options(p, runs_models=True)  # a moe recipe's router runs the base model
+    mergekit_flags.add_options(p)  # mergekit-yaml's, hidden from --help
     p.set_defaults(func=run_cli)
 
 
@@ -67,8 +73,13 @@ def run_cli(args: argparse.Namespace) -> None:
     from splice.errors import SpliceError
     from splice.merge.runner import MergeOptions, describe, describe_json, run
 
+    for line in mergekit_flags.notes(args.mergekit_flags):  # a refused one raises
+        print(f"splice: note: {line}", file=sys.stderr)
+    device = args.device
+    if args.cuda and device == "cpu":  # mergekit's --cuda; another --device wins, as mergekit's
+        device = "cuda"
     opts = MergeOptions(  # checks the options before the recipe is read
-        device=args.device,
+        device=device,
         threads=args.threads,
         workers=args.workers,
         memory_budget=_size("--memory", args.memory),

@@ -102,7 +102,7 @@ class _Router:
 
             with _quiet_transformers():
                 model = load_causal_lm(
-                    self.base.path,
+                    self.base,
                     device=self.device,
                     trust_remote_code=self.trust_remote_code,
                     why="the router's hidden states need finite weights",

@@ -14,6 +14,10 @@ documents, each with a ``name`` the later ones use as a model) are read by
 splice adds ``layer_path`` (Sakana's data-flow merge: an ordered list of ``{model, layer |
 layer_range, scale}`` steps) and ``seed`` (for DARE / DELLA).
 
+Every field that names a model takes a LoRA reference, as mergekit writes it: ``BASE+ADAPTER``
+or ``{model: BASE, lora: ADAPTER}`` (read as the former); :mod:`splice.lora` applies the
+adapter while reading, with no merged copy on disk.
+
 Only the schema lives here; checks that need the models (shapes, layer counts) are in
 ``splice.merge.planner``.
 """
@@ -57,35 +61,47 @@ Params = dict[str, Setting]
 
 
 def _model_ref(value: Any) -> Any:
-    """Accept ``path``, ``{path: p}`` and ``{model: {path: p}}``; refuse LoRA references, other
-    keys (``revision``, ...), empty references and URLs."""
+    """Accept ``path``, ``{path: p}``, ``{model: {path: p}}`` and LoRA references: mergekit's
+    ``BASE+ADAPTER`` and ``{model: BASE, lora: ADAPTER}`` (each side a path or ``{path: p}``),
+    the latter read as the former (:mod:`splice.lora`); refuse other keys (``revision``,
+    ...), empty references and URLs."""
     if isinstance(value, dict):
-        if value.get("lora"):
-            raise ValueError("LoRA model references (model+lora) are not supported yet")
         other = sorted(str(k) for k in value if k not in ("model", "path", "lora"))
         if other:
             raise ValueError(f"model reference key {other[0]!r} is not supported")
-        inner = value.get("model", value)
-        if isinstance(inner, dict):
-            other = sorted(str(k) for k in inner if k != "path")
-            if other:
-                raise ValueError(
-                    f"model reference key {other[0]!r} is not supported (give `path` only)"
-                )
-            if "path" not in inner:
-                raise ValueError("a model reference needs `path`")
-            inner = inner["path"]
-        value = inner
+        lora = value.get("lora")
+        value = _path_of(value.get("model", {k: v for k, v in value.items() if k != "lora"}))
+        if lora is not None:
+            adapter = _path_of(lora, "a LoRA reference")
+            if not isinstance(value, str) or not isinstance(adapter, str):
+                raise ValueError("a LoRA reference is {model: BASE, lora: ADAPTER}, two paths")
+            for side in (value, adapter):
+                _check_ref(side)
+            value = f"{value}+{adapter}"
     if isinstance(value, str):
-        if not value.strip():
-            raise ValueError("a model reference is empty (give a model folder or a hub id)")
-        if "://" in value:
-            raise ValueError(
-                f"{value!r} is a URL; give a local model folder or a hub id (org/name)"
-            )
-        if "+" in value and not os.path.exists(value):
-            raise ValueError(f"{value!r}: LoRA model references (model+lora) are not supported yet")
+        _check_ref(value)
     return value
+
+
+def _path_of(inner: Any, what: str = "a model reference") -> Any:
+    """``p`` from ``p`` or ``{path: p}``."""
+    if isinstance(inner, dict):
+        other = sorted(str(k) for k in inner if k != "path")
+        if other:
+            raise ValueError(
+                f"model reference key {other[0]!r} is not supported (give `path` only)"
+            )
+        if "path" not in inner:
+            raise ValueError(f"{what} needs `path`")
+        return inner["path"]
+    return inner
+
+
+def _check_ref(value: str) -> None:
+    if not value.strip():
+        raise ValueError("a model reference is empty (give a model folder or a hub id)")
+    if "://" in value:
+        raise ValueError(f"{value!r} is a URL; give a local model folder or a hub id (org/name)")
 
 
 def _setting_problem(value: Any) -> str | None:
@@ -391,8 +407,8 @@ class Recipe(_Strict):
             return ref if ref in ("base", "union") else f(ref)
 
         data = self.model_dump()
-        for key in ("base_model", "tokenizer_source"):
-            data[key] = source(data[key])
+        data["base_model"] = f(data["base_model"])  # a folder named base is a folder here
+        data["tokenizer_source"] = source(data["tokenizer_source"])
         if data.get("tokenizer"):
             data["tokenizer"]["source"] = source(data["tokenizer"]["source"])
             for entry in (data["tokenizer"]["tokens"] or {}).values():

@@ -134,7 +134,7 @@ def _run_one(
     # claimed before any work: a second run into OUT is refused at once
     with claim_output(out, opts.overwrite) as claim:
         p = plan(recipe, opts)  # reads headers only
-        claim.check([m.path for m in p.models.values()])
+        claim.check([f for m in p.models.values() for f in m.folders])
         r = p.recipe
         shown, models = card_recipe or (r.to_yaml(), r.referenced_models())
         card = model_card(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.arch import ArchSpec
 from splice.errors import SpliceError
+from splice.paths import lora_parts
 from splice.st_format import TensorInfo, json_kind, pread_into, read_header, show, valid_name
 
 if TYPE_CHECKING:
@@ -231,6 +232,11 @@ class Checkpoint(Mapping[str, TensorInfo]):
         return sum(t.nbytes for t in self.tensors.values())
 
     @property
+    def folders(self) -> list[Path]:
+        """Every folder the checkpoint reads (a LoRA reference: the base's and the adapter's)."""
+        return [self.path]
+
+    @property
     def files(self) -> list[Path]:
         """Weight files, in order."""
         return list(dict.fromkeys(t.file for t in self.tensors.values()))
@@ -257,28 +263,32 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
         The returned tensor owns fresh memory; the checkpoint keeps no reference to it.
         """
+        from splice.dtypes import to_torch
+
+        t = self._read(self.stored_info(name))
+        if dtype is not None or device is not None:
+            t = t.to(device=device, dtype=to_torch(dtype) if dtype is not None else None)
+        return t
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        """The stored tensor ``info`` describes (any file, this folder's or not), in fresh
+        memory, as stored."""
         import torch
 
         from splice.dtypes import to_torch
 
-        info = self.stored_info(name)
+        v = info.view
         if info.offset < 0:  # pickled weights, already memory-mapped by torch.load
-            t = self._pickled[info.file][name].clone()
-        elif not info.readable:  # a part of an expert's block of a stored tensor
-            v = info.view
-            assert v is not None
+            return self._pickled[info.file][info.name].clone()
+        if v is not None and not v.layout.contiguous:  # a part of an expert's block
             buf = torch.empty(v.block_nbytes, dtype=torch.uint8)
             pread_into(self._fd(info.file), memoryview(buf.numpy()), v.block_offset)
             block = buf.view(to_torch(info.dtype)).reshape(v.block_shape)
-            t = v.layout.take(block, v.part)
-        else:
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-            if info.nbytes:
-                pread_into(self._fd(info.file), memoryview(buf.numpy()), info.offset)
-            t = buf.view(to_torch(info.dtype)).reshape(info.shape)
-        if dtype is not None or device is not None:
-            t = t.to(device=device, dtype=to_torch(dtype) if dtype is not None else None)
-        return t
+            return v.layout.take(block, v.part)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            pread_into(self._fd(info.file), memoryview(buf.numpy()), info.offset)
+        return buf.view(to_torch(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
         with self._lock:
@@ -356,7 +366,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
 def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
     """A local folder for ``ref``: the path itself, or a hub id downloaded (or found in cache).
 
-    Only safetensors, JSON and tokenizer files are fetched (plus ``.bin`` if pickle is allowed).
+    Only safetensors, JSON and tokenizer files are fetched (plus ``.bin`` if pickle is allowed):
+    a model's, or a PEFT adapter's (:func:`open_checkpoint` resolves each side of a LoRA
+    reference ``BASE+ADAPTER`` here).
     """
     if not str(ref).strip():
         raise SpliceError("empty model reference: give a model folder or hub id")
@@ -391,7 +403,16 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
 
 
 def open_checkpoint(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
-    """Open a model folder or hub id as a lazy :class:`Checkpoint`."""
+    """Open a model folder or hub id as a lazy :class:`Checkpoint`; a LoRA reference
+    ``BASE+ADAPTER`` (mergekit's syntax: a PEFT adapter folder or hub id after the ``+``, see
+    :func:`splice.paths.lora_parts`) as a :class:`splice.lora.LoraCheckpoint`, the base with
+    the adapter applied tensor by tensor as they are read."""
+    parts = lora_parts(str(ref))
+    if parts is not None:
+        from splice.lora import LoraCheckpoint
+
+        base, adapter = (resolve(p, allow_pickle=allow_pickle) for p in parts)
+        return LoraCheckpoint(base, adapter, allow_pickle=allow_pickle)
     return Checkpoint(resolve(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
 
 

@@ -42,7 +42,9 @@ def convert(
 
         specs = [TensorSpec(n, i.shape, out_dtype(i.dtype)) for n, i in ckpt.tensors.items()]
         config = config_with_dtype(ckpt.config, target) if target else dict(ckpt.config)
-        with CheckpointWriter(claim, specs, max_shard_size=max_shard_size, inputs=[ckpt.path]) as w:
+        with CheckpointWriter(
+            claim, specs, max_shard_size=max_shard_size, inputs=ckpt.folders
+        ) as w:
             tasks = bounded_map(
                 lambda spec: w.copy(spec.name, ckpt),
                 specs,

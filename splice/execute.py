@@ -201,7 +201,7 @@ def execute(
         specs,
         max_shard_size=opts.max_shard_size,
         overwrite=opts.overwrite,
-        inputs=[m.path for m in models.values()],
+        inputs=[f for m in models.values() for f in m.folders],
     ) as writer:
         done = bounded_map(
             run_one,

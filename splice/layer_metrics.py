@@ -87,7 +87,7 @@ def measure_layers(
     ids = windows_for(tokenizer, calibration, calib, text=text)
     check_vocab(ckpt, ids)
     lm = load_causal_lm(
-        ckpt.path,
+        ckpt,
         dtype=dtype,
         device=device,
         trust_remote_code=trust_remote_code,

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError, first_line
+from splice.paths import lora_parts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from splice.checkpoint import Checkpoint
+    from splice.lora import LoraCheckpoint
 
 
 def _read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -102,8 +104,22 @@ def check_runnable(
     return ckpt
 
 
+def _adapter_of(ref: Any, allow_pickle: bool) -> LoraCheckpoint | None:
+    """The open LoRA checkpoint ``ref`` is or names (``BASE+ADAPTER``), else None."""
+    from splice.lora import LoraCheckpoint
+
+    if isinstance(ref, LoraCheckpoint):
+        return ref
+    if isinstance(ref, (str, os.PathLike)) and lora_parts(str(ref)) is not None:
+        from splice.checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
+        return ckpt if isinstance(ckpt, LoraCheckpoint) else None
+    return None
+
+
 def load_causal_lm(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Checkpoint,
     *,
     dtype: str = "float32",
     device: str = "cpu",
@@ -115,7 +131,9 @@ def load_causal_lm(
     """``AutoModelForCausalLM`` from a model folder in ``dtype`` on ``device`` (resolved:
     ``resolve_device``), in eval mode; the one model loader. With ``sliced``, a per-layer sliced
     model (``splice_sliced``) loads too, through :func:`splice.sliced_check.load_sliced_model`
-    (safetensors only); without, it is refused (:func:`check_model_code`).
+    (safetensors only); without, it is refused (:func:`check_model_code`). A LoRA reference
+    ``BASE+ADAPTER`` (or its open :class:`~splice.lora.LoraCheckpoint`) loads the base and
+    applies the adapter to the module; any other open checkpoint loads from its folder.
 
     Checked (one-line :class:`SpliceError`): own code only with ``trust_remote_code``
     (:func:`check_model_code`); safetensors only unless ``allow_pickle`` (then ``.bin`` with
@@ -131,6 +149,11 @@ def load_causal_lm(
     from splice.finite import check_finite
     from splice.sliced_check import is_sliced, load_sliced_model
 
+    adapted = _adapter_of(path, allow_pickle)
+    if adapted is not None:
+        path = adapted.base_path
+    elif not isinstance(path, (str, os.PathLike)):
+        path = path.path
     check_model_code(path, trust_remote_code, sliced=sliced)
     per_layer = is_sliced(_read_config(path))
     bars = hf_logging.is_progress_bar_enabled()
@@ -151,6 +174,8 @@ def load_causal_lm(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if adapted is not None:
+        adapted.apply_to(model)
     cast = f" (in {dtype_name(dtype)})" if dtype_name(dtype) != "float32" else ""
     with torch.no_grad():
         for name, p in model.named_parameters():

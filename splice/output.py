@@ -59,7 +59,7 @@ def write_model(
     """
     opts = options or ExecOptions()
     plan = check_plan(plan, verify=opts.verify)
-    inputs = [m.path for m in plan.models.values()]
+    inputs = [f for m in plan.models.values() for f in m.folders]
     with claim_output(out, opts.overwrite, inputs=inputs) as claim:
         return execute(
             plan.tasks,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from splice.checkpoint import Checkpoint
 from splice.dtypes import to_torch
 from splice.errors import SpliceError
+from splice.lora import LoraCheckpoint
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,9 @@ class ResidentCheckpoint(Checkpoint):
         allow_pickle: bool = False,
     ) -> None:
         super().__init__(path, allow_pickle=allow_pickle)
+        self._hold(device, dtype)
+
+    def _hold(self, device: str, dtype: str | None) -> None:
         from splice.devices import resolve_device
 
         self.device = resolve_device(device)
@@ -52,9 +56,18 @@ class ResidentCheckpoint(Checkpoint):
     def of(
         cls, ckpt: Checkpoint, *, device: str = "cpu", dtype: str | None = None
     ) -> ResidentCheckpoint:
-        """A resident view of the model folder ``ckpt`` reads (its own file handles)."""
+        """A resident view of the model folder ``ckpt`` reads (its own file handles); of a LoRA
+        reference, a :class:`ResidentLora`."""
         if isinstance(ckpt, ResidentCheckpoint):
             return ckpt
+        if isinstance(ckpt, LoraCheckpoint):
+            return ResidentLora(
+                ckpt.base_path,
+                ckpt.adapter_path,
+                device=device,
+                dtype=dtype,
+                allow_pickle=ckpt.allow_pickle,
+            )
         return cls(ckpt.path, device=device, dtype=dtype, allow_pickle=ckpt.allow_pickle)
 
     def warm(self, names: Iterable[str] | None = None) -> None:
@@ -90,6 +103,23 @@ class ResidentCheckpoint(Checkpoint):
     def release(self) -> None:
         """Drop the device copies (the next load reads from disk again)."""
         self._resident.clear()
+
+
+class ResidentLora(ResidentCheckpoint, LoraCheckpoint):
+    """A LoRA reference ``BASE+ADAPTER`` held resident: each tensor adapted on its first load
+    (:class:`splice.lora.LoraCheckpoint`), then kept on the device like any other."""
+
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        adapter: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        LoraCheckpoint.__init__(self, base, adapter, allow_pickle=allow_pickle)
+        self._hold(device, dtype)
 
 
 # ---- a module to merge into -------------------------------------------------------------------

@@ -293,7 +293,7 @@ def heal(
         if max_pos and seq_len > max_pos:
             raise SpliceError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
         lm = load_causal_lm(
-            ckpt.path,
+            ckpt,
             dtype=train_dtype,
             device=device,
             trust_remote_code=trust_remote_code,

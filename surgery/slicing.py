@@ -324,7 +324,7 @@ def plan_slice(
     calib = calib or Calibration()
     windows = slice_windows(ckpt, calibration, calib, trust_remote_code)
     live = load_causal_lm(
-        ckpt.path,
+        ckpt,
         dtype=calib.dtype,
         device=calib.device,
         trust_remote_code=trust_remote_code,
