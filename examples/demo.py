@@ -3,12 +3,14 @@
 1. Build the zoo, or reuse it (it is committed in ``assets/zoo``; ``make zoo`` rebuilds it).
 2. Merge its two specialists with splice recipes (mergekit schema): linear, task arithmetic,
    TIES, DARE-TIES, written to ``out/demo/`` as ordinary checkpoints.
-3. Evolve: a short parameter-space search (``splice.evolve``, CMA-ES, about a minute) for a
+3. Prune: the two most redundant layers of the base (angular distance on calibration text),
+   with its perplexity on the zoo's held-out text before and after (``splice prune``).
+4. Evolve: a short parameter-space search (``splice.evolve``, CMA-ES, about a minute) for a
    task-arithmetic merge with per-layer weights (30 candidates), scored next to the others
    (``examples/evolve_zoo.py`` runs the full searches: PS, DFS, PS+DFS).
-4. Score everything on the zoo's held-out tasks with lm-eval: each merge should carry both
+5. Score everything on the zoo's held-out tasks with lm-eval: each merge should carry both
    skills, which no specialist has.
-5. Analyze: base vs each specialist, layer redundancy of base (weights and activations), and the
+6. Analyze: base vs each specialist, layer redundancy of base (weights and activations), and the
    MoE's experts vs base, saved under ``out/demo/analysis/``.
 """
 
@@ -39,6 +41,28 @@ def merge_step(zoo: Path, out: Path) -> dict[str, Path]:
     recipes = zoo_recipes(zoo)
     opts = MergeOptions(overwrite=True, show_progress=False)
     return {name: run(recipes[name], out / name.split()[0], opts) for name in DEMO_MERGES}
+
+
+def surgery_step(zoo: Path, out: Path) -> Path:
+    """Prune 2 of base's 8 layers, chosen by angular distance on the zoo's calibration text, and
+    print the choice and the perplexity of the source and the output on held-out text."""
+    from splice.execute import ExecOptions
+    from splice.scoring import read_text
+    from splice.surgery import Calibration, prune
+
+    result = prune(
+        zoo / "base",
+        out / "base-pruned",
+        n=2,
+        by="angular",
+        calibration="zoo",
+        calib=Calibration(seq_len=64),
+        options=ExecOptions(overwrite=True, show_progress=False),
+    )
+    result.score(text=read_text("zoo"), seq_len=64)  # --ppl zoo: into the report's summary
+    print(f"{result.report.summary()}\n(perplexity on the zoo's held-out text)\n")
+    assert result.out is not None
+    return result.out
 
 
 def search_step(zoo: Path, out: Path, fevals: int = 30) -> dict[str, Path]:
@@ -125,6 +149,7 @@ def main() -> int:
     zoo = build()
     print(f"zoo: {zoo}\n", file=sys.stderr)
     merged = merge_step(zoo, out)
+    surgery_step(zoo, out)
     merged |= search_step(zoo, out)
     models = {n: zoo / n for n in ("base", "math", "lang", "moe")} | merged
     scores = evaluate(models, ["zoo_math", "zoo_lang", "zoo_math_lang"], zoo=zoo)
