@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,11 @@ def _common(p: argparse.ArgumentParser, *, metrics: bool = True) -> None:
         help="heatmap colours: one range for all panels of a figure (shared, default), the "
         "metric's natural range, e.g. [-1, 1] for cosine (fixed), or each panel its own (auto)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (a bar on a terminal, a line every 30 s elsewhere)",
+    )
 
 
 def _seq_len(text: str) -> int:
@@ -225,7 +228,7 @@ def _run_weights(args: argparse.Namespace) -> None:
         device=device,
         baselines=not args.no_baselines,
         kinds=kinds,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         threads=args.threads,
     )
@@ -246,7 +249,7 @@ def _run_experts(args: argparse.Namespace) -> None:
         metrics=args.metrics,
         device=device,
         baselines=not args.no_baselines,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         threads=args.threads,
     )
@@ -270,7 +273,7 @@ def _run_activations(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         final_norm=not args.last_before_norm,
         threads=args.threads,
     )
@@ -289,7 +292,7 @@ def _run_tasks(args: argparse.Namespace) -> None:
         device=device,
         baselines=not args.no_baselines,
         kinds=kinds,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         threads=args.threads,
     )
@@ -312,7 +315,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         include_path=args.include_path,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         threads=args.threads,
     )
     _finish(report, args, compare.summary)

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -626,50 +625,26 @@ def _run(
 
 
 class GenerationProgress:
-    """A search's progress on ``stream`` (default: stderr), by one rule: a tqdm bar on a
-    terminal; anywhere else (a log, nohup) one plain line per generation with the elapsed time
-    (:func:`generation_line`), never a ``\\r``. (``splice.progress`` wraps an iterable in a
-    bar and has no plain-line mode, hence this.)"""
+    """A search's progress on ``stream`` (default: stderr) by :mod:`splice.progress`'s rule: a
+    bar on a terminal (best, mean and rate as its status); anywhere else one plain line per
+    generation (:func:`generation_line`), never a ``\\r``."""
 
     def __init__(self, state: dict[str, Any], stream: TextIO | None = None) -> None:
-        self.stream = sys.stderr if stream is None else stream
-        self.total = state["generations"]
-        self.t0 = time.monotonic()
-        self.bar: Any = None
-        if _isatty(self.stream):
-            from tqdm import tqdm
+        from splice.progress import Progress
 
-            self.bar = tqdm(
-                total=self.total,
-                initial=state["generation"],
-                desc="evolve",
-                unit="gen",
-                dynamic_ncols=True,
-                file=self.stream,
-            )
+        self.total = state["generations"]
+        self.p = Progress(self.total, "evolve", unit="gen", initial=state["generation"],
+                          stream=stream, every_s=float("inf"))  # fmt: skip
 
     def update(self, h: dict[str, Any]) -> None:
         """Show the generation whose history entry is ``h``."""
-        if self.bar is None:
-            line = generation_line(h, self.total, time.monotonic() - self.t0)
-            print(line, file=self.stream, flush=True)
-            return
-        self.bar.set_postfix_str(
-            f"best {h['best_so_far']:.4g} mean {h['mean']:.4g} {h['per_minute']:.1f}/min",
-            refresh=False,
-        )
-        self.bar.update(1)
+        status = f"best {h['best_so_far']:.4g} mean {h['mean']:.4g} {h['per_minute']:.1f}/min"
+        self.p.update(1, status=status)
+        if self.p.bar is None:
+            self.p.line(generation_line(h, self.total, self.p.elapsed))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
-        return False
+        self.p.close()
 
 
 def generation_line(h: dict[str, Any], total: int, elapsed: float) -> str:

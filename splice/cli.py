@@ -235,7 +235,11 @@ def add_output_options(
         )
     if dtype:
         p.add_argument("--dtype", help="output dtype: bfloat16, float16, float32")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (a bar on a terminal, a line every 30 s elsewhere)",
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser, *, runs_models: bool = False) -> None:
@@ -504,7 +508,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         include_path=args.include_path,
         num_fewshot=args.num_fewshot,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         text_name=f"--ppl {args.ppl}: the text",

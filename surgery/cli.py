@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from splice.cli import (
@@ -191,7 +190,7 @@ def _exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
         max_shard_size=shard,
         overwrite=args.overwrite,
         verify=not args.no_verify,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
     )
 
 
@@ -207,7 +206,7 @@ def _calibration(args: argparse.Namespace) -> Any:
         device=args.device,
         dtype=args.calibration_dtype,
         include_path=args.include_path,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         final_norm=not getattr(args, "last_before_norm", False),
     )
 
@@ -337,7 +336,7 @@ def _run_heal(args: argparse.Namespace) -> None:
         options=_exec_options(args),
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
     )
     _finish(result, args)
 
