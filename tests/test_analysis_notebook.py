@@ -50,3 +50,16 @@ def test_demo_analysis_step(analysis_zoo, tmp_path, capsys):
     }
     assert all((tmp_path / n / "report.json").is_file() for n in names)
     assert "== moe-experts-vs-base ==" in capsys.readouterr().out
+
+
+def test_the_committed_notebook_shows_its_outputs():
+    """The notebook is committed executed (a reader sees the plots without running it), with no
+    machine's absolute paths in its outputs."""
+    import json
+
+    nb = json.loads(NOTEBOOK.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 8
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    text = json.dumps(outputs)
+    assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
