@@ -40,6 +40,7 @@ VERBS: dict[str, str] = {
     "eval": "splice.cli:add_eval",
     "zoo": "splice.zoo.cli:add",
     "evolve": "splice.evolve.cli:add",
+    "tokensurgeon": "splice.merge.tokensurgeon_cli:add_tokensurgeon",
 }
 #: entry-point group through which other packages add verbs
 GROUP = "splice.commands"

@@ -17,7 +17,7 @@ from splice.cli import DEVICE_DEFAULT, build_parser, thread_count
 
 VERBS = {
     "inspect", "convert", "eval", "merge", "analyze", "zoo", "upscale", "prune", "heal",
-    "slice", "collapse", "evolve",
+    "slice", "collapse", "evolve", "tokensurgeon",
 }  # fmt: skip
 
 #: option names that are, on purpose, different options on different verbs
@@ -32,12 +32,14 @@ DIFFERENT = {
     "--dtype": "the output dtype everywhere, with each writer's own default and help text",
     "--seq-len": "analyze activations needs 2 or more (its first token is excluded)",
     "--device": "merge defaults to cpu, evolve to its config's (test_device_default)",
+    "--method": "collapse: how experts become one MLP (uniform, frequency, slice); tokensurgeon: "
+    "how a missing token's rows are approximated (omp, mean, ...)",
 }
 
 #: verbs (and sub-verbs) that print a report, each of which takes --json
 REPORTS = [
     "inspect", "eval", "upscale", "prune", "heal", "slice", "collapse", "zoo eval",
-    "analyze weights", "analyze experts", "analyze tasks", "analyze activations",
+    "analyze weights", "analyze experts", "analyze tasks", "analyze activations", "tokensurgeon",
 ]  # fmt: skip
 
 
