@@ -204,7 +204,7 @@ def main() -> None:
             print(f"{kind} {method} k={k}: ppl {row['ppl']:.3f}", file=sys.stderr)
     trained_on = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in texts]
     report = {
-        "heldout": heldout,
+        "heldout": f"text/{Path(heldout).name}",
         "seq_len": SEQ_LEN,
         "tokenizers_trained_on": trained_on,
         "tokenizers": tokenizers,

@@ -123,6 +123,19 @@ def zoo_merges(src: Sources) -> list[str]:
     return table(head, rows)
 
 
+def tokensurgeon_zoo(src: Sources) -> list[str]:
+    """``examples/tokensurgeon_zoo.py``: the zoo's base moved onto two other tokenizers."""
+    data = src.result("tokensurgeon_zoo.json")
+    rows = [
+        [r["model"], r["tokenizer"], r.get("method") or "-", str(r.get("k") or "-"),
+         str(r.get("exact", "-")), str(r.get("approximated", "-")), f"{r['ppl']:.4g}",
+         f(r["bits_per_char"], 4)]
+        for r in data["rows"]
+    ]  # fmt: skip
+    head = ["model", "tokenizer", "method", "k", "exact rows", "new rows", "ppl", "bits/char"]
+    return table(head, rows, text_columns=3)
+
+
 def core_io(src: Sources) -> list[str]:
     data = src.result("core_io.json")["runs"]
     cp = data["cp -r (reference)"]["wall_s"]
@@ -407,6 +420,7 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "evolve-zoo": (evolve_zoo, "python examples/evolve_zoo.py --fresh"),
     "evolve-search": (evolve_search, "python benchmarks/evolve_search.py"),
     "evolve-path": (evolve_path, "python benchmarks/evolve_path.py"),
+    "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
     "zoo-acceptance": (zoo_acceptance, "splice zoo build"),
     "zoo-build": (zoo_build, "splice zoo build"),
 }

@@ -246,3 +246,14 @@ def test_the_issues_mergekit_command_runs(trio, tmp_path, capsys):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     for f in a:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_the_docs_table_is_the_code_s():
+    """docs/merging.md's flag table is ``markdown_table()`` (regenerate it, never edit it)."""
+    from pathlib import Path
+
+    from splice.merge.mergekit_flags import markdown_table
+
+    text = (Path(__file__).parents[1] / "docs" / "merging.md").read_text()
+    begin, end = "<!-- mergekit-flags -->\n", "<!-- /mergekit-flags -->"
+    assert text[text.index(begin) + len(begin) : text.index(end)] == markdown_table()
