@@ -31,6 +31,7 @@ VERBS: dict[str, str] = {
     "inspect": "splice.cli:add_inspect",
     "convert": "splice.cli:add_convert",
     "merge": "splice.merge.cli:add",
+    "extract-lora": "splice.merge.extract_lora_cli:add_extract_lora",
     "analyze": "splice.analysis.cli:add",
     "upscale": "splice.surgery.cli:add_upscale",
     "prune": "splice.surgery.cli:add_prune",

@@ -17,7 +17,7 @@ from splice.cli import DEVICE_DEFAULT, build_parser, thread_count
 
 VERBS = {
     "inspect", "convert", "eval", "merge", "analyze", "zoo", "upscale", "prune", "heal",
-    "slice", "collapse", "evolve", "tokensurgeon",
+    "slice", "collapse", "evolve", "tokensurgeon", "extract-lora",
 }  # fmt: skip
 
 #: option names that are, on purpose, different options on different verbs
@@ -40,6 +40,7 @@ DIFFERENT = {
 REPORTS = [
     "inspect", "eval", "upscale", "prune", "heal", "slice", "collapse", "zoo eval",
     "analyze weights", "analyze experts", "analyze tasks", "analyze activations", "tokensurgeon",
+    "extract-lora",
 ]  # fmt: skip
 
 
