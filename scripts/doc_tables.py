@@ -136,6 +136,20 @@ def tokensurgeon_zoo(src: Sources) -> list[str]:
     return table(head, rows, text_columns=3)
 
 
+def extract_lora(src: Sources) -> list[str]:
+    """``benchmarks/extract_lora.py`` at both sizes: splice against mergekit-extract-lora."""
+    rows = []
+    for name in ("extract_lora-small.json", "extract_lora.json"):
+        data = src.result(name)
+        errors = data.get("layer0_relative_errors", {})
+        for tool, run in data["runs"].items():
+            q = errors.get(tool, {}).get("model.layers.0.self_attn.q_proj")
+            rows.append([f"{data['size_gb']:.2f} GB", tool, f(run["wall_s"], 1),
+                         f(run["peak_rss_mb"], 0), f(q, 4)])  # fmt: skip
+    head = ["checkpoints", "tool", "wall s", "peak RSS MB", "layer 0 q_proj error"]
+    return table(head, rows, text_columns=2)
+
+
 def core_io(src: Sources) -> list[str]:
     data = src.result("core_io.json")["runs"]
     cp = data["cp -r (reference)"]["wall_s"]
@@ -421,6 +435,10 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "evolve-search": (evolve_search, "python benchmarks/evolve_search.py"),
     "evolve-path": (evolve_path, "python benchmarks/evolve_path.py"),
     "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
+    "extract-lora": (
+        extract_lora,
+        "python benchmarks/extract_lora.py --size small; python benchmarks/extract_lora.py",
+    ),
     "zoo-acceptance": (zoo_acceptance, "splice zoo build"),
     "zoo-build": (zoo_build, "splice zoo build"),
 }
