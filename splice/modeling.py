@@ -80,7 +80,8 @@ def check_runnable(
     already open) checked before it is loaded to run it: read (``open_checkpoint``: pickled
     ``.bin`` only with ``allow_pickle``), its own code only with ``trust_remote_code``
     (:func:`check_model_code`), its tensors complete and shaped (``Checkpoint.validate``).
-    ``local_only``: a path that is not an existing folder is refused (no hub download).
+    ``local_only``: a path that is not an existing folder is refused (no hub download; a LoRA
+    reference ``BASE+ADAPTER`` needs both folders).
     ``sliced``: a per-layer sliced model is accepted (else refused, naming ``--basis shared``).
     Returns the checkpoint; failures are one-line :class:`SpliceError`. The one such check:
     every verb that runs a model (eval, zoo eval, analyze, calibration, heal) calls it."""
@@ -92,9 +93,11 @@ def check_runnable(
     if isinstance(model, Checkpoint):
         ckpt = model
     else:
-        if local_only and not Path(model).is_dir():
-            what = "not a folder" if Path(model).exists() else "no such folder"
-            raise SpliceError(f"{model}: not a model folder ({what})")
+        parts = lora_parts(str(model))
+        for folder in parts if (local_only and parts) else ([model] if local_only else []):
+            if not Path(folder).is_dir():
+                what = "not a folder" if Path(folder).exists() else "no such folder"
+                raise SpliceError(f"{folder}: not a model folder ({what})")
         ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     check_model_code(ckpt.path, trust_remote_code, sliced=sliced)
     with warnings.catch_warnings():

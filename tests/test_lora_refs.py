@@ -462,3 +462,13 @@ def test_live_model_verbs_run_the_adapted_model(lora):
         got = load_causal_lm(given)(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (base - want).abs().max() > 1e-3  # the adapter changes the logits
+
+
+def test_the_zoo_loader_applies_the_adapter(lora):
+    """``splice.zoo.load_model("base+adapter")`` (zoo eval's loader) is PEFT's merged model."""
+    from splice.zoo import load_model
+
+    ids = torch.arange(3, 19)[None]
+    want = _peft_merged(lora["base"], lora["plain"])(ids).logits
+    got = load_model(f"{lora['base']}+{lora['plain']}")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -68,7 +68,7 @@ def load_model(
 
     ckpt = check_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return load_causal_lm(
-        ckpt.path,
+        ckpt,
         dtype="float32",
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
@@ -192,7 +192,7 @@ def evaluate(
             m = models[name]
             model = (
                 load_causal_lm(
-                    checked[name].path,
+                    checked[name],
                     trust_remote_code=trust_remote_code,
                     allow_pickle=allow_pickle,
                     why=_FINITE,
