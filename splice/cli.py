@@ -416,6 +416,12 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("out", help="output folder (written atomically)")
     add_output_options(p, verify=False)  # a conversion keeps the config and every tensor
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="a multimodal model's language model alone, as its text family (Gemma 3: "
+        "gemma3_text), the vision tower and projector dropped",
+    )
     add_model_options(p)
     p.set_defaults(func=_run_convert)
 
@@ -431,6 +437,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         show_progress=not args.no_progress,
+        text_only=args.text_only,
     )
     print(f"wrote {out}")
 

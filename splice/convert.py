@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 from splice.card import model_card
-from splice.checkpoint import open_checkpoint
+from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.dtypes import config_with_dtype, output_dtype
 from splice.parallel import bounded_map
 from splice.progress import progress
-from splice.target import claim_output
+from splice.target import Claim, claim_output
 from splice.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
 
 
@@ -24,17 +24,22 @@ def convert(
     allow_pickle: bool = False,
     show_progress: bool = False,
     workers: int = 2,
+    text_only: bool = False,
 ) -> Path:
     """Copy ``source`` to ``out`` with new shards and optionally a new dtype.
 
     Tensors whose dtype does not change are copied byte for byte (kernel copy); others are
     loaded one at a time and cast. Integer tensors keep their dtype. Returns the output folder.
+    ``text_only``: a multimodal model's language model alone, as its text family
+    (:mod:`splice.multimodal`; written through the plan and its checks).
     """
     local = [source] if str(source).strip() and Path(source).exists() else []
     with claim_output(out, overwrite, inputs=local) as claim:  # before any work
         ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
-        ckpt.validate()
         target = output_dtype(dtype or None)
+        if text_only:
+            return _text_only(ckpt, source, claim, target, max_shard_size, show_progress, workers)
+        ckpt.validate()
 
         def out_dtype(d: str) -> str:
             floating = d.startswith(("float", "bfloat"))
@@ -66,3 +71,31 @@ def convert(
                 )
             )
     return Path(out)
+
+
+def _text_only(
+    ckpt: Checkpoint,
+    source: str | os.PathLike[str],
+    claim: Claim,
+    dtype: str | None,
+    max_shard_size: str | int,
+    show_progress: bool,
+    workers: int,
+) -> Path:
+    """Write the language model of the multimodal ``ckpt`` into ``claim`` (see :func:`convert`)."""
+    from splice.execute import ExecOptions
+    from splice.multimodal import plan_text_only
+    from splice.output import write_model
+
+    what = f"text-only, {dtype}" if dtype else "text-only"
+    card = model_card(
+        f"{claim.path.name}: {what}",
+        [str(source)],
+        details="`splice convert --text-only`: the language model of a multimodal model, "
+        "as its text family (the vision tower and projector dropped).",
+    )
+    plan = plan_text_only(ckpt, dtype=dtype, card=card)
+    options = ExecOptions(
+        workers=workers, max_shard_size=max_shard_size, show_progress=show_progress
+    )
+    return write_model(plan, claim, options)
