@@ -57,6 +57,21 @@ TEXT_ONLY: dict[str, TextOnly] = {
             "multi_modal_projector.": _PROJECTOR,
         },
     ),
+    # Mistral Small 3.x: a plain Mistral language model (transformers 5 saves
+    # language_model.model.* / language_model.lm_head.*, 4.52-4.x model.language_model.*)
+    "mistral3": TextOnly(
+        text_type="mistral",
+        architectures=("MistralForCausalLM",),
+        section="text_config",
+        text=("model.language_model.", "language_model.model."),
+        head=("lm_head.weight", "language_model.lm_head.weight"),
+        dropped={
+            "model.vision_tower.": _TOWER,
+            "vision_tower.": _TOWER,
+            "model.multi_modal_projector.": _PROJECTOR,
+            "multi_modal_projector.": _PROJECTOR,
+        },
+    ),
 }
 
 #: top-level fields a text model takes when its section does not set them

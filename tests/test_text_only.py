@@ -183,3 +183,37 @@ def test_text_config_of_a_hub_gemma3_config():
     assert rope["full_attention"]["factor"] == 8.0
     assert rope["sliding_attention"]["rope_theta"] == 10000.0
     assert config["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_text_only_of_mistral3(tmp_path, tied):
+    """Mistral Small 3.x (``mistral3``): its language model as a plain ``mistral``, loaded by
+    ``AutoModelForCausalLM`` with nothing missing or unexpected, with the multimodal model's
+    text logits; the vision tower and projector left out."""
+    from transformers import AutoModelForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type="mistral", vocab_size=96, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=64, tie_word_embeddings=tied)  # fmt: skip
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, head_dim=8, image_size=32, patch_size=8)  # fmt: skip
+    cfg = Mistral3Config(text_config=text, vision_config=vision, image_token_index=95,
+                         tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    mm = Mistral3ForConditionalGeneration(cfg).eval()
+    src, out = tmp_path / "mm", tmp_path / "text"
+    mm.save_pretrained(src)
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        want = mm(input_ids=ids).logits
+    assert main(["convert", str(src), str(out), "--text-only", "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    names = set(tensors(out))
+    assert not any("vision" in n or "projector" in n for n in names)
+    assert ("lm_head.weight" in names) == (not tied)
