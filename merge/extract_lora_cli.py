@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from splice.cli import add_compute_options, add_json_option, add_model_options, integer, number
 
@@ -109,7 +108,7 @@ def _run_extract_lora(args: argparse.Namespace) -> None:
         device=args.device,
         threads=args.threads,
         overwrite=args.overwrite,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
+        show_progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
     )
     if args.json:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from splice.cli import (
     add_compute_options,
     add_json_option,
     add_model_options,
     add_output_options,
+    exec_options,
     integer,
     print_json,
 )
@@ -56,23 +56,9 @@ def add_tokensurgeon(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tokensurgeon(args: argparse.Namespace) -> None:
-    from splice.dtypes import parse_size
-    from splice.errors import SpliceError
-    from splice.execute import ExecOptions
     from splice.merge.tokensurgeon import tokensurgeon
 
-    try:
-        shard = parse_size(args.max_shard_size)
-    except SpliceError as e:
-        raise SpliceError(f"--max-shard-size {args.max_shard_size}: {e}") from None
-    options = ExecOptions(
-        device=args.device,
-        threads=args.threads,
-        max_shard_size=shard,
-        overwrite=args.overwrite,
-        verify=not args.no_verify,
-        show_progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    options = exec_options(args, device=args.device)
     result = tokensurgeon(
         args.model,
         args.donor,

@@ -244,6 +244,26 @@ def add_output_options(
     )
 
 
+def exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
+    """The :class:`~splice.execute.ExecOptions` of a verb with :func:`add_output_options` and
+    :func:`add_compute_options` (``--max-shard-size`` parsed, named in its error)."""
+    from splice.dtypes import parse_size
+    from splice.execute import ExecOptions
+
+    try:
+        shard = parse_size(args.max_shard_size)
+    except SpliceError as e:
+        raise SpliceError(f"--max-shard-size {args.max_shard_size}: {e}") from None
+    return ExecOptions(
+        device=device,
+        threads=args.threads,
+        max_shard_size=shard,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+        show_progress=not args.no_progress,
+    )
+
+
 def add_model_options(p: argparse.ArgumentParser, *, runs_models: bool = False) -> None:
     """Verbs that open models share these safety switches; ``runs_models`` verbs (those that
     build a transformers model) also get ``--trust-remote-code``."""

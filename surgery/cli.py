@@ -13,6 +13,7 @@ from splice.cli import (
     add_model_options,
     add_output_options,
     add_scoring_options,
+    exec_options,
     integer,
     number,
     positive_int,
@@ -175,25 +176,6 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- handlers ---------------------------------------------------------------------------------
-def _exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
-    from splice.dtypes import parse_size
-    from splice.errors import SpliceError
-    from splice.execute import ExecOptions
-
-    try:
-        shard = parse_size(args.max_shard_size)
-    except SpliceError as e:
-        raise SpliceError(f"--max-shard-size {args.max_shard_size}: {e}") from None
-    return ExecOptions(
-        device=device,
-        threads=args.threads,
-        max_shard_size=shard,
-        overwrite=args.overwrite,
-        verify=not args.no_verify,
-        show_progress=not args.no_progress,
-    )
-
-
 def _calibration(args: argparse.Namespace) -> Any:
     if args.calibration is None:
         return None
@@ -270,7 +252,7 @@ def _run_upscale(args: argparse.Namespace) -> None:
         args.model,
         args.out,
         dry_run=args.dry_run,
-        options=_exec_options(args),
+        options=exec_options(args),
         solar=args.solar,
         yi=args.yi,
         duplicate=args.duplicate,
@@ -293,7 +275,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         args.model,
         args.out,
         dry_run=args.dry_run,
-        options=_exec_options(args),
+        options=exec_options(args),
         n=args.n,
         by=args.by,
         calibration=args.calibration,
@@ -333,7 +315,7 @@ def _run_heal(args: argparse.Namespace) -> None:
         device=args.device,
         train_dtype=args.train_dtype,
         dtype=args.dtype,
-        options=_exec_options(args),
+        options=exec_options(args),
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         show_progress=not args.no_progress,
@@ -389,7 +371,7 @@ def _run_slice(args: argparse.Namespace) -> None:
         basis=args.basis,
         stream=args.pca_of,
         dry_run=args.dry_run,
-        options=_exec_options(args),
+        options=exec_options(args),
         calib=_calibration(args),
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
@@ -450,7 +432,7 @@ def _run_collapse(args: argparse.Namespace) -> None:
         args.model,
         args.out,
         dry_run=args.dry_run,
-        options=_exec_options(args),
+        options=exec_options(args),
         method=args.method,
         calibration=args.calibration,
         intermediate_size=args.intermediate_size,
