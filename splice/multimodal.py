@@ -40,38 +40,31 @@ class TextOnly:
 _TOWER = "the text-only output drops the vision tower"
 _PROJECTOR = "the text-only output drops the multimodal projector"
 
+
+def _llava_layout(text_type: str, architecture: str) -> TextOnly:
+    """A LLaVA-style checkpoint (a language model, a ``vision_tower`` and a
+    ``multi_modal_projector``), as transformers saves it: ``model.language_model.*`` and
+    ``lm_head.*`` (4.52-4.x), or ``language_model.model.*`` and ``language_model.lm_head.*``
+    (transformers 5, and Google's and Mistral's own files)."""
+    return TextOnly(
+        text_type=text_type,
+        architectures=(architecture,),
+        section="text_config",
+        text=("model.language_model.", "language_model.model."),
+        head=("lm_head.weight", "language_model.lm_head.weight"),
+        dropped={
+            "model.vision_tower.": _TOWER,
+            "vision_tower.": _TOWER,
+            "model.multi_modal_projector.": _PROJECTOR,
+            "multi_modal_projector.": _PROJECTOR,
+        },
+    )
+
+
 #: multimodal ``model_type`` -> its text-only mapping
 TEXT_ONLY: dict[str, TextOnly] = {
-    # transformers 4.52-4.x saves model.language_model.* and lm_head.*; Google's checkpoints and
-    # transformers 5 save language_model.model.* and language_model.lm_head.*
-    "gemma3": TextOnly(
-        text_type="gemma3_text",
-        architectures=("Gemma3ForCausalLM",),
-        section="text_config",
-        text=("model.language_model.", "language_model.model."),
-        head=("lm_head.weight", "language_model.lm_head.weight"),
-        dropped={
-            "model.vision_tower.": _TOWER,
-            "vision_tower.": _TOWER,
-            "model.multi_modal_projector.": _PROJECTOR,
-            "multi_modal_projector.": _PROJECTOR,
-        },
-    ),
-    # Mistral Small 3.x: a plain Mistral language model (transformers 5 saves
-    # language_model.model.* / language_model.lm_head.*, 4.52-4.x model.language_model.*)
-    "mistral3": TextOnly(
-        text_type="mistral",
-        architectures=("MistralForCausalLM",),
-        section="text_config",
-        text=("model.language_model.", "language_model.model."),
-        head=("lm_head.weight", "language_model.lm_head.weight"),
-        dropped={
-            "model.vision_tower.": _TOWER,
-            "vision_tower.": _TOWER,
-            "model.multi_modal_projector.": _PROJECTOR,
-            "multi_modal_projector.": _PROJECTOR,
-        },
-    ),
+    "gemma3": _llava_layout("gemma3_text", "Gemma3ForCausalLM"),
+    "mistral3": _llava_layout("mistral", "MistralForCausalLM"),  # Mistral Small 3.x
 }
 
 #: top-level fields a text model takes when its section does not set them
