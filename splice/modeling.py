@@ -93,8 +93,7 @@ def check_runnable(
     if isinstance(model, Checkpoint):
         ckpt = model
     else:
-        parts = lora_parts(str(model))
-        for folder in parts if (local_only and parts) else ([model] if local_only else []):
+        for folder in (lora_parts(str(model)) or (model,)) if local_only else ():
             if not Path(folder).is_dir():
                 what = "not a folder" if Path(folder).exists() else "no such folder"
                 raise SpliceError(f"{folder}: not a model folder ({what})")

@@ -28,10 +28,9 @@ def _head_source(plan: ModelPlan) -> str | None:
     """The model key the output's head (or tied embedding) is read from."""
     from splice.arch import ArchSpec
 
-    model_type = plan.config.get("model_type")
-    if model_type not in ArchSpec.known():
+    spec = ArchSpec.of_output(plan.config)
+    if spec is None:
         return None
-    spec = ArchSpec.load(str(model_type))
     by_name = {t.name: t for t in plan.tasks}
     task = by_name.get(spec.lm_head) or by_name.get(spec.embed)
     if task is None or not task.sources:
@@ -82,9 +81,8 @@ def mtp_names(config: dict, names: list[str]) -> set[str]:
     """The names of ``names`` that are multi-token-prediction layers under ``config``."""
     from splice.arch import ArchSpec
 
-    model_type = config.get("model_type")
-    if model_type not in ArchSpec.known():
+    spec = ArchSpec.of_output(config)
+    if spec is None:
         return set()
-    spec = ArchSpec.load(str(model_type))
     mtp = spec.mtp_layers(config)
-    return {n for n in names if spec.layer_of(n) in mtp} if mtp else set()
+    return {n for n in names if spec.layer_of(n) in mtp}

@@ -92,16 +92,10 @@ def stored_plan(plan: ModelPlan) -> ModelPlan:
     from dataclasses import replace
 
     from splice.arch import ArchSpec
-    from splice.sliced_check import SLICED_TYPE
     from splice.stored import pack_tasks
 
-    model_type = plan.config.get("model_type")
-    if model_type == SLICED_TYPE:  # a per-layer sliced model: stored as its source family
-        model_type = plan.config.get("sliced_from")
-    if model_type not in ArchSpec.known():
-        return plan
-    spec = ArchSpec.load(str(model_type))
-    if spec.experts is None or not spec.experts.stored:
+    spec = ArchSpec.of_output(plan.config)  # a per-layer sliced model: its source family
+    if spec is None or spec.experts is None or not spec.experts.stored:
         return plan
     return replace(plan, tasks=pack_tasks(plan.tasks, spec, plan.models))
 

@@ -170,6 +170,17 @@ class ArchSpec:
         return _load_spec(model_type)
 
     @staticmethod
+    def of_output(config: Mapping[str, Any]) -> ArchSpec | None:
+        """The spec whose names an output with ``config`` is written in: its ``model_type``'s,
+        a per-layer sliced model's source family's (``sliced_from``); None when unknown."""
+        from splice.sliced_check import SLICED_TYPE
+
+        model_type = config.get("model_type")
+        if model_type == SLICED_TYPE:
+            model_type = config.get("sliced_from")
+        return _load_spec(model_type) if model_type in ArchSpec.known() else None
+
+    @staticmethod
     def for_model(config: dict[str, Any], names: Iterable[str] = ()) -> ArchSpec:
         """Spec for a model's config; unknown types are inferred from ``names`` with a warning."""
         model_type = config.get("model_type")
