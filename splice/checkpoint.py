@@ -69,16 +69,21 @@ class Checkpoint(Mapping[str, TensorInfo]):
         config = _read_json(config_path)
         if not isinstance(config, dict):
             raise SpliceError(f"{config_path}: not a JSON object ({json_kind(config)})")
-        self.config: dict[str, Any] = config
-        model_type = config.get("model_type")
-        known = isinstance(model_type, str) and model_type in ArchSpec.known()
-        _check_config(config_path, config, ArchSpec.load(model_type) if known else None)
         self.allow_pickle = allow_pickle
         self.metadata: dict[str, str] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        stored = self._scan()
+        self._index(config, self._scan(), config_path)
+
+    def _index(self, config: dict[str, Any], stored: dict[str, TensorInfo], where: Path) -> None:
+        """Read ``config`` (checked, from the file ``where``) and the ``stored`` tensors as the
+        model's family lists them: packed experts as per-expert views, multi-token-prediction
+        layers apart."""
+        self.config: dict[str, Any] = config
+        model_type = config.get("model_type")
+        known = isinstance(model_type, str) and model_type in ArchSpec.known()
+        _check_config(where, config, ArchSpec.load(model_type) if known else None)
         #: name -> metadata; packed expert tensors appear as per-expert views (ArchSpec.unpack)
         self.tensors: dict[str, TensorInfo] = (
             ArchSpec.load(model_type).unpack(stored) if known else stored
@@ -402,18 +407,43 @@ def resolve(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
         raise SpliceError(f"{ref}: cannot fetch from the hub ({_first_line(e)})") from None
 
 
-def open_checkpoint(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(
+    ref: str | os.PathLike[str], *, allow_pickle: bool = False, language_model: bool = True
+) -> Checkpoint:
     """Open a model folder or hub id as a lazy :class:`Checkpoint`; a LoRA reference
     ``BASE+ADAPTER`` (mergekit's syntax: a PEFT adapter folder or hub id after the ``+``, see
     :func:`splice.paths.lora_parts`) as a :class:`splice.lora.LoraCheckpoint`, the base with
-    the adapter applied tensor by tensor as they are read."""
+    the adapter applied tensor by tensor as they are read. A multimodal model of a family
+    splice knows opens as its language model (:class:`splice.multimodal.LanguageModel`, the
+    other modules carried), unless ``language_model=False`` (every tensor as stored)."""
     parts = lora_parts(str(ref))
     if parts is not None:
         from splice.lora import LoraCheckpoint
 
         base, adapter = (resolve(p, allow_pickle=allow_pickle) for p in parts)
         return LoraCheckpoint(base, adapter, allow_pickle=allow_pickle)
-    return Checkpoint(resolve(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+    path = resolve(ref, allow_pickle=allow_pickle)
+    if language_model and _model_type(path) in _multimodal_types():
+        from splice.multimodal import LanguageModel
+
+        return LanguageModel(path, allow_pickle=allow_pickle)
+    return Checkpoint(path, allow_pickle=allow_pickle)
+
+
+def _multimodal_types() -> frozenset[str]:
+    from splice.multimodal import LAYOUTS
+
+    return frozenset(LAYOUTS)
+
+
+def _model_type(path: Path) -> object:
+    """The ``model_type`` of the folder's config, None where there is none to read (opening
+    the folder says why)."""
+    try:
+        config = _read_json(path / "config.json")
+    except SpliceError:
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 # ---- readers of the folder's JSON and pickle files ---------------------------------------------

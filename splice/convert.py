@@ -35,7 +35,8 @@ def convert(
     """
     local = [source] if str(source).strip() and Path(source).exists() else []
     with claim_output(out, overwrite, inputs=local) as claim:  # before any work
-        ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+        # a plain convert copies every tensor as stored, a multimodal model's modules included
+        ckpt = open_checkpoint(source, allow_pickle=allow_pickle, language_model=text_only)
         target = output_dtype(dtype or None)
         if text_only:
             return _text_only(ckpt, source, claim, target, max_shard_size, show_progress, workers)

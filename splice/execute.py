@@ -214,7 +214,9 @@ def execute(
             pass
         writer.write_config(config)
         if tokenizer_from is not None:
-            writer.copy_tokenizer(tokenizer_from)
+            from splice.multimodal import is_multimodal
+
+            writer.copy_tokenizer(tokenizer_from, processor=is_multimodal(config))
         for fname, text in (extra_files or {}).items():
             writer.write_text(fname, text)
         if card is not None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from splice.checkpoint import Checkpoint
     from splice.lora import LoraCheckpoint
+    from splice.multimodal import LanguageModel
 
 
 def _read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -135,7 +136,10 @@ def load_causal_lm(
     model (``splice_sliced``) loads too, through :func:`splice.sliced_check.load_sliced_model`
     (safetensors only); without, it is refused (:func:`check_model_code`). A LoRA reference
     ``BASE+ADAPTER`` (or its open :class:`~splice.lora.LoraCheckpoint`) loads the base and
-    applies the adapter to the module; any other open checkpoint loads from its folder.
+    applies the adapter to the module; a multimodal model of a family splice knows loads as its
+    language model alone (:class:`~splice.multimodal.LanguageModel`: its text family's causal
+    LM, whose text logits are the multimodal model's); any other open checkpoint loads from its
+    folder.
 
     Checked (one-line :class:`SpliceError`): own code only with ``trust_remote_code``
     (:func:`check_model_code`); safetensors only unless ``allow_pickle`` (then ``.bin`` with
@@ -152,6 +156,7 @@ def load_causal_lm(
     from splice.sliced_check import is_sliced, load_sliced_model
 
     adapted = _adapter_of(path, allow_pickle)
+    language = _language_model_of(path, allow_pickle)
     if adapted is not None:
         path = adapted.base_path
     elif not isinstance(path, (str, os.PathLike)):
@@ -161,7 +166,9 @@ def load_causal_lm(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        if per_layer:
+        if language is not None:
+            model = _text_model(language, dtype)
+        elif per_layer:
             model = load_sliced_model(path, dtype=dtype, device="cpu")
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -192,6 +199,32 @@ def load_causal_lm(
             f"--device {device}: cannot move the model there ({first_line(e)})"
         ) from None
     return model.eval()
+
+
+def _language_model_of(ref: Any, allow_pickle: bool) -> LanguageModel | None:
+    """The open multimodal model ``ref`` is or names, read as its language model, else None."""
+    from splice.checkpoint import Checkpoint, _model_type
+    from splice.multimodal import LAYOUTS, LanguageModel
+
+    if isinstance(ref, LanguageModel):
+        return ref
+    if isinstance(ref, Checkpoint) or lora_parts(str(ref)) is not None:
+        return None
+    if _model_type(Path(ref)) not in LAYOUTS:
+        return None
+    return LanguageModel(ref, allow_pickle=allow_pickle)
+
+
+def _text_model(lm: LanguageModel, dtype: str) -> PreTrainedModel:
+    """The language model of a multimodal checkpoint as its text family's causal LM (on the
+    CPU, in ``dtype``): built empty from its text config, every tensor read into it."""
+    from splice.execute import TensorTask, execute_into
+    from splice.resident import empty_model
+
+    model = empty_model(lm.config, dtype=dtype, device="cpu")
+    tasks = [TensorTask.copy(n, "lm", n, info) for n, info in lm.tensors.items()]
+    execute_into(tasks, {"lm": lm}, model, spec=lm.arch)
+    return model
 
 
 def load_tokenizer(

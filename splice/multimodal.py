@@ -1,96 +1,174 @@
-"""A multimodal checkpoint's language model as its own text family (``convert --text-only``).
+"""Multimodal checkpoints: the language model as its text family, the other modules carried.
 
-A vision-language checkpoint stores its language model beside a vision tower and a projector,
-under a prefix, with the text settings in a config section (``text_config``). :data:`TEXT_ONLY`
-says, per multimodal ``model_type``, where those are and which text family the language model
-is; :func:`plan_text_only` plans the text model: each language-model tensor renamed to the text
-family's name and copied byte for byte, the vision parts named as removed, the config section
-completed from transformers' own config classes.
+A vision-language checkpoint (``…ForConditionalGeneration``) stores its language model beside
+a vision tower and a projector, under a prefix, with the text settings in a config section
+(``text_config``). :data:`LAYOUTS` says, per multimodal ``model_type``, where each module is
+and which text family the language model is. :class:`LanguageModel` opens such a folder as that
+text family (``model.layers.N.…``, the section as its config), so every verb plans on the
+language model as on any text model; :func:`carry_modules` turns the planned text model back
+into the multimodal checkpoint (its names, its config with ``text_config`` rewritten, the other
+modules copied from the model the tokenizer comes from); :func:`plan_text_only` writes the text
+model alone (``convert --text-only``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError, first_line
+from splice.st_format import TensorInfo, show
 
 if TYPE_CHECKING:
-    from splice.checkpoint import Checkpoint
     from splice.output import ModelPlan
+
+#: the language model's module, as mergekit's ``modules:`` recipes name it
+TEXT_MODULE = "text_decoder"
 
 
 @dataclass(frozen=True)
-class TextOnly:
-    """How one multimodal family stores its language model.
+class Layout:
+    """How one multimodal family stores its modules.
 
     ``text``: prefixes of the language model's tensors (each layout transformers has saved),
-    renamed to ``model.``; ``head``: names of an untied output head (stored or not), renamed
-    to ``lm_head.weight``; ``dropped``: prefix -> what the text-only output drops there.
+    read as ``model.``; ``head``: the untied output head's name under each of them (same
+    order); ``modules``: prefix -> module name of every other tensor (vision tower,
+    projector; longest prefix first); ``text_type``: the text family, ``architectures`` its
+    causal-LM class; ``text_types``: the section's own ``model_type`` -> text family where it
+    names another (``ministral3``).
     """
 
     text_type: str
     architectures: tuple[str, ...]
-    section: str
     text: tuple[str, ...]
     head: tuple[str, ...]
-    dropped: dict[str, str]
+    modules: dict[str, str]
+    section: str = "text_config"
+    text_types: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def module_of(self, name: str) -> str | None:
+        """The module of a stored tensor other than the language model's, else None."""
+        return next((m for p, m in self.modules.items() if name.startswith(p)), None)
+
+    def text_name(self, name: str) -> tuple[str, int] | None:
+        """``(text family name, layout index)`` of a stored language-model tensor, else None."""
+        for i, (prefix, head) in enumerate(zip(self.text, self.head, strict=True)):
+            if name == head:
+                return "lm_head.weight", i
+            if name.startswith(prefix):
+                return "model." + name[len(prefix) :], i
+        return None
+
+    def stored_name(self, name: str, index: int) -> str:
+        """A text family name (``model.X``, ``lm_head.weight``) in layout ``index``."""
+        if name == "lm_head.weight":
+            return self.head[index]
+        return self.text[index] + name.removeprefix("model.")
+
+    def family(self, section: dict[str, Any]) -> tuple[str, str]:
+        """``(text family, causal-LM class)`` of the language model whose config section is
+        ``section``."""
+        return self.text_types.get(
+            section.get("model_type"), (self.text_type, self.architectures[0])
+        )
 
 
-_TOWER = "the text-only output drops the vision tower"
-_PROJECTOR = "the text-only output drops the multimodal projector"
+_TOWER, _PROJECTOR = "vision_tower", "multi_modal_projector"
 
 
-def _llava_layout(text_type: str, architecture: str) -> TextOnly:
-    """A LLaVA-style checkpoint (a language model, a ``vision_tower`` and a
+def _llava(text_type: str, architecture: str, *, tower: str = _TOWER, **kw: Any) -> Layout:
+    """A LLaVA-style checkpoint (a language model, a vision tower and a
     ``multi_modal_projector``), as transformers saves it: ``model.language_model.*`` and
     ``lm_head.*`` (4.52-4.x), or ``language_model.model.*`` and ``language_model.lm_head.*``
-    (transformers 5, and Google's and Mistral's own files)."""
-    return TextOnly(
+    (transformers 5, and Google's, Mistral's and Meta's own files)."""
+    return Layout(
         text_type=text_type,
         architectures=(architecture,),
-        section="text_config",
         text=("model.language_model.", "language_model.model."),
         head=("lm_head.weight", "language_model.lm_head.weight"),
-        dropped={
-            "model.vision_tower.": _TOWER,
-            "vision_tower.": _TOWER,
-            "model.multi_modal_projector.": _PROJECTOR,
-            "multi_modal_projector.": _PROJECTOR,
+        modules={
+            f"model.{tower}.": tower,
+            f"{tower}.": tower,
+            f"model.{_PROJECTOR}.": _PROJECTOR,
+            f"{_PROJECTOR}.": _PROJECTOR,
         },
+        **kw,
     )
 
 
-#: multimodal ``model_type`` -> its text-only mapping
-TEXT_ONLY: dict[str, TextOnly] = {
-    "gemma3": _llava_layout("gemma3_text", "Gemma3ForCausalLM"),
-    "mistral3": _llava_layout("mistral", "MistralForCausalLM"),  # Mistral Small 3.x
+def _qwen_vl(text_type: str, architecture: str) -> Layout:
+    """A Qwen-VL checkpoint: ``model.*`` / ``visual.*`` / ``lm_head.weight`` (Qwen's files and
+    transformers 5) or ``model.language_model.*`` / ``model.visual.*`` (4.52-4.x); the
+    projector is the vision tower's ``merger`` (and Qwen3-VL's ``deepstack_merger_list``)."""
+    modules = {}
+    for root in ("model.visual.", "visual."):
+        modules[root + "merger."] = _PROJECTOR
+        modules[root + "deepstack_merger_list."] = _PROJECTOR
+    for root in ("model.visual.", "visual."):
+        modules[root] = _TOWER
+    return Layout(
+        text_type=text_type,
+        architectures=(architecture,),
+        text=("model.language_model.", "model."),
+        head=("lm_head.weight", "lm_head.weight"),
+        modules=modules,
+    )
+
+
+#: multimodal ``model_type`` -> where its modules are
+LAYOUTS: dict[str, Layout] = {
+    "gemma3": _llava("gemma3_text", "Gemma3ForCausalLM"),
+    "mistral3": _llava(  # Mistral Small 3.x; Ministral 3's section says ministral3
+        "mistral",
+        "MistralForCausalLM",
+        text_types={"ministral3": ("ministral3", "Ministral3ForCausalLM")},
+    ),
+    "llama4": _llava("llama4_text", "Llama4ForCausalLM", tower="vision_model"),
+    "qwen2_vl": _qwen_vl("qwen2", "Qwen2ForCausalLM"),
+    "qwen2_5_vl": _qwen_vl("qwen2", "Qwen2ForCausalLM"),
+    "qwen3_vl": _qwen_vl("qwen3", "Qwen3ForCausalLM"),
 }
 
 #: top-level fields a text model takes when its section does not set them
 _CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id")
+#: Qwen-VL's multimodal RoPE fields: on text alone its three position axes are equal, which is
+#: the text family's own RoPE, so the text config leaves them out
+_MROPE = ("mrope_section", "mrope_interleaved")
 #: config sections that mark a multimodal checkpoint
 _SECTIONS = ("text_config", "vision_config", "audio_config")
+#: files a multimodal model's processor reads, carried beside the tokenizer's
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
 
 
-def text_mapping(config: dict[str, Any], where: str) -> TextOnly:
-    """The mapping for a checkpoint's ``config``; one ``SpliceError`` line if it is not
+def is_multimodal(config: dict[str, Any]) -> bool:
+    """Whether ``config`` is a multimodal model's (a vision or audio section beside the text)."""
+    return any(isinstance(config.get(s), dict) for s in _SECTIONS[1:])
+
+
+def layout_of(config: dict[str, Any], where: str) -> Layout:
+    """The layout for a checkpoint's ``config``; one ``SpliceError`` line if it is not
     multimodal or its family has none yet (``where``: the model, for the message)."""
     model_type = config.get("model_type")
-    if model_type in TEXT_ONLY:
-        return TEXT_ONLY[str(model_type)]
+    if model_type in LAYOUTS:
+        return LAYOUTS[str(model_type)]
     if not any(isinstance(config.get(s), dict) for s in _SECTIONS):
         raise SpliceError(
             f"{where}: --text-only takes a multimodal model, and model_type {model_type!r} is "
             "not one (it has no text_config or vision_config); nothing was written"
         )
     raise SpliceError(
-        f"{where}: --text-only has no mapping for the multimodal model_type {model_type!r} yet "
-        f"(known: {', '.join(sorted(TEXT_ONLY))}); nothing was written"
+        f"{where}: splice has no layout for the multimodal model_type {model_type!r} yet "
+        f"(known: {', '.join(sorted(LAYOUTS))}); nothing was written"
     )
 
 
-def text_config(config: dict[str, Any], m: TextOnly, *, tied: bool) -> dict[str, Any]:
+def text_config(config: dict[str, Any], m: Layout, *, tied: bool) -> dict[str, Any]:
     """The text family's ``config.json``: the multimodal config's ``m.section`` as
     transformers reads it (with every default its class fills in, since a ``config.json`` holds
     only what differs from them), the token ids the top level sets, dtype and tying."""
@@ -101,10 +179,11 @@ def text_config(config: dict[str, Any], m: TextOnly, *, tied: bool) -> dict[str,
         full = CONFIG_MAPPING[model_type].from_dict(config)
     except Exception as e:  # a config transformers cannot read
         raise SpliceError(f"config.json: transformers cannot read it ({first_line(e)})") from None
-    section = getattr(full, m.section).to_dict()
-    defaults = AutoConfig.for_model(m.text_type).to_dict()
-    generic = PretrainedConfig().to_dict()  # id2label, return_dict, ...: left out at their default
     stored = config.get(m.section) or {}
+    text_type, architecture = m.family(stored)
+    section = getattr(full, m.section).to_dict()
+    defaults = AutoConfig.for_model(text_type).to_dict()
+    generic = PretrainedConfig().to_dict()  # id2label, return_dict, ...: left out at their default
     out = {
         k: v
         for k, v in section.items()
@@ -113,45 +192,157 @@ def text_config(config: dict[str, Any], m: TextOnly, *, tied: bool) -> dict[str,
     for key in _CARRIED:
         if key not in stored and config.get(key) is not None:
             out[key] = config[key]
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and any(k in rope for k in _MROPE):  # 3-D positions of images
+        out["rope_parameters"] = {k: v for k, v in rope.items() if k not in _MROPE}
     dtype = {k: config[k] for k in ("dtype", "torch_dtype") if config.get(k) is not None}
-    out.update(dtype, model_type=m.text_type, architectures=list(m.architectures))
+    out.update(dtype, model_type=text_type, architectures=[architecture])
     out["tie_word_embeddings"] = tied
     return out
 
 
-def plan_text_only(ckpt: Checkpoint, *, dtype: str | None = None, card: str = "") -> ModelPlan:
-    """The language model of the multimodal ``ckpt`` as a plan of its text family: language
-    tensors renamed (``<text prefix>X`` -> ``model.X``, the head -> ``lm_head.weight``) and
-    copied (cast to ``dtype`` where given and floating), the vision parts removed."""
+class LanguageModel(Checkpoint):
+    """A multimodal model folder read as its language model (module docstring).
+
+    ``config`` is the text family's (:func:`text_config`), ``tensors`` the language model's
+    under the text family's names; :attr:`modules` holds every other tensor, by module
+    (``vision_tower``, ``multi_modal_projector``) and stored name, and ``load`` reads those too.
+    ``mm_config`` is the folder's own config; ``layout`` where its modules are.
+    """
+
+    def _index(self, config: dict[str, Any], stored: dict[str, TensorInfo], where: Path) -> None:
+        self.mm_config: dict[str, Any] = config
+        self.layout = layout_of(config, str(self.path))
+        section = config.get(self.layout.section)
+        if not isinstance(section, dict):
+            raise SpliceError(f"{where}: {self.layout.section} is missing or not an object")
+        #: module name -> {stored name: metadata} of every tensor outside the language model
+        self.modules: dict[str, dict[str, TensorInfo]] = {}
+        text: dict[str, TensorInfo] = {}
+        #: the layouts of :attr:`Layout.text` this folder uses
+        self._forms: set[int] = set()
+        for name, info in stored.items():
+            module = self.layout.module_of(name)
+            if module is not None:
+                self.modules.setdefault(module, {})[name] = info
+                continue
+            found = self.layout.text_name(name)
+            if found is None:
+                raise SpliceError(
+                    f"{self.path}: tensor {show(name)} is in none of {config['model_type']}'s "
+                    "modules as transformers saves them (language model, vision tower, projector)"
+                )
+            text[found[0]] = info
+            if found[0] != "lm_head.weight" or len(set(self.layout.head)) > 1:
+                self._forms.add(found[1])
+        if not text or len(self._forms) != 1:
+            what = "no" if not text else "two layouts of"
+            raise SpliceError(
+                f"{self.path}: {what} language-model tensors under "
+                f"{' or '.join(self.layout.text)}: not a {config['model_type']} checkpoint as "
+                "transformers saves it"
+            )
+        tied = "lm_head.weight" not in text
+        super()._index(text_config(config, self.layout, tied=tied), text, where)
+        for tensors in self.modules.values():
+            self._stored.update(tensors)
+
+    @property
+    def form(self) -> int:
+        """The index in :attr:`Layout.text` of the layout this folder's names use."""
+        return next(iter(self._forms))
+
+    def stored_name(self, name: str) -> str:
+        """The name under which this model's files hold (or would hold) the language-model
+        tensor ``name``."""
+        return self.layout.stored_name(name, self.form)
+
+    @property
+    def module_tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor outside the language model, by stored name."""
+        return {n: i for m in self.modules.values() for n, i in m.items()}
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({str(self.path)!r}, {len(self)} tensors)"
+
+
+def multimodal_config(ckpt: LanguageModel, config: dict[str, Any]) -> dict[str, Any]:
+    """``ckpt``'s own config with its text section rewritten to the planned text ``config``:
+    every field the plan changes against ``ckpt.config`` (layer count, per-layer lists, ...),
+    tying and dtype set on both levels."""
+    mm = dict(ckpt.mm_config)
+    section = dict(mm[ckpt.layout.section])
+    keep = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings")
+    for key in set(config) | set(ckpt.config):
+        if key in keep or config.get(key) == ckpt.config.get(key):
+            continue
+        if key in config:
+            section[key] = config[key]
+        else:
+            section.pop(key, None)
+    tied = bool(config.get("tie_word_embeddings"))
+    section["tie_word_embeddings"] = mm["tie_word_embeddings"] = tied
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None:
+            mm[key] = config[key]
+            if key in section:
+                section[key] = config[key]
+    mm[ckpt.layout.section] = section
+    return mm
+
+
+def carry_modules(plan: ModelPlan) -> ModelPlan:
+    """``plan``, a text model planned on language models, as the multimodal checkpoint of the
+    model its tokenizer comes from: tensors under that model's names, its other modules copied
+    (those the plan does not make itself, as a ``modules:`` recipe's merged vision tower), its
+    config with the text section rewritten. Unchanged when that model is not multimodal or the
+    plan is ``text_only``."""
     import warnings
 
+    from splice.execute import TensorTask
+
+    donor = plan.models.get(plan.tokenizer_from) if plan.tokenizer_from else None
+    if plan.text_only or not isinstance(donor, LanguageModel):
+        others = [k for k, m in plan.models.items() if isinstance(m, LanguageModel)]
+        if others and not plan.text_only:
+            warnings.warn(
+                f"the output is a text model like {plan.tokenizer_from or 'its base'}: the "
+                f"vision modules of {', '.join(others)} are not carried",
+                stacklevel=2,
+            )
+        return plan
+    key = plan.tokenizer_from
+    assert key is not None
+    own = donor.module_tensors
+    tasks = [t if t.name in own else replace(t, name=donor.stored_name(t.name)) for t in plan.tasks]
+    made = {t.name for t in tasks}
+    for name, info in own.items():
+        if name not in made:
+            module = donor.layout.module_of(name)
+            tasks.append(TensorTask.copy(name, key, name, info, note=f" ({module})"))
+    return replace(plan, tasks=tasks, config=multimodal_config(donor, plan.config))
+
+
+def plan_text_only(ckpt: Checkpoint, *, dtype: str | None = None, card: str = "") -> ModelPlan:
+    """The language model of the multimodal ``ckpt`` (a :class:`LanguageModel`) as a plan of
+    its text family: every language-model tensor copied (cast to ``dtype`` where given and
+    floating), the other modules removed."""
     from splice.dtypes import config_with_dtype
     from splice.execute import TensorTask
     from splice.output import ModelPlan
 
-    m = text_mapping(ckpt.config, str(ckpt.path))
-    with warnings.catch_warnings():  # no spec for the multimodal type; its layers are unused
-        warnings.simplefilter("ignore")
-        _ = ckpt.arch
-    tasks, removed = [], {}
+    if not isinstance(ckpt, LanguageModel):
+        layout_of(ckpt.config, str(ckpt.path))  # the one-line refusal
+        raise AssertionError("unreachable")  # pragma: no cover
+    tasks = []
     for name, info in ckpt.tensors.items():
-        new = _text_name(name, m)
-        if new is not None:
-            cast = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None
-            tasks.append(TensorTask.copy(new, "mm", name, info, dtype=cast))
-            continue
-        why = next((w for p, w in m.dropped.items() if name.startswith(p)), None)
-        if why is not None:
-            removed[name] = why
-    if not tasks:
-        raise SpliceError(
-            f"{ckpt.path}: no tensor under {' or '.join(m.text)}: not a {ckpt.config['model_type']}"
-            " checkpoint as transformers saves it"
-        )
-    tied = not any(t.name == "lm_head.weight" for t in tasks)
-    config = text_config(ckpt.config, m, tied=tied)
-    if dtype:
-        config = config_with_dtype(config, dtype)
+        cast = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None
+        tasks.append(TensorTask.copy(name, "mm", name, info, dtype=cast))
+    config = config_with_dtype(ckpt.config, dtype) if dtype else dict(ckpt.config)
+    removed = {
+        n: f"the text-only output drops the {ckpt.layout.module_of(n)}".replace("_", " ")
+        for n in ckpt.module_tensors
+    }
     return ModelPlan(
         tasks=tasks,
         models={"mm": ckpt},
@@ -159,12 +350,5 @@ def plan_text_only(ckpt: Checkpoint, *, dtype: str | None = None, card: str = ""
         tokenizer_from="mm",
         card=card or None,
         removed={"mm": removed},
+        text_only=True,
     )
-
-
-def _text_name(name: str, m: TextOnly) -> str | None:
-    """The text family's name of a multimodal tensor; None outside the language model."""
-    if name in m.head:
-        return "lm_head.weight"
-    prefix = next((p for p in m.text if name.startswith(p)), None)
-    return None if prefix is None else "model." + name[len(prefix) :]

@@ -39,6 +39,9 @@ class ModelPlan:
     card: str | None = None
     #: input tensors the operation removes on purpose: model key -> {name: why}
     removed: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: a text model even where the tokenizer's model is multimodal (``convert --text-only``);
+    #: else its other modules are carried (:func:`splice.multimodal.carry_modules`)
+    text_only: bool = False
 
     def describe(self) -> str:
         """A readable table of the plan (``--dry-run``)."""

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from splice.checkpoint import Checkpoint
+from splice.text import plural
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ModelSummary:
     shared_experts: list[str] = field(default_factory=list)
     globals: list[TensorRow] = field(default_factory=list)
     layer_blocks: list[LayerBlock] = field(default_factory=list)
+    #: a multimodal model: its own model type and class, the language model's stored prefix,
+    #: and every other module (name, prefixes, tensors, parameters, layers, config model type)
+    multimodal: dict[str, Any] | None = None
     #: the config's attention and MLP shape, RoPE and context (None: the config has no such
     #: key); ``rope_theta`` is per layer type (``{"full_attention": 1e6, ...}``) where the
     #: config's RoPE parameters are, ``rope_type`` its scaling type (``default``, ``llama3``...)
@@ -126,7 +130,7 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
     files: dict[str, dict[str, Any]] = {}
     globals_: list[TensorRow] = []
     per_layer: dict[int, list[TensorRow]] = {}
-    for info in ckpt.stored_tensors.values():
+    for info in [*ckpt.stored_tensors.values(), *_module_infos(ckpt)]:
         f = files.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "nbytes": 0})
         f["tensors"] += 1
         f["nbytes"] += info.nbytes
@@ -177,9 +181,52 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         shared_experts=[p.rstrip(".") for p in shared],
         globals=globals_,
         layer_blocks=blocks,
+        multimodal=_multimodal(ckpt),
         **{role: _config_field(spec, cfg, role) for role in CONFIG_FIELDS},
         **dict(zip(("rope_theta", "rope_type"), _rope(cfg), strict=True)),
     )
+
+
+def _module_infos(ckpt: Checkpoint) -> list[Any]:
+    from splice.multimodal import LanguageModel
+
+    return list(ckpt.module_tensors.values()) if isinstance(ckpt, LanguageModel) else []
+
+
+def _multimodal(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The modules of a multimodal checkpoint (:class:`splice.multimodal.LanguageModel`)."""
+    import re
+
+    from splice.multimodal import TEXT_MODULE, LanguageModel
+
+    if not isinstance(ckpt, LanguageModel):
+        return None
+    mm, layout = ckpt.mm_config, ckpt.layout
+    modules = []
+    for module, tensors in ckpt.modules.items():
+        prefixes = sorted({p for p in layout.modules if layout.modules[p] == module
+                           and any(n.startswith(p) for n in tensors)}, key=len)  # fmt: skip
+        layers = {
+            m.group(1) for n in tensors if (m := re.search(r"\.(?:layers|blocks)\.(\d+)\.", n))
+        }
+        section = mm.get(module.replace("_tower", "_config").replace("_model", "_config"))
+        modules.append(
+            {
+                "module": module,
+                "prefix": prefixes[0] if prefixes else "",
+                "tensors": len(tensors),
+                "params": sum(i.numel for i in tensors.values()),
+                "layers": len(layers) or None,
+                "model_type": section.get("model_type") if isinstance(section, dict) else None,
+            }
+        )
+    return {
+        "model_type": mm.get("model_type"),
+        "architectures": list(mm.get("architectures") or []),
+        "text_module": TEXT_MODULE,
+        "text_prefix": layout.text[ckpt.form],
+        "modules": modules,
+    }
 
 
 def _dedupe(rows: list[TensorRow]) -> list[TensorRow]:
@@ -258,6 +305,24 @@ def _shape_lines(s: ModelSummary) -> list[str]:
     return lines
 
 
+def _multimodal_lines(mm: dict[str, Any]) -> list[str]:
+    """The ``multimodal`` header lines: the checkpoint's own class, then one line per module."""
+    archs = ", ".join(mm["architectures"]) or "no architectures listed"
+    lines = [
+        f"multimodal   {mm['model_type']} ({archs}): every verb acts on the language model "
+        "below and carries the other modules",
+        f"  {mm['text_module']:<22} {mm['text_prefix']}*  (the language model, below)",
+    ]
+    for m in mm["modules"]:
+        what = [plural(m["tensors"], "tensor"), f"{_count(m['params'])} parameters"]
+        if m["layers"]:
+            what.append(f"{m['layers']} layers")
+        if m["model_type"]:
+            what.append(str(m["model_type"]))
+        lines.append(f"  {m['module']:<22} {m['prefix']}*  ({', '.join(what)})")
+    return lines
+
+
 def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
     """Plain-text report: header lines, then global and per-layer tensor tables."""
     from splice.dtypes import format_size
@@ -298,6 +363,8 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
             f"({_list(s.mtp_layers)}, {s.mtp_params:,} parameters, not counted above): carried "
             "after the last layer by every verb but collapse and slice"
         )
+    if s.multimodal:
+        lines[1:1] = _multimodal_lines(s.multimodal)
     lines.append("")
     width = max(
         [len(r.kind) for r in s.globals]

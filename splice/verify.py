@@ -72,12 +72,14 @@ def check_plan(plan: ModelPlan, *, verify: bool = True) -> ModelPlan:
     """Both promises for a planned model; ``verify=False`` (``--no-verify``) skips the second.
     Returns the plan as it is written: the multi-token-prediction layers carried
     (:func:`splice.mtp.carry_mtp`), experts the output's family stores packed, packed
-    (:func:`stored_plan`)."""
+    (:func:`stored_plan`), and a language model planned on a multimodal model written back
+    into it (:func:`splice.multimodal.carry_modules`)."""
     from splice.mtp import carry_mtp
+    from splice.multimodal import carry_modules
 
     plan = carry_mtp(plan)
     check_nothing_lost(plan)
-    plan = stored_plan(plan)
+    plan = carry_modules(stored_plan(plan))
     if verify:
         from splice.loadcheck import check_loads
 

@@ -256,11 +256,16 @@ class CheckpointWriter:
         with self._io():
             (self.tmp / filename).write_text(text)
 
-    def copy_tokenizer(self, source: str | os.PathLike[str] | Checkpoint) -> list[str]:
-        """Copy tokenizer and generation files from a model folder; returns the names copied."""
+    def copy_tokenizer(
+        self, source: str | os.PathLike[str] | Checkpoint, *, processor: bool = False
+    ) -> list[str]:
+        """Copy tokenizer and generation files from a model folder (with ``processor``, a
+        multimodal model's image and video processor files too); returns the names copied."""
+        from splice.multimodal import PROCESSOR_FILES
+
         folder = source.path if isinstance(source, Checkpoint) else Path(source)
         copied = []
-        for fname in TOKENIZER_FILES:
+        for fname in TOKENIZER_FILES + (PROCESSOR_FILES if processor else ()):
             if (folder / fname).is_file():
                 with self._io():
                     shutil.copy2(folder / fname, self.tmp / fname)

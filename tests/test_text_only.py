@@ -138,21 +138,38 @@ def test_text_only_refuses_a_text_model(tmp_path, capsys):
 def test_text_only_refuses_an_unmapped_multimodal_family(tmp_path, capsys):
     mm, _ = gemma3(tmp_path / "mm", tied=True)
     config = json.loads((mm / "config.json").read_text())
-    config["model_type"] = "qwen2_5_vl"
+    config["model_type"] = "llava"
     (mm / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(["convert", str(mm), str(out), "--text-only"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "no mapping for the multimodal model_type 'qwen2_5_vl'" in err
+    assert "no layout for the multimodal model_type 'llava'" in err
     assert not out.exists()
+
+
+def test_a_multimodal_model_in_another_familys_layout_is_refused(tmp_path, capsys):
+    """A Gemma 3 checkpoint whose config says Qwen2.5-VL: its tensors are in none of
+    Qwen2.5-VL's modules, which every verb says in one line before writing anything."""
+    mm, _ = gemma3(tmp_path / "mm", tied=True)
+    config = json.loads((mm / "config.json").read_text())
+    config["model_type"] = "qwen2_5_vl"
+    (mm / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    for argv in (["convert", "--text-only"], ["upscale", "--duplicate", "1:2"]):
+        out = tmp_path / argv[0]
+        assert main([argv[0], str(mm), str(out), *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert "'language_model.model.embed_tokens.weight' is in none of qwen2_5_vl's" in err
+        assert not out.exists()
 
 
 def test_text_config_of_a_hub_gemma3_config():
     """google/gemma-3-4b-it's config.json: a sparse text_config (defaults from the class, linear
     RoPE scaling on the full-attention layers), the end-of-turn ids at the top level."""
-    from splice.multimodal import TEXT_ONLY, text_config
+    from splice.multimodal import LAYOUTS, text_config
 
     hub = {
         "architectures": ["Gemma3ForConditionalGeneration"],
@@ -169,7 +186,7 @@ def test_text_config_of_a_hub_gemma3_config():
         "torch_dtype": "bfloat16",
         "vision_config": {"model_type": "siglip_vision_model", "vision_use_head": False},
     }
-    config = text_config(hub, TEXT_ONLY["gemma3"], tied=True)
+    config = text_config(hub, LAYOUTS["gemma3"], tied=True)
     assert config["model_type"] == "gemma3_text"
     assert config["eos_token_id"] == [1, 106]
     assert config["torch_dtype"] == "bfloat16"
