@@ -63,6 +63,15 @@ def _sparse_step(cfg: Mapping[str, Any], i: int) -> bool:
     return i not in dense and _experts(cfg) > 0 and (i + 1) % step == 0
 
 
+def _interleaved(cfg: Mapping[str, Any], i: int) -> bool:
+    """Llama 4: its ``moe_layers`` list where the config has one (transformers reads the step
+    only to make that list), else every ``interleave_moe_layer_step``-th layer."""
+    listed = cfg.get("moe_layers")
+    if isinstance(listed, list):
+        return i in listed
+    return (i + 1) % int(cfg.get("interleave_moe_layer_step") or 1) == 0
+
+
 def _first(want: list[bool]) -> int:
     return next((j for j, m in enumerate(want) if m), len(want))
 
@@ -115,9 +124,7 @@ INTERVAL_RULES = (
     ),
     IntervalRule(
         ("interleave_moe_layer_step",),
-        lambda c, i: (
-            _experts(c) > 0 and (i + 1) % int(c.get("interleave_moe_layer_step") or 1) == 0
-        ),
+        lambda c, i: _experts(c) > 0 and _interleaved(c, i),
         lambda want: ({"interleave_moe_layer_step": k} for k in _steps(want)),
     ),
 )

@@ -157,7 +157,8 @@ def _module_class() -> type:
                 out = module(hidden_states=h, **{k: v for k, v in kwargs.items() if k in names})
             else:
                 out = module(h)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            return y.view(*h.shape[:-1], y.shape[-1])  # an MoE block answers [tokens, hidden]
 
         def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if args:

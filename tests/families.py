@@ -102,6 +102,20 @@ MOE_FAMILIES: dict[str, dict[str, Any]] = {
     "granitemoe": {},
     "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1),
     "dots1": dict(first_k_dense_replace=1, n_shared_experts=1),
+    # dense and MoE layers alternating (Maverick's), the MoE ones with a shared expert and
+    # experts narrower than the dense MLPs; top-2, a NoPE layer, chunked attention and
+    # temperature tuning that act on 12 tokens. The MoE layers are listed (moe_layers, which
+    # transformers reads before interleave_moe_layer_step): splice's interval rule for the step
+    # does not read that list yet, so a step of 2 refuses maps that break the alternation
+    # (tests/test_llama4_text.py)
+    "llama4_text": dict(
+        intermediate_size=16,
+        intermediate_size_mlp=64,
+        moe_layers=[1, 3],
+        no_rope_layers=[1, 0, 1, 1],
+        attention_chunk_size=4,
+        floor_scale=4,
+    ),
 }
 
 

@@ -63,7 +63,7 @@ DROP = 2
 #: the data-flow path of the evolve check, ``(seed, layer)``: both builds, layer 1 twice
 PATH = ((0, 0), (1, 1), (0, 1), (1, 2), (0, 3))
 #: config fields that list layer INDICES rather than one entry per layer
-INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers")
+INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers", "moe_layers")
 #: calibration of the slice checks (made-up words w0 ... of the sources' tokenizer)
 SLICE_CALIB = ["--seq-len", "24", "--max-samples", "8", "--batch-size", "4"]
 _LAYER = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks))\.(\d+)\.(.+)$")

@@ -8,12 +8,13 @@ Each family is built at 4 layers / hidden 32 / 4 experts (``families.SMALL``) wi
 dense layer and shared experts where the family has them (``DEFAULT``), and once more per
 ``VARIANTS`` entry (biases, q/k norms, DeepSeek's ``q_lora_rank=None``, no shared experts ...),
 saved by transformers and read back. transformers 5 converts its packed in-memory experts back
-to per-expert tensors on save for every family here except gpt-oss and GraniteMoE, whose files
-are packed themselves (``PACKED_ON_DISK``): their specs describe the stored layout
+to per-expert tensors on save for every family here except gpt-oss, GraniteMoE and Llama 4,
+whose files are packed themselves (``PACKED_ON_DISK``): their specs describe the stored layout
 (``experts.stored``, splice.stored) and splice lists per-expert views of it.
 GraniteMoE's residual roles name the per-expert views (slicing rotates them and the writer packs
 them again); gpt-oss declares none (``NO_ROLES``: its attention sinks and biased experts are not
-described for slicing), so slicing refuses it.
+described for slicing), so slicing refuses it, as it refuses Llama 4 (``SLICE_REFUSED``: its MoE
+block's output comes back flattened to ``[tokens, hidden]``).
 """
 
 from __future__ import annotations
@@ -57,13 +58,25 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "no_shared": dict(moe_num_shared_experts=0, moe_layer_interval=2),
     },
     "dots1": {"bias": dict(attention_bias=True)},
+    "llama4_text": {
+        # Maverick as transformers saves it: the step, and moe_layers computed from it
+        "step": dict(moe_layers=None, interleave_moe_layer_step=2),
+        # Scout's kind: every layer MoE (moe_layers as long as the layer count), and biases
+        "all_moe": dict(moe_layers=None, attention_bias=True, use_qk_norm=False),
+    },
 }
 #: families whose files keep transformers' packed experts (no per-expert tensors on disk)
-PACKED_ON_DISK = ("gpt_oss", "granitemoe")
+PACKED_ON_DISK = ("gpt_oss", "granitemoe", "llama4_text")
+#: families whose in-memory names and layout are the stored ones
+IN_MEMORY_IS_STORED = ("gpt_oss", "llama4_text")
 #: families whose spec declares no residual roles (slicing refuses them)
 NO_ROLES = ("gpt_oss",)
+#: family -> a substring of the one-line refusal ``slice`` gives it
+SLICE_REFUSED = {"gpt_oss": "no residual-stream roles"}
 #: the family's module holding a layer's MoE block (its packed experts in memory)
-MOE_BLOCK = {"granitemoe": "block_sparse_moe"}
+MOE_BLOCK = {"granitemoe": "block_sparse_moe", "llama4_text": "feed_forward"}
+#: the family's dense MLP module (in its dense layers), where not ``mlp``
+DENSE_MLP = {"llama4_text": "feed_forward"}
 
 
 def config(family: str, **overrides: Any) -> Any:
@@ -235,7 +248,8 @@ def test_every_moe_layer_has_every_expert(built):
             if spec.experts is not None:
                 assert any("{e}" in k for k in layers[layer]) == moe, f"{variant}: layer {layer}"
             if not moe:
-                assert {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} <= layers[layer]
+                mlp = DENSE_MLP.get(built.family, "mlp")
+                assert {f"{mlp}.{p}_proj.weight" for p in ("gate", "up", "down")} <= layers[layer]
                 continue
             if spec.experts is None:
                 continue
@@ -264,6 +278,7 @@ def test_the_builds_cover_dense_layers_and_shared_experts(built):
         "glm4_moe",
         "dots1",
         "ernie4_5_moe",
+        "llama4_text",
     ):
         assert any(".shared_expert" in name for name in v.names)
 
@@ -361,13 +376,15 @@ def test_config_keys(built):
             if isinstance(val, list)
             and len(val) == n
             and k != "architectures"
+            and k not in keys.get("layer_indices", ())  # Llama 4's moe_layers, all MoE
             and not k.endswith("_token_id")
         }
         assert per_layer_lists <= set(keys.get("per_layer", ())), variant
 
 
 def test_packed_experts_on_disk_are_their_first_dim(built):
-    """The expert count is the leading dim of the packed tensors (gpt-oss, GraniteMoE)."""
+    """The expert count is the leading dim of the packed tensors (gpt-oss, GraniteMoE,
+    Llama 4)."""
     if built.family not in PACKED_ON_DISK:
         pytest.skip("experts stored one per tensor")
     spec, v = built.spec, built.default
@@ -388,7 +405,7 @@ def test_the_in_memory_layout_reads_as_the_stored_one(built, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    if built.family == "gpt_oss":
+    if built.family in IN_MEMORY_IS_STORED:
         pytest.skip("its in-memory names and layout are the stored ones")
     src = built.default.path
     ckpt = open_checkpoint(src)
@@ -491,7 +508,7 @@ def test_slicing_at_full_width_gives_the_same_logits(built, tmp_path):
     """``slice --sparsity 0`` rotates the residual stream through every norm, reader and writer
     the spec names (experts, shared experts and biases included), in every variant: a wrong or
     missing role changes the logits (GraniteMoE's packed experts too). gpt-oss declares no roles
-    and is refused in one line."""
+    and Llama 4 is refused (``SLICE_REFUSED``), each in one line."""
     import family_checks as fc
 
     from splice.surgery import load_sliced
@@ -518,8 +535,8 @@ def test_slicing_at_full_width_gives_the_same_logits(built, tmp_path):
             "float32",
             "--no-progress",
         ]
-        if built.family in NO_ROLES:
-            with pytest.raises(fc.Refused, match="no residual-stream roles"):
+        if built.family in SLICE_REFUSED:
+            with pytest.raises(fc.Refused, match=SLICE_REFUSED[built.family]):
                 fc.run_cli(argv)
             assert not out.exists()
             continue
