@@ -417,7 +417,8 @@ def _patterns(model: PreTrainedModel, attr: str) -> Iterator[str]:
 def _count(names: Any, what: str, shown: list[str] | None = None) -> str:
     shown = shown if shown is not None else sorted(names)[:_SHOWN]
     more = ", ..." if len(names) > len(shown) else ""
-    return f"{len(names)} {what}{'' if len(names) == 1 else 's'} ({', '.join(shown)}{more})"
+    what = what if len(names) == 1 else what.replace("tensor", "tensors", 1)
+    return f"{len(names)} {what} ({', '.join(shown)}{more})"
 
 
 @contextlib.contextmanager

@@ -47,6 +47,30 @@ class Layout:
     modules: dict[str, str]
     section: str = "text_config"
     text_types: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: the modules' linears that write the language model's residual stream (the projector's
+    #: last one), a regex on the stored name after any ``model.``: -> (the decoder layer whose
+    #: input they write, or the ``layer`` group's offset; whether stored ``[in, hidden]``)
+    writers: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    #: config paths (``section.key``) that hold the language model's width, set with it
+    widths: tuple[str, ...] = ()
+    #: why the language model cannot be sliced inside this checkpoint, if it cannot
+    unsliceable: str | None = None
+
+    def stream_writers(self, names: Any) -> dict[str, tuple[int, bool]]:
+        """``{stored name: (decoder layer whose input it writes, stored transposed)}`` of the
+        module tensors among ``names`` that write the language model's residual stream
+        (:attr:`writers`; a pattern's ``layer`` group counts from its offset)."""
+        import re
+
+        out = {}
+        for name in names:
+            bare = name.removeprefix("model.")
+            for pattern, (at, transposed) in self.writers.items():
+                m = re.fullmatch(pattern, bare)
+                if m:
+                    layer = at + int(m.group("layer")) if "layer" in m.groupdict() else at
+                    out[name] = (layer, transposed)
+        return out
 
     def module_of(self, name: str) -> str | None:
         """The module of a stored tensor other than the language model's, else None."""
@@ -78,7 +102,14 @@ class Layout:
 _TOWER, _PROJECTOR = "vision_tower", "multi_modal_projector"
 
 
-def _llava(text_type: str, architecture: str, *, tower: str = _TOWER, **kw: Any) -> Layout:
+def _llava(
+    text_type: str,
+    architecture: str,
+    writers: dict[str, tuple[int, bool]],
+    *,
+    tower: str = _TOWER,
+    **kw: Any,
+) -> Layout:
     """A LLaVA-style checkpoint (a language model, a vision tower and a
     ``multi_modal_projector``), as transformers saves it: ``model.language_model.*`` and
     ``lm_head.*`` (4.52-4.x), or ``language_model.model.*`` and ``language_model.lm_head.*``
@@ -94,11 +125,14 @@ def _llava(text_type: str, architecture: str, *, tower: str = _TOWER, **kw: Any)
             f"model.{_PROJECTOR}.": _PROJECTOR,
             f"{_PROJECTOR}.": _PROJECTOR,
         },
+        writers={f"{_PROJECTOR}\\.{w}": at for w, at in writers.items()},
         **kw,
     )
 
 
-def _qwen_vl(text_type: str, architecture: str) -> Layout:
+def _qwen_vl(
+    text_type: str, architecture: str, writers: dict[str, tuple[int, bool]], **kw: Any
+) -> Layout:
     """A Qwen-VL checkpoint: ``model.*`` / ``visual.*`` / ``lm_head.weight`` (Qwen's files and
     transformers 5) or ``model.language_model.*`` / ``model.visual.*`` (4.52-4.x); the
     projector is the vision tower's ``merger`` (and Qwen3-VL's ``deepstack_merger_list``)."""
@@ -114,21 +148,53 @@ def _qwen_vl(text_type: str, architecture: str) -> Layout:
         text=("model.language_model.", "model."),
         head=("lm_head.weight", "lm_head.weight"),
         modules=modules,
+        writers={f"visual\\.{w}": at for w, at in writers.items()},
+        widths=("vision_config.out_hidden_size",),
+        **kw,
     )
 
 
+_HEAD_DIM = (
+    "its text config has no head_dim: transformers derives it from hidden_size / "
+    "num_attention_heads, so a narrower stream would narrow every head"
+)
 #: multimodal ``model_type`` -> where its modules are
 LAYOUTS: dict[str, Layout] = {
-    "gemma3": _llava("gemma3_text", "Gemma3ForCausalLM"),
+    "gemma3": _llava("gemma3_text", "Gemma3ForCausalLM", {"mm_input_projection_weight": (0, True)}),
     "mistral3": _llava(  # Mistral Small 3.x; Ministral 3's section says ministral3
         "mistral",
         "MistralForCausalLM",
+        {r"linear_2\.(weight|bias)": (0, False)},
         text_types={"ministral3": ("ministral3", "Ministral3ForCausalLM")},
+        unsliceable="its projector's inner width is the language model's (text_config."
+        "hidden_size), and an activation between its linears does not commute with a rotation",
     ),
-    "llama4": _llava("llama4_text", "Llama4ForCausalLM", tower="vision_model"),
-    "qwen2_vl": _qwen_vl("qwen2", "Qwen2ForCausalLM"),
-    "qwen2_5_vl": _qwen_vl("qwen2", "Qwen2ForCausalLM"),
-    "qwen3_vl": _qwen_vl("qwen3", "Qwen3ForCausalLM"),
+    "llama4": _llava(
+        "llama4_text",
+        "Llama4ForCausalLM",
+        {r"linear_1\.(weight|bias)": (0, False)},
+        tower="vision_model",
+    ),
+    "qwen2_vl": _qwen_vl(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        {r"merger\.mlp\.2\.(weight|bias)": (0, False)},
+        unsliceable=_HEAD_DIM,
+    ),
+    "qwen2_5_vl": _qwen_vl(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        {r"merger\.mlp\.2\.(weight|bias)": (0, False)},
+        unsliceable=_HEAD_DIM,
+    ),
+    "qwen3_vl": _qwen_vl(  # deepstack merger k adds to the stream after decoder layer k
+        "qwen3",
+        "Qwen3ForCausalLM",
+        {
+            r"merger\.linear_fc2\.(weight|bias)": (0, False),
+            r"deepstack_merger_list\.(?P<layer>\d+)\.linear_fc2\.(weight|bias)": (1, False),
+        },
+    ),
 }
 
 #: top-level fields a text model takes when its section does not set them
@@ -288,6 +354,12 @@ def multimodal_config(ckpt: LanguageModel, config: dict[str, Any]) -> dict[str, 
             if key in section:
                 section[key] = config[key]
     mm[ckpt.layout.section] = section
+    width = config.get("hidden_size")
+    if width != ckpt.config.get("hidden_size"):  # a sliced language model
+        for path in ckpt.layout.widths:
+            where, key = path.split(".")
+            if isinstance(mm.get(where), dict):
+                mm[where] = {**mm[where], key: width}
     return mm
 
 

@@ -89,6 +89,7 @@ from splice.checkpoint import open_checkpoint
 from splice.errors import SpliceError
 from splice.execute import ExecOptions
 from splice.mtp import removed_mtp
+from splice.multimodal import LanguageModel
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
 from splice.surgery.depth import SurgeryResult, run_surgery, surgery_plan
@@ -102,7 +103,7 @@ from splice.surgery.slicing_arch import (
 )
 from splice.surgery.slicing_calib import compute_bases, slice_windows
 from splice.surgery.slicing_math import new_width
-from splice.surgery.slicing_tasks import slice_tasks
+from splice.surgery.slicing_tasks import module_writer_tasks, slice_tasks
 from splice.text import plural
 
 if TYPE_CHECKING:
@@ -318,6 +319,17 @@ def plan_slice(
     refuse_sliced(ckpt, "slice")
     check_runnable(ckpt, trust_remote_code=trust_remote_code)
     arch = slice_arch(ckpt)
+    if isinstance(ckpt, LanguageModel) and ckpt.layout.unsliceable:
+        raise SpliceError(
+            f"{ckpt.path}: slice: the language model of {ckpt.mm_config['model_type']} cannot "
+            f"be sliced in place: {ckpt.layout.unsliceable}; the text model convert --text-only writes can be sliced"
+        )
+    if basis == "per-layer" and isinstance(ckpt, LanguageModel):
+        raise SpliceError(
+            f"{ckpt.path}: --basis per-layer writes splice's own model type, which has no "
+            f"multimodal form; slice {ckpt.mm_config['model_type']} with --basis shared (or "
+            "its language model alone: convert --text-only first)"
+        )
     hidden = int(ckpt.config["hidden_size"])
     d = new_width(hidden, int(ckpt.config["num_attention_heads"]), sparsity)
     sized = hidden_sized(ckpt, d, arch)
@@ -337,6 +349,7 @@ def plan_slice(
     if not isinstance(calibration, (str, os.PathLike)):
         calibration = f"{windows.shape[0]} given windows"
     tasks = slice_tasks(ckpt, qs, d, basis, dtype, arch, sized, channels)
+    tasks += module_writer_tasks(ckpt, qs, d, dtype, arch)
     config = sliced_config(ckpt, d, basis, dtype, arch)
     source_params = sum(math.prod(i.shape) for i in ckpt.tensors.values())
     report = SliceReport(

@@ -296,3 +296,43 @@ def slice_tasks(
 def _first(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[list[torch.Tensor]], Any]:
     """``fn`` of a task's first loaded source."""
     return lambda t: fn(t[0])
+
+
+def module_writer_tasks(
+    ckpt: Checkpoint, qs: list[torch.Tensor], d: int, dtype: str | None, arch: SliceArch
+) -> list[TensorTask]:
+    """A multimodal model's linears outside the language model that write its residual stream
+    (the projector's last one, Qwen3-VL's deepstack mergers: :meth:`Layout.stream_writers`),
+    sliced like the layers' writers with the basis of the block input they write: an image
+    token's features enter the stream where a word's embedding does. None for a text model.
+    Shapes: ``[D, in]`` -> ``[d, in]`` (``[in, D]`` -> ``[in, d]`` where stored transposed),
+    bias ``[D]`` -> ``[d]``."""
+    from splice.multimodal import LanguageModel
+
+    if not isinstance(ckpt, LanguageModel):
+        return []
+    key = str(ckpt.path)
+    scale = math.sqrt(d / int(ckpt.config["hidden_size"]))
+    own = ckpt.module_tensors
+    tasks = []
+    for name, (layer, transposed) in ckpt.layout.stream_writers(own).items():
+        info, k = own[name], arch.per_layer * layer
+
+        def fn(t: list[torch.Tensor], q: torch.Tensor = qs[k], flip: bool = transposed) -> Any:
+            w = t[0].T if flip else t[0]
+            out = fold_writer(w, q.to(w.device), arch.centred, scale)
+            return out.T.contiguous() if flip else out
+
+        shape = (*info.shape[:-1], d) if transposed else (d, *info.shape[1:])
+        tasks.append(
+            TensorTask(
+                name=name,
+                shape=tuple(shape),
+                dtype=dtype or info.dtype,
+                sources=(Source(key, name),),
+                compute=fn,
+                load_dtype="float64",
+                label=f"Q_{k}^T @ {key}:{name}" + (" (stored transposed)" if transposed else ""),
+            )
+        )
+    return tasks
