@@ -87,18 +87,23 @@ def _spec(plan: MergePlan) -> ArchSpec:
 
 def tensor_parameters(plan: MergePlan) -> list[TensorParams]:
     """Every output tensor's method and resolved parameters, in the plan's order."""
+    from splice.multimodal import LanguageModel
+
     spec = _spec(plan)
+    holder = plan.models.get(plan.tokenizer_from) if plan.tokenizer_from else None
     out = []
     for task in plan.tasks:
         parsed = spec.parse(task.name)
         compute = task.compute
         if isinstance(compute, ReindexVocab):  # embeddings / head on a merged vocabulary
             compute = compute.inner
+        # a ``modules:`` recipe's vision tower or projector tensor: its module is its group
+        module = holder.layout.module_of(task.name) if isinstance(holder, LanguageModel) else None
         common = dict(
             name=task.name,
-            layer=parsed.layer,
-            group=parsed.group,
-            expert=parsed.expert,
+            layer=None if module else parsed.layer,
+            group=module or parsed.group,
+            expert=None if module else parsed.expert,
             kind=parsed.kind,
         )
         if isinstance(compute, _MethodCall):

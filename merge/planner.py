@@ -9,6 +9,15 @@ added if it is not listed, as mergekit does), and builds one ``TensorTask`` per 
 * ``passthrough`` copies its single source (times an optional ``scale``);
 * other methods get the non-base sources in recipe order and the base separately.
 
+A ``modules:`` recipe (mergekit's modular form, for multimodal models) plans its
+``text_decoder`` entry as the recipe above on the language models (the base's language model
+copied where it has none), and every other module's tensors, by the stored names of the model
+the output's other modules come from (:func:`splice.multimodal.carry_modules`), with the same
+task builder: each tensor from the same tensor of the module's models (the base added), layer
+``i`` of ``n`` (``layers.i`` / ``blocks.i``) at ``t = i / (n - 1)``, others at ``t = 0``; its
+``parameters`` rank between the recipe's and the slice's. A module the recipe leaves out is
+carried from that model.
+
 Every problem found (unknown method, missing base, layer range out of bounds, architecture or
 shape mismatch, missing or unusable parameter) is collected and raised as one ``SpliceError``
 with a line per cause: a cause met in many tensors (a hidden-size mismatch, a parameter a model
@@ -17,6 +26,7 @@ lacks) is one line that counts them and names the first.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,10 +39,12 @@ from splice.execute import Source, TensorTask, tensor_seed
 from splice.layerplan import LayerPlan, LayerRef
 from splice.merge.methods import METHODS, REQUIRED, MergeMethod
 from splice.merge.params import MISSING, coerce, resolve
-from splice.merge.recipe import Params, Recipe
+from splice.merge.recipe import Module, Params, Recipe, Slice, SliceSource
 from splice.merge.vocab import ReindexVocab, RowOverride, VocabPlan, plan_vocab
+from splice.multimodal import TEXT_MODULE, LanguageModel
 from splice.output import ModelPlan
 from splice.problems import Problems, open_models, shape_mismatch
+from splice.st_format import TensorInfo
 from splice.text import plural
 
 
@@ -68,17 +80,23 @@ class _Slice:
     sources: tuple[_SliceSrc, ...]
     base: str | None
     params: Params | None
+    module: Params | None = None  # a ``modules:`` entry's parameters
 
 
 def _parameter_scopes(recipe: Recipe) -> list[tuple[str, Params]]:
     """Every ``parameters`` mapping of the recipe, with where it is (for messages)."""
     scopes: list[tuple[str, Params | None]] = [("parameters", recipe.parameters)]
-    for m in recipe.models or []:
-        scopes.append((f"parameters of model {m.model}", m.parameters))
-    for i, sl in enumerate(recipe.slices or []):
-        scopes.append((f"slice {i} parameters", sl.parameters))
-        for src in sl.sources:
-            scopes.append((f"slice {i} parameters of {src.model}", src.parameters))
+    names = list(recipe.modules) if recipe.modules is not None else [None]
+    for name, part in zip(names, recipe.parts(), strict=True):
+        at = f"modules.{name} " if name else ""
+        if name:
+            scopes.append((f"{at}parameters", part.parameters))
+        for m in part.models or []:
+            scopes.append((f"{at}parameters of model {m.model}", m.parameters))
+        for i, sl in enumerate(part.slices or []):
+            scopes.append((f"{at}slice {i} parameters", sl.parameters))
+            for src in sl.sources:
+                scopes.append((f"{at}slice {i} parameters of {src.model}", src.parameters))
     return [(where, params) for where, params in scopes if params]
 
 
@@ -121,22 +139,26 @@ def _check_architectures(
             )
 
 
-def _slices(recipe: Recipe, models: Mapping[str, Checkpoint]) -> list[_Slice]:
-    if recipe.models:
+def _slices(
+    part: Recipe | Module, base: str | None, models: Mapping[str, Checkpoint]
+) -> list[_Slice]:
+    """The output slices of a recipe or of one of its ``modules`` (``base``: the recipe's)."""
+    module = part.parameters if isinstance(part, Module) else None
+    if part.models:
         sources = [
-            _SliceSrc(m.model, 0, models[m.model].num_layers, m.parameters) for m in recipe.models
+            _SliceSrc(m.model, 0, models[m.model].num_layers, m.parameters) for m in part.models
         ]
-        base = recipe.base_model
-        if base and base not in [m.model for m in recipe.models]:
+        if base and base not in [m.model for m in part.models]:
             sources.append(_SliceSrc(base, 0, models[base].num_layers, None))
-        return [_Slice(tuple(sources), base, None)]
+        return [_Slice(tuple(sources), base, None, module)]
     return [
         _Slice(
             tuple(_SliceSrc(s.model, *s.layer_range, s.parameters) for s in sl.sources),
-            sl.base_model or recipe.base_model,
+            sl.base_model or base,
             sl.parameters,
+            module,
         )
-        for sl in recipe.slices or []
+        for sl in part.slices or []
     ]
 
 
@@ -181,7 +203,7 @@ def _params(
     kwargs: dict[str, Any] = {}
     complete = True
     for key, default in method.global_params.items():
-        value = resolve(key, (slc.params, ctx.recipe.parameters), out_name, t)
+        value = resolve(key, (slc.params, slc.module, ctx.recipe.parameters), out_name, t)
         if value is MISSING:
             if default is REQUIRED:
                 ctx.problems.add(f"{method.name}: parameter {key!r} is required", out_name)
@@ -192,7 +214,8 @@ def _params(
     for key, default in method.per_model.items():
         values = []
         for src, in_name in inputs:
-            value = resolve(key, (src.params, slc.params, ctx.recipe.parameters), in_name, t)
+            scopes = (src.params, slc.params, slc.module, ctx.recipe.parameters)
+            value = resolve(key, scopes, in_name, t)
             if value is MISSING:
                 if default is None:
                     ctx.problems.add(
@@ -227,7 +250,7 @@ def _merge_task(
     problems, models = ctx.problems, ctx.models
     shapes: list[tuple[str, tuple[int, ...]]] = []
     for src, name in inputs:
-        info = models[src.model].tensors.get(name)
+        info = _info(models[src.model], name)
         if info is None:
             problems.add(
                 f"{src.model} lacks tensors the merge needs",
@@ -248,14 +271,16 @@ def _merge_task(
     shape = shapes[0][1]
     if vocab is not None:
         shape = (vocab.size, *shape)
-    first = models[inputs[0][0].model][inputs[0][1]]
+    first = _info(models[inputs[0][0].model], inputs[0][1])
+    assert first is not None
     out_dtype = ctx.out_dtype or first.dtype
     if ctx.method is None:  # passthrough
         if len(inputs) != 1:
             problems.add(f"passthrough takes one source per slice, got {len(inputs)}")
             return None
         src, name = inputs[0]
-        scale = resolve("scale", (src.params, slc.params, ctx.recipe.parameters), name, t)
+        scopes = (src.params, slc.params, slc.module, ctx.recipe.parameters)
+        scale = resolve("scale", scopes, name, t)
         scale = 1.0 if scale is MISSING else coerce(scale, 1.0, f"scale for {src.model}")
         computed = scale != 1.0 or out_dtype != first.dtype or vocab is not None
         reindex = None
@@ -315,6 +340,15 @@ def _merge_task(
         + (f"; base {base_pair[0].model})" if base_pair else ")")
         + (" (re-indexed vocabulary)" if vocab is not None else ""),
     )
+
+
+def _info(ckpt: Checkpoint, name: str) -> TensorInfo | None:
+    """A tensor of the language model, or (by stored name) of another module of a multimodal
+    model."""
+    info = ckpt.tensors.get(name)
+    if info is None and isinstance(ckpt, LanguageModel):
+        info = next((m[name] for m in ckpt.modules.values() if name in m), None)
+    return info
 
 
 def _overrides(
@@ -427,17 +461,28 @@ def plan_merge(
         p.warnings.extend(ignored)
         return p
 
-    slices = _slices(recipe, ckpts)
+    text: Recipe | Module = recipe
+    text_method, modules = method, {}
+    if recipe.modules is not None:
+        entry, modules = _modules(recipe, ckpts, tokenizer_from, problems)
+        problems.raise_if_any()
+        if entry is None:  # the donor's language model, copied
+            n = ckpts[donor].num_layers
+            entry = Module(slices=[Slice(sources=[SliceSource(model=donor, layer_range=(0, n))])])
+            text_method = None
+        text = entry
+    slices = _slices(text, recipe.base_model, ckpts)
     ctx = _Context(
         recipe,
-        method,
+        text_method,
         ckpts,
         compute_dtype,
         out_dtype,
         seed if seed is not None else (recipe.seed or 0),
         problems,
     )
-    if method is not None and method.base == "required" and not all(s.base for s in slices):
+    every = [*slices, *modules.values()] if method is not None else []
+    if method is not None and method.base == "required" and not all(s.base for s in every):
         problems.add(f"{method.name} needs a base_model")
         problems.raise_if_any()
     for i, slc in enumerate(slices):
@@ -495,6 +540,9 @@ def plan_merge(
     problems.raise_if_any()
     check_fit(tasks, ckpts, donor, vocab is not None, problems)
     problems.raise_if_any()
+    if modules:
+        tasks += _module_tasks(replace(ctx, method=method), modules, tokenizer_from)
+        problems.raise_if_any()
 
     config = LayerPlan(tuple(layer_sources), donor, donor).config(ckpts, donor)
     config["tie_word_embeddings"] = donor_ckpt.tied
@@ -513,6 +561,105 @@ def plan_merge(
         warnings=ignored,
         seed=ctx.seed,
     )
+
+
+#: mergekit's name for the one module of a text model
+DEFAULT_MODULE = "default"
+#: a layer of a vision tower (``encoder.layers.3.``, ``visual.blocks.3.``) or of Qwen3-VL's
+#: projector (``deepstack_merger_list.1.``): gradients spread over them as over text layers
+_MODULE_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|deepstack_merger_list)\.(\d+)\.")
+
+
+def _modules(
+    recipe: Recipe, ckpts: Mapping[str, Checkpoint], holder: str, problems: Problems
+) -> tuple[Module | None, dict[str, _Slice]]:
+    """A ``modules:`` recipe checked against the models: its language-model entry
+    (``text_decoder``; a text model's ``default``, as mergekit names it), and each other
+    module's slice. ``holder``: the model whose modules the output carries
+    (:func:`splice.multimodal.carry_modules`), whose module names are the known ones."""
+    assert recipe.modules is not None
+    ckpt = ckpts[holder]
+    multimodal = isinstance(ckpt, LanguageModel)
+    text_key = TEXT_MODULE if multimodal else DEFAULT_MODULE
+    known = {text_key, *ckpt.layout.modules.values()} if multimodal else {text_key}
+    model_type = (ckpt.mm_config if multimodal else ckpt.config).get("model_type")
+    out: dict[str, _Slice] = {}
+    for name, entry in recipe.modules.items():
+        if name not in known:
+            problems.add(
+                f"modules: {name!r} is not a module of {model_type} models (known: "
+                f"{', '.join(sorted(known))})"
+                if multimodal
+                else f"modules: {name!r}: {holder} is not a multimodal model (model_type "
+                f"{model_type}); a text model's one module is 'default', as mergekit names it "
+                "(or give top-level `models` / `slices`)"
+            )
+            continue
+        if name == text_key:
+            continue
+        assert isinstance(ckpt, LanguageModel)
+        slices = _slices(entry, recipe.base_model, ckpts)
+        count = len(_module_layers(ckpt.modules.get(name, {})))
+        cut = entry.slices and any((s.start, s.end) != (0, count) for s in slices[0].sources)
+        if len(slices) > 1 or cut:
+            problems.add(
+                f"modules.{name}: slices that cut, repeat or reorder its layers are not "
+                f"supported; give `models`, or one slice whose every source takes layer_range "
+                f"[0, {count}] (the {name} of {holder} has {plural(count, 'layer')})"
+            )
+            continue
+        for src in slices[0].sources:
+            if not isinstance(ckpts[src.model], LanguageModel):
+                problems.add(
+                    f"modules.{name}: {src.model} is not a multimodal model (model_type "
+                    f"{ckpts[src.model].config.get('model_type')}), so it has no {name}"
+                )
+        out[name] = slices[0]
+    return recipe.modules.get(text_key), out
+
+
+def _module_layers(names: Mapping[str, object]) -> set[int]:
+    """The layer numbers among a module's tensor names."""
+    return {int(m.group(1)) for n in names if (m := _MODULE_LAYER.search(n))}
+
+
+def _module_tasks(ctx: _Context, modules: dict[str, _Slice], holder: str) -> list[TensorTask]:
+    """The tasks of every module but the language model's: each tensor of the module as
+    ``holder`` stores it, merged from the same tensor of the slice's sources (see the module
+    docstring for ``t``)."""
+    ckpt = ctx.models[holder]
+    assert isinstance(ckpt, LanguageModel)
+    tasks = []
+    for name, slc in modules.items():
+        stored = ckpt.modules.get(name, {})
+        count = len(_module_layers(stored))
+        for out_name, info in stored.items():
+            m = _MODULE_LAYER.search(out_name)
+            t = 0.0 if m is None else int(m.group(1)) / (count - 1) if count > 1 else 1.0
+            inputs = [(s, _stored_as(ctx.models[s.model], out_name, ckpt)) for s in slc.sources]
+            task = _merge_task(ctx, slc, out_name, inputs, t)
+            if task is not None and task.shape != info.shape:  # sources of another size
+                other = next(s.model for s in task.sources if s.model != holder)
+                ctx.problems.add(
+                    shape_mismatch(ctx.models, holder, other, donor=True),
+                    f"{out_name} {list(info.shape)} vs {list(task.shape)}",
+                    first=True,
+                )
+            elif task is not None:
+                tasks.append(task)
+    return tasks
+
+
+def _stored_as(ckpt: Checkpoint, name: str, holder: LanguageModel) -> str:
+    """``name``, a module tensor of ``holder``, as ``ckpt`` stores it: transformers saves a
+    module under one of several prefixes (``vision_tower.``, ``model.vision_tower.``)."""
+    if not isinstance(ckpt, LanguageModel) or _info(ckpt, name) is not None:
+        return name
+    prefix = next(p for p in holder.layout.modules if name.startswith(p))
+    module, rest = holder.layout.modules[prefix], name[len(prefix) :]
+    mine = ckpt.modules.get(module, {})
+    found = (p + rest for p, m in ckpt.layout.modules.items() if m == module and p + rest in mine)
+    return next(found, name)
 
 
 def check_fit(

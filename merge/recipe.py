@@ -11,6 +11,10 @@ mergekit-multi's files (several YAML
 documents, each with a ``name`` the later ones use as a model) are read by
 :func:`splice.merge.multi.read_recipe` as a ``MultiRecipe`` and run by ``splice.merge.runner``.
 
+mergekit's modular form runs too: ``modules: {text_decoder: {models | slices, parameters},
+vision_tower: {...}, multi_modal_projector: {...}}`` in place of top-level ``models`` / ``slices``
+(:class:`Module`; planned by ``splice.merge.planner``).
+
 splice adds ``layer_path`` (Sakana's data-flow merge: an ordered list of ``{model, layer |
 layer_range, scale}`` steps) and ``seed`` (for DARE / DELLA).
 
@@ -194,6 +198,25 @@ class Slice(_Strict):
     _params = model_validator(mode="before")(_check_parameters)
 
 
+class Module(_Strict):
+    """One entry of ``modules:`` (mergekit's modular recipes): a module of a multimodal model
+    (``text_decoder``, ``vision_tower``, ``multi_modal_projector``, ...) merged from ``models``
+    or ``slices`` with the recipe's method; its ``parameters`` rank between the recipe's and a
+    slice's or model's own."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: Params | None = None
+
+    _params = model_validator(mode="before")(_check_parameters)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Module:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module needs exactly one of `models` or `slices` (not empty)")
+        return self
+
+
 class LayerStep(_Strict):
     """One step of a data-flow path: layer(s) of a model, the stream scaled by ``scale`` first."""
 
@@ -313,6 +336,7 @@ class Recipe(_Strict):
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
     layer_path: list[LayerStep] | None = None
+    modules: dict[str, Module] | None = None
     base_model: str | None = None
     parameters: Params | None = None
     dtype: str | None = None
@@ -336,6 +360,8 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _shape(self) -> Recipe:
         if self.merge_method == "moe":
+            if self.modules is not None:
+                raise ValueError("`modules` does not go with merge_method moe")
             if not self.experts:
                 raise ValueError("merge_method moe needs an `experts` list")
             if not self.base_model:
@@ -345,11 +371,19 @@ class Recipe(_Strict):
             raise ValueError("`shared_experts` goes with merge_method moe")
         given = [k for k in ("models", "slices", "layer_path") if getattr(self, k)]
         empty = [k for k in ("models", "slices", "layer_path") if getattr(self, k) == []]
-        if not given and empty:
+        if self.modules is not None:
+            if given or empty:
+                raise ValueError(
+                    f"give `modules` or top-level `{(given or empty)[0]}`, not both (the "
+                    "language model's models or slices go under modules.text_decoder)"
+                )
+            if not self.modules:
+                raise ValueError("`modules` is empty")
+        elif not given and empty:
             raise ValueError(f"`{empty[0]}` is empty")
-        if len(given) != 1:
+        elif len(given) != 1:
             raise ValueError(
-                "give exactly one of `models`, `slices` or `layer_path`"
+                "give exactly one of `models`, `slices`, `layer_path` or `modules`"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.layer_path and self.merge_method not in ("passthrough", "layer_path"):
@@ -416,12 +450,13 @@ class Recipe(_Strict):
                     entry["source"]["model"] = f(entry["source"]["model"])
                 else:
                     entry["source"] = f(entry["source"])
-        for m in data.get("models") or []:
-            m["model"] = f(m["model"])
-        for sl in data.get("slices") or []:
-            sl["base_model"] = f(sl["base_model"])
-            for src in sl["sources"]:
-                src["model"] = f(src["model"])
+        for part in [data, *(data.get("modules") or {}).values()]:
+            for m in part.get("models") or []:
+                m["model"] = f(m["model"])
+            for sl in part.get("slices") or []:
+                sl["base_model"] = f(sl["base_model"])
+                for src in sl["sources"]:
+                    src["model"] = f(src["model"])
         for step in data.get("layer_path") or []:
             step["model"] = f(step["model"])
         for e in (data.get("experts") or []) + (data.get("shared_experts") or []):
@@ -436,13 +471,18 @@ class Recipe(_Strict):
         )
 
     # ---- queries ----------------------------------------------------------------------------
+    def parts(self) -> list[Recipe | Module]:
+        """What holds ``models`` / ``slices``: the recipe, or each of its ``modules``."""
+        return list(self.modules.values()) if self.modules is not None else [self]
+
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, without repeats, in recipe order."""
         refs: list[str | None] = [self.base_model]
-        refs += [m.model for m in self.models or []]
-        for s in self.slices or []:
-            refs.append(s.base_model)
-            refs += [src.model for src in s.sources]
+        for part in self.parts():
+            refs += [m.model for m in part.models or []]
+            for s in part.slices or []:
+                refs.append(s.base_model)
+                refs += [src.model for src in s.sources]
         refs += [step.model for step in self.layer_path or []]
         refs += [e.source_model for e in self.experts or []]
         refs += [e.source_model for e in self.shared_experts or []]

@@ -250,9 +250,10 @@ def _check_model(ckpt: Checkpoint, cfg: Any) -> Family:
             "to collapse"
         )
     if model_type not in FAMILIES:
+        why = spec.unsupported.get("collapse") or "its routing is not described for collapse"
         raise SpliceError(
-            f"collapse: model type {model_type!r} is not supported (its routing is not "
-            f"described for collapse); supported: {', '.join(SUPPORTED)}"
+            f"collapse: model type {model_type!r} is not supported ({why}); supported: "
+            f"{', '.join(SUPPORTED)}"
         )
     return FAMILIES[model_type]
 
