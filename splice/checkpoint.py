@@ -421,6 +421,11 @@ def open_checkpoint(
         from splice.lora import LoraCheckpoint
 
         base, adapter = (resolve(p, allow_pickle=allow_pickle) for p in parts)
+        if _model_type(base) in _multimodal_types():
+            raise SpliceError(
+                f"{ref}: a LoRA adapter on a multimodal model ({_model_type(base)}) is not read "
+                "yet; merge the adapter into it first (e.g. with peft's merge_and_unload)"
+            )
         return LoraCheckpoint(base, adapter, allow_pickle=allow_pickle)
     path = resolve(ref, allow_pickle=allow_pickle)
     if language_model and _model_type(path) in _multimodal_types():
