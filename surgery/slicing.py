@@ -349,6 +349,7 @@ def plan_slice(
     if not isinstance(calibration, (str, os.PathLike)):
         calibration = f"{windows.shape[0]} given windows"
     tasks = slice_tasks(ckpt, qs, d, basis, dtype, arch, sized, channels)
+    params_output = sum(math.prod(t.shape) for t in tasks)  # the language model's, as the source's
     tasks += module_writer_tasks(ckpt, qs, d, dtype, arch)
     config = sliced_config(ckpt, d, basis, dtype, arch)
     source_params = sum(math.prod(i.shape) for i in ckpt.tensors.values())
@@ -362,7 +363,7 @@ def plan_slice(
         hidden_size=hidden,
         new_hidden_size=d,
         params_source=source_params,
-        params_output=sum(math.prod(t.shape) for t in tasks),
+        params_output=params_output,
         retained=retained,
         total_retained=total,
         stream=stream,

@@ -138,27 +138,3 @@ def build_mm(
 #: vision fields an image forward needs beyond :data:`MM_FAMILIES`' (which only have to load):
 #: Llama 4's vision adapter reads the pixel-shuffled patches (4 x hidden_size wide) through a
 #: layer as wide as the encoder's MLP, so that MLP is 4 x hidden_size here
-IMAGE_READY: dict[str, dict[str, Any]] = {"llama4": dict(intermediate_size=64)}
-
-
-def build_mm_image_ready(
-    model_type: str, folder: str | Path, *, seed: int = 0, tied: bool = False, **text: Any
-) -> Path:
-    """:func:`build_mm` with :data:`IMAGE_READY`'s vision fields: a model whose forward on
-    pixel values runs (16x16 images, 4 image tokens each for every family)."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    cfg = mm_config(model_type, tied=tied, **text)
-    for key, value in IMAGE_READY.get(model_type, {}).items():
-        setattr(cfg.vision_config, key, value)
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    (folder / "preprocessor_config.json").write_text('{"image_processor_type": "tiny"}')
-    return folder
