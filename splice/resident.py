@@ -18,6 +18,7 @@ from splice.checkpoint import Checkpoint
 from splice.dtypes import to_torch
 from splice.errors import SpliceError
 from splice.lora import LoraCheckpoint
+from splice.multimodal import LanguageModel
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +58,14 @@ class ResidentCheckpoint(Checkpoint):
         cls, ckpt: Checkpoint, *, device: str = "cpu", dtype: str | None = None
     ) -> ResidentCheckpoint:
         """A resident view of the model folder ``ckpt`` reads (its own file handles); of a LoRA
-        reference, a :class:`ResidentLora`."""
+        reference, a :class:`ResidentLora`; of a multimodal model's language model, a
+        :class:`ResidentLanguageModel`."""
         if isinstance(ckpt, ResidentCheckpoint):
             return ckpt
+        if isinstance(ckpt, LanguageModel):
+            return ResidentLanguageModel(
+                ckpt.path, device=device, dtype=dtype, allow_pickle=ckpt.allow_pickle
+            )
         if isinstance(ckpt, LoraCheckpoint):
             return ResidentLora(
                 ckpt.base_path,
@@ -120,6 +126,11 @@ class ResidentLora(ResidentCheckpoint, LoraCheckpoint):
     ) -> None:
         LoraCheckpoint.__init__(self, base, adapter, allow_pickle=allow_pickle)
         self._hold(device, dtype)
+
+
+class ResidentLanguageModel(ResidentCheckpoint, LanguageModel):
+    """The language model of a multimodal checkpoint (:class:`splice.multimodal.LanguageModel`)
+    held resident like any other source."""
 
 
 # ---- a module to merge into -------------------------------------------------------------------

@@ -708,3 +708,23 @@ def test_analyze_reads_the_language_model(zoo, tmp_path, capsys):
         assert not any(word in text for word in ("vision", "visual", "projector")), argv[0]
         if argv[0] in ("weights", "tasks"):
             assert "self_attn.q_proj" in text and "model.embed_tokens" in text
+
+
+def test_evolve_searches_the_language_models(zoo, tmp_path):
+    """An evolve run over three Gemma 3 checkpoints merges their language models into one
+    resident text model (the sources held as resident language models); its best recipe
+    merges into the multimodal checkpoint with the base's vision tower."""
+    from evolve_helpers import config_dict, write_config, write_tasks
+
+    trio = {"base": zoo("gemma3", False, "tok")}
+    for name, which in (("ft1", "b"), ("ft2", "text")):
+        trio[name] = tmp_path / name
+        shutil.copytree(zoo("gemma3", False, which), trio[name])
+        make_tokenizer(96).save_pretrained(trio[name])
+    cfg = config_dict(trio, write_tasks(tmp_path / "tasks"), generations=1, popsize=2)
+    run = tmp_path / "run"
+    run_ok("evolve", write_config(tmp_path / "c.yml", cfg), "--out", run, "--no-progress")
+    out = tmp_path / "winner"
+    run_ok("merge", run / "best.yml", out, "--no-progress")
+    assert type(loaded_clean(out)).__name__ == "Gemma3ForConditionalGeneration"
+    assert_vision_carried(trio["base"], out)
