@@ -195,6 +195,16 @@ class PathModels:
         self.sources = dict(sources)
         self.shell = self.modules[donor]
         self.Step = _step_class()
+        #: each source's per-layer config lists as transformers filled them in (a config.json
+        #: may leave ``layer_types`` to its default), before :meth:`build` changes the donor's
+        self.per_layer = {
+            ref: {
+                k: list(v)
+                for k, v in vars(m.config).items()
+                if isinstance(v, (list, tuple)) and len(v) == sources[ref].num_layers
+            }
+            for ref, m in self.modules.items()
+        }
 
     def build(self, steps: list[dict[str, Any]]) -> torch.nn.Module:
         """The donor module running ``steps`` (a ``layer_path``: ``{model, layer, scale}``)."""
@@ -210,6 +220,9 @@ class PathModels:
         refs = [LayerRef(s["model"], int(s["layer"])) for s in steps]
         mapped = mapped_config(self.sources, refs, self.donor)
         cfg = self.shell.config
+        for key in self.per_layer[self.donor]:  # lists the config.json left to their default
+            if key not in mapped and all(key in self.per_layer[r.model] for r in refs):
+                mapped[key] = [self.per_layer[r.model][key][r.layer] for r in refs]
         for key, value in mapped.items():  # the layer count and every per-layer field
             if getattr(cfg, key, None) != value and (
                 key == self.sources[self.donor].arch.num_layers_key or isinstance(value, list)

@@ -1,4 +1,6 @@
-"""README's architecture table: every verb of splice on every family of ``tests/families.py``.
+"""README's architecture table: every verb of splice on every family of ``tests/families.py``
+(dense, then MoE) and every multimodal model type of ``tests/mm_families.py`` (its language
+model, the other modules kept).
 
 ``python scripts/arch_table.py`` runs the checks of ``tests/family_checks.py`` (tiny float32
 models of each family against transformers' own model of it, built independently) in a
@@ -37,20 +39,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _checks():
+    """tests/families.py, tests/family_checks.py and every family they check, in order:
+    dense, MoE, multimodal."""
     sys.path.insert(0, str(ROOT / "tests"))
     import families
     import family_checks
+    import mm_families
 
-    return families, family_checks
+    order = [*families.FAMILIES, *families.MOE_FAMILIES, *mm_families.MM_FAMILIES]
+    return families, family_checks, order
 
 
 def run_all(work: Path, only: list[str] | None = None) -> dict:
     """Every check of every family (``only``: these families) into ``work``; the JSON data."""
     import transformers
 
-    families, fc = _checks()
+    families, fc, every = _checks()
     results: dict[str, dict[str, dict[str, str]]] = {}
-    for family in only or [*families.FAMILIES, *families.MOE_FAMILIES]:
+    for family in only or every:
         results[family] = {}
         for verb in fc.VERBS:
             if not families.known(family):
@@ -72,6 +78,11 @@ def _cell(result: dict[str, str]) -> str:
     status, detail = result.get("status", "?"), result.get("detail", "")
     # a refusal's reason, without what the JSON repeats (the sparsity, the verb, the family)
     detail = re.sub(r"^(at \d+%: )?\w+: architecture '[^']+' is not supported: ", "", detail)
+    detail = re.sub(  # a multimodal model's: the same without the source's path
+        r"^(at \d+%: )?(<source>: )?\w+: the language model of \w+ cannot be sliced in place: ",
+        "",
+        detail,
+    )
     if len(detail) > CELL:
         detail = detail[: CELL - 1] + "…"
     detail = detail.replace("|", "\\|").replace("`", "'")

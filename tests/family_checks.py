@@ -25,6 +25,18 @@ bias, ``lm_head.bias``, ...). Logits are compared on a fixed 12-token input (max
 
 A refusal (exit code 2, one ``splice: error:`` line) is ``Outcome("refused", line)``; any other
 exit code, an exception or a failed comparison is ``Outcome("fail", one line)``.
+
+``family`` may also be a multimodal model type of ``mm_families.MM_FAMILIES`` (Gemma 3,
+Mistral 3, Qwen2.5-VL, Qwen3-VL, Llama 4): the sources are :func:`mm_families.build_mm`'s,
+every model (outputs, references, sources) loads with ``AutoModelForImageTextToText`` as the
+input's ``architectures[0]``, layer maps act on the language model's tensors only (under its
+stored prefix, ``language_model.model.layers.N.``, ``model.layers.N.`` ...: the vision tower's
+own ``layers.N`` / ``blocks.N`` stay) and on the per-layer fields of ``text_config``, the
+references are written in the multimodal layout, logits are the text input's, and every
+tensor outside the language model must be the source's (the first model's) byte for byte in
+every output (slice --basis shared: the projector linears that write the language model's
+stream go through the embedding's rotation instead). Slicing a multimodal model is checked
+with ``--basis shared`` (``per-layer`` has no multimodal form).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import families
+import mm_families
 import torch
 
 torch.set_num_threads(1)
@@ -67,6 +80,21 @@ INDEX_LISTS = ("full_attn_idxs", "mlp_only_layers", "moe_layers")
 #: calibration of the slice checks (made-up words w0 ... of the sources' tokenizer)
 SLICE_CALIB = ["--seq-len", "24", "--max-samples", "8", "--batch-size", "4"]
 _LAYER = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks))\.(\d+)\.(.+)$")
+#: multimodal model types (vision-language checkpoints whose language model is checked)
+MM = mm_families.MM_FAMILIES
+#: multimodal model type -> (a regex on the stored names of the linears outside the language
+#: model whose output is its residual stream, the axis of that output in the stored tensor):
+#: ``slice --basis shared`` rotates them as it rotates the embedding rows
+STREAM_WRITERS: dict[str, tuple[str, int]] = {
+    "gemma3": (r"multi_modal_projector\.mm_input_projection_weight", 1),
+    "mistral3": (r"multi_modal_projector\.linear_2\.(weight|bias)", 0),
+    "llama4": (r"multi_modal_projector\.linear_1\.(weight|bias)", 0),
+    "qwen2_5_vl": (r"(model\.)?visual\.merger\.mlp\.2\.(weight|bias)", 0),
+    "qwen3_vl": (
+        r"(model\.)?visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc2\.(weight|bias)",
+        0,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,15 @@ def run_cli(argv: list[str]) -> str:
     return out.getvalue()
 
 
+def crash(e: BaseException) -> str:
+    """A crash in one line: its type, message's first line and last frame (in splice or
+    transformers)."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}{where}"
+
+
 def outcome_of(body: Callable[[], None]) -> Outcome:
     """Run a check's ``body``: "pass" unless it raises."""
     try:
@@ -140,10 +177,7 @@ def outcome_of(body: Callable[[], None]) -> Outcome:
     except Failed as e:
         return Outcome("fail", one_line(str(e)))
     except Exception as e:  # a crash is a failure with its last frame in splice or transformers
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return Outcome("fail", one_line(f"{type(e).__name__}: {first}{where}"))
+        return Outcome("fail", one_line(crash(e)))
     return Outcome("pass", "")
 
 
@@ -196,7 +230,10 @@ def source(family: str, work: Path, seed: int = 0) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".seed{seed}-"))
     with quiet():
-        families.build(family, tmp, seed=seed)
+        if family in MM:
+            mm_families.build_mm(family, tmp, seed=seed)
+        else:
+            families.build(family, tmp, seed=seed)
         tokenizer().save_pretrained(tmp)
     try:
         tmp.rename(folder)
@@ -247,6 +284,21 @@ def read_config(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def multimodal(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` is a multimodal model type's (:data:`MM`)."""
+    return cfg.get("model_type") in MM
+
+
+def text_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: a multimodal config's ``text_config``, else ``cfg``."""
+    return cfg["text_config"] if multimodal(cfg) else cfg
+
+
+def with_text_section(cfg: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with its language model's config replaced by ``section``."""
+    return {**cfg, "text_config": section} if multimodal(cfg) else section
+
+
 def layer_count(cfg: dict[str, Any]) -> int:
     return int(cfg["num_hidden_layers"])
 
@@ -262,7 +314,10 @@ def per_layer_keys(cfg: dict[str, Any]) -> list[str]:
 
 def mapped_config(cfg: dict[str, Any], mapping: list[int]) -> dict[str, Any]:
     """``cfg`` for the layers ``mapping`` of its model: per-layer lists follow the map; index
-    lists (``full_attn_idxs``) become the output positions whose source layer was listed."""
+    lists (``full_attn_idxs``) become the output positions whose source layer was listed
+    (a multimodal config: those of its ``text_config``)."""
+    if multimodal(cfg):
+        return with_text_section(cfg, mapped_config(text_section(cfg), mapping))
     new = dict(cfg)
     for key in per_layer_keys(cfg):
         new[key] = [cfg[key][i] for i in mapping]
@@ -280,25 +335,62 @@ def with_moe_placement(want: dict[str, Any], out: dict[str, Any]) -> dict[str, A
     tests/test_layer_config.py); the reference checks the layers, not those fields."""
     from splice.layer_config import INTERVAL_RULES
 
+    if multimodal(want):
+        return with_text_section(want, with_moe_placement(text_section(want), text_section(out)))
     fields = {f for rule in INTERVAL_RULES for f in rule.fields} | {"mlp_only_layers"}
     return {**want, **{k: out[k] for k in fields if k in out}}
 
 
-def mapped_name(name: str, mapping: list[int]) -> list[str]:
+def text_prefix(names: Any) -> tuple[str, str | None]:
+    """A multimodal model's language model as stored: the prefix of its body (the one
+    ``embed_tokens.weight`` is under: ``language_model.model.``, ``model.language_model.``,
+    ``model.``) and its head's name (None when tied)."""
+    bodies = sorted({n.removesuffix("embed_tokens.weight") for n in names
+                     if n.endswith("embed_tokens.weight")})  # fmt: skip
+    if len(bodies) != 1:
+        raise Failed(f"checker: {len(bodies)} embed_tokens.weight tensors, not one")
+    heads = [n for n in names if n.endswith("lm_head.weight") and not n.startswith(bodies[0])]
+    return bodies[0], heads[0] if heads else None
+
+
+def in_text(name: str, text: tuple[str, str | None] | None) -> bool:
+    """Whether stored tensor ``name`` is the language model's (``text``: :func:`text_prefix`;
+    None: a text model, all of it)."""
+    return text is None or name.startswith(text[0]) or name == text[1]
+
+
+def layer_of(name: str, body: str | None = None) -> tuple[str, int, str] | None:
+    """``(prefix, layer, rest)`` of a decoder layer's tensor, else None (``body``: a multimodal
+    model's language-model prefix, whose ``layers.N.`` only are decoder layers)."""
+    if body is None:
+        m = _LAYER.match(name)
+    else:
+        m = re.match(rf"^({re.escape(body)}layers)\.(\d+)\.(.+)$", name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def mapped_name(name: str, mapping: list[int], body: str | None = None) -> list[str]:
     """The output names of source tensor ``name`` under the layer map (one per copy)."""
-    m = _LAYER.match(name)
+    m = layer_of(name, body)
     if not m:
         return [name]
-    prefix, i, rest = m.group(1), int(m.group(2)), m.group(3)
+    prefix, i, rest = m
     return [f"{prefix}.{j}.{rest}" for j, src in enumerate(mapping) if src == i]
 
 
-def mapped_tensors(tensors: dict[str, torch.Tensor], mapping: list[int]) -> dict[str, torch.Tensor]:
+def mapped_tensors(
+    tensors: dict[str, torch.Tensor], mapping: list[int], body: str | None = None
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        for new in mapped_name(name, mapping):
+        for new in mapped_name(name, mapping, body):
             out[new] = t.clone()
     return out
+
+
+def text_of(folder: Path) -> tuple[str, str | None] | None:
+    """:func:`text_prefix` of a multimodal model's folder; None for a text model's."""
+    return text_prefix(tensor_names(folder)) if multimodal(read_config(folder)) else None
 
 
 def write_reference(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
@@ -314,12 +406,16 @@ def write_reference(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.
 
 def load_checked(folder: Path, what: str = "output") -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with ``output_loading_info``: no key missing,
-    unexpected or of another shape, else :class:`Failed`."""
-    from transformers import AutoModelForCausalLM
+    unexpected or of another shape, else :class:`Failed`. A multimodal model's folder loads
+    with ``AutoModelForImageTextToText``, as the class its config's ``architectures`` names
+    (:func:`modules_kept` checks an output's is the input's)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    cfg = read_config(folder)
+    auto = AutoModelForImageTextToText if multimodal(cfg) else AutoModelForCausalLM
     try:
         with quiet():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto.from_pretrained(
                 str(folder), dtype=torch.float32, output_loading_info=True
             )
     except Exception as e:
@@ -333,6 +429,9 @@ def load_checked(folder: Path, what: str = "output") -> torch.nn.Module:
             problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
     if problems:
         raise Failed(f"{what} loads with " + "; ".join(problems))
+    if multimodal(cfg) and type(model).__name__ != (cfg.get("architectures") or ["?"])[0]:
+        raise Failed(f"{what} loads as {type(model).__name__}, its config says "
+                     f"{(cfg.get('architectures') or ['nothing'])[0]}")  # fmt: skip
     return model.eval()
 
 
@@ -365,13 +464,76 @@ def no_tensor_lost(expected: set[str], out: Path) -> None:
 
 
 def config_follows(model: torch.nn.Module, want: dict[str, Any]) -> None:
-    """The loaded output's per-layer config fields are the mapped ones."""
+    """The loaded output's per-layer config fields are the mapped ones (a multimodal model's:
+    those of its text config)."""
+    config = model.config.get_text_config() if multimodal(want) else model.config
+    want = text_section(want)
     for key in [*per_layer_keys(want), *INDEX_LISTS]:
         if key not in want:
             continue
-        got = getattr(model.config, key, None)
+        got = getattr(config, key, None)
         if got is not None and list(got) != list(want[key]):
             raise Failed(f"config {key} {list(got)} != expected {want[key]}")
+
+
+def modules_kept(src: Path, out: Path, family: str, *, sliced: bool = False) -> None:
+    """A multimodal output (nothing for a text model's): the input's model type and class;
+    its ``vision_config`` (sliced: but a width that was the language model's and is now the
+    output's); and every tensor outside the language model the source's byte for byte (same
+    names, dtype, shape, bytes; none added), except where ``sliced`` the linears that write the
+    language model's stream (:data:`STREAM_WRITERS`), which must go through the map the
+    embedding rows went through (``E' = E·M``: ``W' = Mᵀ·W`` along the stream axis)."""
+    s_cfg, o_cfg = read_config(src), read_config(out)
+    if not multimodal(s_cfg):
+        return
+    for key in ("model_type", "architectures"):
+        if o_cfg.get(key) != s_cfg.get(key):
+            raise Failed(f"config {key} {o_cfg.get(key)!r}, the input's is {s_cfg.get(key)!r}")
+    widths = (text_section(s_cfg)["hidden_size"], text_section(o_cfg)["hidden_size"])
+    s_vis, o_vis = s_cfg.get("vision_config") or {}, o_cfg.get("vision_config") or {}
+    for key in sorted(set(s_vis) | set(o_vis)):
+        if o_vis.get(key) != s_vis.get(key) and not (
+            sliced and (s_vis.get(key), o_vis.get(key)) == widths
+        ):
+            raise Failed(f"vision_config {key} {o_vis.get(key)!r}, the input's is "
+                         f"{s_vis.get(key)!r}")  # fmt: skip
+    s_t, o_t = read_tensors(src), read_tensors(out)
+    s_text, o_text = text_prefix(s_t), text_prefix(o_t)
+    outside = {n: t for n, t in s_t.items() if not in_text(n, s_text)}
+    added = sorted(n for n in o_t if not in_text(n, o_text) and n not in outside)
+    if added:
+        raise Failed(f"tensors outside the language model added: {', '.join(added[:4])}")
+    pattern, axis = STREAM_WRITERS.get(family, ("", 0))  # none listed: every tensor kept
+    writers = {n for n in outside if sliced and pattern and re.fullmatch(pattern, n)}
+    for name, t in outside.items():
+        got = o_t.get(name)
+        if got is None:
+            raise Failed(f"tensor outside the language model lost: {name}")
+        if name in writers:
+            continue
+        if got.dtype != t.dtype or got.shape != t.shape:
+            raise Failed(f"{name}: {got.dtype} {tuple(got.shape)}, the source's is {t.dtype} "
+                         f"{tuple(t.shape)}")  # fmt: skip
+        if not torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
+            raise Failed(f"{name} is not the source's byte for byte (outside the language model)")
+    if writers:
+        embed = s_text[0] + "embed_tokens.weight"
+        e, e_out = s_t[embed].double(), o_t[o_text[0] + "embed_tokens.weight"].double()
+        m = torch.linalg.lstsq(e, e_out).solution  # [D, d]: E' = E·M
+        if not (e @ m - e_out).abs().max().item() < TOL:
+            raise Failed("checker: the output's embedding rows are not a linear map of the "
+                         "source's")  # fmt: skip
+        for name in sorted(writers):
+            w = outside[name].double().movedim(axis, 0)
+            want = torch.tensordot(m, w, dims=([0], [0]))  # Mᵀ·W along the stream axis
+            got = o_t[name].double().movedim(axis, 0)
+            if got.shape != want.shape:
+                raise Failed(f"{name}: {tuple(o_t[name].shape)}, the stream's map of the "
+                             f"source's gives {tuple(want.movedim(0, axis).shape)}")  # fmt: skip
+            diff = (got - want).abs().max().item()
+            if not diff < TOL:
+                raise Failed(f"{name} (it writes the language model's stream) is not the "
+                             f"embedding's map of the source's: max abs diff {diff:.3g}")  # fmt: skip
 
 
 def check_layer_map(
@@ -386,11 +548,14 @@ def check_layer_map(
     cfg = read_config(src)
     want_cfg = with_moe_placement(mapped_config(cfg, mapping), read_config(out))
     tensors = read_tensors(src)
-    no_tensor_lost({new for name in tensors for new in mapped_name(name, mapping)}, out)
+    text = text_of(src)
+    body = text[0] if text else None
+    no_tensor_lost({new for name in tensors for new in mapped_name(name, mapping, body)}, out)
+    modules_kept(src, out, family)
     model = load_checked(out)
     config_follows(model, want_cfg)
-    ref = load_checked(write_reference(run / "reference", want_cfg, mapped_tensors(tensors, mapping)),
-                       "reference")  # fmt: skip
+    ref_tensors = mapped_tensors(tensors, mapping, body)
+    ref = load_checked(write_reference(run / "reference", want_cfg, ref_tensors), "reference")
     want = logits(ref)
     distinct(want, logits(load_checked(src, "source")), "source")
     compare(logits(model), want)
@@ -405,16 +570,35 @@ def check_inspect(family: str, work: Path) -> Outcome:
         if not isinstance(data, dict):
             raise Failed(f"inspect --json printed {type(data).__name__}, not an object")
         cfg, tensors = read_config(src), read_tensors(src)
+        text = text_of(src)
+        lm = {n: t for n, t in tensors.items() if in_text(n, text)}
+        section = text_section(cfg)
         want = {
-            "model_type": cfg["model_type"],
-            "num_layers": cfg["num_hidden_layers"],
-            "hidden_size": cfg["hidden_size"],
-            "vocab_size": cfg["vocab_size"],
-            "num_params": sum(t.numel() for t in tensors.values()),
+            # a multimodal model's language model, as its text family
+            "model_type": MM[family]["text"] if family in MM else cfg["model_type"],
+            "num_layers": section["num_hidden_layers"],
+            "hidden_size": section["hidden_size"],
+            "vocab_size": section["vocab_size"],
+            "num_params": sum(t.numel() for t in lm.values()),
         }
         for key, value in want.items():
             if data.get(key) != value:
                 raise Failed(f"inspect --json: {key} {data.get(key)!r}, the files say {value!r}")
+        if text is not None:  # the other modules listed, every tensor in one of them
+            mm = data.get("multimodal") or {}
+            mods = mm.get("modules") or []
+            for key, value in (("model_type", cfg["model_type"]),
+                               ("architectures", cfg["architectures"]),
+                               ("text_prefix", text[0])):  # fmt: skip
+                if mm.get(key) != value:
+                    raise Failed(f"inspect --json: multimodal.{key} {mm.get(key)!r}, the files "
+                                 f"say {value!r}")  # fmt: skip
+            rest = [t for n, t in tensors.items() if n not in lm]
+            got = (sum(m.get("tensors", 0) for m in mods), sum(m.get("params", 0) for m in mods))
+            if got != (len(rest), sum(t.numel() for t in rest)):
+                raise Failed(f"inspect --json: its modules hold {got[0]} tensors, {got[1]} "
+                             f"parameters; the files hold {len(rest)}, "
+                             f"{sum(t.numel() for t in rest)} outside the language model")  # fmt: skip
         counted = sum(f.get("tensors", 0) for f in data.get("files") or [])
         if counted != len(tensors):
             raise Failed(
@@ -442,8 +626,11 @@ def check_merge(family: str, work: Path) -> Outcome:
         ta, tb = read_tensors(a), read_tensors(b)
         if set(ta) != set(tb):
             raise Failed("the two builds have different tensor names")
-        mixed = {k: WEIGHTS[0] * ta[k] + WEIGHTS[1] * tb[k] for k in ta}
+        text = text_of(a)  # a multimodal model's other modules: the first model's
+        mixed = {k: WEIGHTS[0] * ta[k] + WEIGHTS[1] * tb[k] if in_text(k, text) else ta[k]
+                 for k in ta}  # fmt: skip
         no_tensor_lost(set(ta), out)
+        modules_kept(a, out, family)
         model = load_checked(out)
         ref = load_checked(write_reference(run / "reference", read_config(a), mixed), "reference")
         want = logits(ref)
@@ -506,21 +693,27 @@ def check_slice(family: str, work: Path) -> Outcome:
         run = fresh(work, "slice", family)
         names = tensor_names(src)
         want = logits(load_checked(src, "source"))
+        # a multimodal model: one basis for the whole stream, a standard checkpoint
+        basis = ["--basis", "shared"] if family in MM else []
         for sparsity in ("0", "0.25"):
             out = run / f"out{sparsity}"
             try:
                 run_cli(["slice", src, out, "--sparsity", sparsity, "--calibration", text,
-                         *SLICE_CALIB, "--device", "cpu", "--threads", "1", "--dtype", "float32",
-                         "--no-progress"])  # fmt: skip
+                         *basis, *SLICE_CALIB, "--device", "cpu", "--threads", "1",
+                         "--dtype", "float32", "--no-progress"])  # fmt: skip
             except (Refused, Failed) as e:
                 raise type(e)(f"at {float(sparsity):.0%}: {e}") from e
             try:
                 if not out.is_dir() or not any(out.glob("*.safetensors")):
                     raise Failed("no safetensors written")
                 no_tensor_lost(names, out)
-                _sliced_tensors_load(out)
-                with quiet():
-                    model = load_sliced(out)
+                if family in MM:
+                    modules_kept(src, out, family, sliced=True)
+                    model = load_checked(out)
+                else:
+                    _sliced_tensors_load(out)
+                    with quiet():
+                        model = load_sliced(out)
                 got = logits(model)
                 if not torch.isfinite(got).all():
                     raise Failed("the sliced model's logits are not finite")
@@ -543,6 +736,7 @@ def check_dataflow(family: str, work: Path) -> Outcome:
     def body() -> None:
         import yaml
 
+        from splice.checkpoint import open_checkpoint
         from splice.evolve.dataflow import PathModels
         from splice.merge import MergeOptions
         from splice.resident import ResidentCheckpoint
@@ -555,28 +749,39 @@ def check_dataflow(family: str, work: Path) -> Outcome:
                                           "base_model": str(seeds[0]), "layer_path": steps}))  # fmt: skip
         out = run / "out"
         run_cli(["merge", recipe, out, "--no-progress"])
+        modules_kept(seeds[0], out, family)  # a multimodal model's other modules: the base's
         written = logits(load_checked(out))
         tensors = {s: read_tensors(seeds[s]) for s in seeds}
-        ref_tensors = {n: t for n, t in tensors[0].items() if not _LAYER.match(n)}
+        text = text_of(seeds[0])
+        body = text[0] if text else None
+        ref_tensors = {n: t for n, t in tensors[0].items() if not layer_of(n, body)}
         for j, (s, i) in enumerate(PATH):
             for name, t in tensors[s].items():
-                m = _LAYER.match(name)
-                if m and int(m.group(2)) == i:
-                    ref_tensors[f"{m.group(1)}.{j}.{m.group(3)}"] = t.clone()
+                m = layer_of(name, body)
+                if m and m[1] == i:
+                    ref_tensors[f"{m[0]}.{j}.{m[2]}"] = t.clone()
         want_cfg = with_moe_placement(
             mapped_config(read_config(seeds[0]), [i for _, i in PATH]), read_config(out)
         )
-        for key in per_layer_keys(want_cfg):  # each position's value from its own source
-            want_cfg[key] = [read_config(seeds[s])[key][i] for s, i in PATH]
+        section = text_section(want_cfg)
+        for key in per_layer_keys(section):  # each position's value from its own source
+            section[key] = [text_section(read_config(seeds[s]))[key][i] for s, i in PATH]
         want = logits(load_checked(write_reference(run / "reference", want_cfg, ref_tensors),
                                    "reference"))  # fmt: skip
         distinct(want, logits(load_checked(seeds[0], "source")), "source")
         compare(written, want, "the written path's logits")
-        with quiet():
-            sources = {str(p): ResidentCheckpoint(p) for p in seeds.values()}
-            paths = PathModels(sources, str(seeds[0]), MergeOptions(show_progress=False), "float32")
-            live = paths.build(steps)
-        compare(logits(live), want, "the live path model's logits")
+        try:
+            with quiet():
+                # as evolve opens its sources (splice.evolve.search._sources): a multimodal
+                # folder as its language model, then held resident
+                sources = {str(p): ResidentCheckpoint.of(open_checkpoint(p))
+                           for p in seeds.values()}  # fmt: skip
+                options = MergeOptions(show_progress=False)
+                live = PathModels(sources, str(seeds[0]), options, "float32").build(steps)
+                got = logits(live)
+        except Exception as e:
+            raise Failed(f"the live path model: {crash(e)} (the written path passed)") from e
+        compare(got, want, "the live path model's logits")
 
     return outcome_of(body)
 
@@ -585,7 +790,8 @@ def check_collapse(family: str, work: Path) -> Outcome:
     """MoE families: ``--keep-experts E --prune`` (all of them) keeps the logits; a dense
     ``uniform`` collapse writes a model transformers loads (its numbers against identical
     experts are tests/test_collapse_families.py's). Dense families: not applicable."""
-    if family not in families.MOE_FAMILIES and family != "qwen3_next":
+    text_family = MM[family]["text"] if family in MM else family
+    if text_family not in families.MOE_FAMILIES and text_family != "qwen3_next":
         return Outcome("skipped", "not an MoE")
 
     def body() -> None:
@@ -593,14 +799,16 @@ def check_collapse(family: str, work: Path) -> Outcome:
 
         src = source(family, work)
         run = fresh(work, "collapse", family)
-        n = ArchSpec.load(family).num_experts(read_config(src))
+        n = ArchSpec.load(text_family).num_experts(text_section(read_config(src)))
         base = ["--device", "cpu", "--threads", "1", "--dtype", "float32", "--no-progress"]
         text = calibration_file(work)
         calib = ["--calibration", text, "--seq-len", "24", "--max-samples", "8"]
         run_cli(["collapse", src, run / "all", "--keep-experts", n, "--prune", *calib, *base])
+        modules_kept(src, run / "all", family)
         compare(logits(load_checked(run / "all")), logits(load_checked(src, "source")),
                 "logits with every expert kept")  # fmt: skip
         run_cli(["collapse", src, run / "dense", "--method", "frequency", *calib, *base])
+        modules_kept(src, run / "dense", family)
         load_checked(run / "dense")
 
     return outcome_of(body)
