@@ -86,7 +86,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         _check_config(where, config, ArchSpec.load(model_type) if known else None)
         #: name -> metadata; packed expert tensors appear as per-expert views (ArchSpec.unpack)
         self.tensors: dict[str, TensorInfo] = (
-            ArchSpec.load(model_type).unpack(stored) if known else stored
+            self._unpack(ArchSpec.load(model_type), stored) if known else stored
         )
         #: stored tensors that are listed through views instead (empty for most checkpoints)
         self.packed: list[str] = [n for n in stored if n not in self.tensors]
@@ -102,6 +102,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self._stored = {n: stored[n] for n in self.packed} | self.mtp
         #: name -> metadata of every tensor as the files hold it (packed experts unsplit)
         self.stored_tensors: dict[str, TensorInfo] = stored
+
+    def _unpack(self, spec: ArchSpec, stored: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The stored tensors as ``spec``'s family lists them (packed experts as views)."""
+        return spec.unpack(stored)
 
     # ---- listing ----------------------------------------------------------------------------
     def _scan(self) -> dict[str, TensorInfo]:

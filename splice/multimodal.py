@@ -17,9 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError, first_line
 from splice.st_format import TensorInfo, show
+from splice.stored import StoredLayout, pack_tasks
 
 if TYPE_CHECKING:
     from splice.output import ModelPlan
@@ -55,6 +57,11 @@ class Layout:
     widths: tuple[str, ...] = ()
     #: why the language model cannot be sliced inside this checkpoint, if it cannot
     unsliceable: str | None = None
+    #: the spec of the language model's tensors as stored, where its experts are stored
+    #: packed unlike the text family's (read through it, written packed again by it)
+    stored: str | None = None
+    #: fields the text family's config needs to compute what the language model computes
+    text_fields: dict[str, Any] = field(default_factory=dict)
 
     def stream_writers(self, names: Any) -> dict[str, tuple[int, bool]]:
         """``{stored name: (decoder layer whose input it writes, stored transposed)}`` of the
@@ -195,6 +202,16 @@ LAYOUTS: dict[str, Layout] = {
             r"deepstack_merger_list\.(?P<layer>\d+)\.linear_fc2\.(weight|bias)": (1, False),
         },
     ),
+    "qwen3_vl_moe": _qwen_vl(  # Qwen3-MoE's language model, its experts stored packed
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        {
+            r"merger\.linear_fc2\.(weight|bias)": (0, False),
+            r"deepstack_merger_list\.(?P<layer>\d+)\.linear_fc2\.(weight|bias)": (1, False),
+        },
+        stored="qwen3_vl_moe_text",
+        text_fields={"norm_topk_prob": True},  # its router always renormalises the top k
+    ),
 }
 
 #: top-level fields a text model takes when its section does not set them
@@ -262,6 +279,7 @@ def text_config(config: dict[str, Any], m: Layout, *, tied: bool) -> dict[str, A
     if isinstance(rope, dict) and any(k in rope for k in _MROPE):  # 3-D positions of images
         out["rope_parameters"] = {k: v for k, v in rope.items() if k not in _MROPE}
     dtype = {k: config[k] for k in ("dtype", "torch_dtype") if config.get(k) is not None}
+    out.update(m.text_fields)
     out.update(dtype, model_type=text_type, architectures=[architecture])
     out["tie_word_embeddings"] = tied
     return out
@@ -312,6 +330,32 @@ class LanguageModel(Checkpoint):
         super()._index(text_config(config, self.layout, tied=tied), text, where)
         for tensors in self.modules.values():
             self._stored.update(tensors)
+
+    def _unpack(self, spec: ArchSpec, stored: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Experts stored packed by :attr:`Layout.stored`'s spec are read through it, each
+        stored tensor in the orientation its shape says (:meth:`StoredLayout.oriented`)."""
+        #: stored kind -> its layout as this folder holds it (outputs are packed the same way)
+        self.stored_layouts: dict[str, StoredLayout] = {}
+        if self.layout.stored is None:
+            return super()._unpack(spec, stored)
+        own = ArchSpec.load(self.layout.stored)
+        assert own.experts is not None
+        hidden = int(self.config["hidden_size"])
+        out: dict[str, TensorInfo] = {}
+        for name, info in stored.items():
+            t = own.parse(name)
+            layout = own.experts.stored.get(t.kind)
+            if t.expert is not None or t.layer is None or layout is None:
+                out[name] = info
+                continue
+            writer = own.role(own.layer_name(t.layer, layout.parts[0], 0)) == "writer"
+            try:
+                layout = layout.oriented(tuple(info.shape[1:]), hidden, writer)
+            except ValueError as e:
+                raise SpliceError(f"{self.path}: {name} {list(info.shape)}: {e}") from None
+            self.stored_layouts[t.kind] = layout
+            out.update(own._stored_views(name, info, t.layer, layout))
+        return out
 
     @property
     def form(self) -> int:
@@ -385,6 +429,12 @@ def carry_modules(plan: ModelPlan) -> ModelPlan:
         return plan
     key = plan.tokenizer_from
     assert key is not None
+    if donor.layout.stored is not None:  # experts packed as the donor stores them
+        spec = ArchSpec.load(donor.layout.stored)
+        assert spec.experts is not None
+        layouts = {**spec.experts.stored, **donor.stored_layouts}
+        spec = replace(spec, experts=replace(spec.experts, stored=layouts))
+        plan = replace(plan, tasks=pack_tasks(plan.tasks, spec, plan.models))
     own = donor.module_tensors
     tasks = [t if t.name in own else replace(t, name=donor.stored_name(t.name)) for t in plan.tasks]
     made = {t.name for t in tasks}

@@ -22,7 +22,7 @@ same shape stays a byte-for-byte copy of it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
@@ -42,6 +42,20 @@ class StoredLayout:
     parts: tuple[str, ...]
     interleaved: bool = False
     transposed: bool = False
+
+    def oriented(self, block: tuple[int, ...], hidden: int, writer: bool) -> StoredLayout:
+        """This layout with ``transposed`` read off an expert's ``block`` shape, for families
+        whose files exist in both orientations (Qwen3-VL-MoE: its own files input-major,
+        transformers 5's output-major): the hidden size is a reader's input width and a
+        writer's output width. ``ValueError`` when the block fits neither, or both."""
+        if len(block) != 2:
+            raise ValueError(f"block {list(block)} is not a matrix")
+        out_major = block[0 if writer else 1] == hidden
+        in_major = block[1 if writer else 0] == hidden
+        if out_major == in_major:
+            what = "both orientations" if out_major else "neither orientation"
+            raise ValueError(f"block {list(block)} fits {what} at hidden size {hidden}")
+        return replace(self, transposed=in_major)
 
     @property
     def contiguous(self) -> bool:

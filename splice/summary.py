@@ -174,7 +174,8 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         params_by_dtype=dict(by_dtype),
         files=list(files.values()),
         packed=sorted({spec.parse(n).kind for n in ckpt.packed}),
-        packed_written=bool(spec.experts and spec.experts.stored),
+        packed_written=bool(spec.experts and spec.experts.stored)
+        or bool(getattr(ckpt, "stored_layouts", None)),  # a multimodal model's, as it stores them
         mtp_layers=list(spec.mtp_layers(cfg)) if ckpt.mtp else [],
         mtp_params=sum(i.numel for i in ckpt.mtp.values()),
         dense_layers=[i for i in sorted(per_layer) if i not in with_experts] if moe else [],

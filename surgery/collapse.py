@@ -100,6 +100,7 @@ from splice.errors import SpliceError
 from splice.execute import ExecOptions, Source, TensorTask
 from splice.limits import check_number
 from splice.mtp import removed_mtp
+from splice.multimodal import LanguageModel
 from splice.scratch import scratch_folder
 from splice.sliced_check import refuse_sliced
 from splice.surgery.calibration import Calibration
@@ -319,7 +320,8 @@ def _dense_form(
     """The written form of a dense result of collapsed width ``width`` (see Form)."""
     spec = ckpt.arch
     assert spec.experts is not None
-    sibling = spec.experts.dense_model_type
+    # a multimodal model's language model keeps its family (its text_config's class)
+    sibling = None if isinstance(ckpt, LanguageModel) else spec.experts.dense_model_type
     kinds = shared_kinds(ckpt, family, moe[0])
     shared = int(ckpt[spec.layer_name(moe[0], kinds["gate"])].shape[0]) if kinds else 0
     gated = bool(family.shared_gate and spec.layer_name(moe[0], family.shared_gate) in ckpt.tensors)
@@ -343,7 +345,9 @@ def _dense_form(
     counted = shared if family.shared_count_key else 0
     source = int(ckpt[spec.layer_name(moe[0], expert_kind(ckpt, "w1"), 0)].shape[0])
     count, size = _split(width, family.min_per_group, counted, 8 if source % 8 == 0 else 1)
-    if not sibling:
+    if isinstance(ckpt, LanguageModel):
+        why = f"the language model of a {ckpt.mm_config.get('model_type')} keeps its family"
+    elif not sibling:
         why = f"{ckpt.config.get('model_type')} has no dense architecture"
     elif kinds and not fold:
         why = (
