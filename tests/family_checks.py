@@ -95,6 +95,7 @@ STREAM_WRITERS: dict[str, tuple[str, int]] = {
         0,
     ),
 }
+STREAM_WRITERS["qwen3_vl_moe"] = STREAM_WRITERS["qwen3_vl"]
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,28 @@ MM_FAMILIES: dict[str, dict[str, Any]] = {
             image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
         ),
     ),
+    "qwen3_vl_moe": dict(
+        text="qwen3_moe",
+        text_extra=dict(
+            moe_intermediate_size=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            rope_scaling={
+                "rope_type": "default",
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config={
+            **_VISION_QWEN,
+            "deepstack_visual_indexes": [0],
+            "num_position_embeddings": 16,
+        },
+        extra=dict(
+            image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
+        ),
+    ),
     "llama4": dict(
         text="llama4_text",
         text_extra=dict(
