@@ -454,6 +454,8 @@ def plan_merge(
         else (recipe.tokenizer_source, None, None)
     )
     vocab, tokenizer_from = plan_vocab(source, donor, ckpts, pad_to, tokens)
+    for ckpt in ckpts.values() if vocab is not None else ():
+        ckpt.arch.refuse("vocab")
 
     if recipe.layer_path:
         p = _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)

@@ -484,6 +484,7 @@ def plan_tokensurgeon(
     ours = _open(model, "MODEL", allow_pickle)
     theirs = _open(donor, "DONOR", allow_pickle)
     spec, dspec = ours.arch, theirs.arch
+    spec.refuse("vocab")
     if spec.embed not in ours:
         raise SpliceError(f"MODEL {ours.path}: no embedding tensor {spec.embed}")
     donor_embed = dspec.embed if dspec.embed in theirs else None

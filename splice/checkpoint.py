@@ -350,8 +350,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 raise SpliceError(
                     f"{self.path}: layer {layer} lacks {spec.layer_name(layer, missing[0])}"
                 )
-            if reference is None:
-                reference = shapes
+            if reference is None or not spec.uniform_layers:
+                reference = reference or shapes
                 continue
             for kind, shape in shapes.items():
                 if kind in reference and reference[kind] != shape:

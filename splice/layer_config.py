@@ -164,6 +164,11 @@ def mapped_config(
     layer count and every per-layer field mapped (see the module docstring); ``SpliceError``
     if an interval rule cannot describe the output and the family has no explicit form."""
     donor_ckpt = models[donor]
+    moved = len(layers) != donor_ckpt.num_layers or any(
+        ref.layer != j or getattr(ref, "scale", 1.0) != 1.0 for j, ref in enumerate(layers)
+    )
+    if moved:
+        donor_ckpt.arch.refuse("layer_map")
     cfg = dict(donor_ckpt.config)
     cfg[donor_ckpt.arch.num_layers_key] = len(layers)
     for key in per_layer_keys(donor_ckpt):

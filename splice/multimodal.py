@@ -212,6 +212,25 @@ LAYOUTS: dict[str, Layout] = {
         stored="qwen3_vl_moe_text",
         text_fields={"norm_topk_prob": True},  # its router always renormalises the top k
     ),
+    # Gemma 4: transformers 5 saves model.language_model.* (no renaming on save or load); the
+    # vision and audio towers each reach the stream through an embedder (a scale-free RMSNorm,
+    # then embedding_projection [text hidden, tower width])
+    "gemma4": Layout(
+        text_type="gemma4_text",
+        architectures=("Gemma4ForCausalLM",),
+        text=("model.language_model.",),
+        head=("lm_head.weight",),
+        modules={
+            f"model.{_TOWER}.": _TOWER,
+            "model.embed_vision.": _PROJECTOR,
+            "model.audio_tower.": "audio_tower",
+            "model.embed_audio.": "audio_projector",
+        },
+        writers={
+            r"embed_vision\.embedding_projection\.weight": (0, False),
+            r"embed_audio\.embedding_projection\.weight": (0, False),
+        },
+    ),
 }
 
 #: top-level fields a text model takes when its section does not set them

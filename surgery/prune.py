@@ -87,6 +87,7 @@ def plan_prune(
             raise SpliceError(f"prune --n needs --calibration FILE to measure {by} on")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "prune")
+    ckpt.arch.refuse("prune")
     ckpt.validate()
     total = ckpt.num_layers
     report = SurgeryReport(operation="", source=str(ckpt.path), num_layers=total, layers=[])

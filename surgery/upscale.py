@@ -75,6 +75,7 @@ def plan_upscale(
         raise SpliceError(f"--calibration is only used by --yi, not --{mode}")
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     refuse_sliced(ckpt, "upscale")
+    ckpt.arch.refuse("upscale")
     ckpt.validate()
     n = ckpt.num_layers
     report = SurgeryReport(operation="", source=str(ckpt.path), num_layers=n, layers=[])

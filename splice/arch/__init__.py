@@ -113,8 +113,13 @@ class ArchSpec:
     embed_scale: str | None = None
     global_tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     block: str = "pre_norm"
-    #: verb -> why it cannot handle this family yet (its one-line refusal)
+    #: verb -> why it cannot handle this family yet (its one-line refusal); besides the verbs,
+    #: ``layer_map`` (any plan that moves, repeats, drops or scales layers) and ``vocab`` (a
+    #: merge or transplant onto another vocabulary): see :meth:`refuse`
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: every layer holds the same tensors of the same shapes (False: Gemma 4, whose full- and
+    #: sliding-attention layers differ; ``validate`` then leaves the shapes to the load check)
+    uniform_layers: bool = True
     norm: dict[str, Any] = field(default_factory=lambda: {"kind": "rms", "offset": 0.0})
     config_keys: dict[str, Any] = field(default_factory=dict)
     inferred: bool = False
@@ -154,10 +159,19 @@ class ArchSpec:
             global_tensors={k: tuple(v) for k, v in d.get("global_tensors", {}).items()},
             block=d.get("block", "pre_norm"),
             unsupported=dict(d.get("unsupported", {})),
+            uniform_layers=bool(d.get("uniform_layers", True)),
             norm=dict(d.get("norm", {"kind": "rms", "offset": 0.0})),
             config_keys=dict(d.get("config_keys", {})),
             inferred=inferred,
         )
+
+    def refuse(self, what: str) -> None:
+        """One-line ``SpliceError`` if this family cannot do ``what`` (a verb, ``layer_map`` or
+        ``vocab``: :attr:`unsupported`); nothing otherwise."""
+        why = self.unsupported.get(what)
+        if why:
+            verb = {"layer_map": "a layer map", "vocab": "another vocabulary"}.get(what, what)
+            raise SpliceError(f"{verb}: architecture {self.model_type!r} is not supported: {why}")
 
     @staticmethod
     def known() -> list[str]:
