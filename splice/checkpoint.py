@@ -445,14 +445,15 @@ def _multimodal_types() -> frozenset[str]:
     return frozenset(LAYOUTS)
 
 
-def _model_type(path: Path) -> object:
+def _model_type(path: Path) -> str | None:
     """The ``model_type`` of the folder's config, None where there is none to read (opening
     the folder says why)."""
     try:
         config = _read_json(path / "config.json")
     except SpliceError:
         return None
-    return config.get("model_type") if isinstance(config, dict) else None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None  # else opening it says why
 
 
 # ---- readers of the folder's JSON and pickle files ---------------------------------------------
