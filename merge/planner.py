@@ -729,11 +729,11 @@ def _plan_layer_path(
         for k, layer in enumerate(step.layers):
             refs.append(LayerRef(step.model, layer, step.scale if k == 0 else 1.0))
     plan = LayerPlan(tuple(refs), donor, donor)
+    config = plan.config(ckpts, donor)  # first: a family no layer map fits says why
     tasks = plan.tasks(ckpts, dtype=out_dtype)
     problems = Problems()
     check_fit(tasks, ckpts, donor, False, problems)
     problems.raise_if_any()
-    config = plan.config(ckpts, donor)
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
     return MergePlan(

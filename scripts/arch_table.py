@@ -77,7 +77,7 @@ def run_all(work: Path, only: list[str] | None = None) -> dict:
 def _cell(result: dict[str, str]) -> str:
     status, detail = result.get("status", "?"), result.get("detail", "")
     # a refusal's reason, without what the JSON repeats (the sparsity, the verb, the family)
-    detail = re.sub(r"^(at \d+%: )?\w+: architecture '[^']+' is not supported: ", "", detail)
+    detail = re.sub(r"^(at \d+%: )?[\w ]+: architecture '[^']+' is not supported: ", "", detail)
     detail = re.sub(  # a multimodal model's: the same without the source's path
         r"^(at \d+%: )?(<source>: )?\w+: the language model of \w+ cannot be sliced in place: ",
         "",

@@ -91,6 +91,47 @@ MM_FAMILIES: dict[str, dict[str, Any]] = {
             image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
         ),
     ),
+    "gemma4": dict(  # E2B/E4B-like: per-layer input embeddings, KV-shared double-wide layers
+        text="gemma4_text",
+        text_extra=dict(
+            global_head_dim=16,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            final_logit_softcapping=30.0,
+            vocab_size_per_layer_input=BASE["vocab_size"],
+            hidden_size_per_layer_input=4,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            patch_size=4,
+            pooling_kernel_size=2,
+            position_embedding_size=64,
+        ),
+        extra=dict(
+            audio_config=dict(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                subsampling_conv_channels=[4, 4],
+                output_proj_dims=24,
+                conv_kernel_size=3,
+            ),
+            image_token_id=95,
+            boi_token_id=93,
+            eoi_token_id=94,
+            video_token_id=92,
+            audio_token_id=91,
+            boa_token_id=90,
+            eoa_token_index=89,
+        ),
+    ),
     "llama4": dict(
         text="llama4_text",
         text_extra=dict(

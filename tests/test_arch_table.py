@@ -1,6 +1,6 @@
 """README's architecture table is the battery's result, not typed: the table is what
 ``docs/architectures.json`` gives, and the JSON says what ``tests/test_families.py`` asserts
-(every verb passes on every family, dense, MoE and multimodal, slicing and collapse refused
+(every verb passes on every family, dense, MoE and multimodal, slicing, collapse and layer maps refused
 exactly where the battery allows it)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from families import known
 from family_checks import VERBS
-from test_families import ALL_FAMILIES, COLLAPSE_REFUSED, SLICE_REFUSED, moe
+from test_families import ALL_FAMILIES, COLLAPSE_REFUSED, LAYER_MAP_REFUSED, SLICE_REFUSED, moe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,8 @@ def test_the_json_is_what_the_battery_asserts() -> None:
             got = row[verb]["status"]
             if not known(family):
                 continue
-            refused = {"slice": SLICE_REFUSED, "collapse": COLLAPSE_REFUSED}.get(verb, {})
+            maps = dict.fromkeys(("upscale", "prune", "evolve-dfs"), LAYER_MAP_REFUSED)
+            refused = {"slice": SLICE_REFUSED, "collapse": COLLAPSE_REFUSED, **maps}.get(verb, {})
             if family in refused:
                 assert got == "refused", (family, verb, row[verb])
                 assert refused[family] in row[verb]["detail"]

@@ -42,6 +42,7 @@ SLICE_REFUSED: dict[str, str] = {
     # Mistral 3's projector has the language model's width inside, behind an activation;
     # Qwen2.5-VL's text config has no head_dim (a narrower stream would narrow every head)
     "gemma3": POST_NORM,
+    "gemma4": POST_NORM,
     "mistral3": "projector's inner width",
     "qwen2_5_vl": "no head_dim",
 }
@@ -53,6 +54,11 @@ COLLAPSE_REFUSED: dict[str, str] = {
     "llama4_text": "is not supported",
     "llama4": "is not supported",  # its language model is llama4_text
 }
+
+
+#: family -> a substring of the one-line refusal of every verb that maps layers (upscale,
+#: prune, evolve's layer paths): Gemma 4 keeps one block per layer inside global tensors
+LAYER_MAP_REFUSED: dict[str, str] = {"gemma4": "per-layer input embeddings"}
 
 
 def moe(family: str) -> bool:
@@ -75,7 +81,8 @@ def test_verb_on_family(family: str, verb: str, family_work: Path) -> None:
 
         pytest.skip(f"transformers {transformers.__version__} has no model type {family!r}")
     outcome = check(family, verb, family_work)
-    refused = {"slice": SLICE_REFUSED, "collapse": COLLAPSE_REFUSED}.get(verb, {})
+    maps = dict.fromkeys(("upscale", "prune", "evolve-dfs"), LAYER_MAP_REFUSED)
+    refused = {"slice": SLICE_REFUSED, "collapse": COLLAPSE_REFUSED, **maps}.get(verb, {})
     if outcome.status == "refused" and family in refused:
         assert refused[family] in outcome.detail, outcome.detail
         return
@@ -88,5 +95,6 @@ def test_verb_on_family(family: str, verb: str, family_work: Path) -> None:
 def test_the_refusals_allowed_are_of_known_families() -> None:
     assert set(SLICE_REFUSED) <= set(ALL_FAMILIES)
     assert all(SLICE_REFUSED.values())
+    assert set(LAYER_MAP_REFUSED) <= set(ALL_FAMILIES)
     assert set(COLLAPSE_REFUSED) <= {f for f in ALL_FAMILIES if moe(f)}
     assert all(COLLAPSE_REFUSED.values())
