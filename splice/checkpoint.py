@@ -29,6 +29,8 @@ from splice.st_format import TensorInfo, json_kind, pread_into, read_header, sho
 if TYPE_CHECKING:
     import torch
 
+    from splice.quant import Scheme
+
 __all__ = ["TOKENIZER_FILES", "Checkpoint", "TensorInfo", "open_checkpoint"]
 
 INDEX = "model.safetensors.index.json"
@@ -80,10 +82,22 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """Read ``config`` (checked, from the file ``where``) and the ``stored`` tensors as the
         model's family lists them: packed experts as per-expert views, multi-token-prediction
         layers apart."""
+        from splice.quant import logical_tensors, part_key
+
         self.config: dict[str, Any] = config
         model_type = config.get("model_type")
         known = isinstance(model_type, str) and model_type in ArchSpec.known()
         _check_config(where, config, ArchSpec.load(model_type) if known else None)
+        files = stored
+        stored = logical_tensors(files, config, str(where))  # a weight and its scales: one
+        #: the stored parts of quantized tensors under :func:`splice.quant.part_key` (a
+        #: weight's values share its logical name): what byte copies of them read
+        self.quant_parts: dict[str, TensorInfo] = {
+            part_key(p.name): p
+            for i in stored.values()
+            if i.quant is not None
+            for p in i.quant.parts
+        }
         #: name -> metadata; packed expert tensors appear as per-expert views (ArchSpec.unpack)
         self.tensors: dict[str, TensorInfo] = (
             self._unpack(ArchSpec.load(model_type), stored) if known else stored
@@ -99,7 +113,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
             mtp = spec.mtp_layers(config)
             self.mtp = {n: i for n, i in self.tensors.items() if spec.layer_of(n) in mtp}
             self.tensors = {n: i for n, i in self.tensors.items() if n not in self.mtp}
-        self._stored = {n: stored[n] for n in self.packed} | self.mtp
+        self._stored = {n: stored[n] for n in self.packed} | self.mtp | self.quant_parts
         #: name -> metadata of every tensor as the files hold it (packed experts unsplit)
         self.stored_tensors: dict[str, TensorInfo] = stored
 
@@ -233,6 +247,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
         return self.arch.is_tied(self.config, self.tensors)
 
     @property
+    def quant_scheme(self) -> Scheme | None:
+        """How the weights are quantized (:mod:`splice.quant`), None if they are not."""
+        from splice.quant import scheme_of
+
+        return scheme_of(self.config, str(self.path / "config.json"))
+
+    @property
     def num_params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
@@ -287,6 +308,14 @@ class Checkpoint(Mapping[str, TensorInfo]):
         from splice.dtypes import to_torch
 
         v = info.view
+        if info.quant is not None:  # dequantized from its parts (one expert's, for a view)
+            from splice.quant import dequantize, expert_part
+
+            parts = info.quant.parts
+            if v is not None:
+                parts = tuple(expert_part(p, v.expert) for p in parts)
+            t = dequantize(info.quant, [self._read(p) for p in parts], info.dtype)
+            return v.layout.take(t, v.part) if v is not None else t
         if info.offset < 0:  # pickled weights, already memory-mapped by torch.load
             return self._pickled[info.file][info.name].clone()
         if v is not None and not v.layout.contiguous:  # a part of an expert's block

@@ -219,6 +219,27 @@ def checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = number) -
     return convert
 
 
+class _DtypeAction(argparse.Action):
+    """``--dtype``: a float dtype casts (and writes the output unquantized); a quantized format
+    (:data:`splice.quant.TARGETS`) sets ``quantize`` and leaves every tensor's dtype as
+    planned (the quantization pass writes it, :func:`splice.quant.quantized_plan`)."""
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: Any = None) -> None:
+        from splice.quant import TARGETS
+
+        if value in TARGETS:
+            namespace.dtype, namespace.quantize = None, value
+        else:
+            namespace.dtype, namespace.quantize = value, "none"
+
+
+def _block_size(value: str) -> tuple[int, int]:
+    rows, _, cols = value.lower().partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise argparse.ArgumentTypeError(f"{value!r}: give ROWSxCOLS, e.g. 128x128")
+    return int(rows), int(cols)
+
+
 def add_output_options(
     p: argparse.ArgumentParser, *, dtype: bool = True, verify: bool = True
 ) -> None:
@@ -236,7 +257,19 @@ def add_output_options(
             "(for model types transformers does not know; nothing is lost either way)",
         )
     if dtype:
-        p.add_argument("--dtype", help="output dtype: bfloat16, float16, float32")
+        p.add_argument(
+            "--dtype",
+            action=_DtypeAction,
+            help="output dtype: bfloat16, float16, float32 (unquantized); fp8 (e4m3, block "
+            "scales), mxfp4 (MoE experts), or keep (each tensor in its input's quantization: "
+            "the default when the inputs share one)",
+        )
+        p.add_argument(
+            "--block-size",
+            type=_block_size,
+            help="--dtype fp8's block, ROWSxCOLS (default: the input's, else 128x128)",
+        )
+        p.set_defaults(quantize=None)
     p.add_argument(
         "--no-progress",
         action="store_true",
@@ -261,6 +294,8 @@ def exec_options(args: argparse.Namespace, *, device: str = "cpu") -> Any:
         overwrite=args.overwrite,
         verify=not args.no_verify,
         show_progress=not args.no_progress,
+        quantize=getattr(args, "quantize", None),
+        block_size=getattr(args, "block_size", None),
     )
 
 
@@ -458,6 +493,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
         show_progress=not args.no_progress,
         text_only=args.text_only,
+        quantize=args.quantize,
+        block_size=args.block_size,
     )
     print(f"wrote {out}")
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from splice.card import model_card
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.dtypes import config_with_dtype, output_dtype
+from splice.execute import ExecOptions
+from splice.output import ModelPlan, write_model
 from splice.parallel import bounded_map
 from splice.progress import progress
 from splice.target import Claim, claim_output
@@ -25,13 +28,18 @@ def convert(
     show_progress: bool = False,
     workers: int = 2,
     text_only: bool = False,
+    quantize: str | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> Path:
     """Copy ``source`` to ``out`` with new shards and optionally a new dtype.
 
     Tensors whose dtype does not change are copied byte for byte (kernel copy); others are
     loaded one at a time and cast. Integer tensors keep their dtype. Returns the output folder.
     ``text_only``: a multimodal model's language model alone, as its text family
-    (:mod:`splice.multimodal`; written through the plan and its checks).
+    (:mod:`splice.multimodal`; written through the plan and its checks). A quantized input, or
+    ``quantize`` (``fp8``, ``mxfp4``, ``keep``; ``none`` with a float ``dtype``), is written
+    through the plan too: dequantized, quantized or kept tensor by tensor
+    (:func:`splice.quant.quantized_plan`).
     """
     local = [source] if str(source).strip() and Path(source).exists() else []
     with claim_output(out, overwrite, inputs=local) as claim:  # before any work
@@ -40,6 +48,16 @@ def convert(
         target = output_dtype(dtype or None)
         if text_only:
             return _text_only(ckpt, source, claim, target, max_shard_size, show_progress, workers)
+        if ckpt.quant_scheme is not None or quantize not in (None, "none"):
+            options = ExecOptions(
+                workers=workers,
+                max_shard_size=max_shard_size,
+                show_progress=show_progress,
+                quantize=quantize,
+                block_size=block_size,
+                verify=False,  # a plain convert: the input's tensors, as transformers read them
+            )
+            return write_model(_plan_all(ckpt, source, claim, target, quantize), claim, options)
         ckpt.validate()
 
         def out_dtype(d: str) -> str:
@@ -100,3 +118,28 @@ def _text_only(
         workers=workers, max_shard_size=max_shard_size, show_progress=show_progress
     )
     return write_model(plan, claim, options)
+
+
+def _plan_all(
+    ckpt: Checkpoint, source: Any, claim: Claim, dtype: str | None, quantize: str | None
+) -> ModelPlan:
+    """Every tensor of ``ckpt`` copied (cast to ``dtype`` where given and floating): a
+    quantized one as its logical tensor, which the plan's quantization writes as asked."""
+    from splice.execute import TensorTask
+
+    tasks = []
+    for name, info in ckpt.tensors.items():
+        cast = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None
+        tasks.append(TensorTask.copy(name, "in", name, info, dtype=cast))
+    what = {None: "converted", "keep": "converted", "none": "dequantized"}.get(
+        quantize, f"quantized to {quantize}"
+    )
+    if dtype:
+        what += f", {dtype}"
+    card = model_card(
+        f"{claim.path.name}: {what}", [str(source)], details=f"`splice convert`: {what}."
+    )
+    config = config_with_dtype(ckpt.config, dtype) if dtype else dict(ckpt.config)
+    return ModelPlan(
+        tasks=tasks, models={"in": ckpt}, config=config, tokenizer_from="in", card=card
+    )

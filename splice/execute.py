@@ -62,6 +62,13 @@ class TensorTask:
     scale: float = 1.0
     load_dtype: str | None = None
     label: str = ""  # what the task does, for dry runs and errors
+    #: further tensors the same computation makes, ``(name, shape, dtype)`` each (a quantized
+    #: weight's scales): ``compute`` then returns the main tensor and these, in order
+    extra: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+
+    def outputs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """Every tensor the task writes: ``(name, shape, dtype)``, the main one first."""
+        return [(self.name, self.shape, self.dtype), *self.extra]
 
     @classmethod
     def copy(
@@ -125,6 +132,10 @@ class ExecOptions:
     overwrite: bool = False
     show_progress: bool = True
     verify: bool = True  # check the output loads in transformers (--no-verify: unknown types)
+    #: the output's quantization: fp8 | mxfp4 | keep | none (unquantized); None: the inputs'
+    #: where they all share one (splice.quant.quantized_plan)
+    quantize: str | None = None
+    block_size: tuple[int, int] | None = None  # fp8's block, default the input's or 128x128
 
     def __post_init__(self) -> None:
         """Checked here, not only in the CLI, so a notebook gets the same one-line errors."""
@@ -147,19 +158,22 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _run_task(task: TensorTask, models: Mapping[str, Checkpoint], device: str) -> torch.Tensor:
+def _run_task(
+    task: TensorTask, models: Mapping[str, Checkpoint], device: str
+) -> list[torch.Tensor]:
+    """The task's tensors (:meth:`TensorTask.outputs` order), shapes checked."""
     tensors = [
         models[s.model].load(s.name, dtype=task.load_dtype, device=device) for s in task.sources
     ]
     result = task.compute(tensors) if task.compute is not None else tensors[0]
     del tensors
+    results = list(result) if task.extra else [result]
     if task.scale != 1.0:
-        result = result * task.scale
-    if tuple(result.shape) != task.shape:
-        raise RuntimeError(
-            f"{task.name}: computed shape {list(result.shape)}, planned {task.shape}"
-        )
-    return result
+        results[0] = results[0] * task.scale
+    for t, (name, shape, _) in zip(results, task.outputs(), strict=True):
+        if tuple(t.shape) != shape:
+            raise RuntimeError(f"{name}: computed shape {list(t.shape)}, planned {shape}")
+    return results
 
 
 def _set_threads(threads: int | None) -> None:
@@ -187,14 +201,16 @@ def execute(
     """
     opts = options or ExecOptions()
     _set_threads(opts.threads)
-    specs = [TensorSpec(t.name, t.shape, t.dtype) for t in tasks]
+    specs = [TensorSpec(*out) for t in tasks for out in t.outputs()]
 
     def run_one(task: TensorTask) -> None:
         if task.is_plain_copy(models):
             src = task.sources[0]
             writer.copy(task.name, models[src.model], src.name)
         else:
-            writer.write(task.name, _run_task(task, models, opts.device))
+            results = _run_task(task, models, opts.device)
+            for (name, _, _), t in zip(task.outputs(), results, strict=True):
+                writer.write(name, t)
 
     with CheckpointWriter(
         out,
@@ -252,7 +268,7 @@ def execute_into(
     check_module(tasks, targets)
 
     def run_one(task: TensorTask) -> None:
-        result = _run_task(task, models, opts.device)
+        (result,) = _run_task(task, models, opts.device)
         with torch.no_grad():
             targets[task.name].copy_(result)
 

@@ -96,6 +96,7 @@ def load_report(
     with _quiet():
         cfg = _config(config)
         _check_lists(config, cfg, str(model_type))
+        _check_quantization(config)
         cls = _model_class(config, cfg)
         model = _meta_model(cls, json.dumps(config, sort_keys=True, default=str))
         return _simulate(model, tensors)
@@ -132,6 +133,22 @@ def _config(config: dict[str, Any]) -> PretrainedConfig:
         return CONFIG_MAPPING[model_type].from_dict(deepcopy(config))
     except Exception as e:  # any exception of the config class is its verdict
         raise SpliceError(f"transformers rejects the output's config: {_why(e)}") from None
+
+
+def _check_quantization(config: dict[str, Any]) -> None:
+    """SpliceError unless transformers' own quantization config class accepts the output's
+    ``quantization_config`` (its tensors are checked at their dequantized shapes)."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return
+    from transformers.quantizers import AutoQuantizationConfig
+
+    try:
+        AutoQuantizationConfig.from_dict(deepcopy(qc))
+    except Exception as e:  # any exception of the config class is its verdict
+        raise SpliceError(
+            f"transformers rejects the output's quantization_config: {_why(e)}"
+        ) from None
 
 
 def _why(e: BaseException) -> str:

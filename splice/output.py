@@ -61,7 +61,7 @@ def write_model(
     plan's models are checked as its inputs, nothing is locked again), or a path, claimed here.
     """
     opts = options or ExecOptions()
-    plan = check_plan(plan, verify=opts.verify)
+    plan = check_plan(plan, verify=opts.verify, quantize=opts.quantize, block=opts.block_size)
     inputs = [f for m in plan.models.values() for f in m.folders]
     with claim_output(out, opts.overwrite, inputs=inputs) as claim:
         return execute(

@@ -23,6 +23,7 @@ from splice.dtypes import NAME_TO_CODE, SAFETENSORS_DTYPES
 from splice.errors import SpliceError
 
 if TYPE_CHECKING:
+    from splice.quant import Quantized
     from splice.stored import StoredView
 
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
@@ -42,12 +43,19 @@ class TensorInfo:
     #: a per-expert part of a tensor stored packed (splice.stored); the bytes at ``offset`` are
     #: the tensor's own only when its layout is contiguous
     view: StoredView | None = None
+    #: a logical tensor stored quantized (splice.quant): its format and stored parts; ``shape``,
+    #: ``dtype`` and ``nbytes`` are then the dequantized tensor's
+    quant: Quantized | None = None
 
     @property
     def readable(self) -> bool:
         """The tensor is the ``nbytes`` bytes at ``offset`` of ``file`` (a kernel copy can take
-        them): not pickled, not a strided part of a packed tensor."""
-        return self.offset >= 0 and (self.view is None or self.view.layout.contiguous)
+        them): not pickled, not a strided part of a packed tensor, not quantized."""
+        return (
+            self.offset >= 0
+            and (self.view is None or self.view.layout.contiguous)
+            and self.quant is None
+        )
 
     @property
     def numel(self) -> int:

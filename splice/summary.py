@@ -59,6 +59,8 @@ class ModelSummary:
     shared_experts: list[str] = field(default_factory=list)
     globals: list[TensorRow] = field(default_factory=list)
     layer_blocks: list[LayerBlock] = field(default_factory=list)
+    #: a quantized model: its format, the quantized tensors' count, their logical dtype
+    quantization: dict[str, Any] | None = None
     #: a multimodal model: its own model type and class, the language model's stored prefix,
     #: and every other module (name, prefixes, tensors, parameters, layers, config model type)
     multimodal: dict[str, Any] | None = None
@@ -130,7 +132,8 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
     files: dict[str, dict[str, Any]] = {}
     globals_: list[TensorRow] = []
     per_layer: dict[int, list[TensorRow]] = {}
-    for info in [*ckpt.stored_tensors.values(), *_module_infos(ckpt)]:
+    stored = [*ckpt.stored_tensors.values(), *_module_infos(ckpt)]
+    for info in [p for i in stored for p in (i.quant.parts if i.quant else (i,))]:
         f = files.setdefault(info.file.name, {"file": info.file.name, "tensors": 0, "nbytes": 0})
         f["tensors"] += 1
         f["nbytes"] += info.nbytes
@@ -183,9 +186,27 @@ def summarize(ckpt: Checkpoint) -> ModelSummary:
         globals=globals_,
         layer_blocks=blocks,
         multimodal=_multimodal(ckpt),
+        quantization=_quantization(ckpt),
         **{role: _config_field(spec, cfg, role) for role in CONFIG_FIELDS},
         **dict(zip(("rope_theta", "rope_type"), _rope(cfg), strict=True)),
     )
+
+
+def _quantization(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """A quantized checkpoint's format and what it covers (:mod:`splice.quant`)."""
+    scheme = ckpt.quant_scheme
+    if scheme is None:
+        return None
+    quantized = [i for i in ckpt.stored_tensors.values() if i.quant is not None]
+    return {
+        "method": scheme.method,
+        "format": scheme.label,
+        "block_size": list(scheme.block) if scheme.block else None,
+        "tensors": len(quantized),
+        "logical_dtype": quantized[0].dtype if quantized else None,
+        "stored_bytes": sum(i.quant.nbytes for i in quantized if i.quant is not None),
+        "unquantized": len(ckpt.stored_tensors) - len(quantized),
+    }
 
 
 def _module_infos(ckpt: Checkpoint) -> list[Any]:
@@ -363,6 +384,13 @@ def format_summary(s: ModelSummary, all_layers: bool = False) -> str:
             f"mtp          {n} multi-token-prediction layer{'s' if n != 1 else ''} "
             f"({_list(s.mtp_layers)}, {s.mtp_params:,} parameters, not counted above): carried "
             "after the last layer by every verb but collapse and slice"
+        )
+    if s.quantization:
+        q = s.quantization
+        lines.append(
+            f"quantized    {q['format']}: {plural(q['tensors'], 'tensor')} stored quantized "
+            f"({format_size(q['stored_bytes'])}), read as {q['logical_dtype']}; "
+            f"{plural(q['unquantized'], 'tensor')} as stored"
         )
     if s.multimodal:
         lines[1:1] = _multimodal_lines(s.multimodal)

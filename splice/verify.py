@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from splice.errors import SpliceError
 
@@ -37,7 +37,7 @@ def lost_tensors(
     for t in tasks:
         for s in t.sources:
             read.setdefault(s.model, set()).add(s.name)
-    outputs = {t.name for t in tasks}
+    outputs = {name for t in tasks for name, _, _ in t.outputs()}
     lost = []
     for key, ckpt in models.items():
         spec, used = ckpt.arch, read.get(key, set())
@@ -68,18 +68,25 @@ def check_nothing_lost(plan: ModelPlan) -> None:
         )
 
 
-def check_plan(plan: ModelPlan, *, verify: bool = True) -> ModelPlan:
+def check_plan(
+    plan: ModelPlan, *, verify: bool = True, quantize: str | None = None, block: Any = None
+) -> ModelPlan:
     """Both promises for a planned model; ``verify=False`` (``--no-verify``) skips the second.
     Returns the plan as it is written: the multi-token-prediction layers carried
     (:func:`splice.mtp.carry_mtp`), experts the output's family stores packed, packed
-    (:func:`stored_plan`), and a language model planned on a multimodal model written back
-    into it (:func:`splice.multimodal.carry_modules`)."""
+    (:func:`stored_plan`), a language model planned on a multimodal model written back into it
+    (:func:`splice.multimodal.carry_modules`), and its tensors in the output's quantization
+    (``quantize``: ``--dtype fp8`` / ``mxfp4`` / ``keep``, ``none`` for unquantized, None to keep
+    the inputs' where they share one; ``block``: fp8's block size; :func:`splice.quant.
+    quantized_plan`)."""
     from splice.mtp import carry_mtp
     from splice.multimodal import carry_modules
+    from splice.quant import quantized_plan
 
     plan = carry_mtp(plan)
     check_nothing_lost(plan)
     plan = carry_modules(stored_plan(plan))
+    plan = quantized_plan(plan, quantize, block)
     if verify:
         from splice.loadcheck import check_loads
 
@@ -107,10 +114,12 @@ def loadable_view(plan: ModelPlan) -> tuple[dict, dict[str, tuple[tuple[int, ...
     (``splice_sliced``) is its source family at the new width, less the shortcut matrices
     :func:`splice.surgery.sliced.load_sliced` adds to its layers."""
     from splice.mtp import mtp_names
+    from splice.quant import logical_view
     from splice.sliced_check import SLICED_TYPE
 
     config = dict(plan.config)
-    tensors = {t.name: (t.shape, t.dtype) for t in plan.tasks}
+    tensors = {name: (shape, dt) for t in plan.tasks for name, shape, dt in t.outputs()}
+    tensors = logical_view(tensors, config)  # a quantized weight as the model holds it
     for name in mtp_names(config, list(tensors)):  # transformers does not use them
         del tensors[name]
     if config.get("model_type") == SLICED_TYPE:
