@@ -49,6 +49,7 @@ def convert(
         if text_only:
             return _text_only(ckpt, source, claim, target, max_shard_size, show_progress, workers)
         if ckpt.quant_scheme is not None or quantize not in (None, "none"):
+            ckpt = open_checkpoint(source, allow_pickle=allow_pickle)  # multimodal: its modules
             options = ExecOptions(
                 workers=workers,
                 max_shard_size=max_shard_size,

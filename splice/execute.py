@@ -191,7 +191,7 @@ def execute(
     config: dict[str, Any],
     tokenizer_from: Checkpoint | None = None,
     card: str | None = None,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | Callable[[], str]] | None = None,
     options: ExecOptions | None = None,
 ) -> Path:
     """Run ``tasks`` and write the result to ``out`` (atomic; see ``CheckpointWriter``).
@@ -233,8 +233,8 @@ def execute(
             from splice.multimodal import is_multimodal
 
             writer.copy_tokenizer(tokenizer_from, processor=is_multimodal(config))
-        for fname, text in (extra_files or {}).items():
-            writer.write_text(fname, text)
+        for fname, text in (extra_files or {}).items():  # a callable: made once tensors are
+            writer.write_text(fname, text() if callable(text) else text)
         if card is not None:
             writer.write_card(card)
     return Path(out)

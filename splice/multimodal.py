@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from splice.arch import ArchSpec
 from splice.checkpoint import Checkpoint
 from splice.errors import SpliceError, first_line
+from splice.quant import logical_tensors, part_key
 from splice.st_format import TensorInfo, show
 from splice.stored import StoredLayout, pack_tasks
 
@@ -346,9 +347,20 @@ class LanguageModel(Checkpoint):
                 "transformers saves it"
             )
         tied = "lm_head.weight" not in text
-        super()._index(text_config(config, self.layout, tied=tied), text, where)
-        for tensors in self.modules.values():
-            self._stored.update(tensors)
+        own = text_config(config, self.layout, tied=tied)
+        if "quantization_config" in config:  # the language model's weights are quantized too
+            own["quantization_config"] = config["quantization_config"]
+        super()._index(own, text, where)
+        modules = logical_tensors(
+            {n: i for m in self.modules.values() for n, i in m.items()}, config, str(where)
+        )
+        self.modules = {}
+        for name, info in modules.items():
+            self.modules.setdefault(str(self.layout.module_of(name)), {})[name] = info
+            for part in info.quant.parts if info.quant is not None else ():
+                self.quant_parts[part_key(part.name)] = part
+        self._stored.update(modules)
+        self._stored.update(self.quant_parts)
 
     def _unpack(self, spec: ArchSpec, stored: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Experts stored packed by :attr:`Layout.stored`'s spec are read through it, each
@@ -402,6 +414,7 @@ def multimodal_config(ckpt: LanguageModel, config: dict[str, Any]) -> dict[str, 
     mm = dict(ckpt.mm_config)
     section = dict(mm[ckpt.layout.section])
     keep = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings")
+    keep += ("quantization_config",)  # the checkpoint's own, set by splice.quant.quantized_plan
     for key in set(config) | set(ckpt.config):
         if key in keep or config.get(key) == ckpt.config.get(key):
             continue

@@ -11,6 +11,7 @@ start (:func:`splice.target.claim_output`; a direct call claims it itself).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class ModelPlan:
     models: dict[str, Checkpoint]
     config: dict[str, Any]
     tokenizer_from: str | None = None
-    files: dict[str, str] = field(default_factory=dict)
+    #: file name -> text, or a function giving it once every tensor is written (a report)
+    files: dict[str, str | Callable[[], str]] = field(default_factory=dict)
     card: str | None = None
     #: input tensors the operation removes on purpose: model key -> {name: why}
     removed: dict[str, dict[str, str]] = field(default_factory=dict)

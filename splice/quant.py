@@ -159,12 +159,12 @@ def logical_tensors(
     if scheme is None:
         return stored
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    folded = {}
+    folded, taken = {}, set()
     for name, info in stored.items():
         found = _fold(name, info, stored, scheme, dtype, where)
         if found is not None:
-            folded[name] = found[0]
-    taken = {p.name for logical in folded.values() for p in logical.quant.parts}  # type: ignore[union-attr]
+            folded[name], keys = found
+            taken.update(keys)
     out: dict[str, TensorInfo] = {}
     for name, info in stored.items():  # storage order (scales may come before their weight)
         if name in folded:
@@ -181,9 +181,9 @@ def _fold(
     scheme: Scheme,
     dtype: str,
     where: str,
-) -> tuple[TensorInfo, tuple[TensorInfo, ...]] | None:
-    """The logical tensor whose first stored part is ``name``, with its parts; None for a
-    tensor that is not one (unquantized, or a scale met on its own)."""
+) -> tuple[TensorInfo, tuple[str, ...]] | None:
+    """The logical tensor whose first stored part is ``name``, with its parts' keys in
+    ``stored``; None for a tensor that is not one (unquantized, or a scale)."""
     if scheme.method == "mxfp4":
         if not name.endswith("_blocks"):
             return None
@@ -198,9 +198,8 @@ def _fold(
                 "MXFP4 blocks [..., rows, groups, 16] and scales [..., rows, groups]"
             )
         shape = (*lead, groups * 32, rows)  # transposed, as transformers hands it over
-        parts = (info, scales)
-        quant = Quantized(scheme, parts, transposed=True)
-        return _logical(base, shape, dtype, info, quant), parts
+        quant = Quantized(scheme, (info, scales), transposed=True)
+        return _logical(base, shape, dtype, info, quant), (name, base + "_scales")
     suffix = "_scale_inv" if scheme.method == "fp8" else "_scale"
     scale = stored.get(name + suffix)
     if scale is None or info.dtype != FP8:
@@ -210,10 +209,12 @@ def _fold(
     if len(info.shape) < 2:
         raise SpliceError(f"{where}: {name} {list(info.shape)} is quantized but not a matrix")
     parts: tuple[TensorInfo, ...] = (info, scale)
-    extra = stored.get(name.removesuffix("weight") + "input_scale")
-    if scheme.method == "compressed-tensors" and extra is not None:
-        parts += (extra,)  # a static activation scale: carried with its weight
-    return _logical(name, tuple(info.shape), dtype, info, Quantized(scheme, parts)), parts
+    keys = (name, name + suffix)
+    extra = name.removesuffix("weight") + "input_scale"
+    if scheme.method == "compressed-tensors" and extra in stored:
+        parts += (stored[extra],)  # a static activation scale: carried with its weight
+        keys += (extra,)
+    return _logical(name, tuple(info.shape), dtype, info, Quantized(scheme, parts)), keys
 
 
 def _logical(
@@ -332,13 +333,47 @@ def stored_outputs(name: str, shape: tuple[int, ...], scheme: Scheme) -> list[tu
     return [(names[0], tuple(shape), FP8), (names[1], grid, "float32")]
 
 
+class QuantReport:
+    """The relative error ``‖w - ŵ‖ / ‖w‖`` of every tensor a plan quantizes, summed by group
+    (attention, mlp, experts, ...), written beside the output as ``splice_quantization.json``
+    (thread-safe: tasks run in parallel)."""
+
+    FILE = "splice_quantization.json"
+
+    def __init__(self, scheme: Scheme) -> None:
+        import threading
+
+        self.scheme = scheme
+        self._lock = threading.Lock()
+        self.groups: dict[str, list[float]] = {}  # group -> [tensors, Σ‖w-ŵ‖², Σ‖w‖²]
+
+    def add(self, group: str, err2: float, norm2: float) -> None:
+        with self._lock:
+            g = self.groups.setdefault(group, [0, 0.0, 0.0])
+            g[0] += 1
+            g[1] += err2
+            g[2] += norm2
+
+    def to_json(self) -> str:
+        import json
+        import math
+
+        groups = {
+            k: {"tensors": int(n), "relative_error": math.sqrt(e / w) if w else 0.0}
+            for k, (n, e, w) in sorted(self.groups.items())
+        }
+        return json.dumps({"format": self.scheme.label, "groups": groups}, indent=2) + "\n"
+
+
 @dataclass(frozen=True)
 class _Quantize:
     """compute: the task's logical tensor (its own compute and scale, rounded to its dtype),
-    then quantized in ``scheme``: ``(values, scales)``."""
+    then quantized in ``scheme``: ``(values, scales)``; its error goes to ``report``."""
 
     inner: Any  # the TensorTask it quantizes
     scheme: Scheme
+    report: QuantReport
+    group: str
 
     def __call__(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from splice import quant_math
@@ -352,10 +387,18 @@ class _Quantize:
         s = self.scheme
         if s.method == "fp8":
             block = s.block or tuple(x.shape[-2:])
-            return quant_math.quantize_fp8_block(x, block, s.scale_fmt)
-        if s.method == "compressed-tensors":
-            return quant_math.quantize_fp8_scaled(x, s.strategy or "tensor")
-        return quant_math.quantize_mxfp4(x.transpose(-1, -2))
+            out = quant_math.quantize_fp8_block(x, block, s.scale_fmt)
+            back = quant_math.dequantize_fp8_block(*out, block, x.dtype)
+        elif s.method == "compressed-tensors":
+            out = quant_math.quantize_fp8_scaled(x, s.strategy or "tensor")
+            back = quant_math.dequantize_fp8_scaled(*out, x.dtype)
+        else:
+            out = quant_math.quantize_mxfp4(x.transpose(-1, -2))
+            back = quant_math.dequantize_mxfp4(*out, x.dtype).transpose(-1, -2)
+        e = quant_math.relative_error(x, back)
+        norm2 = float(x.double().pow(2).sum())
+        self.report.add(self.group, e * e * norm2, norm2)
+        return out
 
 
 def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> Any:
@@ -376,6 +419,7 @@ def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> A
         return replace(plan, config=config)
     config["quantization_config"] = dict(out.config)
     spec = ArchSpec.of_output(config)
+    report = QuantReport(out)
     tasks: list[TensorTask] = []
     for t in plan.tasks:
         infos = [plan.models[s.model].stored_info(s.name) for s in t.sources]
@@ -403,13 +447,14 @@ def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> A
                 shape=shape,
                 dtype=dtype,
                 sources=t.sources,
-                compute=_Quantize(t, out),
+                compute=_Quantize(t, out, report, spec.parse(t.name).group if spec else "all"),
                 load_dtype=t.load_dtype,
                 label=f"{t.label} -> {out.method}",
                 extra=tuple(extra),
             )
         )
-    return replace(plan, tasks=tasks, config=config)
+    files = {**plan.files, QuantReport.FILE: report.to_json}
+    return replace(plan, tasks=tasks, config=config, files=files)
 
 
 def logical_view(
