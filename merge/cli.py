@@ -62,7 +62,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="multi-document recipes (mergekit-multi): write each named document's merge to "
         "DIR/NAME and keep it (default: a temporary folder beside OUT, removed at the end)",
     )
-    add_output_options(p, dtype=False)
+    add_output_options(p)  # --dtype: the output's quantization (the recipe sets float dtypes)
     add_model_options(p, runs_models=True)  # a moe recipe's router runs the base model
     mergekit_flags.add_options(p)  # mergekit-yaml's, hidden from --help
     p.set_defaults(func=run_cli)
@@ -78,6 +78,11 @@ def run_cli(args: argparse.Namespace) -> None:
     device = args.device
     if args.cuda and device == "cpu":  # mergekit's --cuda; another --device wins, as mergekit's
         device = "cuda"
+    if args.dtype is not None:
+        raise SpliceError(
+            f"--dtype {args.dtype}: a merge's float dtype is the recipe's dtype / out_dtype; "
+            "--dtype takes fp8, mxfp4 or keep here (the output's quantization)"
+        )
     opts = MergeOptions(  # checks the options before the recipe is read
         device=device,
         threads=args.threads,
@@ -91,6 +96,8 @@ def run_cli(args: argparse.Namespace) -> None:
         allow_crimes=args.allow_crimes,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
+        quantize=args.quantize,
+        block_size=args.block_size,
     )
     keep = args.keep_intermediates
     if args.dry_run and args.json:

@@ -160,6 +160,16 @@ def core_io(src: Sources) -> list[str]:
     return table(["command", "wall s", "x cp", "peak RSS MB"], rows)
 
 
+def quant_io(src: Sources) -> list[str]:
+    data = src.result("quant_io.json")
+    cp = data["runs"]["cp -r bf16 (reference)"]["wall_s"]
+    rows = [
+        [f"`{name}`", f(r["wall_s"], 2), f(r["wall_s"] / cp, 2), mb(r["peak_rss_mb"])]
+        for name, r in data["runs"].items()
+    ]
+    return table(["command", "wall s", "x cp bf16", "peak RSS MB"], rows)
+
+
 def upscale(src: Sources) -> list[str]:
     data = src.result("upscale.json")
     cp = data["runs"]["cp -r (reference)"]["wall_s"]
@@ -416,6 +426,7 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "zoo-merges": (zoo_merges, "python examples/zoo_merges.py"),
     "core-io": (core_io, "python benchmarks/core_io.py"),
     "upscale": (upscale, "python benchmarks/upscale.py"),
+    "quant-io": (quant_io, "python benchmarks/quant_io.py"),
     "analyze-weights": (analyze_weights, "python benchmarks/analyze_weights.py"),
     "analyze-threads": (analyze_threads, "python benchmarks/analyze_threads.py"),
     "surgery-zoo": (surgery_zoo, "python examples/surgery_zoo.py"),

@@ -272,6 +272,16 @@ def output_scheme(target: str | None, schemes: list[Scheme | None], block: Any) 
     new one (``block``: fp8's block size, else the inputs' where they have one)."""
     if target in (None, "keep"):
         kinds = set(schemes)
+        if len(kinds) > 1:
+            import warnings
+
+            quantized = sorted({s.label for s in kinds if s is not None})
+            warnings.warn(
+                f"the inputs are stored in {len(kinds)} ways ({', '.join(quantized)}"
+                f"{', unquantized' if None in kinds else ''}): the output is unquantized; "
+                "--dtype fp8 or mxfp4 quantizes it",
+                stacklevel=2,
+            )
         return kinds.pop() if len(kinds) == 1 else None
     if target == "none":
         return None
@@ -326,6 +336,14 @@ def stored_outputs(name: str, shape: tuple[int, ...], scheme: Scheme) -> list[tu
         ]
     if scheme.method == "fp8":
         br, bc = scheme.block or (rows, cols)
+        for size, b in ((rows, br), (cols, bc)):
+            if size > b and size % b:  # transformers reads the block off the grid's shape
+                raise SpliceError(
+                    f"{name} {list(shape)}: fp8 blocks of {br}x{bc} leave a partial block, "
+                    "which transformers reads as other block sizes (it divides the weight by "
+                    "its scale grid); choose a --block-size that divides every quantized "
+                    "weight, or one larger than it"
+                )
         grid = (*lead, -(-rows // br), -(-cols // bc))
         scale = "float8_e8m0fnu" if scheme.scale_fmt == "ue8m0" else "float32"
         return [(names[0], tuple(shape), FP8), (names[1], grid, scale)]
@@ -395,9 +413,9 @@ class _Quantize:
         else:
             out = quant_math.quantize_mxfp4(x.transpose(-1, -2))
             back = quant_math.dequantize_mxfp4(*out, x.dtype).transpose(-1, -2)
-        e = quant_math.relative_error(x, back)
-        norm2 = float(x.double().pow(2).sum())
-        self.report.add(self.group, e * e * norm2, norm2)
+        w = x.float()
+        err2 = float((w - back.float()).pow_(2).sum())  # float32 sums: a report, not a test
+        self.report.add(self.group, err2, float(w.pow_(2).sum()))
         return out
 
 
