@@ -22,6 +22,7 @@ routers, ``modules_to_not_convert``) pass through as they are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -471,8 +472,31 @@ def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> A
                 extra=tuple(extra),
             )
         )
+    qc = config["quantization_config"]
+    listed = qc.get("modules_to_not_convert") or qc.get("ignore") or []
+    indexed = any(re.search(r"\.\d+(\.|$)", str(m)) for m in listed)
+    if out.method != "mxfp4" and (indexed or target not in (None, "keep")):
+        config["quantization_config"] = _not_converted(qc, tasks, out)
     files = {**plan.files, QuantReport.FILE: report.to_json}
     return replace(plan, tasks=tasks, config=config, files=files)
+
+
+def _not_converted(qc: dict[str, Any], tasks: list[Any], scheme: Scheme) -> dict[str, Any]:
+    """``qc`` listing every linear the output leaves unquantized (a router, the head) by its
+    module name: transformers quantizes every other ``nn.Linear`` on a GPU and would look for
+    its scales. The input's entries that name no layer by index are kept; those that do are
+    dropped (a layer map moved them), the new list names them again."""
+    key = "modules_to_not_convert" if scheme.method == "fp8" else "ignore"
+    written = {n for t in tasks for n, _, _ in t.outputs()}
+    plain = {
+        name.removesuffix(".weight")
+        for t in tasks
+        for name, shape, dtype in t.outputs()
+        if name.endswith(".weight") and len(shape) == 2 and dtype != FP8
+        and not any(n in written for n in part_names(name, scheme)[1:])
+    }  # fmt: skip
+    kept = [m for m in qc.get(key) or [] if not re.search(r"\.\d+(\.|$)", str(m))]
+    return {**qc, key: sorted(set(kept) | plain)}
 
 
 def logical_view(

@@ -670,3 +670,23 @@ def test_unreadable_quantization_is_one_line_and_nothing_written(kind, verb, den
     (line,) = err.strip().splitlines()
     assert line.startswith("splice: error:") and word in line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp
+
+
+def test_the_linears_left_unquantized_are_named_for_transformers(tmp_path):
+    """transformers quantizes every ``nn.Linear`` a GPU runs except ``modules_to_not_convert``:
+    an FP8 output names each linear it leaves in bf16 (Qwen3-MoE's routers, the head), by
+    layer, and a layer map names the new layers' ones, never the old list's."""
+    src = build("qwen3_moe", tmp_path / "bf16", seed=0)
+    fp8, up = tmp_path / "fp8", tmp_path / "up"
+    ok("convert", src, fp8, "--dtype", "fp8", "--block-size", "16x16", "--no-progress")
+    routers = {
+        n.removesuffix(".weight") for n in read_tensors(src) if n.endswith("mlp.gate.weight")
+    }
+    assert routers
+    listed = config_of(fp8)["quantization_config"]["modules_to_not_convert"]
+    assert routers | {"lm_head"} <= set(listed)
+    assert not any(".experts." in m or "proj" in m for m in listed)  # those are quantized
+    ok("upscale", fp8, up, "--duplicate", "1:3", "--no-progress")
+    routers = {n.removesuffix(".weight") for n in read_tensors(up) if n.endswith("mlp.gate.weight")}
+    assert routers <= set(config_of(up)["quantization_config"]["modules_to_not_convert"])
+    assert any(".layers.4." in m or ".layers.5." in m for m in routers)  # the new layers
