@@ -338,12 +338,17 @@ def stored_outputs(name: str, shape: tuple[int, ...], scheme: Scheme) -> list[tu
     if scheme.method == "fp8":
         br, bc = scheme.block or (rows, cols)
         for size, b in ((rows, br), (cols, bc)):
-            if size > b and size % b:  # transformers reads the block off the grid's shape
+            grid = -(-size // b)
+            # a partial edge block is the format's (DeepSeek-V3's kv_a_proj: 576 rows in
+            # 128-blocks); but where the grid also divides the size evenly, transformers'
+            # dequantizing loader (it reads the block off the grid) would take it for another
+            # block size without a word
+            if size % b and grid > 1 and size % grid == 0:
                 raise SpliceError(
-                    f"{name} {list(shape)}: fp8 blocks of {br}x{bc} leave a partial block, "
-                    "which transformers reads as other block sizes (it divides the weight by "
-                    "its scale grid); choose a --block-size that divides every quantized "
-                    "weight, or one larger than it"
+                    f"{name} {list(shape)}: fp8 blocks of {br}x{bc} leave a partial block of "
+                    f"{size % b} that transformers would read as {grid} blocks of {size // grid}"
+                    " (it divides the weight by its scale grid); choose a --block-size that "
+                    "divides every quantized weight, or one larger than it"
                 )
         grid = (*lead, -(-rows // br), -(-cols // bc))
         scale = "float8_e8m0fnu" if scheme.scale_fmt == "ue8m0" else "float32"

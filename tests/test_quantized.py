@@ -690,3 +690,17 @@ def test_the_linears_left_unquantized_are_named_for_transformers(tmp_path):
     routers = {n.removesuffix(".weight") for n in read_tensors(up) if n.endswith("mlp.gate.weight")}
     assert routers <= set(config_of(up)["quantization_config"]["modules_to_not_convert"])
     assert any(".layers.4." in m or ".layers.5." in m for m in routers)  # the new layers
+
+
+def test_partial_blocks_transformers_reads_right_are_written():
+    """DeepSeek-V3's ``kv_a_proj_with_mqa`` [576, 7168] has a partial last row block in
+    128-blocks, as shipped: its grid of 5 does not divide 576, so no loader can take it for
+    another block size, and splice writes it; [32, 24] in 16-blocks it refuses."""
+    from splice.errors import SpliceError
+    from splice.quant import new_scheme, stored_outputs
+
+    fp8 = new_scheme("fp8")
+    (_, shape, _), (_, grid, _) = stored_outputs("a.weight", (576, 7168), fp8)
+    assert shape == (576, 7168) and grid == (5, 56)
+    with pytest.raises(SpliceError, match="partial block of 8"):
+        stored_outputs("b.weight", (32, 24), new_scheme("fp8", (16, 16)))
