@@ -81,7 +81,7 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         raise SpliceError(
             f"--dtype {args.dtype}: a merge's float dtype is the recipe's dtype / out_dtype; "
-            "--dtype takes fp8, mxfp4 or keep here (the output's quantization)"
+            "--dtype takes fp8, mxfp4, keep or none here (the output's quantization)"
         )
     opts = MergeOptions(  # checks the options before the recipe is read
         device=device,

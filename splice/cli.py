@@ -261,8 +261,8 @@ def add_output_options(
             "--dtype",
             action=_DtypeAction,
             help="output dtype: bfloat16, float16, float32 (unquantized); fp8 (e4m3, block "
-            "scales), mxfp4 (MoE experts), or keep (each tensor in its input's quantization: "
-            "the default when the inputs share one)",
+            "scales), mxfp4 (MoE experts), keep (each tensor in its input's quantization: "
+            "the default when the inputs share one), or none (unquantized, dtypes as planned)",
         )
         p.add_argument(
             "--block-size",

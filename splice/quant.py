@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 #: quant_method values splice reads, and how each names its scales
 METHODS = ("fp8", "compressed-tensors", "mxfp4")
-#: what users pass as ``--dtype`` for a quantized output
-TARGETS = ("fp8", "mxfp4", "keep")
+#: what users pass as ``--dtype`` for the output's quantization (``none``: unquantized, in
+#: the planned dtypes; a merge's float dtype is its recipe's)
+TARGETS = ("fp8", "mxfp4", "keep", "none")
 FP8 = "float8_e4m3fn"
 
 
@@ -264,7 +265,7 @@ def new_scheme(method: str, block: tuple[int, int] | None = None) -> Scheme:
         return Scheme("fp8", block, config=config)
     if method == "mxfp4":
         return Scheme("mxfp4", config={"quant_method": "mxfp4"})
-    raise SpliceError(f"--dtype {method}: quantized outputs are {', '.join(TARGETS)}")
+    raise SpliceError(f"--dtype {method}: quantized outputs are fp8 and mxfp4")
 
 
 def output_scheme(target: str | None, schemes: list[Scheme | None], block: Any) -> Scheme | None:
@@ -464,6 +465,13 @@ def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> A
         if not wanted:
             tasks.append(t)
             continue
+        static = next((i.name for i in infos if i.quant and len(i.quant.parts) == 3), None)
+        if static is not None and out.method == "compressed-tensors":
+            raise SpliceError(
+                f"{t.name}: computed from {static}, whose static activation scale "
+                "(input_scale) only calibration could make again; --dtype none (or a float "
+                "dtype) writes the output unquantized"
+            )
         (name, shape, dtype), *extra = stored_outputs(t.name, t.shape, out)
         tasks.append(
             TensorTask(

@@ -30,6 +30,14 @@ _VISION_QWEN = dict(
     temporal_patch_size=2,
 )
 
+#: Qwen3-VL's interleaved multimodal RoPE and vision tower (one deepstack merger); Qwen-VL's
+#: special tokens
+_MROPE3 = {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+_VISION_QWEN3 = {**_VISION_QWEN, "deepstack_visual_indexes": [0], "num_position_embeddings": 16}
+_QWEN_TOKENS = dict(
+    image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
+)
+
 MM_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3": dict(
         text="gemma3_text",
@@ -47,27 +55,13 @@ MM_FAMILIES: dict[str, dict[str, Any]] = {
         text="qwen2",
         text_extra=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config={**_VISION_QWEN, "fullatt_block_indexes": [1], "window_size": 16},
-        extra=dict(
-            image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
-        ),
+        extra=_QWEN_TOKENS,
     ),
     "qwen3_vl": dict(
         text="qwen3",
-        text_extra=dict(
-            rope_scaling={
-                "rope_type": "default",
-                "mrope_section": [1, 1, 2],
-                "mrope_interleaved": True,
-            }
-        ),
-        vision_config={
-            **_VISION_QWEN,
-            "deepstack_visual_indexes": [0],
-            "num_position_embeddings": 16,
-        },
-        extra=dict(
-            image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
-        ),
+        text_extra=dict(rope_scaling=_MROPE3),
+        vision_config=_VISION_QWEN3,
+        extra=_QWEN_TOKENS,
     ),
     "qwen3_vl_moe": dict(
         text="qwen3_moe",
@@ -76,20 +70,10 @@ MM_FAMILIES: dict[str, dict[str, Any]] = {
             num_experts=4,
             num_experts_per_tok=2,
             mlp_only_layers=[0],
-            rope_scaling={
-                "rope_type": "default",
-                "mrope_section": [1, 1, 2],
-                "mrope_interleaved": True,
-            },
+            rope_scaling=_MROPE3,
         ),
-        vision_config={
-            **_VISION_QWEN,
-            "deepstack_visual_indexes": [0],
-            "num_position_embeddings": 16,
-        },
-        extra=dict(
-            image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
-        ),
+        vision_config=_VISION_QWEN3,
+        extra=_QWEN_TOKENS,
     ),
     "gemma4": dict(  # E2B/E4B-like: per-layer input embeddings, KV-shared double-wide layers
         text="gemma4_text",

@@ -704,3 +704,26 @@ def test_partial_blocks_transformers_reads_right_are_written():
     assert shape == (576, 7168) and grid == (5, 56)
     with pytest.raises(SpliceError, match="partial block of 8"):
         stored_outputs("b.weight", (32, 24), new_scheme("fp8", (16, 16)))
+
+
+def test_a_static_activation_scale_is_not_made_up(dense, tmp_path):
+    """Merging compressed-tensors models with a static ``input_scale`` would need calibration
+    to make the merged layers' scales: refused in one line; ``--dtype none`` writes the merge
+    unquantized."""
+    src = dense["ct_tensor"]
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(src), "parameters": {"weight": 0.5}},
+                    {"model": str(src), "parameters": {"weight": 0.5}},
+                ],
+            }
+        )
+    )
+    rc, _, err = splice("merge", recipe, tmp_path / "q", "--no-progress")
+    assert rc == 2 and "input_scale" in err and not (tmp_path / "q").exists(), err
+    ok("merge", recipe, tmp_path / "plain", "--dtype", "none", "--no-progress")
+    assert "quantization_config" not in config_of(tmp_path / "plain")
