@@ -384,6 +384,33 @@ def evolve_search(src: Sources) -> list[str]:
     return table(head, rows)
 
 
+def evolve_scale(src: Sources) -> list[str]:
+    d = src.result("evolve_scale.json")
+    evaluation = d["evaluation_s"]
+    rows = [
+        [
+            "splice (resident sources, one live model)",
+            f(d["splice_first_merge_s"], 1),
+            f(d["splice_later_merge_s"], 1),
+            f(100 * d["splice_later_merge_s"] / evaluation, 1) + " %",
+            mb(d["splice_peak_rss_mb"]),
+        ],
+        [
+            "mergekit-evolve (mergekit-yaml to disk, then from_pretrained)",
+            f(d["mergekit_candidate_s"], 1),
+            f(d["mergekit_candidate_s"], 1),
+            f(100 * d["mergekit_candidate_s"] / evaluation, 1) + " %",
+            "",
+        ],
+    ]
+    head = ["path", "first candidate s", "later candidate s", "of its evaluation", "peak RSS MB"]
+    note = (
+        f"Evaluation: {d['items']} items x {f(d['item_s'], 2)} s (a {d['eval_dtype']} forward "
+        f"pass over 512 tokens) = {f(evaluation, 0)} s a candidate."
+    )
+    return [*table(head, rows), "", note]
+
+
 def evolve_path(src: Sources) -> list[str]:
     d = src.result("evolve_path.json")
     rows = [
@@ -445,6 +472,7 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "evolve-zoo": (evolve_zoo, "python examples/evolve_zoo.py --fresh"),
     "evolve-search": (evolve_search, "python benchmarks/evolve_search.py"),
     "evolve-path": (evolve_path, "python benchmarks/evolve_path.py"),
+    "evolve-scale": (evolve_scale, "python benchmarks/evolve_scale.py"),
     "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
     "extract-lora": (
         extract_lora,
