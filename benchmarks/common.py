@@ -177,3 +177,23 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measurement:
     )
     wall, rss, rc = out.stdout.split()
     return Measurement(float(wall), float(rss), int(rc))
+
+
+def measure_fresh(cmd: list[str], out: Path, repeat: int) -> Measurement:
+    """The median of ``repeat`` runs of ``cmd`` (:func:`measure`), each started with ``out``
+    removed and no dirty pages from the last run being written back (``sync``); ``out`` is
+    removed after the last."""
+    import shutil
+    import statistics
+
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        runs.append(measure(cmd))
+    shutil.rmtree(out, ignore_errors=True)
+    return Measurement(
+        statistics.median(r.wall_s for r in runs),
+        statistics.median(r.peak_rss_mb for r in runs),
+        max(r.returncode for r in runs),
+    )

@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Measurement, make_llama, measure
+from common import Measurement, make_llama, measure_fresh
 
 SPLICE = str(Path(sys.executable).with_name("splice"))
-
-
-def median(runs: list[Measurement]) -> Measurement:
-    return Measurement(
-        statistics.median(r.wall_s for r in runs),
-        statistics.median(r.peak_rss_mb for r in runs),
-        max(r.returncode for r in runs),
-    )
 
 
 def main() -> None:
@@ -41,13 +30,7 @@ def main() -> None:
     out = args.workdir / "out"
 
     def fresh(cmd: list[str]) -> Measurement:
-        runs = []
-        for _ in range(args.repeat):
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()  # start each run with no dirty pages from the last one being written back
-            runs.append(measure(cmd))
-        shutil.rmtree(out, ignore_errors=True)
-        return median(runs)
+        return measure_fresh(cmd, out, args.repeat)
 
     rows = {
         "splice inspect": fresh([SPLICE, "inspect", str(model)]),

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Measurement, make_llama, measure
+from common import Measurement, make_llama, measure_fresh
 
 SPLICE = str(Path(sys.executable).with_name("splice"))
 
@@ -43,17 +40,7 @@ def main() -> None:
     out = args.workdir / "out"
 
     def fresh(cmd: list[str]) -> Measurement:
-        runs = []
-        for _ in range(args.repeat):
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()
-            runs.append(measure(cmd))
-        shutil.rmtree(out, ignore_errors=True)
-        return Measurement(
-            statistics.median(r.wall_s for r in runs),
-            statistics.median(r.peak_rss_mb for r in runs),
-            max(r.returncode for r in runs),
-        )
+        return measure_fresh(cmd, out, args.repeat)
 
     rows = {
         "cp -r bf16 (reference)": fresh(["cp", "-r", str(bf16), str(out)]),

@@ -347,7 +347,7 @@ def _info(ckpt: Checkpoint, name: str) -> TensorInfo | None:
     model."""
     info = ckpt.tensors.get(name)
     if info is None and isinstance(ckpt, LanguageModel):
-        info = next((m[name] for m in ckpt.modules.values() if name in m), None)
+        info = ckpt.module_tensors.get(name)
     return info
 
 

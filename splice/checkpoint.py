@@ -88,8 +88,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         model_type = config.get("model_type")
         known = isinstance(model_type, str) and model_type in ArchSpec.known()
         _check_config(where, config, ArchSpec.load(model_type) if known else None)
-        files = stored
-        stored = logical_tensors(files, config, str(self.path))  # a weight and its scales: one
+        stored = logical_tensors(stored, config, str(self.path))  # a weight and its scales: one
         #: the stored parts of quantized tensors under :func:`splice.quant.part_key` (a
         #: weight's values share its logical name): what byte copies of them read
         self.quant_parts: dict[str, TensorInfo] = {

@@ -9,7 +9,8 @@ from typing import Any
 from splice.card import model_card
 from splice.checkpoint import Checkpoint, open_checkpoint
 from splice.dtypes import config_with_dtype, output_dtype
-from splice.execute import ExecOptions
+from splice.execute import ExecOptions, copy_tasks
+from splice.multimodal import LAYOUTS
 from splice.output import ModelPlan, write_model
 from splice.parallel import bounded_map
 from splice.progress import progress
@@ -49,7 +50,8 @@ def convert(
         if text_only:
             return _text_only(ckpt, source, claim, target, max_shard_size, show_progress, workers)
         if ckpt.quant_scheme is not None or quantize not in (None, "none"):
-            ckpt = open_checkpoint(source, allow_pickle=allow_pickle)  # multimodal: its modules
+            if ckpt.config.get("model_type") in LAYOUTS:  # the plan's way: its language model
+                ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
             options = ExecOptions(
                 workers=workers,
                 max_shard_size=max_shard_size,
@@ -103,9 +105,7 @@ def _text_only(
     workers: int,
 ) -> Path:
     """Write the language model of the multimodal ``ckpt`` into ``claim`` (see :func:`convert`)."""
-    from splice.execute import ExecOptions
     from splice.multimodal import plan_text_only
-    from splice.output import write_model
 
     what = f"text-only, {dtype}" if dtype else "text-only"
     card = model_card(
@@ -126,12 +126,7 @@ def _plan_all(
 ) -> ModelPlan:
     """Every tensor of ``ckpt`` copied (cast to ``dtype`` where given and floating): a
     quantized one as its logical tensor, which the plan's quantization writes as asked."""
-    from splice.execute import TensorTask
-
-    tasks = []
-    for name, info in ckpt.tensors.items():
-        cast = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None
-        tasks.append(TensorTask.copy(name, "in", name, info, dtype=cast))
+    tasks = copy_tasks(ckpt, "in", dtype)
     what = {None: "converted", "keep": "converted", "none": "dequantized"}.get(
         quantize, f"quantized to {quantize}"
     )

@@ -120,6 +120,21 @@ class TensorTask:
         return (len(self.sources) + 3) * per
 
 
+def copy_tasks(ckpt: Checkpoint, key: str, dtype: str | None = None) -> list[TensorTask]:
+    """A task copying every tensor ``ckpt`` lists (registered as model ``key``) under its own
+    name, floating ones cast to ``dtype`` where given (integers keep theirs)."""
+    return [
+        TensorTask.copy(
+            name,
+            key,
+            name,
+            info,
+            dtype=dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None,
+        )
+        for name, info in ckpt.tensors.items()
+    ]
+
+
 @dataclass
 class ExecOptions:
     """How to run a plan: device for the arithmetic, threads, memory, output shards."""

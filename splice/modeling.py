@@ -218,12 +218,11 @@ def _language_model_of(ref: Any, allow_pickle: bool) -> LanguageModel | None:
 def _text_model(lm: LanguageModel, dtype: str) -> PreTrainedModel:
     """The language model of a multimodal checkpoint as its text family's causal LM (on the
     CPU, in ``dtype``): built empty from its text config, every tensor read into it."""
-    from splice.execute import TensorTask, execute_into
+    from splice.execute import copy_tasks, execute_into
     from splice.resident import empty_model
 
     model = empty_model(lm.config, dtype=dtype, device="cpu")
-    tasks = [TensorTask.copy(n, "lm", n, info) for n, info in lm.tensors.items()]
-    execute_into(tasks, {"lm": lm}, model, spec=lm.arch)
+    execute_into(copy_tasks(lm, "lm"), {"lm": lm}, model, spec=lm.arch)
     return model
 
 

@@ -320,15 +320,13 @@ class LanguageModel(Checkpoint):
         section = config.get(self.layout.section)
         if not isinstance(section, dict):
             raise SpliceError(f"{where}: {self.layout.section} is missing or not an object")
-        #: module name -> {stored name: metadata} of every tensor outside the language model
-        self.modules: dict[str, dict[str, TensorInfo]] = {}
         text: dict[str, TensorInfo] = {}
+        outside: dict[str, TensorInfo] = {}
         #: the layouts of :attr:`Layout.text` this folder uses
         self._forms: set[int] = set()
         for name, info in stored.items():
-            module = self.layout.module_of(name)
-            if module is not None:
-                self.modules.setdefault(module, {})[name] = info
+            if self.layout.module_of(name) is not None:
+                outside[name] = info
                 continue
             found = self.layout.text_name(name)
             if found is None:
@@ -351,15 +349,18 @@ class LanguageModel(Checkpoint):
         if "quantization_config" in config:  # the language model's weights are quantized too
             own["quantization_config"] = config["quantization_config"]
         super()._index(own, text, where)
-        modules = logical_tensors(
-            {n: i for m in self.modules.values() for n, i in m.items()}, config, str(where)
+        #: every tensor outside the language model, by stored name (quantized ones folded with
+        #: their scales, as the language model's are); ``load`` reads them too
+        self.module_tensors: dict[str, TensorInfo] = logical_tensors(
+            outside, config, str(self.path)
         )
-        self.modules = {}
-        for name, info in modules.items():
+        #: module name -> {stored name: metadata} of the same tensors
+        self.modules: dict[str, dict[str, TensorInfo]] = {}
+        for name, info in self.module_tensors.items():
             self.modules.setdefault(str(self.layout.module_of(name)), {})[name] = info
             for part in info.quant.parts if info.quant is not None else ():
                 self.quant_parts[part_key(part.name)] = part
-        self._stored.update(modules)
+        self._stored.update(self.module_tensors)
         self._stored.update(self.quant_parts)
 
     def _unpack(self, spec: ArchSpec, stored: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
@@ -398,11 +399,6 @@ class LanguageModel(Checkpoint):
         tensor ``name``."""
         return self.layout.stored_name(name, self.form)
 
-    @property
-    def module_tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor outside the language model, by stored name."""
-        return {n: i for m in self.modules.values() for n, i in m.items()}
-
     def __repr__(self) -> str:
         return f"LanguageModel({str(self.path)!r}, {len(self)} tensors)"
 
@@ -413,8 +409,9 @@ def multimodal_config(ckpt: LanguageModel, config: dict[str, Any]) -> dict[str, 
     tying and dtype set on both levels."""
     mm = dict(ckpt.mm_config)
     section = dict(mm[ckpt.layout.section])
-    keep = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings")
-    keep += ("quantization_config",)  # the checkpoint's own, set by splice.quant.quantized_plan
+    # set below on both levels, or the checkpoint's own (quantization_config: quantized_plan)
+    keep = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings",
+            "quantization_config")  # fmt: skip
     for key in set(config) | set(ckpt.config):
         if key in keep or config.get(key) == ckpt.config.get(key):
             continue
@@ -482,16 +479,13 @@ def plan_text_only(ckpt: Checkpoint, *, dtype: str | None = None, card: str = ""
     its text family: every language-model tensor copied (cast to ``dtype`` where given and
     floating), the other modules removed."""
     from splice.dtypes import config_with_dtype
-    from splice.execute import TensorTask
+    from splice.execute import copy_tasks
     from splice.output import ModelPlan
 
     if not isinstance(ckpt, LanguageModel):
         layout_of(ckpt.config, str(ckpt.path))  # the one-line refusal
         raise AssertionError("unreachable")  # pragma: no cover
-    tasks = []
-    for name, info in ckpt.tensors.items():
-        cast = dtype if dtype and info.dtype.startswith(("float", "bfloat")) else None
-        tasks.append(TensorTask.copy(name, "mm", name, info, dtype=cast))
+    tasks = copy_tasks(ckpt, "mm", dtype)
     config = config_with_dtype(ckpt.config, dtype) if dtype else dict(ckpt.config)
     removed = {
         n: f"the text-only output drops the {ckpt.layout.module_of(n)}".replace("_", " ")

@@ -151,6 +151,17 @@ def _ct_strategy(qc: dict[str, Any], where: str) -> str:
     return strategies.pop()
 
 
+def logical_dtype(config: Mapping[str, Any]) -> str:
+    """The dtype a quantized checkpoint's weights dequantize to: its config's (transformers 5's
+    ``dtype`` or 4's ``torch_dtype``), bfloat16 where it names none."""
+    return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+
+
+def _names_a_layer(module: Any) -> bool:
+    """Whether a ``modules_to_not_convert`` entry names a layer by its index."""
+    return re.search(r"\.\d+(\.|$)", str(module)) is not None
+
+
 def logical_tensors(
     stored: dict[str, TensorInfo], config: Mapping[str, Any], where: str
 ) -> dict[str, TensorInfo]:
@@ -160,7 +171,7 @@ def logical_tensors(
     scheme = scheme_of(config, where)
     if scheme is None:
         return stored
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    dtype = logical_dtype(config)
     folded, taken = {}, set()
     for name, info in stored.items():
         found = _fold(name, info, stored, scheme, dtype, where)
@@ -487,7 +498,7 @@ def quantized_plan(plan: Any, target: str | None = None, block: Any = None) -> A
         )
     qc = config["quantization_config"]
     listed = qc.get("modules_to_not_convert") or qc.get("ignore") or []
-    indexed = any(re.search(r"\.\d+(\.|$)", str(m)) for m in listed)
+    indexed = any(_names_a_layer(m) for m in listed)
     if out.method != "mxfp4" and (indexed or target not in (None, "keep")):
         config["quantization_config"] = _not_converted(qc, tasks, out)
     files = {**plan.files, QuantReport.FILE: report.to_json}
@@ -508,7 +519,7 @@ def _not_converted(qc: dict[str, Any], tasks: list[Any], scheme: Scheme) -> dict
         if name.endswith(".weight") and len(shape) == 2 and dtype != FP8
         and not any(n in written for n in part_names(name, scheme)[1:])
     }  # fmt: skip
-    kept = [m for m in qc.get(key) or [] if not re.search(r"\.\d+(\.|$)", str(m))]
+    kept = [m for m in qc.get(key) or [] if not _names_a_layer(m)]
     return {**qc, key: sorted(set(kept) | plain)}
 
 
@@ -520,7 +531,7 @@ def logical_view(
     scheme = scheme_of(config)
     if scheme is None:
         return dict(tensors)
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    dtype = logical_dtype(config)
     out = {}
     for name, (shape, dt) in tensors.items():
         if scheme.method == "mxfp4":
