@@ -11,7 +11,7 @@ from typing import Any
 from families import BASE, FAMILIES
 
 #: multimodal model_type -> (text family whose tiny fields it takes, config class, extra fields)
-_VISION_CLIP = dict(
+VISION_CLIP = dict(
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=2,
@@ -38,17 +38,47 @@ _QWEN_TOKENS = dict(
     image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92
 )
 
+#: Gemma 4's vision and audio towers and special tokens (tests/test_gemma4.py builds with them)
+GEMMA4_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    pooling_kernel_size=2,
+    position_embedding_size=64,
+)
+GEMMA4_AUDIO = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    subsampling_conv_channels=[4, 4],
+    output_proj_dims=24,
+    conv_kernel_size=3,
+)
+GEMMA4_TOKENS = dict(
+    image_token_id=95,
+    boi_token_id=93,
+    eoi_token_id=94,
+    video_token_id=92,
+    audio_token_id=91,
+    boa_token_id=90,
+    eoa_token_index=89,
+)
+
 MM_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3": dict(
         text="gemma3_text",
-        vision_config=_VISION_CLIP,
+        vision_config=VISION_CLIP,
         extra=dict(
             mm_tokens_per_image=4, boi_token_index=93, eoi_token_index=94, image_token_index=95
         ),
     ),
     "mistral3": dict(
         text="mistral",
-        vision_config={**_VISION_CLIP, "head_dim": 8},
+        vision_config={**VISION_CLIP, "head_dim": 8},
         extra=dict(image_token_index=95, spatial_merge_size=2),
     ),
     "qwen2_5_vl": dict(
@@ -87,34 +117,8 @@ MM_FAMILIES: dict[str, dict[str, Any]] = {
             num_kv_shared_layers=2,
             use_double_wide_mlp=True,
         ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            patch_size=4,
-            pooling_kernel_size=2,
-            position_embedding_size=64,
-        ),
-        extra=dict(
-            audio_config=dict(
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                subsampling_conv_channels=[4, 4],
-                output_proj_dims=24,
-                conv_kernel_size=3,
-            ),
-            image_token_id=95,
-            boi_token_id=93,
-            eoi_token_id=94,
-            video_token_id=92,
-            audio_token_id=91,
-            boa_token_id=90,
-            eoa_token_index=89,
-        ),
+        vision_config=GEMMA4_VISION,
+        extra=dict(audio_config=GEMMA4_AUDIO, **GEMMA4_TOKENS),
     ),
     "llama4": dict(
         text="llama4_text",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mm_families import GEMMA4_AUDIO, GEMMA4_TOKENS, GEMMA4_VISION
 from safetensors import safe_open
 
 from splice.cli import main
@@ -75,35 +76,9 @@ VARIANTS: dict[str, dict] = {
         num_global_key_value_heads=1,
     ),
 }
-VISION = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=8,
-    patch_size=4,
-    pooling_kernel_size=2,
-    position_embedding_size=64,
-)
-AUDIO = dict(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    subsampling_conv_channels=[4, 4],
-    output_proj_dims=24,
-    conv_kernel_size=3,
-)
-#: special tokens of the multimodal model, kept out of :data:`IDS`
-SPECIAL = dict(
-    image_token_id=95,
-    boi_token_id=93,
-    eoi_token_id=94,
-    video_token_id=92,
-    audio_token_id=91,
-    boa_token_id=90,
-    eoa_token_index=89,
-)
+#: the towers and special tokens of the multimodal model (:data:`SPECIAL` kept out of
+#: :data:`IDS`), the ones the architecture table's gemma4 row is built with
+VISION, AUDIO, SPECIAL = GEMMA4_VISION, GEMMA4_AUDIO, GEMMA4_TOKENS
 IDS = torch.tensor([[1, 5, 17, 33, 60, 7, 9, 11, 80, 3, 4, 5]])
 
 

@@ -11,19 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from families import BASE, FAMILIES, build
+from mm_families import VISION_CLIP
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from splice.cli import main
 
-VISION = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=16,
-    patch_size=4,
-)
+VISION = VISION_CLIP  # the tiny SigLIP tower of tests/mm_families.py
 #: transformers 4.52-4.x's names for what transformers 5 (and Google's files) save otherwise
 NEW_LAYOUT = {
     "language_model.model.": "model.language_model.",
