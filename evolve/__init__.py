@@ -7,7 +7,8 @@ resume("runs/a", generations=20)             # extends it: the result of a 20-ge
 print(format_report(report("runs/a")))
 
 Modules: ``config`` (the schema; mergekit-evolve files run unchanged), ``genome`` (genes <->
-recipes), ``dataflow`` (Sakana's layer-path genome, run on shared modules), ``scorer`` (lm-eval tasks loaded once, HFLM on the live module), ``search`` (the
+recipes), ``dataflow`` (Sakana's layer-path genome, run on shared modules), ``pruning`` (merge
+and drop layers in one genome), ``scorer`` (lm-eval tasks loaded once, HFLM on the live module), ``search`` (the
 loop, the run folder), ``report``, ``cli``. Importing it loads neither torch nor lm-eval.
 """
 

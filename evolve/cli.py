@@ -147,11 +147,14 @@ def run_cli(args: argparse.Namespace) -> int | None:
                     )
             table = table_data = None
             if args.table:  # scored before anything is printed: a failure prints nothing
-                from splice.evolve.report import format_table, report_table
+                from splice.evolve.report import format_table, grid_standing, report_table
 
                 tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
                 table_data = report_table(args.run, tasks)
-                table = format_table(table_data)
+                standing = grid_standing(table_data)
+                table = "\n".join(
+                    [format_table(table_data), *(["", *standing] if standing else [])]
+                )
             if args.json:
                 import dataclasses
 

@@ -28,9 +28,16 @@ starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every ge
 ``search.start`` (0.5).
 
 ``genome.space: dataflow`` is Sakana's data-flow genome (``splice.evolve.dataflow``): the
-genome's models, ``repeats`` (r, default 3) and ``ranges.scale``; it has no merge method, and
-its start is its own (the first model's layers once, every scale 1), whatever ``search.start``.
+genome's models, ``repeats`` (Sakana's r, default 3), ``scales`` (``per_slot``, or
+``per_transition``: Sakana's matrix W), ``ranges.scale`` and the donor of the embeddings, final
+norm and head (``base_model`` or ``donor: MODEL``, else the first model; ``donor: gene``: a
+gene per model); it has no merge method, and its start is its own (the first model's layers
+once, every scale 1), whatever ``search.start``.
 A genome model that is a finished evolve run folder stands for that run's winner.
+
+``genome.prune: layers`` (parameter space) adds one keep gene per layer: a candidate is the
+merge with the dropped layers cut out (``splice.evolve.pruning``), and ``search.size_weight`` w
+makes the fitness ``score - w * size`` (size: the candidate's parameters over the full model's).
 
 Genes are in [0, 1] (CMA-ES runs with those bounds); a gene maps linearly onto its parameter's
 range: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``), ``density`` [0, 1] (DELLA:
@@ -70,6 +77,26 @@ MAX_REPEATS = 100
 MAX_CANDIDATES = 1_000_000
 #: genes CMA-ES can handle here: its covariance matrix is genes^2 float64 (10,000: 800 MB)
 MAX_GENES = 10_000
+
+
+#: (section, key, default) of keys added after run folders existed: left out of the
+#: fingerprint at their default, so those runs still resume and extend
+LATER_KEYS: tuple[tuple[str, str, Any], ...] = (
+    ("search", "size_weight", 0.0),
+    ("search", "grid", None),
+    ("search", "restarts", None),
+    ("search", "patience", 10),
+    ("search", "max_restarts", 9),
+    ("search", "fitness", "full"),
+    ("search", "subset", 0.125),
+    ("search", "race_z", 2.0),
+    ("genome", "prune", None),
+    ("genome", "scales", "per_slot"),
+    ("genome", "donor", None),
+)
+#: what a new run takes for a ``search`` key left null (a run begun before the key existed
+#: keeps null: the behaviour it had)
+NEW_RUN = {"grid": True, "restarts": "ipop"}
 
 
 class _Frozen(BaseModel):
@@ -127,6 +154,25 @@ class SearchSettings(_Frozen):
     max_fevals: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
     #: a gene value in [0, 1] for every gene, or mergekit-evolve's starting point
     start: float | Literal["mergekit"] = 0.5
+    #: fitness = task score - size_weight * size, where the genome has a size (the fraction
+    #: of the sources' parameters a candidate keeps, in [0, 1]); 0: size does not count
+    size_weight: float = Field(0.0, ge=0, le=1000)
+    #: generation 0 is a small grid of the genome's own space (and the start), CMA-ES starts
+    #: from its best point; null: true for a new run (runs begun before this key: false)
+    grid: bool | None = None
+    #: on stagnation (CMA-ES's own stop, or ``patience`` generations without a better
+    #: candidate), restart with twice the population (ipop) or alternately large and small
+    #: ones (bipop), at most ``max_restarts`` times; null: ipop for a new run (older: none)
+    restarts: Literal["none", "ipop", "bipop"] | None = None
+    patience: int = Field(10, ge=1, le=MAX_CANDIDATES)
+    max_restarts: int = Field(9, ge=0, le=1000)
+    #: ``full``: every candidate on the whole fitness split; ``subset``: racing by stages from
+    #: a share ``subset`` of the items, ``irt``: an item-response model predicts the rest from
+    #: ``subset`` of them (anchors); either goes on to the whole split only while the candidate
+    #: can still beat the best (``race_z`` standard errors of margin): splice.evolve.fitness
+    fitness: Literal["full", "subset", "irt"] = "full"
+    subset: float = Field(0.125, gt=0, le=1)
+    race_z: float = Field(2.0, ge=0, le=100)
 
     @field_validator("start")
     @classmethod
@@ -152,15 +198,42 @@ class GenomeSpec(_Frozen):
     space: Literal["parameter", "dataflow"] = "parameter"
     #: data-flow: how many times every model's layers are laid out as slots (Sakana's r)
     repeats: int = Field(3, ge=1, le=MAX_REPEATS)
+    #: data-flow: ``per_slot`` (one scale gene per slot) or ``per_transition`` (Sakana's W: one
+    #: per (previous layer, next layer), the embeddings counting as a previous layer)
+    scales: Literal["per_slot", "per_transition"] = "per_slot"
+    #: data-flow: ``gene`` (one gene per model, the highest picks whose embeddings, final norm
+    #: and head the path uses); a model here is read as ``base_model`` (the fixed donor)
+    donor: Literal["gene"] | None = None
     #: parameter -> [low, high] that genes 0 and 1 map to
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     #: fixed method parameters, the same in every candidate (``lambda``, ``epsilon``, ...)
     parameters: dict[str, float | bool | str] = Field(default_factory=dict)
+    #: parameter space: ``layers`` adds one keep gene per layer (kept when over 0.5): a
+    #: candidate is the merge with the dropped layers cut out (``splice.evolve.pruning``)
+    prune: Literal["layers"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _donor_model(cls, data: Any) -> Any:
+        """Data-flow ``donor: MODEL`` is ``base_model: MODEL`` (the path's donor)."""
+        if not isinstance(data, dict) or data.get("donor") is None:
+            return data
+        donor = data["donor"]
+        if data.get("space") != "dataflow":
+            raise ValueError("donor is a data-flow setting (space: dataflow)")
+        if donor == "gene" or not isinstance(donor, str):
+            return data
+        base = data.get("base_model")
+        if base is not None and base != donor:
+            raise ValueError(f"donor {donor} and base_model {base} name two donors; give one")
+        return {**data, "base_model": donor, "donor": None}
 
     @model_validator(mode="after")
     def _consistent(self) -> GenomeSpec:
         if self.space == "dataflow":
             return self._dataflow()
+        if self.scales != "per_slot":
+            raise ValueError("scales is a data-flow setting (space: dataflow)")
         m = self.merge_method
         if m is None:
             raise ValueError("merge_method is required (space: parameter)")
@@ -197,7 +270,11 @@ class GenomeSpec(_Frozen):
             raise ValueError(
                 f"space dataflow decodes to a layer_path (passthrough), not {self.merge_method}"
             )
-        for key, value in (("filters", self.filters), ("smooth", self.smooth)):
+        for key, value in (
+            ("filters", self.filters),
+            ("smooth", self.smooth),
+            ("prune", self.prune),
+        ):
             if value:
                 raise ValueError(f"{key} is a parameter-space setting (space: dataflow)")
         if self.layer_granularity or self.parameters:
@@ -207,6 +284,14 @@ class GenomeSpec(_Frozen):
                 raise ValueError(f"ranges: {key!r} is not a data-flow gene (it has scale)")
             if not 0 < lo < hi:
                 raise ValueError(f"ranges: scale [{lo}, {hi}] must have 0 < low < high")
+        if self.donor == "gene":
+            if self.base_model:
+                raise ValueError(
+                    "donor gene picks the donor among the models; base_model would fix it "
+                    "(give one of the two)"
+                )
+            if len(self.models) < 2:
+                raise ValueError("donor gene needs two or more models to pick from")
         return self
 
     @property
@@ -369,13 +454,26 @@ class EvolveConfig(_Frozen):
                 data[key] = str(changes[key])
         return EvolveConfig.from_dict(data)
 
+    def for_run(self, stored: EvolveConfig | None = None) -> EvolveConfig:
+        """The config with its null ``search`` keys settled: those of ``stored`` (the config of
+        the run folder it continues, whose nulls stay null), else :data:`NEW_RUN`'s."""
+        data = self.model_dump(mode="json")
+        for key, new in NEW_RUN.items():
+            if data["search"][key] is None:
+                data["search"][key] = new if stored is None else getattr(stored.search, key)
+        return EvolveConfig.from_dict(data)
+
     # ---- identity -----------------------------------------------------------------------------
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the config: a run folder belongs to one config."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for section, key, default in LATER_KEYS:  # a run begun before the key existed
+            if data[section].get(key, default) == default:
+                data[section].pop(key, None)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def differences(self, other: EvolveConfig) -> list[str]:

@@ -29,8 +29,10 @@ class InProcess:
     def __init__(self, candidates: Candidates) -> None:
         self.candidates = candidates
 
-    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        return [self.candidates.evaluate(np.asarray(x)) for x in xs]
+    def map(
+        self, xs: Sequence[np.ndarray], context: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        return [self.candidates.evaluate(np.asarray(x), context) for x in xs]
 
     def close(self) -> None:
         pass
@@ -63,8 +65,10 @@ class Workers:
             initargs=(config.model_dump(mode="json"), slots),
         )
 
-    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        futures = [self.pool.submit(_evaluate, [float(v) for v in x]) for x in xs]
+    def map(
+        self, xs: Sequence[np.ndarray], context: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        futures = [self.pool.submit(_evaluate, [float(v) for v in x], context) for x in xs]
         return [f.result() for f in futures]
 
     def close(self) -> None:
@@ -97,8 +101,8 @@ def _init(config: dict[str, Any], slots: Any) -> None:
     _WORKER = Candidates(cfg, genome, sources, open_scorer(cfg), options)
 
 
-def _evaluate(x: list[float]) -> dict[str, Any]:
-    return _WORKER.evaluate(np.asarray(x))
+def _evaluate(x: list[float], context: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _WORKER.evaluate(np.asarray(x), context)
 
 
 class RayActors:
@@ -136,9 +140,11 @@ class RayActors:
         self.pool = ActorPool(self.actors)
         self._ray = ray
 
-    def map(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    def map(
+        self, xs: Sequence[np.ndarray], context: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         genes = [[float(v) for v in x] for x in xs]
-        return list(self.pool.map(lambda a, x: a.evaluate.remote(x), genes))
+        return list(self.pool.map(lambda a, x: a.evaluate.remote(x, context), genes))
 
     def close(self) -> None:
         for a in self.actors:
@@ -187,5 +193,5 @@ class _RayWorker:
         slots.put(device)
         _init(config, slots)
 
-    def evaluate(self, x: list[float]) -> dict[str, Any]:
-        return _evaluate(x)
+    def evaluate(self, x: list[float], context: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _evaluate(x, context)

@@ -18,6 +18,7 @@ base, ``t = softmax(scores)[1]``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -112,6 +113,49 @@ class ParameterGenome:
             genes[..., p] = (values[..., p] - lo) / (hi - lo)
         return np.clip(genes, 0, 1).reshape(-1)
 
+    def grid(self) -> list[tuple[str, np.ndarray]]:
+        """A few obvious points of the space, (label, genes ``[d]``), every layer group and
+        tensor set alike: weights in {0.5, 0.8, 1.0} (methods with a density: {0.5, 1.0}, each
+        with densities {0.5, 0.7, 1.0}) per model for two models, equal for more; slerp: t at
+        0.27, 0.5 and 0.73 (softmax of scores 0 and 1). Points outside the genes' ranges are
+        clipped into them; duplicates are left out."""
+        spec, n = self.spec, len(self.spec.models)
+        labels = [_label(m) for m in spec.models]
+        if spec.merge_method == "slerp":
+            rows = [
+                ("slerp t 0.27", [[1.0] + [0.0] * (n - 1)]),
+                ("slerp t 0.5", [[1.0] * n]),
+                ("slerp t 0.73", [[0.0, 1.0] + [0.0] * (n - 2)]),
+            ]
+            points = [(label, np.array(v[0], dtype=float).reshape(1, n, 1, 1)) for label, v in rows]
+        else:
+            dense = len(self.genes) > 1
+            ws = (0.5, 1.0) if dense else (0.5, 0.8, 1.0)
+            combos = list(itertools.product(ws, repeat=2)) if n == 2 else [(w,) * n for w in ws]
+            points = []
+            for weights in combos:
+                for d in (0.5, 0.7, 1.0) if dense else (None,):
+                    label = f"{spec.merge_method} " + " ".join(
+                        f"{m} {w:g}" for m, w in zip(labels, weights, strict=True)
+                    )
+                    values = [[w] + ([d] if dense else []) for w in weights]
+                    points.append((label + (f" density {d:g}" if dense else ""), values))
+            k = len(self.genes)
+            points = [(label, np.array(v, dtype=float).reshape(1, n, 1, k)) for label, v in points]
+        out: list[tuple[str, np.ndarray]] = []
+        seen: set[bytes] = set()
+        for label, v in points:
+            values = np.broadcast_to(v, self.shape)  # every group and set alike
+            x = np.empty(self.shape)
+            for p, gene in enumerate(self.genes):
+                lo, hi = self.spec.range_of(gene)
+                x[..., p] = (values[..., p] - lo) / (hi - lo)
+            x = np.clip(x, 0, 1).reshape(-1)
+            if x.tobytes() not in seen:
+                seen.add(x.tobytes())
+                out.append((label, x))
+        return out
+
     def corners(self) -> list[tuple[str, np.ndarray]]:
         """Points whose recipes must plan for the genome's bounds to be usable: every gene at 1,
         and every gene at 0 but the weights (all-zero weights are one point, not the bounds:
@@ -129,7 +173,7 @@ class ParameterGenome:
             raise SpliceError(f"genome: expected {self.dim} genes, got {list(x.shape)}")
         if not np.all(np.isfinite(x)):
             raise SpliceError("genome: genes must be finite")
-        genes = np.clip(x, 0, 1).reshape(self.shape)
+        genes = np.clip(x[: math.prod(self.shape)], 0, 1).reshape(self.shape)  # the merge's
         out = np.empty(self.shape)
         for p, gene in enumerate(self.genes):
             lo, hi = self.spec.range_of(gene)
@@ -236,17 +280,19 @@ def build_genome(config: EvolveConfig, models: Mapping[str, Checkpoint]) -> Geno
     cls = GENOMES.get(spec.space)
     if spec.space == "dataflow":
         layers = tuple(models[m].num_layers for m in spec.models)
-        _check_size(
-            2 * spec.repeats * sum(layers),
-            f"{spec.repeats} repeats of {sum(layers)} layers, two genes each",
-        )
-        return cls(spec, layers, config.dtype, config.search.seed)
+        genome = cls(spec, layers, config.dtype, config.search.seed)
+        _check_size(genome.dim, genome.layout())
+        return genome
     n = models[spec.models[0]].num_layers
     groups = n // spec.layer_granularity if spec.layer_granularity else 1
     sets = len(spec.filters or []) + 1
     _check_size(
         groups * len(spec.models) * sets * len(spec.genes), "layer groups x models x sets x genes"
     )
+    if spec.prune:  # the merge's genes, then one keep gene per layer
+        from splice.evolve.pruning import pruned_genome
+
+        return pruned_genome(spec, models, n, config.dtype, config.search.seed)
     return cls(spec, n, config.dtype, config.search.seed)
 
 
@@ -254,8 +300,8 @@ def _check_size(dim: int, what: str) -> None:
     if dim > MAX_GENES:
         raise SpliceError(
             f"genome: {dim:,} genes ({what}), more than CMA-ES can search here "
-            f"({MAX_GENES:,}: its covariance is genes² numbers); use fewer repeats, a coarser "
-            "layer_granularity or fewer filters"
+            f"({MAX_GENES:,}: its covariance is genes² numbers); use fewer repeats (or per_slot "
+            "scales), a coarser layer_granularity or fewer filters"
         )
 
 

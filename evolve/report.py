@@ -31,6 +31,11 @@ class EvolveReport:
     top: list[dict[str, Any]]
     history: list[dict[str, Any]]
     best_recipe: str | None
+    #: the grid of generation 0 (``search.grid``), best first: label and fitness
+    grid: list[dict[str, Any]] | None = None
+    #: cheaper fitness (``search.fitness``): items scored, candidates fully scored, the
+    #: estimates' error against the full score
+    items: dict[str, Any] | None = None
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
         return plot_history(self.history, path)
@@ -49,6 +54,10 @@ def report(
     ok = [r for r in records if r["fitness"] is not None]
     ranked = sorted(ok, key=lambda r: (-r["fitness"], r["generation"], r["index"]))
     best = run / "best.yml"
+    grid = sorted(
+        ({"label": r["grid"], "fitness": r["fitness"]} for r in ok if r.get("grid")),
+        key=lambda g: -g["fitness"],
+    )
     return EvolveReport(
         run=run,
         generation=state["generation"],
@@ -59,7 +68,34 @@ def report(
         top=ranked[:top],
         history=list(state["history"]),
         best_recipe=best.read_text() if best.is_file() else None,
+        grid=grid or None,
+        items=item_summary(records),
     )
+
+
+def item_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Cheaper fitness's account: items scored against every candidate on the whole split,
+    candidates fully scored, and the mean absolute error of the first estimate against the
+    full score where both exist (after generation 0). ``None`` for a full-fitness run."""
+    staged = [r for r in records if "full" in r and r["fitness"] is not None]
+    if not staged:
+        return None
+    whole = max(r["items"] for r in staged if r["full"])
+    errs = [
+        abs(r["estimate"] - r["fitness"])
+        for r in staged
+        if r["full"] and r["generation"] > 0 and r.get("estimate") is not None
+    ]
+    scored = sum(r["items"] for r in staged)
+    return {
+        "items": scored,
+        "all_items": whole * len(staged),
+        "fewer_x": round(whole * len(staged) / scored, 2),
+        "fully_scored": sum(r["full"] for r in staged),
+        "candidates": len(staged),
+        "estimate_mae": round(sum(errs) / len(errs), 4) if errs else None,
+        "estimates_checked": len(errs),
+    }
 
 
 def format_report(rep: EvolveReport) -> str:
@@ -83,6 +119,30 @@ def format_report(rep: EvolveReport) -> str:
             f"{k:>4}  {r['generation']:>4d}  {r['index']:>4d}  {r['fitness']:>9.4f}  "
             f"{scores}  {r.get('merge_s', math.nan):>7.3f}  {r.get('eval_s', math.nan):>7.3f}"
         )
+    if rep.grid:
+        g, best = rep.grid[0], rep.top[0]["fitness"]
+        lines += [
+            "",
+            f"seeded grid (generation 0, {len(rep.grid)} points): best {g['label']} at "
+            f"{g['fitness']:.4f}; the winner {best - g['fitness']:+.4f} on the fitness split "
+            "(report --table scores them on the report split)",
+        ]
+    if rep.items:
+        it = rep.items
+        mae = (
+            ""
+            if it["estimate_mae"] is None
+            else (
+                f"; first estimates off the full score by {it['estimate_mae']:.4f} on average "
+                f"({it['estimates_checked']} candidates)"
+            )
+        )
+        lines += [
+            "",
+            f"cheaper fitness: {it['items']:,} items scored of {it['all_items']:,} "
+            f"({it['fewer_x']:g}x fewer), {it['fully_scored']} of {it['candidates']} "
+            f"candidates fully scored{mae}",
+        ]
     if rep.best_recipe:
         lines += ["", "winning recipe (best.yml):", rep.best_recipe.rstrip()]
     return "\n".join(lines)
@@ -184,11 +244,23 @@ def naive_recipes(config: Any) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def grid_recipes(run: Path) -> dict[str, dict[str, Any]]:
+    """``{"grid: LABEL": recipe}`` of the seeded grid of generation 0 (none without one)."""
+    from splice.evolve.search import load_state
+
+    return {
+        f"grid: {r['grid']}": r["recipe"]
+        for r in load_state(run)["records"]
+        if r.get("grid") and r["recipe"] is not None
+    }
+
+
 def report_table(
     run: str | os.PathLike[str], tasks: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
     """``{row: {task: score}}`` on the report tasks (``tasks``, else the config's report split):
-    the sources, the naive merges and the winner (``best.yml``), each merged in memory."""
+    the sources, the naive merges, the seeded grid's points (``grid: ...``) and the winner
+    (``best.yml``), each merged in memory."""
     import warnings
 
     from splice.errors import SpliceWarning
@@ -214,6 +286,9 @@ def report_table(
             f"report task {fitted[0]} is also a fitness task", SpliceWarning, stacklevel=2
         )
     rows = naive_recipes(config)
+    for label, recipe in grid_recipes(run).items():
+        if recipe not in rows.values():  # (the start is a naive merge already)
+            rows[label] = recipe
     rows["winner"] = winner
     opts = MergeOptions(device=config.device, show_progress=False, threads=config_threads(config))
     out: dict[str, dict[str, float]] = {}
@@ -232,6 +307,23 @@ def report_table(
                 module = empty_model(p.config, device=opts.device, dtype=config.dtype)
                 merge_into(module, p, options=opts)
             out[label] = scorer.score(module)
+    return out
+
+
+def grid_standing(table: dict[str, dict[str, float]]) -> list[str]:
+    """Per report task, where the winner stands against the seeded grid's points, e.g.
+    ``zoo_math_lang: the winner 0.752, above 10 of 12 seeded points (best 0.766)``."""
+    if "winner" not in table or not any(k.startswith("grid: ") for k in table):
+        return []
+    grid = {k: v for k, v in table.items() if k.startswith("grid: ") or k.endswith(" (start)")}
+    out = []
+    for task, won in table["winner"].items():
+        points = [row[task] for row in grid.values() if task in row]
+        below = sum(p < won for p in points)
+        out.append(
+            f"{task}: the winner {won:.4f}, above {below} of {len(points)} seeded points "
+            f"(best {max(points):.4f})"
+        )
     return out
 
 

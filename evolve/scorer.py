@@ -173,6 +173,71 @@ class TaskScorer:
     def fitness(self, scores: Mapping[str, float]) -> float:
         return fitness(self.tasks, scores, self.higher)
 
+    # ---- per item (splice.evolve.fitness) ------------------------------------------------------
+    def check_items(self, why: str) -> None:
+        """Every fitness metric is a mean over items (else an estimate from some of them means
+        nothing): ``SpliceError`` naming the first that is not."""
+        from lm_eval.api.metrics import mean
+
+        tasks = dict(_leaves(self.task_dict))
+        for t in self.tasks:
+            task = tasks.get(t.name)
+            name = t.metric_key.split(",")[0]
+            agg = None
+            with contextlib.suppress(Exception):
+                agg = task.aggregation().get(name)
+            if task is None or agg is not mean:
+                raise SpliceError(
+                    f"{why}: task {t.name}'s {name} is not a mean over its documents (or the "
+                    "task is a group); use search.fitness: full"
+                )
+
+    def fitness_docs(self) -> dict[str, list[int]]:
+        """Per score column: the doc ids of the whole fitness split (the first
+        ``lm_eval.limit`` documents, as lm-eval's ``limit`` takes them)."""
+        tasks = dict(_leaves(self.task_dict))
+        out = {}
+        for t in self.tasks:
+            n = len(tasks[t.name].eval_docs)
+            out[_key(t)] = list(range(min(n, self.args.limit or n)))
+        return out
+
+    def signed_weights(self) -> dict[str, float]:
+        """Per score column: its weight in the fitness, negated where lower is better."""
+        return {_key(t): t.weight * (1 if self.higher[_key(t)] else -1) for t in self.tasks}
+
+    def score_items(
+        self, module: torch.nn.Module, docs: Mapping[str, Sequence[int]]
+    ) -> dict[str, dict[int, float]]:
+        """``{column: {doc id: value}}`` of the live ``module`` on the documents ``docs`` (per
+        column; empty lists are skipped)."""
+        names: dict[str, list[int]] = {}
+        for t in self.tasks:
+            ids = list(docs.get(_key(t), []))
+            if ids:
+                names[t.name] = sorted(set(names.get(t.name, [])) | set(ids))
+        out: dict[str, dict[int, float]] = {_key(t): {} for t in self.tasks}
+        if not names:
+            return out
+        self.lm.score(
+            module,
+            samples=names,
+            apply_chat_template=self.chat,
+            fewshot_as_multiturn=self.args.fewshot_as_multiturn and self.chat,
+        )
+        for t in self.tasks:
+            want = set(docs.get(_key(t), []))
+            metric, _, filt = t.metric_key.partition(",")
+            for rec in self.lm.samples.get(t.name, []):
+                if rec.get("filter", "none") == filt and rec["doc_id"] in want:
+                    out[_key(t)][int(rec["doc_id"])] = float(rec[metric])
+            if len(out[_key(t)]) != len(want):
+                raise SpliceError(
+                    f"task {t.name}: lm-eval returned {len(out[_key(t)])} of {len(want)} "
+                    f"documents' {t.metric_key}"
+                )
+        return out
+
 
 def _metrics(task: Any) -> list[str]:
     """The metric names a task computes (empty where lm-eval does not say)."""

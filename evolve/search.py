@@ -50,8 +50,7 @@ import yaml
 from splice.errors import SpliceError, SpliceWarning
 from splice.evolve.config import MAX_CANDIDATES, EvolveConfig
 from splice.evolve.genome import Genome, build_genome, check_genome
-from splice.evolve.state import STATE, Strategy, dumps, is_run, new_state, replay
-from splice.evolve.state import costs as _costs
+from splice.evolve.state import STATE, Search, dumps, is_run, new_state, replay
 from splice.evolve.state import load as _load
 from splice.text import plural
 
@@ -109,10 +108,12 @@ class Candidates:
         self.scorer, self.options = scorer, options
         self.module: torch.nn.Module | None = None
         self.paths: Any = None  # PathModels, for data-flow genomes
+        self._racer: Any = None
 
     def merge(self, x: np.ndarray) -> dict[str, Any]:
         """Merge genes ``x`` ``[d]`` into the resident module (data-flow genes: point the path
-        model at the path's shared layers); returns the recipe."""
+        model at the path's shared layers; genes that drop layers: merge into the module's
+        view of the kept layers, ``splice.evolve.pruning``); returns the recipe."""
         from splice.merge.runner import merge_into, plan
         from splice.resident import empty_model
 
@@ -126,21 +127,43 @@ class Candidates:
                 )
                 for src in self.sources.values():
                     src.release()  # the modules hold the weights now
-            self.module = self.paths.build(recipe["layer_path"])
+            self.module = self.paths.build(recipe["layer_path"], donor=recipe["base_model"])
             return recipe
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpliceWarning)
             p = plan(recipe, self.options, self.sources)
+            kept = getattr(self.genome, "kept_layers", None)  # a genome that drops layers
             if self.module is None:
+                full = p  # the module has every layer
+                if kept is not None:
+                    full = plan(
+                        self.genome.recipe(self.genome.keep_all(x)), self.options, self.sources
+                    )
                 self.module = empty_model(
-                    p.config, device=self.options.device, dtype=self.config.dtype
+                    full.config, device=self.options.device, dtype=self.config.dtype
                 )
+            if kept is not None:
+                from splice.evolve.pruning import show_layers
+
+                show_layers(self.module, kept(x), self.sources, self.genome.donor)
             merge_into(self.module, p, self.sources, self.options)
         return recipe
 
-    def evaluate(self, x: np.ndarray) -> dict[str, Any]:
+    @property
+    def racer(self) -> Any:
+        """The staged scorer of ``search.fitness: subset | irt`` (``splice.evolve.fitness``)."""
+        if self._racer is None:
+            from splice.evolve.fitness import Racer
+
+            s = self.config.search
+            self.scorer.check_items(f"search.fitness {s.fitness}")
+            self._racer = Racer(self.scorer, s.fitness, s.subset, s.race_z, s.seed)
+        return self._racer
+
+    def evaluate(self, x: np.ndarray, context: dict[str, Any] | None = None) -> dict[str, Any]:
         """One candidate's record; a merge or evaluation that fails scores NaN (worst) and
-        keeps its error."""
+        keeps its error. ``context`` (cheaper fitness): the generation's ``bar`` and ``irt``
+        model (:func:`race_context`)."""
         rec: dict[str, Any] = {"genes": [float(v) for v in x], "recipe": None, "scores": {}}
         t0 = time.perf_counter()
         try:
@@ -149,9 +172,25 @@ class Candidates:
             t1 = time.perf_counter()
             rec["merge_s"] = round(t1 - t0, 4)
             assert self.module is not None
-            rec["scores"] = self.scorer.score(self.module)
+            size = getattr(self.genome, "size", None)  # genomes that shrink the model
+            penalty = 0.0
+            if size is not None:
+                rec["size"] = float(size(x))
+                penalty = self.config.search.size_weight * rec["size"]
+            if self.config.search.fitness == "full":
+                rec["scores"] = self.scorer.score(self.module)
+                fit = self.scorer.fitness(rec["scores"])
+            else:
+                from splice.evolve.fitness import IRT
+
+                ctx = context or {}
+                irt = IRT.from_dict(ctx["irt"]) if ctx.get("irt") else None
+                rec.update(self.racer.run(self.module, ctx.get("bar"), irt, -penalty))
+                if self.config.search.fitness != "irt":
+                    rec.pop("item_scores", None)  # only the item model is fitted on them
+                fit = rec["fitness"]
             rec["eval_s"] = round(time.perf_counter() - t1, 4)
-            fit = self.scorer.fitness(rec["scores"])
+            fit -= penalty
             if not math.isfinite(fit):
                 raise ValueError("the fitness is not a finite number")
             rec["fitness"], rec["error"] = fit, None
@@ -229,7 +268,7 @@ def prepare(
     sources = _sources(config, device, allow_pickle)
     genome = build_genome(config, sources)
     popsize = popsize_of(config, genome)
-    generations = planned_generations(config, popsize)
+    generations = planned(config, genome)
     total = generations * popsize
     if total > MAX_CANDIDATES:
         raise SpliceError(
@@ -314,12 +353,28 @@ def _extend(run: Path, config: EvolveConfig, state: dict[str, Any], generations:
     )
 
 
-def planned_generations(config: EvolveConfig, popsize: int) -> int:
-    """Generations the run makes (unless CMA-ES stops first)."""
+def planned_generations(config: EvolveConfig, popsize: int, grid: int = 0) -> int:
+    """Generations the run makes at most (``grid``: the points of generation 0); it stops
+    earlier when CMA-ES stops with no restart left, or once ``max_fevals`` candidates are
+    scored (restarts' larger populations spend it in fewer generations)."""
     s = config.search
     if s.generations is not None:
         return s.generations
-    return math.ceil((s.max_fevals or DEFAULT_MAX_FEVALS) / popsize)
+    fevals = s.max_fevals or DEFAULT_MAX_FEVALS
+    if grid:
+        return 1 + math.ceil(max(0, fevals - grid) / popsize)
+    return math.ceil(fevals / popsize)
+
+
+def fevals_budget(config: EvolveConfig) -> int | None:
+    """The candidates a run scores at most (``None``: it counts generations)."""
+    s = config.search
+    return None if s.generations is not None else (s.max_fevals or DEFAULT_MAX_FEVALS)
+
+
+def planned(config: EvolveConfig, genome: Genome) -> int:
+    """:func:`planned_generations` of ``config`` over ``genome``."""
+    return planned_generations(config, popsize_of(config, genome), len(grid_points(config, genome)))
 
 
 # ---- the strategy ----------------------------------------------------------------------------------
@@ -327,11 +382,32 @@ def popsize_of(config: EvolveConfig, genome: Genome) -> int:
     return config.search.popsize or default_popsize(genome.dim)
 
 
-def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str, Any]) -> Strategy:
-    """CMA-ES where ``state`` left it (replayed; see ``splice.evolve.state``)."""
-    s = config.search
+def grid_points(config: EvolveConfig, genome: Genome) -> list[tuple[str, np.ndarray]]:
+    """Generation 0 of a search with ``search.grid``: the start, then the genome's grid
+    (points equal to the start left out); empty without ``grid``."""
+    if not config.search.grid:
+        return []
     x0 = start_point(config, genome)
-    return replay(state, x0, s.sigma0, popsize_of(config, genome), s.seed, run / STATE)
+    grid = getattr(genome, "grid", None)
+    points = [(label, x) for label, x in (grid() if grid else []) if not np.array_equal(x, x0)]
+    return [("start", x0), *points]
+
+
+def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str, Any]) -> Search:
+    """The search where ``state`` left it (replayed; see ``splice.evolve.state``)."""
+    s = config.search
+    search = Search(
+        start_point(config, genome),
+        s.sigma0,
+        popsize_of(config, genome),
+        s.seed,
+        state["generations"],
+        grid=grid_points(config, genome),
+        restarts=s.restarts,
+        patience=s.patience,
+        max_restarts=s.max_restarts,
+    )
+    return replay(state, search, run / STATE)
 
 
 # ---- the run folder --------------------------------------------------------------------------------
@@ -367,10 +443,12 @@ def _clean_leftovers(run: Path) -> None:
 
 
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The record with the highest fitness (the earliest among equals)."""
+    """The fully scored record with the highest fitness (the earliest among equals)."""
     best = None
     for r in records:
-        if r["fitness"] is not None and (best is None or r["fitness"] > best["fitness"]):
+        if r["fitness"] is None or not r.get("full", True):
+            continue  # (a candidate stopped early: its estimate is below the best)
+        if best is None or r["fitness"] > best["fitness"]:
             best = r
     return best
 
@@ -469,11 +547,15 @@ def evolve(
     config = with_budget(config, max_fevals=max_fevals, generations=generations)
     run = Path(out)
     if is_run(run):
-        _refuse_other(run, config, load_state(run, allow_pickle=allow_pickle))
+        state = load_state(run, allow_pickle=allow_pickle)
+        with contextlib.suppress(SpliceError):  # a state of another schema: refused below
+            config = config.for_run(EvolveConfig.from_dict(state["config"]))
+        _refuse_other(run, config, state)
     elif run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise SpliceError(f"{run}: exists and is not an evolve run folder; use a new --out")
     else:
         check_target(run, overwrite=True, inputs=config.source_models())
+        config = config.for_run()
     config = with_winners(config, allow_pickle=allow_pickle)
     for line in config.split_warnings():
         warnings.warn(line, SpliceWarning, stacklevel=2)
@@ -488,8 +570,7 @@ def evolve(
             tmp = staging_dir(run, "evolve")
             try:
                 _write(tmp / CONFIG, config.to_yaml().encode())
-                popsize = popsize_of(config, genome)
-                save(tmp, new_state(config, planned_generations(config, popsize)))
+                save(tmp, new_state(config, planned(config, genome)))
                 commit(tmp, run, tag="evolve")
             finally:
                 if tmp.exists():
@@ -547,7 +628,7 @@ def open_scorer(config: EvolveConfig) -> TaskScorer:
     from splice.evolve.scorer import TaskScorer
     from splice.modeling import load_tokenizer
 
-    return TaskScorer(
+    scorer = TaskScorer(
         config.tasks,
         tokenizer=load_tokenizer(config.tokenizer_ref()),
         args=config.lm_eval,
@@ -555,6 +636,13 @@ def open_scorer(config: EvolveConfig) -> TaskScorer:
         zoo=config.zoo,
         seed=config.search.seed,
     )
+    if config.search.fitness != "full":
+        try:
+            scorer.check_items(f"search.fitness {config.search.fitness}")
+        except BaseException:
+            scorer.close()
+            raise
+    return scorer
 
 
 def _run(
@@ -587,7 +675,7 @@ def _run(
         genome, sources, options, scorer = prepared
     with scorer:
         if extend:
-            _extend(run, config, state, planned_generations(config, popsize_of(config, genome)))
+            _extend(run, config, state, planned(config, genome))
         strategy = strategy_of(run, config, genome, state)
         stop = strategy.stop() if extend and state["generation"] else {}
         if stop:  # the run stopped by its budget where CMA-ES would have stopped it
@@ -604,10 +692,11 @@ def _run(
             executor = Workers(config, workers)
         else:
             executor = InProcess(Candidates(config, genome, sources, scorer, options))
+        race = RaceContext(config)
         shown = GenerationProgress(state) if show_progress else None
         try:
             while state["stop"] is None:
-                _generation(state, strategy, executor.map)
+                _generation(state, strategy, executor.map, fevals_budget(config), race)
                 save(run, state)
                 if on_generation is not None:
                     on_generation(state["history"][-1])
@@ -622,6 +711,32 @@ def _run(
 
         plot_history(state["history"], run / "fitness.png")
     return _result(run, state)
+
+
+class RaceContext:
+    """What cheaper fitness (``search.fitness: subset | irt``) gives a generation's candidates:
+    ``bar``, the best fully scored fitness before the generation (``None`` in the first, whose
+    candidates are all fully scored), and, for ``irt``, the item model fitted once on the
+    fully scored candidates of generation 0 (as data: it goes to workers). Called with the
+    state before each generation; ``None`` for ``full``."""
+
+    def __init__(self, config: EvolveConfig) -> None:
+        self.s = config.search
+        self.irt: dict[str, Any] | None = None
+
+    def __call__(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        if self.s.fitness == "full":
+            return None
+        full = [r for r in state["records"] if r["fitness"] is not None and r.get("full", True)]
+        bar = max((r["fitness"] for r in full), default=None)
+        if self.s.fitness == "irt" and self.irt is None and state["generation"] > 0:
+            from splice.evolve.fitness import fit_irt, responses
+
+            first = [r for r in state["records"] if r["generation"] == 0]
+            got = responses(first)
+            ids = {col: list(range(v.shape[1])) for col, v in got.items()}
+            self.irt = fit_irt(got, ids, self.s.subset).to_dict()
+        return {"bar": bar, "irt": self.irt}
 
 
 class GenerationProgress:
@@ -672,24 +787,30 @@ def _duration(seconds: float) -> str:
 
 def _generation(
     state: dict[str, Any],
-    strategy: Strategy,
-    score: Callable[[list[np.ndarray]], list[dict[str, Any]]],
+    strategy: Search,
+    score: Callable[[list[np.ndarray], dict[str, Any] | None], list[dict[str, Any]]],
+    max_fevals: int | None = None,
+    context: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda state: None,
 ) -> None:
-    """Ask, score (``score(xs)``: one record per genes, in order), tell: one generation,
-    recorded in ``state``."""
+    """Ask, score (``score(xs, context(state))``: one record per genes, in order), tell: one
+    generation, recorded in ``state``; the run stops after it once ``max_fevals`` candidates
+    are scored."""
     t0 = time.perf_counter()
+    labels, restart = strategy.labels, strategy.restart
     xs = strategy.ask()
     gen = state["generation"]
     records = []
-    for i, done in enumerate(score(xs)):
+    for i, done in enumerate(score(xs, context(state))):
         rec = {"generation": gen, "index": i, **done}
+        if labels[i] is not None:
+            rec["grid"] = labels[i]
         if rec["error"]:
             warnings.warn(
                 f"candidate {gen}.{i} failed: {rec['error']}", SpliceWarning, stacklevel=2
             )
         records.append(rec)
     fits = [r["fitness"] for r in records if r["fitness"] is not None]
-    strategy.tell(xs, _costs(records))
+    strategy.tell(xs, records)
     state["records"].extend(records)
     state["generation"] = gen + 1
     best = _best(state["records"])
@@ -705,10 +826,14 @@ def _generation(
             "seconds": round(seconds, 3),
             "per_minute": round(60 * len(records) / seconds, 2) if seconds > 0 else 0.0,
             "sigma": strategy.sigma,
+            "restart": restart,
+            "popsize": len(xs),
         }
     )
     if state["generation"] >= state["generations"]:
         state["stop"] = f"{state['generations']} generations done"
+    elif max_fevals is not None and len(state["records"]) >= max_fevals:
+        state["stop"] = f"{len(state['records'])} candidates scored (max_fevals {max_fevals})"
     else:
         stop = strategy.stop()
         if stop:

@@ -243,13 +243,123 @@ def costs(records: list[dict[str, Any]]) -> list[float]:
     return [-r["fitness"] if r["fitness"] is not None else worst for r in records]
 
 
-def replay(
-    state: dict[str, Any], x0: np.ndarray, sigma0: float, popsize: int, seed: int, where: Path
-) -> Strategy:
-    """The strategy as it stood after the state's last generation: built anew and told every
-    recorded generation again. Each generation must propose exactly the recorded genes, else
-    the state is not this config's (edited, or its models changed): ``SpliceError``."""
-    strategy = Strategy(x0, sigma0, popsize, seed, state["generations"])
+class Search:
+    """What proposes each generation: the grid (generation 0, when ``grid`` is given: its
+    points, in order), then CMA-ES (a :class:`Strategy`) from the best grid point (else from
+    ``x0``), restarted when it stalls if ``restarts`` is ``ipop`` or ``bipop``.
+
+    A restart happens after a generation in which CMA-ES's own stop conditions are met, or
+    after ``patience`` generations in which the restart found nothing better than its best;
+    it starts from the best candidate so far with ``sigma0``; ipop doubles the population each
+    time, bipop alternates ipop's large populations with small ones (population
+    ``floor(popsize * (large / popsize / 2) ** (u * u))`` and step ``sigma0 * 10 ** (-2 u)``, u
+    uniform from the restart's seed) whenever the small ones have spent fewer candidates.
+    Everything follows from the settings and the fitnesses told, so :func:`replay` rebuilds it.
+    """
+
+    def __init__(
+        self,
+        x0: np.ndarray,
+        sigma0: float,
+        popsize: int,
+        seed: int,
+        maxiter: int,
+        *,
+        grid: list[tuple[str, np.ndarray]] | None = None,
+        restarts: str | None = None,
+        patience: int = 10,
+        max_restarts: int = 9,
+    ) -> None:
+        self.x0, self.sigma0, self.popsize0, self.seed = x0, sigma0, popsize, seed
+        self.maxiter, self.patience, self.max_restarts = maxiter, patience, max_restarts
+        self.restarts = restarts if restarts in ("ipop", "bipop") else None
+        self.grid = list(grid or [])
+        self.in_grid = bool(self.grid)
+        self.restart = 0
+        self.large = popsize  # bipop: the last large population
+        self.spent = {"large": 0, "small": 0}
+        self.regime = "large"
+        self.best: tuple[float, np.ndarray] | None = None  # (fitness, genes) so far
+        self.restart_best = -math.inf
+        self.stalled = 0
+        self._stop: dict[str, Any] = {}
+        self.strategy: Strategy | None = None
+        if not self.in_grid:
+            self.strategy = Strategy(x0, sigma0, popsize, seed, maxiter)
+
+    @property
+    def labels(self) -> list[str | None]:
+        """The next generation's labels: the grid's, or ``None`` per CMA-ES candidate."""
+        return [label for label, _ in self.grid] if self.in_grid else [None] * self.popsize
+
+    @property
+    def popsize(self) -> int:
+        return len(self.grid) if self.in_grid else self.strategy.es.popsize
+
+    @property
+    def sigma(self) -> float:
+        return self.sigma0 if self.strategy is None else self.strategy.sigma
+
+    def ask(self) -> list[np.ndarray]:
+        if self.in_grid:
+            return [np.array(x, dtype=float) for _, x in self.grid]
+        assert self.strategy is not None
+        return self.strategy.ask()
+
+    def tell(self, xs: list[np.ndarray], records: list[dict[str, Any]]) -> None:
+        """The generation ``xs`` scored (``records`` in order); may start a restart."""
+        fits = [(r["fitness"], k) for k, r in enumerate(records) if r["fitness"] is not None]
+        top = max(fits, default=None, key=lambda f: (f[0], -f[1]))
+        if top is not None and (self.best is None or top[0] > self.best[0]):
+            self.best = (top[0], np.array(xs[top[1]], dtype=float))
+        if self.in_grid:  # CMA-ES starts from the best grid point
+            self.in_grid = False
+            x0 = self.best[1] if self.best is not None else self.x0
+            self.strategy = Strategy(x0, self.sigma0, self.popsize0, self.seed, self.maxiter)
+            return
+        assert self.strategy is not None
+        self.strategy.tell(xs, costs(records))
+        self.spent[self.regime] += len(xs)
+        if top is not None and top[0] > self.restart_best:
+            self.restart_best, self.stalled = top[0], 0
+        else:
+            self.stalled += 1
+        stop = self.strategy.stop()
+        if self.stalled >= self.patience and self.restarts:
+            stop = {**stop, "stagnation": self.stalled}
+        if stop and self.restarts and self.restart < self.max_restarts:
+            self._restart()
+        elif stop and (not self.restarts or self.restart >= self.max_restarts):
+            self._stop = stop
+
+    def _restart(self) -> None:
+        self.restart += 1
+        seed = (self.seed + 7919 * self.restart) % 2**32
+        x0 = self.best[1] if self.best is not None else self.x0
+        sigma, small = self.sigma0, False
+        if self.restarts == "bipop" and self.restart > 1:
+            small = self.spent["small"] < self.spent["large"]
+        if small:
+            u = np.random.RandomState(seed).uniform()
+            pop = max(2, math.floor(self.popsize0 * (self.large / self.popsize0 / 2) ** (u * u)))
+            sigma = self.sigma0 * 10 ** (-2 * u)
+        else:
+            self.large *= 2
+            pop = self.large
+        self.regime = "small" if small else "large"
+        self.strategy = Strategy(x0, sigma, pop, seed, self.maxiter)
+        self.restart_best, self.stalled = -math.inf, 0
+
+    def stop(self) -> dict[str, Any]:
+        """Why the search cannot go on (CMA-ES stopped, no restart left); empty otherwise."""
+        return dict(self._stop)
+
+
+def replay(state: dict[str, Any], strategy: Search, where: Path) -> Search:
+    """``strategy`` (new, as the run began) brought to where it stood after the state's last
+    generation: told every recorded generation again. Each generation must propose exactly the
+    recorded genes, else the state is not this config's (edited, or its models changed):
+    ``SpliceError``."""
     by_gen: dict[int, list[dict[str, Any]]] = {}
     for r in state["records"]:
         by_gen.setdefault(r["generation"], []).append(r)
@@ -264,5 +374,5 @@ def replay(
                 f"{where}: generation {gen}'s candidates are not the ones this config's search "
                 "proposes (the state was edited, or its models changed); use a new --out"
             )
-        strategy.tell(xs, costs(recs))
+        strategy.tell(xs, recs)
     return strategy

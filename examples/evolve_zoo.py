@@ -166,8 +166,14 @@ def dfs_config(
     models: list[str], common: dict[str, Any], fevals: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     return {
-        "genome": {"space": "dataflow", "models": models, "repeats": args.repeats},
-        "search": {"seed": args.seed, "max_fevals": fevals},
+        "genome": {
+            "space": "dataflow",
+            "models": models,
+            "repeats": args.repeats,
+            "scales": args.dfs_scales,
+            "donor": "gene",
+        },
+        "search": {"seed": args.seed, "max_fevals": fevals, "fitness": args.dfs_fitness},
         **common,
     }
 
@@ -251,7 +257,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("out/evolve-zoo"), help="run folders")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (else resume)")
     ap.add_argument("--ps-fevals", type=int, default=300)
-    ap.add_argument("--dfs-fevals", type=int, default=150)
+    ap.add_argument("--dfs-fevals", type=int, default=3200, help="DFS: candidates (20x 160)")
+    ap.add_argument("--dfs-fitness", default="subset", help="DFS: full, subset or irt")
+    ap.add_argument("--dfs-scales", default="per_transition", help="DFS: or per_slot")
     ap.add_argument("--psdfs-fevals", type=int, default=150)
     ap.add_argument("--granularity", type=int, default=2, help="PS: layers per gene group")
     ap.add_argument("--max-weight", type=float, default=2.0, help="PS: weight range top")

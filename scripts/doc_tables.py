@@ -361,6 +361,15 @@ def evolve_zoo(src: Sources) -> list[str]:
     return out
 
 
+def dfs_paths_zoo(src: Sources) -> list[str]:
+    data = src.result("dfs_paths_zoo.json")
+    rows = []
+    for r in data["rows"]:
+        donor = r["donor"] if r["recipe"] else f"{r['donor']} embeddings, {r['head']} norm + head"
+        rows.append([r["path"], donor, *(f(r[t]) for t in ZOO_TASKS)])
+    return table(["path", "donor", *ZOO_TASKS], rows, text_columns=2)
+
+
 def evolve_search(src: Sources) -> list[str]:
     files = {"zoo": "evolve_search.json", "tiny Llama": "evolve_search_tiny.json"}
     rows = []
@@ -382,6 +391,30 @@ def evolve_search(src: Sources) -> list[str]:
     head = ["setup", "workers", "candidates", "wall s", "merge s", "eval s", "candidates / min"]
     head += ["load after"]
     return table(head, rows)
+
+
+def generation_fitness(src: Sources) -> list[str]:
+    """``benchmarks/generation_fitness.py``: splice's greedy generator against lm-eval's HFLM."""
+    d = src.result("generation_fitness.json")
+    rows = [
+        [name, f(r["wall_s"], 2), f(r["cpu_s"], 2), f(r["items_per_cpu_s"], 0),
+         f(r["speedup_cpu"], 2), str(r["items_differing"])]
+        for name, r in d["generation"].items()
+    ]  # fmt: skip
+    tail = ["wall s", "CPU s", "items / CPU s", "x before (CPU)", "items differing"]
+    out = table([f"generation alone ({d['items']} items)", *tail], rows)
+    ev = d["evaluation"]
+    labels = {
+        "before": "lm-eval HFLM, templates compiled at each use (before)",
+        "now": "LmEvalScorer: fast generation, templates compiled once (now)",
+    }
+    rows = [
+        [label, f(ev[k]["wall_s"], 2), f(ev[k]["cpu_s"], 2), f(ev[k]["items_per_cpu_s"], 0),
+         f(ev["before"]["cpu_s"] / ev[k]["cpu_s"], 2), str(ev[k]["items_differing"])]
+        for k, label in labels.items()
+    ]  # fmt: skip
+    out += ["", *table(["whole evaluation (requests, generation, metrics)", *tail], rows)]
+    return out
 
 
 def evolve_scale(src: Sources) -> list[str]:
@@ -428,6 +461,34 @@ def evolve_path(src: Sources) -> list[str]:
     return table(head, rows)
 
 
+def pareto_zoo(src: Sources) -> list[str]:
+    d = src.result("pareto_zoo.json")
+    rows = []
+    for pt in d["points"]:
+        model = f"size weight {pt['size_weight']:g}" if pt["kind"] == "search" else pt["label"]
+        rows.append(
+            [
+                pt["kind"],
+                model,
+                layer_ranges(pt["layers"]),
+                f"{pt['params']:,}",
+                f(pt["size"], 3),
+                *(f(pt["scores"][t]) for t in ZOO_TASKS),
+                "**yes**" if pt["front"] else "",
+            ]
+        )
+    head = ["series", "model", "layers kept", "parameters", "size", *ZOO_TASKS]
+    head.append(f"front ({d['axis']})")
+    runs = list(d["searches"].values())
+    note = (
+        f"{len(runs)} search{'es' if len(runs) != 1 else ''} of {', '.join(sorted({str(r['candidates']) for r in runs}))} "
+        f"candidates; the sweep took {f(d['wall_s'] / 60, 1)} min on {d['threads']} thread "
+        f"(searches {f(d['search_s'], 0)} s, naive merge and prunes {f(d['naive_s'], 0)} s, "
+        f"report scoring {f(d['report_s'], 0)} s)."
+    )
+    return [*table(head, rows, text_columns=3), "", note]
+
+
 def zoo_acceptance(src: Sources) -> list[str]:
     zoo = Path("assets") / "zoo" / "zoo.json"
     data = src.load(zoo)["acceptance"]
@@ -470,9 +531,12 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
         "python benchmarks/collapse_memory_families.py",
     ),
     "evolve-zoo": (evolve_zoo, "python examples/evolve_zoo.py --fresh"),
+    "dfs-paths-zoo": (dfs_paths_zoo, "python examples/dfs_paths_zoo.py"),
     "evolve-search": (evolve_search, "python benchmarks/evolve_search.py"),
     "evolve-path": (evolve_path, "python benchmarks/evolve_path.py"),
     "evolve-scale": (evolve_scale, "python benchmarks/evolve_scale.py"),
+    "generation-fitness": (generation_fitness, "python benchmarks/generation_fitness.py"),
+    "pareto-zoo": (pareto_zoo, "python examples/pareto_zoo.py --fresh"),
     "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
     "extract-lora": (
         extract_lora,

@@ -67,7 +67,9 @@ def config_dict(trio: dict[str, Path], tasks: Path, **search: Any) -> dict[str, 
             {"name": "tiny_mc", "weight": 0.5},
         ],
         "lm_eval": {"batch_size": 16},
-        "search": {"popsize": 4, "generations": 3, "seed": 1, **search},
+        # the plain CMA-ES loop (grid seeding and restarts have their own tests)
+        "search": {"popsize": 4, "generations": 3, "seed": 1, "grid": False, "restarts": "none"}
+        | search,
         "tasks_dir": str(tasks),
     }
 

@@ -131,7 +131,12 @@ def test_a_mergekit_evolve_file_runs_unchanged(capsys, trio, tasks, tmp_path):
     argv = ["evolve", str(cfg), "--out", str(run), "--tasks-dir", str(tasks), "--max-fevals", "13"]
     assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
     state = load_state(run)
-    assert len(state["records"]) == 13  # popsize 4 + floor(3 ln 24), one generation
+    # generation 0: mergekit-evolve's start and the grid of its space (weights 0.5 / 1 per
+    # model, densities 0.5 / 0.7 / 1: 12 points, the start among them); then CMA-ES's
+    # popsize 4 + floor(3 ln 24) = 13 from the best of them
+    grid = [r for r in state["records"] if r["generation"] == 0]
+    assert len(grid) == 12 and grid[0]["grid"] == "start"
+    assert len(state["records"]) == 12 + 13
     assert all(r["error"] is None for r in state["records"])
     assert all(len(r["scores"]) == 2 for r in state["records"])
 

@@ -1,0 +1,337 @@
+"""Accuracy against parameters on the zoo: one search over merging and pruning, against the
+naive pipeline "merge, then prune layers by angular distance".
+
+    python examples/pareto_zoo.py [--zoo DIR] [--out out/pareto-zoo] [--fresh]
+                                  [--weights 0,0.1,0.3,0.5,1,2] [--fevals 100]
+
+* **search** (``splice.evolve``, ``genome.prune: layers``): task arithmetic of ``math`` and
+  ``lang`` over ``base``, weights in [0, 2] per tensor set (attention / MLP / the rest; one set
+  of genes for every layer, ``--granularity`` to change it), plus one keep gene per layer;
+  fitness ``zoo_math_lang_fit - w * size`` (``size``: the candidate's parameters over the full
+  model's), one run per size weight ``w`` of ``--weights``, ``--fevals`` candidates each;
+* **naive**: the zoo grid's best naive merge on ``zoo_math_lang`` (task arithmetic 1.0/0.8),
+  written once by ``splice merge``, then ``splice prune --n K --by angular`` for K = 1 ..
+  ``--max-prune`` (calibration: 200 documents of the zoo's pre-training text).
+
+Every winner and every naive model is then scored on the report splits (``zoo_math``,
+``zoo_lang``, ``zoo_math_lang``; the searches only see ``zoo_math_lang_fit``). The points, the
+Pareto front of ``zoo_math_lang`` against parameters over both series, and the sweep's wall
+time go to ``benchmarks/results/pareto_zoo.json``; the plot to ``docs/img/pareto_zoo.png``.
+One torch thread everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PLOT = ROOT / "docs" / "img" / "pareto_zoo.png"
+NAIVE = "task_arithmetic 1.0/0.8"
+AXIS = "zoo_math_lang"
+
+
+def search_config(zoo: Path, common: dict[str, Any], w: float, args: argparse.Namespace):
+    return {
+        "genome": {
+            "models": [str(zoo / "math"), str(zoo / "lang")],
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo / "base"),
+            "layer_granularity": args.granularity,
+            "filters": ["self_attn", "mlp"],
+            "ranges": {"weight": [0.0, 2.0]},
+            "prune": "layers",
+        },
+        "search": {"seed": args.seed, "max_fevals": args.fevals, "size_weight": w},
+        **common,
+    }
+
+
+def best_record(run: Path) -> dict[str, Any]:
+    recs = [json.loads(x) for x in (run / "candidates.jsonl").read_text().splitlines()]
+    ok = [r for r in recs if r["fitness"] is not None]
+    return max(ok, key=lambda r: r["fitness"])  # the first among equals, as the search's
+
+
+def calibration_file(zoo: Path, path: Path) -> Path:
+    """200 documents of the zoo's pre-training text, joined as its training stream joins them."""
+    from splice.modeling import load_tokenizer
+    from splice.zoo import calibration_text
+
+    tok = load_tokenizer(zoo / "base")
+    joiner = f"{tok.eos_token or ''}{tok.bos_token or ''}" or "\n"
+    path.write_text(joiner.join(calibration_text(200, seed=99_991).splitlines()) + "\n")
+    return path
+
+
+def naive_pipeline(zoo: Path, out: Path, max_prune: int) -> dict[str, tuple[Path, list[int]]]:
+    """The naive merge written once, then pruned by angular distance: label -> (folder,
+    kept layers)."""
+    from splice.execute import ExecOptions
+    from splice.merge import MergeOptions
+    from splice.merge import run as merge_run
+    from splice.surgery import Calibration, prune
+    from splice.zoo.acceptance import grid
+
+    merged = out / "naive"
+    if not (merged / "config.json").is_file():
+        merge_run(grid(zoo)[NAIVE], merged, MergeOptions(show_progress=False, threads=1))
+    n = json.loads((merged / "config.json").read_text())["num_hidden_layers"]
+    models = {f"{NAIVE}": (merged, list(range(n)))}
+    text = calibration_file(zoo, out / "calibration.txt")
+    calib = Calibration(seq_len=64, max_samples=64, batch_size=16)
+    opts = ExecOptions(overwrite=True, show_progress=False)
+    for k in range(1, max_prune + 1):
+        r = prune(merged, out / f"naive-prune{k}", n=k, by="angular", calibration=text,
+                  calib=calib, options=opts)  # fmt: skip
+        models[f"{NAIVE}, prune {k} angular"] = (r.out, list(r.report.layers))
+    return models
+
+
+def score(
+    recipes: dict[str, dict[str, Any]], zoo: Path, tasks_dir: Path | None
+) -> dict[str, dict[str, Any]]:
+    """Each recipe merged in memory, scored on the report splits, its parameters counted."""
+    from evolve_zoo import REPORT
+
+    from splice.errors import SpliceWarning
+    from splice.evolve import LmEvalArgs, TaskSpec
+    from splice.evolve.scorer import TaskScorer
+    from splice.merge.runner import MergeOptions, merge_into, plan
+    from splice.modeling import load_tokenizer
+    from splice.resident import empty_model
+
+    opts = MergeOptions(device="cpu", show_progress=False, threads=1)
+    out: dict[str, dict[str, Any]] = {}
+    with TaskScorer(
+        [TaskSpec(name=n) for n in REPORT],
+        tokenizer=load_tokenizer(str(zoo / "base")),
+        args=LmEvalArgs(batch_size=64),
+        tasks_dir=tasks_dir,
+        zoo=zoo,
+    ) as scorer:
+        for label, recipe in recipes.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SpliceWarning)
+                p = plan(recipe, opts)
+                module = empty_model(p.config, device="cpu", dtype="float32")
+                merge_into(module, p, options=opts)
+            out[label] = {
+                "scores": scorer.score(module),
+                "params": sum(t.numel() for t in module.parameters()),
+                "num_layers": module.config.num_hidden_layers,
+            }
+    return out
+
+
+def pareto(points: list[dict[str, Any]]) -> None:
+    """Mark ``front`` on the points no other point beats: as few or fewer parameters and as
+    high or higher ``zoo_math_lang``, one of them strictly."""
+    for p in points:
+        p["front"] = not any(
+            q["params"] <= p["params"]
+            and q["scores"][AXIS] >= p["scores"][AXIS]
+            and (q["params"] < p["params"] or q["scores"][AXIS] > p["scores"][AXIS])
+            for q in points
+        )
+
+
+def plot(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {
+        "search": ("o", "tab:blue", "search (merge + keep genes), one per size weight"),
+        "naive": ("s", "tab:orange", f"naive: {NAIVE}, then prune K by angular distance"),
+    }
+    for kind, (marker, color, label) in styles.items():
+        pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["params"])
+        xs = [p["params"] / 1e6 for p in pts]
+        ys = [p["scores"][AXIS] for p in pts]
+        ax.plot(xs, ys, marker=marker, color=color, label=label, alpha=0.85,
+                linestyle="-" if kind == "naive" else "none")  # fmt: skip
+        left = kind == "search"  # search tags left of their points, naive ones right
+        for (x, y), tags in _labels(pts).items():
+            ax.annotate(", ".join(tags), (x, y), textcoords="offset points", fontsize=7,
+                        xytext=(-6 if left else 6, -3), ha="right" if left else "left")  # fmt: skip
+    front = sorted((p for p in points if p["front"]), key=lambda p: p["params"])
+    ax.step([p["params"] / 1e6 for p in front], [p["scores"][AXIS] for p in front], where="post",
+            color="black", linewidth=1, linestyle="--", label="Pareto front (both series)")  # fmt: skip
+    ax.scatter([p["params"] / 1e6 for p in front], [p["scores"][AXIS] for p in front], s=140,
+               facecolors="none", edgecolors="black", linewidths=1.2)  # fmt: skip
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel(f"accuracy on {AXIS} (report split)")
+    ax.set_title("zoo: merge + prune search vs merge, then prune")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _labels(pts: list[dict[str, Any]]) -> dict[tuple[float, float], list[str]]:
+    """Tags by where they are drawn: points with the same parameters within 0.012 of each
+    other's accuracy share one label (``w=0.3, w=0.5``)."""
+    out: dict[tuple[float, float], list[str]] = {}
+    last: tuple[float, float] | None = None
+    for p in sorted(pts, key=lambda p: (p["params"], p["scores"][AXIS])):
+        x, y = p["params"] / 1e6, p["scores"][AXIS]
+        if last is not None and last[0] == x and y - last[1] < 0.012:
+            out[last].append(p["tag"])
+            continue
+        last = (x, y)
+        out[last] = [p["tag"]]
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the zoo)")
+    ap.add_argument("--out", type=Path, default=Path("out/pareto-zoo"), help="work folder")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first (else resume)")
+    ap.add_argument("--weights", default="0,0.1,0.3,0.5,1,2", help="size weights to sweep")
+    ap.add_argument("--fevals", type=int, default=100, help="candidates per search")
+    ap.add_argument("--granularity", type=int, default=0, help="layers per gene group")
+    ap.add_argument("--max-prune", type=int, default=6, help="naive: prune K = 1 .. this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=RESULTS / "pareto_zoo.json")
+    ap.add_argument("--plot", type=Path, default=PLOT)
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from --json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from evolve_zoo import REPORT, search, zoo_stamp, zoo_tasks
+
+    from splice.zoo import default_dir
+
+    args = parser().parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.json.read_text())["points"], args.plot)
+        return 0
+    torch.set_num_threads(1)
+    zoo = (args.zoo or default_dir()).resolve()
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks_dir, have = zoo_tasks(zoo, args.out.resolve() / "tasks")
+    if "zoo_math_lang_fit" not in have:
+        sys.exit(f"{zoo}: no zoo_math_lang_fit split (zoo v1?); this example needs zoo v2")
+    common: dict[str, Any] = {
+        "tasks": [{"name": "zoo_math_lang_fit", "metric": "acc,none"}],
+        "zoo": str(zoo),
+        "lm_eval": {"batch_size": 64},
+        "report_tasks": list(REPORT),
+        **({"tasks_dir": str(tasks_dir)} if tasks_dir else {}),
+    }
+    weights = [float(w) for w in args.weights.split(",")]
+    t0 = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    recipes: dict[str, dict[str, Any]] = {}
+    for w in weights:
+        label = f"search w={w:g}"
+        r = search(f"w{w:g}", search_config(zoo, common, w, args), args.out)
+        best = best_record(Path(r["run"]))
+        r.update(size_weight=w, size=best["size"], fit_score=best["scores"])
+        runs[label], recipes[label] = r, r["recipe"]
+    search_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    naive = naive_pipeline(zoo, args.out, args.max_prune)
+    naive_s = time.perf_counter() - t1
+    for label, (folder, _) in naive.items():
+        recipes[label] = {"merge_method": "passthrough", "models": [{"model": str(folder)}]}
+    t2 = time.perf_counter()
+    scored = score(recipes, zoo, tasks_dir)
+    report_s = time.perf_counter() - t2
+    full = scored[NAIVE]["params"]  # every layer: the searches' full model too
+
+    points = []
+    for label, s in scored.items():
+        if label in runs:
+            r = runs[label]
+            kind, tag = "search", f"w={r['size_weight']:g}"
+            layers = _kept(r["recipe"], scored[NAIVE]["num_layers"])
+            extra = {"size_weight": r["size_weight"], "fit_score": r["fit_score"]}
+        else:
+            kind = "naive"
+            layers = naive[label][1]
+            k = len(naive[NAIVE][1]) - len(layers)
+            tag, extra = f"K={k}", {"pruned": k}
+        points.append(
+            {
+                "kind": kind,
+                "label": label,
+                "tag": tag,
+                "layers": layers,
+                "params": s["params"],
+                "size": round(s["params"] / full, 4),
+                "scores": s["scores"],
+                **extra,
+            }
+        )
+    pareto(points)
+    plot(points, args.plot)
+    wall = time.perf_counter() - t0
+    cmd = "python examples/pareto_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {
+        "command": cmd.strip(),
+        "zoo": str(zoo),
+        "zoo_stamp": zoo_stamp(zoo),
+        "fitness": common["tasks"],
+        "axis": AXIS,
+        "full_params": full,
+        "naive": NAIVE,
+        "threads": 1,
+        "cpus": os.cpu_count(),
+        "load_average_1min_end": round(os.getloadavg()[0], 2),
+        "wall_s": round(wall, 1),
+        "search_s": round(search_s, 1),
+        "naive_s": round(naive_s, 1),
+        "report_s": round(report_s, 1),
+        "points": points,
+        "searches": runs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    for p in points:
+        front = " front" if p["front"] else ""
+        cells = " ".join(f"{p['scores'][t]:.3f}" for t in REPORT)
+        print(f"{p['label']:<45} {p['params']:>8} {p['size']:.3f} {cells}{front}")
+    print(f"wall {wall:.0f} s; results in {args.json}, plot in {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _kept(recipe: dict[str, Any], n: int) -> list[int]:
+    """The layers a recipe's slices keep (every layer for a ``models`` recipe)."""
+    if "slices" not in recipe:
+        return list(range(n))
+    kept: list[int] = []
+    for slc in recipe["slices"]:
+        a, b = slc["sources"][0]["layer_range"]
+        kept += range(a, b)
+    return kept
+
+
+if __name__ == "__main__":
+    sys.exit(main())
