@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_fitness": res.best_fitness,
         "grid_best_fitness": max(r["fitness"] for r in state["records"] if r.get("grid")),
         "restarts": max(h.get("restart", 0) for h in state["history"]),
+        "search_s": round(sum(h["seconds"] for h in state["history"]), 1),
         "wall_s": round(wall, 1),
         "report": table,
         "zoo_naive": naive,

@@ -211,9 +211,11 @@ def search(name: str, data: dict[str, Any], out: Path) -> dict[str, Any]:
 
 # ---- the report -----------------------------------------------------------------------------------
 def score_recipes(
-    recipes: dict[str, dict[str, Any]], zoo: Path, tasks_dir: Path | None
-) -> dict[str, dict[str, float]]:
-    """Each recipe merged in memory and scored on the report splits (tasks loaded once)."""
+    recipes: dict[str, dict[str, Any]], zoo: Path, tasks_dir: Path | None, *, sizes: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Each recipe merged in memory and scored on the report splits (tasks loaded once):
+    ``{label: {task: score}}``; with ``sizes``, ``{label: {"scores": ..., "params": ...,
+    "num_layers": ...}}``."""
     from splice.errors import SpliceWarning
     from splice.evolve import LmEvalArgs, TaskSpec
     from splice.evolve.scorer import TaskScorer
@@ -236,7 +238,16 @@ def score_recipes(
                 p = plan(recipe, opts)
                 module = empty_model(p.config, device="cpu", dtype="float32")
                 merge_into(module, p, options=opts)
-            out[label] = scorer.score(module)
+            scores = scorer.score(module)
+            out[label] = (
+                scores
+                if not sizes
+                else {
+                    "scores": scores,
+                    "params": sum(t.numel() for t in module.parameters()),
+                    "num_layers": module.config.num_hidden_layers,
+                }
+            )
     return out
 
 

@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,36 +103,9 @@ def score(
     recipes: dict[str, dict[str, Any]], zoo: Path, tasks_dir: Path | None
 ) -> dict[str, dict[str, Any]]:
     """Each recipe merged in memory, scored on the report splits, its parameters counted."""
-    from evolve_zoo import REPORT
+    from evolve_zoo import score_recipes
 
-    from splice.errors import SpliceWarning
-    from splice.evolve import LmEvalArgs, TaskSpec
-    from splice.evolve.scorer import TaskScorer
-    from splice.merge.runner import MergeOptions, merge_into, plan
-    from splice.modeling import load_tokenizer
-    from splice.resident import empty_model
-
-    opts = MergeOptions(device="cpu", show_progress=False, threads=1)
-    out: dict[str, dict[str, Any]] = {}
-    with TaskScorer(
-        [TaskSpec(name=n) for n in REPORT],
-        tokenizer=load_tokenizer(str(zoo / "base")),
-        args=LmEvalArgs(batch_size=64),
-        tasks_dir=tasks_dir,
-        zoo=zoo,
-    ) as scorer:
-        for label, recipe in recipes.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SpliceWarning)
-                p = plan(recipe, opts)
-                module = empty_model(p.config, device="cpu", dtype="float32")
-                merge_into(module, p, options=opts)
-            out[label] = {
-                "scores": scorer.score(module),
-                "params": sum(t.numel() for t in module.parameters()),
-                "num_layers": module.config.num_hidden_layers,
-            }
-    return out
+    return score_recipes(recipes, zoo, tasks_dir, sizes=True)
 
 
 def pareto(points: list[dict[str, Any]]) -> None:

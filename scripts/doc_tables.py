@@ -489,6 +489,67 @@ def pareto_zoo(src: Sources) -> list[str]:
     return [*table(head, rows, text_columns=3), "", note]
 
 
+def evolve_mergekit(src: Sources) -> list[str]:
+    d = src.result("evolve_mergekit.json")
+    cols = ["zoo_math_lang", "zoo_math", "zoo_lang"]
+    rows = []
+    for label, scores in d["report"].items():
+        kind = (
+            "seeded grid"
+            if label.startswith("grid: ") or label.endswith("(start)")
+            else ("evolved" if label == "winner" else "baseline")
+        )
+        name = label.removeprefix("grid: ")
+        rows.append([kind, name, *(f(scores[c]) for c in cols)])
+    best = d["best_naive"]
+    rows.insert(
+        3, ["zoo's naive grid", f"best: {best}", *(f(d["zoo_naive"][best][c]) for c in cols)]
+    )
+    note = (
+        f"`{d['config']}` run by `splice evolve --max-fevals 200`: {d['candidates']} candidates "
+        f"in {f(d['search_s'] / 60, 1)} min, {d['restarts']} restart"
+        f"{'s' if d['restarts'] != 1 else ''}; best fitness {f(d['best_fitness'])} against the "
+        f"seeded grid's {f(d['grid_best_fitness'])} on the fitness split (zoo_math_lang_fit)."
+    )
+    return [*table(["kind", "model", *cols], rows, text_columns=2), "", note]
+
+
+def evolve_fitness(src: Sources) -> list[str]:
+    d = src.result("evolve_fitness.json")
+    rows = []
+    for r in d["runs"]:
+        mae = (
+            ""
+            if r["estimate_mae"] is None
+            else f"{f(r['estimate_mae'])} ({r['estimates_checked']})"
+        )
+        rows.append(
+            [
+                r["mode"],
+                str(r["seed"]),
+                str(r["candidates"]),
+                str(r["fully_scored"]),
+                f"{r['item_evaluations']:,}",
+                f(r["best_fitness"]),
+                f"{f(r['report'])} ± {f(r['report_se'])}",
+                mae,
+                f(r["wall_s"], 0),
+            ]
+        )
+    head = ["fitness", "seed", "candidates", "fully scored", "item evaluations",
+            "best fitness", "report zoo_math_lang ± SE", "estimate error (n)", "wall s"]  # fmt: skip
+    means = [
+        f"{m}: {v['item_evaluations_mean']:,} items ({f(v.get('fewer_items_x', 1), 2)}x fewer), "
+        f"report {f(v['report_mean'])} ({v.get('report_minus_full', 0):+.3f} against full)"
+        for m, v in d["summary"].items()
+    ]
+    return [
+        *table(head, rows, text_columns=1),
+        "",
+        "Means over the seeds: " + "; ".join(means) + ".",
+    ]
+
+
 def zoo_acceptance(src: Sources) -> list[str]:
     zoo = Path("assets") / "zoo" / "zoo.json"
     data = src.load(zoo)["acceptance"]
@@ -536,6 +597,8 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "evolve-path": (evolve_path, "python benchmarks/evolve_path.py"),
     "evolve-scale": (evolve_scale, "python benchmarks/evolve_scale.py"),
     "generation-fitness": (generation_fitness, "python benchmarks/generation_fitness.py"),
+    "evolve-mergekit": (evolve_mergekit, "python benchmarks/evolve_mergekit.py"),
+    "evolve-fitness": (evolve_fitness, "python benchmarks/evolve_fitness.py"),
     "pareto-zoo": (pareto_zoo, "python examples/pareto_zoo.py --fresh"),
     "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
     "extract-lora": (
