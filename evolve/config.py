@@ -85,7 +85,7 @@ LATER_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("search", "size_weight", 0.0),
     ("search", "grid", None),
     ("search", "restarts", None),
-    ("search", "patience", 10),
+    ("search", "patience", None),
     ("search", "max_restarts", 9),
     ("search", "fitness", "full"),
     ("search", "subset", 0.125),
@@ -164,7 +164,8 @@ class SearchSettings(_Frozen):
     #: candidate), restart with twice the population (ipop) or alternately large and small
     #: ones (bipop), at most ``max_restarts`` times; null: ipop for a new run (older: none)
     restarts: Literal["none", "ipop", "bipop"] | None = None
-    patience: int = Field(10, ge=1, le=MAX_CANDIDATES)
+    #: null: 10 + ceil(30 d / popsize) generations (d genes; pycma's stagnation rule, shorter)
+    patience: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
     max_restarts: int = Field(9, ge=0, le=1000)
     #: ``full``: every candidate on the whole fitness split; ``subset``: racing by stages from
     #: a share ``subset`` of the items, ``irt``: an item-response model predicts the rest from

@@ -72,6 +72,13 @@ def default_popsize(dim: int) -> int:
     return 4 + math.floor(3 * math.log(dim))
 
 
+def default_patience(dim: int, popsize: int) -> int:
+    """Generations without a better candidate before a restart: 10 + ceil(30 d / popsize)
+    (pycma's ``tolstagnation`` is 100 + 100 d^1.5 / popsize: too long for a user's budget; a
+    noisy fitness plateaus for a few generations while CMA-ES still adapts)."""
+    return 10 + math.ceil(30 * dim / popsize)
+
+
 @dataclass
 class EvolveResult:
     """Where a search stands: the best candidate so far and how far it got."""
@@ -404,7 +411,7 @@ def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str
         state["generations"],
         grid=grid_points(config, genome),
         restarts=s.restarts,
-        patience=s.patience,
+        patience=s.patience or default_patience(genome.dim, popsize_of(config, genome)),
         max_restarts=s.max_restarts,
     )
     return replay(state, search, run / STATE)
@@ -502,11 +509,11 @@ def _refuse_other(run: Path, config: EvolveConfig, state: dict[str, Any]) -> Non
     try:
         changed = EvolveConfig.from_dict(state["config"]).differences(config)
     except SpliceError:
-        changed = []
-    if changed and set(changed) <= set(BUDGET):
+        changed = ["?"]
+    if set(changed) <= set(BUDGET):  # the budget, or nothing (a fingerprint of older keys)
         return
     raise SpliceError(
-        f"{run} holds a run of another configuration (changed: {', '.join(changed[:4]) or '?'}"
+        f"{run} holds a run of another configuration (changed: {', '.join(changed[:4])}"
         f"{', ...' if len(changed) > 4 else ''}); use a new --out folder"
     )
 
@@ -660,7 +667,12 @@ def _run(
 
     _clean_leftovers(run)
     state = load_state(run, allow_pickle=allow_pickle)
-    extend = state["fingerprint"] != config.fingerprint()  # the budget only (_refuse_other)
+    extend = False  # the budget only differs (_refuse_other refused anything else)
+    if state["fingerprint"] != config.fingerprint():
+        changed = EvolveConfig.from_dict(state["config"]).differences(config)
+        extend = bool(changed)
+        if not extend:  # the same config under an older fingerprint rule: the current one
+            state["fingerprint"] = config.fingerprint()
     if extend:
         check_budget(run, state, config)
     elif state["stop"] is not None:

@@ -173,7 +173,13 @@ def dfs_config(
             "scales": args.dfs_scales,
             "donor": "gene",
         },
-        "search": {"seed": args.seed, "max_fevals": fevals, "fitness": args.dfs_fitness},
+        # a long search of a large space (300 genes): restart after 10 stalled generations
+        "search": {
+            "seed": args.seed,
+            "max_fevals": fevals,
+            "fitness": args.dfs_fitness,
+            "patience": 10,
+        },
         **common,
     }
 
@@ -203,6 +209,8 @@ def search(name: str, data: dict[str, Any], out: Path) -> dict[str, Any]:
         "stop": res.stop,
         "best_fitness": res.best_fitness,
         "best_fit_scores": res.best_scores,
+        "fitness": config.search.fitness,
+        "item_evaluations": sum(r.get("items") or 0 for r in recs),
         "merge_s_mean": round(sum(r["merge_s"] for r in ok) / max(1, len(ok)), 4),
         "eval_s_mean": round(sum(r["eval_s"] for r in ok) / max(1, len(ok)), 4),
         "recipe": res.best_recipe,

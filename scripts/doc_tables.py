@@ -348,6 +348,8 @@ def evolve_zoo(src: Sources) -> list[str]:
             name,
             str(r["candidates"]),
             str(r["generations"]),
+            r.get("fitness", "full"),
+            f"{r['item_evaluations']:,}" if r.get("item_evaluations") else "",
             f(r["best_fitness"]),
             f(r["wall_s"], 0),
             f(r["merge_s_mean"], 3),
@@ -355,8 +357,8 @@ def evolve_zoo(src: Sources) -> list[str]:
         ]
         for name, r in data["searches"].items()
     ]
-    head = ["search", "candidates", "generations", f"best fitness ({fit})", "wall s"]
-    head += ["merge s (mean)", "eval s (mean)"]
+    head = ["search", "candidates", "generations", "fitness", "item evaluations"]
+    head += [f"best fitness ({fit})", "wall s", "merge s (mean)", "eval s (mean)"]
     out += ["", *table(head, searches)]
     return out
 

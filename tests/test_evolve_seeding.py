@@ -147,3 +147,8 @@ def test_a_run_begun_before_grid_and_restarts_keeps_its_behaviour(trio, tasks, t
     # the same old config given to evolve again is this run, not another configuration
     old["search"]["generations"] = 4
     assert evolve(EvolveConfig.from_dict(old), run).evaluations == again.evaluations
+    # a fingerprint from another rule (a key's default changed) is the same configuration
+    state = json.loads((run / "state.json").read_text())
+    state["fingerprint"] = "0" * 64
+    (run / "state.json").write_text(json.dumps(state))
+    assert evolve(EvolveConfig.from_dict(old), run).evaluations == again.evaluations
