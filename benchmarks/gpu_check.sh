@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every --device cuda path of splice on the zoo, in a few minutes, for the day a GPU is lent:
 # merge (its result against the CPU's), the calibration collectors (analyze activations, prune
-# by angular distance, slice), eval, heal, collapse, and evolve with --workers (one model per
-# worker on the GPU). Each step's wall time and exit code go to benchmarks/results/gpu_check.json;
-# the script exits 1 if any step failed. On a machine without a GPU: DEVICE=cpu checks the script.
+# by angular distance, slice), eval (log-likelihood and generation), heal, collapse, and evolve
+# with --workers (one model per worker on the GPU) and Sakana's data-flow space with racing.
+# Each step's wall time and exit code go to benchmarks/results/gpu_check.json; the script
+# exits 1 if any step failed. On a machine without a GPU: DEVICE=cpu checks the script.
 #
 #   benchmarks/gpu_check.sh                # DEVICE=cuda, WORKERS=2
 #   DEVICE=cpu benchmarks/gpu_check.sh     # the same steps on the CPU (slower, no GPU needed)
@@ -54,9 +55,11 @@ step analyze-activations "${SPLICE[@]}" analyze activations "$Z/base" --calibrat
 step prune-angular "${SPLICE[@]}" prune "$Z/base" "$WORK/pruned" --n 2 --calibration zoo --device "$DEVICE" --no-progress
 step slice "${SPLICE[@]}" slice "$Z/base" "$WORK/sliced" --sparsity 0.25 --calibration zoo --device "$DEVICE" --no-progress
 step eval "${SPLICE[@]}" eval "$Z/base" --ppl zoo --device "$DEVICE"
+step eval-generate "${SPLICE[@]}" eval "$Z/math" --tasks zoo_math_gen --device "$DEVICE"
 step heal "${SPLICE[@]}" heal "$WORK/pruned" "$WORK/healed" --steps 20 --calibration zoo --device "$DEVICE" --no-progress
 step collapse "${SPLICE[@]}" collapse "$Z/moe" "$WORK/collapsed" --calibration zoo --device "$DEVICE" --no-progress
 step evolve "${SPLICE[@]}" evolve examples/evolve/zoo_ps.yml --out "$WORK/run" --device "$DEVICE" --workers "$WORKERS" --max-fevals 8 --no-progress
+step evolve-dfs-racing "${SPLICE[@]}" evolve examples/evolve/zoo_dfs_w.yml --out "$WORK/dfs" --device "$DEVICE" --max-fevals 8 --no-progress
 
 "$PY" - "$RESULTS" "$DEVICE" "$WORKERS" "${#NAMES[@]}" "${NAMES[@]}" "${SECONDS_[@]}" "${CODES[@]}" <<'EOF'
 import json, sys

@@ -33,6 +33,7 @@ live module. Nothing is read from disk or written per candidate after the first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -156,6 +157,14 @@ class Candidates:
             merge_into(self.module, p, self.sources, self.options)
         return recipe
 
+    @functools.cached_property
+    def items(self) -> int | None:
+        """Items of the whole fitness split (``None`` where a task is a group)."""
+        try:
+            return sum(len(ids) for ids in self.scorer.fitness_docs().values())
+        except (KeyError, TypeError, AttributeError):
+            return None
+
     @property
     def racer(self) -> Any:
         """The staged scorer of ``search.fitness: subset | irt`` (``splice.evolve.fitness``)."""
@@ -186,6 +195,7 @@ class Candidates:
                 penalty = self.config.search.size_weight * rec["size"]
             if self.config.search.fitness == "full":
                 rec["scores"] = self.scorer.score(self.module)
+                rec["items"] = self.items
                 fit = self.scorer.fitness(rec["scores"])
             else:
                 from splice.evolve.fitness import IRT

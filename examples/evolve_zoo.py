@@ -194,6 +194,8 @@ def search(name: str, data: dict[str, Any], out: Path) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         res = evolve(config, out / name, show_progress=sys.stderr.isatty())
     wall = time.perf_counter() - t
+    history = json.loads((out / name / "history.json").read_text())
+    wall = max(wall, sum(h["seconds"] for h in history))  # a resumed run: its generations' time
     recs = [json.loads(x) for x in (out / name / "candidates.jsonl").read_text().splitlines()]
     ok = [r for r in recs if r.get("eval_s") is not None]
     print(
