@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 REPORT_ITEMS = 500
 
 
-def run_one(zoo: Path, mode: str, seed: int, fevals: int, out: Path) -> dict[str, Any]:
+def run_one(
+    zoo: Path, mode: str, seed: int, fevals: int, out: Path, search: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from evolve_zoo import ps_config
 
     from splice.evolve import EvolveConfig, evolve
@@ -54,7 +56,7 @@ def run_one(zoo: Path, mode: str, seed: int, fevals: int, out: Path) -> dict[str
         "report_tasks": ["zoo_math_lang"],
     }
     data = ps_config(zoo, common, args)
-    data["search"]["fitness"] = mode
+    data["search"].update(fitness=mode, **(search or {}))
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--modes", default="full,subset,irt")
     ap.add_argument("--fevals", type=int, default=200)
+    ap.add_argument("--subset", type=float, default=None, help="search.subset (default 1/8)")
+    ap.add_argument("--race-z", type=float, default=None, help="search.race_z (default 2)")
     ap.add_argument("--json", type=Path, default=RESULTS / "evolve_fitness.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -104,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:
             for mode in modes:
-                r = run_one(zoo, mode, seed, args.fevals, work / f"{mode}-{seed}")
+                extra = {"subset": args.subset, "race_z": args.race_z} if mode != "full" else {}
+                extra = {k: v for k, v in extra.items() if v is not None}
+                r = run_one(zoo, mode, seed, args.fevals, work / f"{mode}-{seed}", extra)
+                r["search"] = extra
                 print(
                     f"{mode} seed {seed}: {r['candidates']} candidates, "
                     f"{r['item_evaluations']} items, best {r['best_fitness']:.4f}, "

@@ -118,7 +118,8 @@ class ParameterGenome:
         tensor set alike: weights in {0.5, 0.8, 1.0} (methods with a density: {0.5, 1.0}, each
         with densities {0.5, 0.7, 1.0}) per model for two models, equal for more; slerp: t at
         0.27, 0.5 and 0.73 (softmax of scores 0 and 1). Points outside the genes' ranges are
-        clipped into them; duplicates are left out."""
+        clipped into them; duplicates are left out, and so are weights whose ratios another
+        point has where the merge normalizes them (the same merge)."""
         spec, n = self.spec, len(self.spec.models)
         labels = [_label(m) for m in spec.models]
         if spec.merge_method == "slerp":
@@ -132,6 +133,9 @@ class ParameterGenome:
             dense = len(self.genes) > 1
             ws = (0.5, 1.0) if dense else (0.5, 0.8, 1.0)
             combos = list(itertools.product(ws, repeat=2)) if n == 2 else [(w,) * n for w in ws]
+            if spec.normalize_flag():  # normalized weights: only their ratios make a merge
+                ratios = {tuple(w / sum(c) for w in c): c for c in reversed(combos)}
+                combos = [c for c in combos if c in ratios.values()]
             points = []
             for weights in combos:
                 for d in (0.5, 0.7, 1.0) if dense else (None,):

@@ -46,7 +46,11 @@ def test_the_grid_covers_the_obvious_points_of_the_space():
     spec = GenomeSpec(models=["a", "b"], merge_method="ties", base_model="c", layer_granularity=2)
     g = ParameterGenome(spec, 4)
     points = dict(g.grid())
-    assert len(points) == 12  # weights {0.5, 1} per model x densities {0.5, 0.7, 1}
+    # weights {0.5, 1} per model x densities {0.5, 0.7, 1}; ties normalizes the weights, so
+    # 1/1 is 0.5/0.5 and left out
+    assert len(points) == 9 and "ties a 0.5 b 0.5 density 0.7" in points
+    unnormalized = ParameterGenome(spec.model_copy(update={"normalize": False}), 4)
+    assert len(unnormalized.grid()) == 12
     v = g.values(points["ties a 1 b 0.5 density 0.7"])  # [groups, models, sets, genes]
     assert np.allclose(v[:, 0, :, 0], 1.0) and np.allclose(v[:, 1, :, 0], 0.5)
     assert np.allclose(v[..., 1], 0.7)
@@ -106,7 +110,7 @@ def test_restarts_resume_and_extend_to_the_uninterrupted_run(trio, tasks, tmp_pa
     hist = load_state(full.run)["history"]
     assert max(h["restart"] for h in hist) >= 2  # patience 1: it restarted
     pops = [h["popsize"] for h in hist]
-    assert pops[0] == 12 and pops[1] == 4  # the grid, then CMA-ES's own population
+    assert pops[0] == 9 and pops[1] == 4  # the grid (ties: 9 points), then CMA-ES's population
     if restarts == "ipop":
         assert 8 in pops and 16 in pops  # doubled at each restart
     short = evolve(seeded(trio, tasks, generations=3, restarts=restarts), tmp_path / "short")
