@@ -92,16 +92,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--zoo", type=Path, default=None)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated ('': only --add)")
     ap.add_argument("--modes", default="full,subset,irt")
     ap.add_argument("--fevals", type=int, default=200)
     ap.add_argument("--subset", type=float, default=None, help="search.subset (default 1/8)")
     ap.add_argument("--race-z", type=float, default=None, help="search.race_z (default 2)")
     ap.add_argument("--json", type=Path, default=RESULTS / "evolve_fitness.json")
+    ap.add_argument(
+        "--add", type=Path, action="append", default=[],
+        help="a result file of other seeds (same settings) whose runs join these",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     zoo = (args.zoo or default_dir()).resolve()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="splice-evolve-fitness-"))
     runs = []
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 runs.append(r)
         recipes = {f"{r['mode']} {r['seed']}": r["recipe"] for r in runs}
-        scores = score_recipes(recipes, zoo, None)
+        scores = score_recipes(recipes, zoo, None) if recipes else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for r in runs:
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         r["report"] = round(p, 4)
         r["report_se"] = round(math.sqrt(p * (1 - p) / REPORT_ITEMS), 4)
         del r["recipe"]
+    for path in args.add:  # runs of other seeds, same settings
+        earlier = json.loads(path.read_text())
+        if earlier["fevals"] != args.fevals:
+            raise SystemExit(f"{path}: {earlier['fevals']} candidates a run, not {args.fevals}")
+        runs += [r for r in earlier["runs"] if r["mode"] in modes and r["seed"] not in seeds]
+    runs.sort(key=lambda r: (r["seed"], modes.index(r["mode"])))
     summary = {}
     for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
@@ -142,8 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                 summary["full"]["item_evaluations_mean"] / s["item_evaluations_mean"], 2
             )
             s["report_minus_full"] = round(s["report_mean"] - summary["full"]["report_mean"], 4)
+        full = {r["seed"]: r for r in runs if r["mode"] == "full"}
+        for mode, s in summary.items():  # seeds whose winner is within one SE of full's, or above
+            mine = [r for r in runs if r["mode"] == mode and r["seed"] in full]
+            s["seeds_within_one_se"] = sum(
+                r["report"] >= full[r["seed"]]["report"] - full[r["seed"]]["report_se"]
+                for r in mine
+            )
+            s["seeds"] = len(mine)
     result = {
-        "command": "python benchmarks/evolve_fitness.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/evolve_fitness.py "
+        + " ".join(Path(a).name if os.sep in a else (a or "''") for a in argv or sys.argv[1:]),
+        "seeds": sorted({r["seed"] for r in runs}),
         "zoo": str(zoo),
         "fevals": args.fevals,
         "threads": 1,

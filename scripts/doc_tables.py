@@ -543,6 +543,12 @@ def evolve_fitness(src: Sources) -> list[str]:
     means = [
         f"{m}: {v['item_evaluations_mean']:,} items ({f(v.get('fewer_items_x', 1), 2)}x fewer), "
         f"report {f(v['report_mean'])} ({v.get('report_minus_full', 0):+.3f} against full)"
+        + (
+            f", within one SE of full's winner or above it on {v['seeds_within_one_se']} of "
+            f"{v['seeds']} seeds"
+            if m != "full" and "seeds" in v
+            else ""
+        )
         for m, v in d["summary"].items()
     ]
     return [
