@@ -22,8 +22,9 @@ A mergekit-evolve file runs unchanged, with its meaning::
 
 splice's own keys: ``lm_eval:`` (batch_size, limit, num_fewshot, apply_chat_template,
 fewshot_as_multiturn, shuffle, max_length), ``search:`` (popsize, sigma0, seed, generations,
-max_fevals, start), a task's ``higher_is_better``, ``dtype``, ``device``, ``tokenizer``,
-``tasks_dir`` and ``zoo``. A file without a ``search`` section is read as mergekit-evolve's and
+max_fevals, start; grid, restarts, patience, max_restarts: how the search proceeds; fitness,
+subset, race_z: cheaper fitness; size_weight), a task's ``higher_is_better``, ``dtype``,
+``device``, ``tokenizer``, ``tasks_dir`` and ``zoo``. A file without a ``search`` section is read as mergekit-evolve's and
 starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every gene starts at
 ``search.start`` (0.5).
 

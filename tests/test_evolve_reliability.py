@@ -420,8 +420,33 @@ _json = st.recursive(
 )
 _KEYS = {
     "": ["genome", "tasks", "lm_eval", "search", "dtype", "device", "sources", "limit"],
-    "genome": ["models", "merge_method", "base_model", "layer_granularity", "space", "repeats"],
-    "search": ["popsize", "sigma0", "seed", "generations", "max_fevals", "start"],
+    "genome": [
+        "models",
+        "merge_method",
+        "base_model",
+        "layer_granularity",
+        "space",
+        "repeats",
+        "scales",
+        "donor",
+        "prune",
+    ],
+    "search": [
+        "popsize",
+        "sigma0",
+        "seed",
+        "generations",
+        "max_fevals",
+        "start",
+        "grid",
+        "restarts",
+        "patience",
+        "max_restarts",
+        "fitness",
+        "subset",
+        "race_z",
+        "size_weight",
+    ],
     "lm_eval": ["batch_size", "limit", "num_fewshot", "max_length"],
 }
 
