@@ -43,19 +43,18 @@ AXIS = "zoo_math_lang"
 
 
 def search_config(zoo: Path, common: dict[str, Any], w: float, args: argparse.Namespace):
-    return {
-        "genome": {
-            "models": [str(zoo / "math"), str(zoo / "lang")],
-            "merge_method": "task_arithmetic",
-            "base_model": str(zoo / "base"),
-            "layer_granularity": args.granularity,
-            "filters": ["self_attn", "mlp"],
-            "ranges": {"weight": [0.0, 2.0]},
-            "prune": "layers",
-        },
-        "search": {"seed": args.seed, "max_fevals": args.fevals, "size_weight": w},
-        **common,
-    }
+    """``examples/evolve_zoo.py``'s PS genome (task arithmetic, weights in [0, 2]) with a keep
+    gene per layer and size weight ``w``."""
+    from evolve_zoo import ps_config
+
+    ps = argparse.Namespace(
+        granularity=args.granularity, max_weight=2.0, seed=args.seed, ps_fevals=args.fevals,
+        sigma0=1 / 6, ps_start=0.5, popsize=None,
+    )  # fmt: skip
+    data = ps_config(zoo, common, ps)
+    data["genome"]["prune"] = "layers"
+    data["search"]["size_weight"] = w
+    return data
 
 
 def best_record(run: Path) -> dict[str, Any]:
