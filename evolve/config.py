@@ -24,8 +24,8 @@ splice's own keys: ``lm_eval:`` (batch_size, limit, num_fewshot, apply_chat_temp
 fewshot_as_multiturn, shuffle, max_length), ``search:`` (popsize, sigma0, seed, generations,
 max_fevals, start; grid, restarts, patience, max_restarts: how the search proceeds; fitness,
 subset, race_z: cheaper fitness; size_weight), a task's ``higher_is_better``, ``dtype``,
-``device``, ``tokenizer``, ``tasks_dir`` and ``zoo``. A file without a ``search`` section is read as mergekit-evolve's and
-starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every gene starts at
+``device``, ``tokenizer``, ``tasks_dir`` and ``zoo``. A file without a ``search`` section is
+read as mergekit-evolve's and starts where mergekit-evolve does (weights 1/n, densities 1); otherwise every gene starts at
 ``search.start`` (0.5).
 
 ``genome.space: dataflow`` is Sakana's data-flow genome (``splice.evolve.dataflow``): the
@@ -80,20 +80,20 @@ MAX_CANDIDATES = 1_000_000
 MAX_GENES = 10_000
 
 
-#: (section, key, default) of keys added after run folders existed: left out of the
-#: fingerprint at their default, so those runs still resume and extend
-LATER_KEYS: tuple[tuple[str, str, Any], ...] = (
-    ("search", "size_weight", 0.0),
-    ("search", "grid", None),
-    ("search", "restarts", None),
-    ("search", "patience", None),
-    ("search", "max_restarts", 9),
-    ("search", "fitness", "full"),
-    ("search", "subset", 0.125),
-    ("search", "race_z", 2.0),
-    ("genome", "prune", None),
-    ("genome", "scales", "per_slot"),
-    ("genome", "donor", None),
+#: (section, key) of keys added after run folders existed: left out of the fingerprint at
+#: their default (the field's), so those runs still resume and extend
+LATER_KEYS: tuple[tuple[str, str], ...] = (
+    ("search", "size_weight"),
+    ("search", "grid"),
+    ("search", "restarts"),
+    ("search", "patience"),
+    ("search", "max_restarts"),
+    ("search", "fitness"),
+    ("search", "subset"),
+    ("search", "race_z"),
+    ("genome", "prune"),
+    ("genome", "scales"),
+    ("genome", "donor"),
 )
 #: what a new run takes for a ``search`` key left null (a run begun before the key existed
 #: keeps null: the behaviour it had)
@@ -472,7 +472,9 @@ class EvolveConfig(_Frozen):
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of the config: a run folder belongs to one config."""
         data = self.model_dump(mode="json")
-        for section, key, default in LATER_KEYS:  # a run begun before the key existed
+        models = {"search": SearchSettings, "genome": GenomeSpec}
+        for section, key in LATER_KEYS:  # a run begun before the key existed
+            default = models[section].model_fields[key].default
             if data[section].get(key, default) == default:
                 data[section].pop(key, None)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -193,11 +193,11 @@ def fit_irt(
 # ---- racing ------------------------------------------------------------------------------------
 class Racer:
     """Scores a live module by stages (see the module docstring) with ``scorer``'s per-item
-    path. ``mode``: ``subset`` or ``irt``; ``share``: the first stage's share of the items;
-    ``z``: standard errors of margin; ``seed``: the item order."""
+    path (``subset``; :meth:`run` given an item model: ``irt``). ``share``: the first stage's
+    share of the items; ``z``: standard errors of margin; ``seed``: the item order."""
 
-    def __init__(self, scorer: TaskScorer, mode: str, share: float, z: float, seed: int) -> None:
-        self.scorer, self.mode, self.share, self.z = scorer, mode, share, z
+    def __init__(self, scorer: TaskScorer, share: float, z: float, seed: int) -> None:
+        self.scorer, self.share, self.z = scorer, share, z
         self.docs = scorer.fitness_docs()  # column -> doc ids of the whole split
         self.order = item_order(self.docs, seed)
         self.totals = {col: len(ids) for col, ids in self.docs.items()}
@@ -227,9 +227,10 @@ class Racer:
         caller will add to the task fitness (a size term), so the bar is met on the total."""
         items: Items = {col: {} for col in self.order}
         first: float | None = None
-        if irt is not None and bar is not None:
-            plan = [irt.anchors, {c: [i for i in self.order[c] if i not in set(irt.anchors[c])]
-                                  for c in self.order}]  # fmt: skip
+        if irt is not None and bar is not None:  # the anchors, then every other item
+            anchors = {c: set(ids) for c, ids in irt.anchors.items()}
+            rest = {c: [i for i in ids if i not in anchors[c]] for c, ids in self.order.items()}
+            plan = [irt.anchors, rest]
         else:
             plan = self.stages() if bar is not None else [dict(self.order)]
         for k, step in enumerate(plan):

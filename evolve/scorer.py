@@ -33,12 +33,17 @@ def fitness(
     """``sum_i weight_i * score_i``, with ``score_i`` negated where lower is better
     (``higher[task name]``). NaN if a score is missing or not finite."""
     total = 0.0
-    for t in tasks:
-        s = scores.get(_key(t))
+    for col, w in signed_weights(tasks, higher).items():
+        s = scores.get(col)
         if s is None or not math.isfinite(s):
             return math.nan
-        total += t.weight * (s if higher[_key(t)] else -s)
+        total += w * s
     return total
+
+
+def signed_weights(tasks: Sequence[TaskSpec], higher: Mapping[str, bool]) -> dict[str, float]:
+    """Per score column: its task's weight in the fitness, negated where lower is better."""
+    return {_key(t): t.weight * (1 if higher[_key(t)] else -1) for t in tasks}
 
 
 def _key(t: TaskSpec) -> str:
@@ -203,8 +208,7 @@ class TaskScorer:
         return out
 
     def signed_weights(self) -> dict[str, float]:
-        """Per score column: its weight in the fitness, negated where lower is better."""
-        return {_key(t): t.weight * (1 if self.higher[_key(t)] else -1) for t in self.tasks}
+        return signed_weights(self.tasks, self.higher)
 
     def score_items(
         self, module: torch.nn.Module, docs: Mapping[str, Sequence[int]]

@@ -171,9 +171,8 @@ class Candidates:
         if self._racer is None:
             from splice.evolve.fitness import Racer
 
-            s = self.config.search
-            self.scorer.check_items(f"search.fitness {s.fitness}")
-            self._racer = Racer(self.scorer, s.fitness, s.subset, s.race_z, s.seed)
+            s = self.config.search  # (open_scorer checked the metrics)
+            self._racer = Racer(self.scorer, s.subset, s.race_z, s.seed)
         return self._racer
 
     def evaluate(self, x: np.ndarray, context: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -412,16 +411,16 @@ def grid_points(config: EvolveConfig, genome: Genome) -> list[tuple[str, np.ndar
 
 def strategy_of(run: Path, config: EvolveConfig, genome: Genome, state: dict[str, Any]) -> Search:
     """The search where ``state`` left it (replayed; see ``splice.evolve.state``)."""
-    s = config.search
+    s, popsize = config.search, popsize_of(config, genome)
     search = Search(
         start_point(config, genome),
         s.sigma0,
-        popsize_of(config, genome),
+        popsize,
         s.seed,
         state["generations"],
         grid=grid_points(config, genome),
         restarts=s.restarts,
-        patience=s.patience or default_patience(genome.dim, popsize_of(config, genome)),
+        patience=s.patience or default_patience(genome.dim, popsize),
         max_restarts=s.max_restarts,
     )
     return replay(state, search, run / STATE)
@@ -749,8 +748,8 @@ class RaceContext:
     def __call__(self, state: dict[str, Any]) -> dict[str, Any] | None:
         if self.s.fitness == "full":
             return None
-        full = [r for r in state["records"] if r["fitness"] is not None and r.get("full", True)]
-        bar = max((r["fitness"] for r in full), default=None)
+        best = _best(state["records"])
+        bar = best["fitness"] if best is not None else None
         if self.s.fitness == "irt" and self.irt is None and state["generation"] > 0:
             from splice.evolve.fitness import fit_irt, responses
 

@@ -115,7 +115,7 @@ def test_the_per_item_path_gives_lm_evals_score(trio, tasks):
         x = np.full(genome.dim, 0.6)
         cands.merge(x)
         whole = scorer.score(cands.module)["tiny_mc"]
-        racer = Racer(scorer, "subset", 0.125, 2.0, seed=0)
+        racer = Racer(scorer, 0.125, 2.0, seed=0)
         full = racer.run(cands.module, None, None)
         assert full["full"] and full["items"] == 64
         assert full["scores"]["tiny_mc"] == pytest.approx(whole, abs=1e-12)

@@ -136,7 +136,7 @@ def test_a_run_begun_before_grid_and_restarts_keeps_its_behaviour(trio, tasks, t
     old = {k: v for k, v in data.items()}
     old["search"] = {k: v for k, v in data["search"].items() if k not in ("grid", "restarts")}
     stored = EvolveConfig.from_dict(old).model_dump(mode="json")
-    for section, key, _default in LATER_KEYS:  # an older splice had none of them
+    for section, key in LATER_KEYS:  # an older splice had none of them
         stored[section].pop(key)
     text = json.dumps(stored, sort_keys=True, separators=(",", ":"))
     fingerprint = hashlib.sha256(text.encode()).hexdigest()  # what the older splice wrote
