@@ -40,15 +40,13 @@ REPORT_ITEMS = 500
 def run_one(
     zoo: Path, mode: str, seed: int, fevals: int, out: Path, search: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    from evolve_zoo import ps_config
+    from evolve_zoo import ps_config, settings
 
     from splice.evolve import EvolveConfig, evolve
+    from splice.evolve.report import item_summary
     from splice.evolve.search import load_state
 
-    args = argparse.Namespace(
-        granularity=2, max_weight=2.0, seed=seed, ps_fevals=fevals, sigma0=1 / 6,
-        ps_start=0.5, popsize=None,
-    )  # fmt: skip
+    args = settings(seed=seed, ps_fevals=fevals)
     common = {
         "tasks": [{"name": "zoo_math_lang_fit", "metric": "acc,none"}],
         "zoo": str(zoo),
@@ -63,22 +61,16 @@ def run_one(
         res = evolve(EvolveConfig.from_dict(data), out)
     wall = time.perf_counter() - t
     recs = load_state(out)["records"]
-    items = sum(r.get("items") or 250 for r in recs)
-    full = [r for r in recs if r.get("full", True) and r["fitness"] is not None]
-    errs = [
-        abs(r["estimate"] - r["fitness"])
-        for r in full
-        if r["generation"] > 0 and r.get("estimate") is not None
-    ]
+    staged = item_summary(recs)  # None for full fitness: every candidate on every item
     return {
         "mode": mode,
         "seed": seed,
         "candidates": len(recs),
-        "fully_scored": len(full),
-        "item_evaluations": items,
+        "fully_scored": staged["fully_scored"] if staged else len(recs),
+        "item_evaluations": staged["items"] if staged else sum(r["items"] for r in recs),
         "best_fitness": res.best_fitness,
-        "estimate_mae": round(statistics.mean(errs), 4) if errs else None,
-        "estimates_checked": len(errs),
+        "estimate_mae": staged["estimate_mae"] if staged else None,
+        "estimates_checked": staged["estimates_checked"] if staged else 0,
         "wall_s": round(wall, 1),
         "recipe": res.best_recipe,
     }

@@ -75,7 +75,7 @@ def search_step(zoo: Path, out: Path, fevals: int = 30) -> dict[str, Path]:
     import warnings
 
     import torch
-    from evolve_zoo import fitness_tasks, ps_config, zoo_tasks
+    from evolve_zoo import fitness_tasks, ps_config, settings, zoo_tasks
 
     from splice.evolve import EvolveConfig, evolve
     from splice.merge import MergeOptions, run
@@ -87,14 +87,14 @@ def search_step(zoo: Path, out: Path, fevals: int = 30) -> dict[str, Path]:
     tasks, note = fitness_tasks(have, 0.0)
     if note:
         print(f"\n{note}\n", file=sys.stderr)
-    settings = argparse_defaults(ps_fevals=fevals)
+    ps = settings(ps_fevals=fevals)
     common = {
         "tasks": tasks,
         "zoo": str(zoo),
         "lm_eval": {"batch_size": 64},
         **({"tasks_dir": str(tasks_dir)} if tasks_dir else {}),
     }
-    config = EvolveConfig.from_dict(ps_config(zoo, common, settings))
+    config = EvolveConfig.from_dict(ps_config(zoo, common, ps))
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -111,16 +111,6 @@ def search_step(zoo: Path, out: Path, fevals: int = 30) -> dict[str, Path]:
             res.best_recipe, out / "evolved", MergeOptions(overwrite=True, show_progress=False)
         )
     }
-
-
-def argparse_defaults(**changes: object) -> object:
-    """``examples/evolve_zoo.py``'s search settings (its defaults, ``changes`` applied)."""
-    import evolve_zoo
-
-    ns = evolve_zoo.parser().parse_args([])
-    for key, value in changes.items():
-        setattr(ns, key, value)
-    return ns
 
 
 def analysis_step(zoo: Path, out: Path) -> None:

@@ -296,6 +296,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def settings(**changes: Any) -> argparse.Namespace:
+    """The searches' settings: the command line's defaults, ``changes`` applied."""
+    ns = parser().parse_args([])
+    for key, value in changes.items():
+        setattr(ns, key, value)
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 

@@ -45,12 +45,9 @@ AXIS = "zoo_math_lang"
 def search_config(zoo: Path, common: dict[str, Any], w: float, args: argparse.Namespace):
     """``examples/evolve_zoo.py``'s PS genome (task arithmetic, weights in [0, 2]) with a keep
     gene per layer and size weight ``w``."""
-    from evolve_zoo import ps_config
+    from evolve_zoo import ps_config, settings
 
-    ps = argparse.Namespace(
-        granularity=args.granularity, max_weight=2.0, seed=args.seed, ps_fevals=args.fevals,
-        sigma0=1 / 6, ps_start=0.5, popsize=None,
-    )  # fmt: skip
+    ps = settings(granularity=args.granularity, seed=args.seed, ps_fevals=args.fevals)
     data = ps_config(zoo, common, ps)
     data["genome"]["prune"] = "layers"
     data["search"]["size_weight"] = w
