@@ -461,7 +461,7 @@ def plan_merge(
         p = _plan_layer_path(recipe, ckpts, donor, out_dtype, tokenizer_from)
         p = _reindexed(p, vocab, ckpts[donor].arch, problems) if vocab is not None else p
         p.warnings.extend(ignored)
-        return p
+        return _with_experts(p, ckpts[donor].arch)
 
     text: Recipe | Module = recipe
     text_method, modules = method, {}
@@ -553,7 +553,7 @@ def plan_merge(
     if out_dtype:
         config = config_with_dtype(config, out_dtype)
     files = dict(vocab.files) if vocab is not None else {}
-    return MergePlan(
+    p = MergePlan(
         recipe=recipe,
         models=dict(ckpts),
         tasks=tasks,
@@ -562,6 +562,26 @@ def plan_merge(
         files=files,
         warnings=ignored,
         seed=ctx.seed,
+    )
+    return _with_experts(p, spec)
+
+
+def _with_experts(p: MergePlan, spec: ArchSpec) -> MergePlan:
+    """The plan with only the recipe's ``keep_experts`` (:mod:`splice.expert_subset`)."""
+    keep = p.recipe.keep_experts
+    if keep is None:
+        return p
+    from splice import expert_subset as xs
+
+    count = p.config.get(spec.num_layers_key)
+    subset = xs.check_subset(keep, spec, p.config, xs.moe_layers_of(p.tasks, spec), int(count))
+    config, note = xs.subset_config(p.config, spec, subset)
+    warnings = [*p.warnings, *([f"keep_experts: {note}"] if note else [])]
+    tasks, removed = xs.subset_tasks(p.tasks, spec, subset)
+    for key, names in removed.items():
+        removed[key] = {**p.removed.get(key, {}), **names}
+    return replace(
+        p, tasks=tasks, config=config, warnings=warnings, removed={**p.removed, **removed}
     )
 
 

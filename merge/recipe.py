@@ -16,7 +16,9 @@ vision_tower: {...}, multi_modal_projector: {...}}`` in place of top-level ``mod
 (:class:`Module`; planned by ``splice.merge.planner``).
 
 splice adds ``layer_path`` (Sakana's data-flow merge: an ordered list of ``{model, layer |
-layer_range, scale}`` steps) and ``seed`` (for DARE / DELLA).
+layer_range, scale}`` steps), ``seed`` (for DARE / DELLA) and ``keep_experts`` (an MoE output
+that keeps some experts: one entry per output layer, the source experts it keeps in written
+order, null for a layer without routed experts; :mod:`splice.expert_subset`).
 
 Every field that names a model takes a LoRA reference, as mergekit writes it: ``BASE+ADAPTER``
 or ``{model: BASE, lora: ADAPTER}`` (read as the former); :mod:`splice.lora` applies the
@@ -346,6 +348,8 @@ class Recipe(_Strict):
     chat_template: str | None = None
     seed: int | None = None
     name: str | None = None
+    #: per output layer: the source experts kept, in written order (null: no routed experts)
+    keep_experts: list[list[int] | None] | None = None
     # mergekit-moe
     experts: list[Expert] | None = None
     shared_experts: list[Expert] | None = None
@@ -366,9 +370,13 @@ class Recipe(_Strict):
                 raise ValueError("merge_method moe needs an `experts` list")
             if not self.base_model:
                 raise ValueError("merge_method moe needs a `base_model` (attention and embeddings)")
+            if self.keep_experts is not None:
+                raise ValueError("`keep_experts` does not go with merge_method moe")
             return self
         if self.shared_experts:
             raise ValueError("`shared_experts` goes with merge_method moe")
+        if self.keep_experts is not None and self.modules is not None:
+            raise ValueError("`keep_experts` goes with `models`, `slices` or `layer_path`")
         given = [k for k in ("models", "slices", "layer_path") if getattr(self, k)]
         empty = [k for k in ("models", "slices", "layer_path") if getattr(self, k) == []]
         if self.modules is not None:

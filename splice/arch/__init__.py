@@ -86,6 +86,9 @@ class ExpertSpec:
     #: tensors the family stores packed on disk and nowhere else (gpt-oss, GraniteMoE): read
     #: per expert, written packed again (:mod:`splice.stored`)
     stored: dict[str, StoredLayout] = field(default_factory=dict)
+    #: router tensors (layer-relative) with one entry per expert, and the axis of the entries
+    #: (the router's rows, selection biases): what keeping some experts keeps of them
+    per_expert: dict[str, int] = field(default_factory=dict)
 
 
 def _template_regex(template: str, placeholder: str) -> re.Pattern[str]:
@@ -148,6 +151,7 @@ class ArchSpec:
                 aliases=dict(experts.get("aliases", {})),
                 shared=tuple(experts.get("shared", ())),
                 stored={k: layout_of(v) for k, v in experts.get("stored", {}).items()},
+                per_expert={k: int(v) for k, v in experts.get("per_expert", {}).items()},
             )
             if experts
             else None,
