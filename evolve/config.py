@@ -37,8 +37,10 @@ once, every scale 1), whatever ``search.start``.
 A genome model that is a finished evolve run folder stands for that run's winner.
 
 ``genome.prune: layers`` (parameter space) adds one keep gene per layer: a candidate is the
-merge with the dropped layers cut out (``splice.evolve.pruning``), and ``search.size_weight`` w
-makes the fitness ``score - w * size`` (size: the candidate's parameters over the full model's).
+merge with the dropped layers cut out (``splice.evolve.pruning``); ``experts`` (MoE models)
+adds a gene for how many experts every MoE layer keeps and one rank gene per expert of each
+MoE layer (which it keeps); ``layers+experts`` both. ``search.size_weight`` w makes the
+fitness ``score - w * size`` (size: the candidate's parameters over the full model's).
 
 Genes are in [0, 1] (CMA-ES runs with those bounds); a gene maps linearly onto its parameter's
 range: ``weight`` [0, 1] ([-1, 1] with ``allow_negative_weights``), ``density`` [0, 1] (DELLA:
@@ -211,8 +213,10 @@ class GenomeSpec(_Frozen):
     #: fixed method parameters, the same in every candidate (``lambda``, ``epsilon``, ...)
     parameters: dict[str, float | bool | str] = Field(default_factory=dict)
     #: parameter space: ``layers`` adds one keep gene per layer (kept when over 0.5): a
-    #: candidate is the merge with the dropped layers cut out (``splice.evolve.pruning``)
-    prune: Literal["layers"] | None = None
+    #: candidate is the merge with the dropped layers cut out; ``experts``: an expert count
+    #: gene and one rank gene per expert of each MoE layer; ``layers+experts``: both
+    #: (``splice.evolve.pruning``)
+    prune: Literal["layers", "experts", "layers+experts"] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,28 +1,39 @@
-"""Merge and prune in one search: ``genome.prune: layers``.
+"""Merge and prune in one search: ``genome.prune: layers | experts | layers+experts``.
 
-The genes are the parameter-space genome's (``splice.evolve.genome``), then one **keep gene**
-per layer: layer ``i`` is in the candidate when ``x[merge_dim + i] > 0.5``. At least one layer
-must be kept (a candidate that keeps none fails and scores worst). Every keep gene starts at
-0.75 (every layer kept: the plain merge), whatever ``search.start``; ``random_init`` draws them
-uniformly like the others.
+The genes are the parameter-space genome's (``splice.evolve.genome``), then, with ``layers``,
+one **keep gene** per layer: layer ``i`` is in the candidate when ``x[merge_dim + i] > 0.5``. At
+least one layer must be kept (a candidate that keeps none fails and scores worst). Every keep
+gene starts at 0.75 (every layer kept: the plain merge), whatever ``search.start``;
+``random_init`` draws them uniformly like the others.
 
-The recipe: every layer kept, exactly the plain genome's recipe; otherwise the same merge as
-``slices`` over the runs of kept layers (split at the genome's layer groups), each slice with
-the values its layers have in the plain recipe (``smooth``: the per-layer values of the
-gradient, as a gradient over the slice). ``splice merge`` writes it as a model of the kept
-layers that transformers loads. As in any sliced recipe, the embeddings take the first slice's
-values and the final norm and head the last slice's: with ``layer_granularity: 0`` (one set of
-values for every layer) they are the plain merge's.
+With ``experts`` (MoE models; transformers' config has one expert count, so every MoE layer
+keeps the same number) come a **count gene**, then one **rank gene** per expert of each MoE
+layer of the donor. Over 0.5 the count gene keeps every expert (it starts at 0.75); below, it
+picks one of the counts from the top-k up to one fewer than all, spread evenly over [0, 0.5].
+Each MoE layer keeps that many experts, those with the highest rank genes (ties: the lower
+index), written in index order. The rank genes start at 0.5.
+
+The recipe: every layer and expert kept, exactly the plain genome's recipe; otherwise the
+same merge as ``slices`` over the runs of kept layers (split at the genome's layer groups),
+each slice with the values its layers have in the plain recipe (``smooth``: the per-layer
+values of the gradient, as a gradient over the slice), and ``keep_experts`` (one entry per
+written layer, :mod:`splice.expert_subset`). ``splice merge`` writes it as a model of the kept
+layers and experts that transformers loads. As in any sliced recipe, the embeddings take the
+first slice's values and the final norm and head the last slice's: with
+``layer_granularity: 0`` (one set of values for every layer) they are the plain merge's.
 
 ``size(x)``: the candidate's parameters over the full model's (every tensor of the first
-source counted, embeddings and head included), in (0, 1]; with ``search.size_weight`` w the
-search maximizes ``fitness - w * size``.
+source counted, embeddings and head included; a kept layer's experts and the router's
+per-expert entries in proportion to the experts kept), in (0, 1]; with ``search.size_weight``
+w the search maximizes ``fitness - w * size``.
 
-In a search (:func:`show_layers`) no weight is copied: the resident module keeps every layer,
-its decoder-layer list is pointed at the kept ones (their attention's ``layer_idx`` and the
-config's layer count and per-layer fields set as the written model's), and the pruned recipe is
-merged into that view, so the candidate scored is the model ``splice merge`` writes. Every layer
-kept puts the whole list back.
+In a search no weight is copied. :func:`show_layers` points the resident module's
+decoder-layer list at the kept layers (their attention's ``layer_idx`` and the config's layer
+count and per-layer fields set as the written model's); :func:`show_experts` views each packed
+expert tensor, router and selection bias at its first ``K`` entries and sets the modules' and
+config's expert counts and groups. The pruned recipe is merged into that view, so the
+candidate scored is the model ``splice merge`` writes (tested on every MoE family the specs
+describe). Every layer and expert kept puts the module back as it was built.
 """
 
 from __future__ import annotations
@@ -50,13 +61,34 @@ KEEP = 0.75
 
 
 @dataclass(frozen=True)
+class ExpertGenes:
+    """What ``prune: experts`` acts on: the donor's layers holding routed ``experts`` each,
+    the counts below ``experts`` a candidate may keep (every count from the top-k up), and per
+    layer the parameters that scale with the count (``[num_layers]``: the experts' tensors and
+    the router's per-expert entries; 0 in a dense layer)."""
+
+    layers: tuple[int, ...]
+    experts: int
+    counts: tuple[int, ...]
+    params: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        """The count gene, then one rank gene per expert of each MoE layer."""
+        return 1 + len(self.layers) * self.experts
+
+
+@dataclass(frozen=True)
 class PrunedParameterGenome(ParameterGenome):
-    """:class:`ParameterGenome`'s genes, then one keep gene per layer (the module docstring).
-    ``layer_params``: each layer's parameter count; ``other_params``: the rest's."""
+    """:class:`ParameterGenome`'s genes, then one keep gene per layer (``prune_layers``) and
+    the expert genes (``moe``; the module docstring). ``layer_params``: each layer's parameter
+    count; ``other_params``: the rest's."""
 
     layer_params: tuple[int, ...] = ()
     other_params: int = 0
     donor: str = ""
+    prune_layers: bool = True
+    moe: ExpertGenes | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,17 +104,27 @@ class PrunedParameterGenome(ParameterGenome):
         return math.prod(self.shape)
 
     @property
+    def keep_dim(self) -> int:
+        """The keep genes (one per layer, or none)."""
+        return self.num_layers if self.prune_layers else 0
+
+    @property
     def dim(self) -> int:
-        return self.merge_dim + self.num_layers
+        return self.merge_dim + self.keep_dim + (self.moe.dim if self.moe else 0)
 
     def names(self) -> list[str]:
-        return [*super().names(), *(f"keep.{i}" for i in range(self.num_layers))]
+        out = [*super().names(), *(f"keep.{i}" for i in range(self.keep_dim))]
+        if self.moe:
+            out.append("experts")
+            out += [f"expert.{i}.{e}" for i in self.moe.layers for e in range(self.moe.experts)]
+        return out
 
     # ---- start --------------------------------------------------------------------------------
     def start(
         self, start: float | str = 0.5, *, random_init: bool = False, seed: int = 0
     ) -> np.ndarray:
-        """The merge's start, every layer kept (``random_init``: every gene uniform)."""
+        """The merge's start, every layer and expert kept (``random_init``: every gene
+        uniform)."""
         if random_init:
             return np.random.default_rng(seed).uniform(0, 1, self.dim)
         return self._with_keep(super().start(start))
@@ -93,31 +135,74 @@ class PrunedParameterGenome(ParameterGenome):
         return [(label, self._with_keep(x)) for label, x in (grid() if grid else [])]
 
     def corners(self) -> list[tuple[str, np.ndarray]]:
-        """The merge's corners with every layer kept, and every gene at 1 but every other
-        layer dropped (a recipe of slices)."""
+        """The merge's corners with every layer and expert kept; every gene at 1 but every
+        other layer dropped (a recipe of slices); every gene at 1 but the fewest experts kept."""
         out = [(what, self._with_keep(x)) for what, x in super().corners()]
-        alternate = (np.arange(self.num_layers) % 2 == 0).astype(float)
-        out.append(
-            ("every gene at 1, every other layer", np.r_[np.ones(self.merge_dim), alternate])
-        )
+        ones = np.ones(self.dim)
+        if self.prune_layers:
+            alternate = ones.copy()
+            alternate[self.merge_dim : self.merge_dim + self.keep_dim] = (
+                np.arange(self.num_layers) % 2 == 0
+            )
+            out.append(("every gene at 1, every other layer", alternate))
+        if self.moe:
+            fewest = ones.copy()
+            fewest[self.merge_dim + self.keep_dim] = 0.0
+            out.append(("every gene at 1, the fewest experts", fewest))
         return out
 
     def keep_all(self, x: np.ndarray) -> np.ndarray:
-        """``x`` with every layer kept (the full model's merge)."""
-        return self._with_keep(np.asarray(x, dtype=float))
+        """``x`` with every layer and expert kept (the full model's merge)."""
+        return self._with_keep(np.asarray(x, dtype=float), ranks=self._ranks(x))
 
-    def _with_keep(self, x: np.ndarray, keep: float = KEEP) -> np.ndarray:
-        return np.r_[x[: self.merge_dim], np.full(self.num_layers, keep)]
+    def _with_keep(self, x: np.ndarray, ranks: np.ndarray | None = None) -> np.ndarray:
+        tail = [np.full(self.keep_dim, KEEP)]
+        if self.moe:
+            rest = self.moe.dim - 1
+            tail += [np.full(1, KEEP), np.full(rest, 0.5) if ranks is None else ranks]
+        return np.concatenate([x[: self.merge_dim], *tail])
+
+    def _ranks(self, x: np.ndarray) -> np.ndarray | None:
+        if not self.moe or len(x) != self.dim:
+            return None
+        return np.asarray(x, dtype=float)[self.merge_dim + self.keep_dim + 1 :]
 
     # ---- decoding -----------------------------------------------------------------------------
     def kept_layers(self, x: np.ndarray) -> list[int]:
         """The layers genes ``x`` keep, in order (``SpliceError`` when none)."""
         self.values(x)  # shape and finiteness
-        keep = np.asarray(x, dtype=float)[self.merge_dim :]
+        if not self.prune_layers:
+            return list(range(self.num_layers))
+        keep = np.asarray(x, dtype=float)[self.merge_dim : self.merge_dim + self.keep_dim]
         kept = [i for i, g in enumerate(keep) if g > 0.5]
         if not kept:
             raise SpliceError("genome: the keep genes drop every layer (keep at least one)")
         return kept
+
+    def expert_count(self, x: np.ndarray) -> int | None:
+        """The experts every MoE layer keeps: all of them when the count gene is over 0.5,
+        else one of the fewer counts, spread evenly over [0, 0.5] (None: no expert genes)."""
+        if not self.moe:
+            return None
+        self.values(x)
+        g = float(np.clip(x[self.merge_dim + self.keep_dim], 0, 1))
+        counts = self.moe.counts
+        if g > 0.5 or not counts:
+            return self.moe.experts
+        return counts[min(int(g / 0.5 * len(counts)), len(counts) - 1)]
+
+    def kept_experts(self, x: np.ndarray) -> dict[int, tuple[int, ...]] | None:
+        """Per MoE layer (source index), the experts kept: the count's highest rank genes (ties:
+        the lower index), in index order; None when every expert is kept."""
+        k = self.expert_count(x)
+        if self.moe is None or k is None or k == self.moe.experts:
+            return None
+        ranks = np.clip(self._ranks(x), 0, 1).reshape(len(self.moe.layers), self.moe.experts)  # type: ignore[arg-type]
+        out = {}
+        for layer, r in zip(self.moe.layers, ranks, strict=True):
+            best = np.argsort(-r, kind="stable")[:k]
+            out[layer] = tuple(sorted(int(e) for e in best))
+        return out
 
     def size(self, x: np.ndarray) -> float:
         """The candidate's parameters over the full model's."""
@@ -125,21 +210,31 @@ class PrunedParameterGenome(ParameterGenome):
 
     def params(self, x: np.ndarray) -> int:
         """The candidate's parameter count (embeddings, norms and head included)."""
-        return self.other_params + sum(self.layer_params[i] for i in self.kept_layers(x))
+        kept = self.kept_layers(x)
+        total = self.other_params + sum(self.layer_params[i] for i in kept)
+        k = self.expert_count(x)
+        if self.moe is not None and k is not None:
+            dropped = sum(self.moe.params[i] for i in kept) * (self.moe.experts - k)
+            total -= dropped // self.moe.experts
+        return total
 
     def recipe(self, x: np.ndarray) -> dict[str, Any]:
-        """The plain recipe when every layer is kept; else its slices over the kept runs."""
+        """The plain recipe when every layer and expert is kept; else its slices over the kept
+        runs of layers, and ``keep_experts`` (one entry per written layer)."""
         plain = super().recipe(x)
         kept = self.kept_layers(x)
-        if len(kept) == self.num_layers:
-            return plain
-        slices = self._pruned_slices(self.values(x), kept)
-        out: dict[str, Any] = {}
-        for key, value in plain.items():  # the plain recipe's order, slices for models
-            if key in ("models", "slices"):
-                out["slices"] = slices
-            else:
-                out[key] = value
+        out: dict[str, Any] = plain
+        if len(kept) != self.num_layers:
+            slices = self._pruned_slices(self.values(x), kept)
+            out = {}
+            for key, value in plain.items():  # the plain recipe's order, slices for models
+                if key in ("models", "slices"):
+                    out["slices"] = slices
+                else:
+                    out[key] = value
+        experts = self.kept_experts(x)
+        if experts is not None:
+            out["keep_experts"] = [list(experts[i]) if i in experts else None for i in kept]
         return out
 
     def _pruned_slices(self, v: np.ndarray, kept: list[int]) -> list[dict[str, Any]]:
@@ -208,18 +303,59 @@ def param_counts(ckpt: Checkpoint) -> tuple[tuple[int, ...], int]:
     return layers, sum(t.numel for t in ckpt.tensors.values()) - sum(layers)
 
 
+def expert_genes(ckpt: Checkpoint, ref: str) -> ExpertGenes:
+    """The expert genes' layout over model ``ckpt`` (named ``ref`` in errors): its MoE layers,
+    expert count, the counts a candidate may keep and what each layer's experts weigh."""
+    from splice.expert_subset import per_expert
+
+    spec = ckpt.arch
+    experts = spec.num_experts(ckpt.config)
+    if spec.experts is None or not experts:
+        raise SpliceError(f"genome: prune experts: {ref} has no routed experts")
+    routed = per_expert(spec)
+    if not routed:
+        raise SpliceError(
+            f"genome: prune experts: {spec.model_type}'s router is not described per expert yet"
+        )
+    top_k = spec.experts_per_token(ckpt.config) or 1
+    counts = tuple(range(max(top_k, 1), experts))
+    if not counts:
+        raise SpliceError(
+            f"genome: prune experts: {ref} routes every token to all its {experts} experts; "
+            "none can go"
+        )
+    index = ckpt.layer_index
+    params, layers = [], []
+    for i in range(len(index)):
+        sized = [n for n in index[i] if (p := spec.parse(n)).group == "experts" or p.kind in routed]
+        if any(spec.parse(n).group == "experts" for n in sized):
+            layers.append(i)
+        params.append(sum(ckpt.tensors[n].numel for n in sized))
+    return ExpertGenes(tuple(layers), experts, counts, tuple(params))
+
+
 def pruned_genome(
     spec: GenomeSpec, models: Mapping[str, Checkpoint], num_layers: int, dtype: str, seed: int
 ) -> PrunedParameterGenome:
-    """The ``prune: layers`` genome of ``spec`` over ``models`` (headers only)."""
+    """The ``prune: layers | experts | layers+experts`` genome of ``spec`` over ``models``
+    (headers only)."""
     donor = spec.base_model or spec.models[0]
     layers, other = param_counts(models[donor])
     if len(layers) != num_layers:
         raise SpliceError(
             f"genome: {donor} has {len(layers)} layers, the genome's models {num_layers}"
         )
-    genome = PrunedParameterGenome(spec, num_layers, dtype, seed, layers, other, donor)
-    _check_size(genome.dim, "the merge's genes and one keep gene per layer")
+    what = (spec.prune or "").split("+")
+    moe = expert_genes(models[donor], donor) if "experts" in what else None
+    genome = PrunedParameterGenome(
+        spec, num_layers, dtype, seed, layers, other, donor, "layers" in what, moe
+    )
+    parts = ["the merge's genes"]
+    if "layers" in what:
+        parts.append("one keep gene per layer")
+    if moe:
+        parts.append("one rank gene per expert of each MoE layer")
+    _check_size(genome.dim, ", ".join(parts))
     return genome
 
 
@@ -293,4 +429,108 @@ def show_layers(
         ):
             full.config[key] = getattr(cfg, key, None)
             setattr(cfg, key, value)
+    return module
+
+
+#: module attributes transformers' MoE modules keep the expert count in
+COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
+#: module attributes of DeepSeek-style expert groups -> their config key
+GROUP_ATTRS = {"n_group": "n_group", "num_group": "n_group", "topk_group": "topk_group"}
+
+
+@dataclass
+class _AllExperts:
+    """What :func:`show_experts` changes in a module, as it was with every expert."""
+
+    tensors: dict[tuple[int, str], tuple[Any, str, Any]]  # (owner, attr, its full tensor)
+    attrs: list[tuple[Any, str, Any]]  # (module, attribute, value with every expert)
+    config: dict[str, Any]
+
+
+_ALL: weakref.WeakKeyDictionary[Any, _AllExperts] = weakref.WeakKeyDictionary()
+
+
+def _tensor(owner: Any, attr: str) -> Any:
+    return owner._parameters[attr].data if attr in owner._parameters else owner._buffers[attr]
+
+
+def _set_tensor(owner: Any, attr: str, tensor: Any) -> None:
+    if attr in owner._parameters:
+        owner._parameters[attr].data = tensor
+    else:
+        owner._buffers[attr] = tensor
+
+
+def show_experts(module: torch.nn.Module, plan: Any) -> torch.nn.Module:
+    """Point ``module`` (built with every expert) at the experts ``plan`` (a
+    :class:`~splice.merge.planner.MergePlan`, after :func:`show_layers` for its layers) keeps,
+    as the model ``splice merge`` writes from its recipe would be: each per-expert tensor
+    (packed experts ``[E, ...]``, the router's rows and selection biases) viewed at its first
+    ``K`` entries (the plan writes the kept experts there), the modules' expert counts and
+    expert groups and the config's as the written config's. No weight is copied; a plan that
+    keeps every expert restores the module as it was built. Returns ``module``."""
+    from splice.arch import ArchSpec
+    from splice.execute import target_names
+    from splice.expert_subset import GROUP_KEYS, per_expert
+    from splice.stored import pack_tasks
+
+    full = _ALL.get(module)
+    if full is None:
+        full = _ALL[module] = _AllExperts({}, [], {})
+    for owner, attr, tensor in full.tensors.values():  # back to every expert first
+        _set_tensor(owner, attr, tensor)
+    for owner, name, value in reversed(full.attrs):
+        setattr(owner, name, value)
+    full.attrs.clear()
+    cfg = module.config
+    for key, value in full.config.items():
+        setattr(cfg, key, value)
+    full.config.clear()
+    if plan.recipe.keep_experts is None:
+        return module
+    spec = ArchSpec.load(plan.config["model_type"])
+    assert spec.experts is not None
+    tasks = pack_tasks(plan.tasks, spec, plan.models) if spec.experts.stored else plan.tasks
+    axes = per_expert(spec)
+    count_key = spec.config_key("num_experts", plan.config)
+    experts, k = int(getattr(cfg, count_key)), int(plan.config[count_key])
+    where = target_names(tasks, module.state_dict(keep_vars=True), spec, module)
+    owners: dict[int, Any] = {}
+    for t in tasks:
+        parsed = spec.parse(t.name)
+        if parsed.group == "experts":
+            axis = 0
+        elif parsed.kind in axes:
+            axis = axes[parsed.kind] % len(t.shape)
+        else:
+            continue
+        name = where[t.name][0] if t.name in where else ""
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if name else None
+        key = (id(owner), attr)
+        if owner is not None and key not in full.tensors:
+            full.tensors[key] = (owner, attr, _tensor(owner, attr))
+        tensor = full.tensors[key][2] if owner is not None else None
+        if tensor is None or tensor.shape[axis] != experts:
+            raise SpliceError(
+                f"evolve: prune experts needs the model's experts in one tensor per layer "
+                f"(transformers >= 5); {t.name} is not"
+            )
+        _set_tensor(owner, attr, tensor.narrow(axis, 0, k))
+        owners[id(owner)] = owner
+        parent = module.get_submodule(owner_name.rpartition(".")[0])
+        owners[id(parent)] = parent
+    groups = {key: int(plan.config.get(key) or 1) for key in GROUP_KEYS}
+    for m in [module, *owners.values()]:
+        changes = {a: k for a in COUNT_ATTRS if getattr(m, a, None) == experts}
+        changes |= {a: groups[c] for a, c in GROUP_ATTRS.items() if hasattr(m, a)}
+        for attr, value in changes.items():
+            if getattr(m, attr) != value:
+                full.attrs.append((m, attr, getattr(m, attr)))
+                setattr(m, attr, value)
+    for key in [count_key, *(g for g in GROUP_KEYS if hasattr(cfg, g))]:
+        want = plan.config.get(key)
+        if want is not None and getattr(cfg, key, None) != want:
+            full.config[key] = getattr(cfg, key, None)
+            setattr(cfg, key, want)
     return module

@@ -120,8 +120,8 @@ class Candidates:
 
     def merge(self, x: np.ndarray) -> dict[str, Any]:
         """Merge genes ``x`` ``[d]`` into the resident module (data-flow genes: point the path
-        model at the path's shared layers; genes that drop layers: merge into the module's
-        view of the kept layers, ``splice.evolve.pruning``); returns the recipe."""
+        model at the path's shared layers; genes that drop layers or experts: merge into the
+        module's view of the kept ones, ``splice.evolve.pruning``); returns the recipe."""
         from splice.merge.runner import merge_into, plan
         from splice.resident import empty_model
 
@@ -151,9 +151,11 @@ class Candidates:
                     full.config, device=self.options.device, dtype=self.config.dtype
                 )
             if kept is not None:
-                from splice.evolve.pruning import show_layers
+                from splice.evolve.pruning import show_experts, show_layers
 
                 show_layers(self.module, kept(x), self.sources, self.genome.donor)
+                if getattr(self.genome, "moe", None) is not None:
+                    show_experts(self.module, p)
             merge_into(self.module, p, self.sources, self.options)
         return recipe
 

@@ -41,6 +41,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -349,7 +350,7 @@ class Recipe(_Strict):
     seed: int | None = None
     name: str | None = None
     #: per output layer: the source experts kept, in written order (null: no routed experts)
-    keep_experts: list[list[int] | None] | None = None
+    keep_experts: list[list[StrictInt] | None] | None = None
     # mergekit-moe
     experts: list[Expert] | None = None
     shared_experts: list[Expert] | None = None

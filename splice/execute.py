@@ -306,6 +306,26 @@ def _targets(
     """Each task's tensor in the module: its parameter (under the name transformers' loader
     gives the checkpoint key), or its view into a packed one."""
     out: dict[str, torch.Tensor] = {}
+    for task, (name, expert, part, parts) in target_names(tasks, state, spec, module).items():
+        param = state[name]
+        if expert is None:
+            out[task] = param
+            continue
+        rows = param.shape[1] // parts
+        out[task] = param[expert, part * rows : (part + 1) * rows]
+    return out
+
+
+def target_names(
+    tasks: Sequence[TensorTask],
+    state: Mapping[str, torch.Tensor],
+    spec: ArchSpec | None,
+    module: torch.nn.Module,
+) -> dict[str, tuple[str, int | None, int, int]]:
+    """Where each task's tensor is in ``module`` (whose state dict is ``state``): ``(state
+    name, expert, part, parts)`` (:meth:`splice.arch.ArchSpec.module_location`; expert None:
+    the whole tensor); tasks with no place in the module are left out."""
+    out: dict[str, tuple[str, int | None, int, int]] = {}
     unknown = [t.name for t in tasks if t.name not in state]
     renamed: dict[str, str] = {}
     if unknown and hasattr(module, "base_model_prefix"):  # a transformers model
@@ -314,22 +334,13 @@ def _targets(
         renamed = module_names(module, unknown, state)  # type: ignore[arg-type]
     for t in tasks:
         if t.name in state:
-            out[t.name] = state[t.name]
-            continue
-        if renamed.get(t.name) in state:
-            out[t.name] = state[renamed[t.name]]
-            continue
-        if spec is None:
-            continue
-        name, expert, part, parts = spec.module_location(t.name)
-        param = state.get(name)
-        if param is None:
-            continue
-        if expert is None:
-            out[t.name] = param
-            continue
-        rows = param.shape[1] // parts
-        out[t.name] = param[expert, part * rows : (part + 1) * rows]
+            out[t.name] = (t.name, None, 0, 1)
+        elif renamed.get(t.name) in state:
+            out[t.name] = (renamed[t.name], None, 0, 1)
+        elif spec is not None:
+            name, expert, part, parts = spec.module_location(t.name)
+            if name in state:
+                out[t.name] = (name, expert, part, parts)
     return out
 
 

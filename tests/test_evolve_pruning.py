@@ -112,7 +112,7 @@ def test_validation(trio, tasks):
     with pytest.raises(SpliceError, match="prune is a parameter-space setting"):
         EvolveConfig.from_dict(data)
     data = config_dict(trio, tasks)
-    data["genome"]["prune"] = "experts"
+    data["genome"]["prune"] = "heads"
     with pytest.raises(SpliceError, match="prune"):
         EvolveConfig.from_dict(data)
     # a config without the key keeps the fingerprint it had before the key existed

@@ -217,3 +217,37 @@ def test_a_dense_model_has_no_experts_to_keep(tmp_path):
     with pytest.raises(SpliceError, match="has no routed experts"):
         run({"merge_method": "passthrough", "models": [{"model": str(src)}],
              "keep_experts": [[0]] * 4}, tmp_path / "out")  # fmt: skip
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+_entry = st.one_of(
+    st.none(),
+    st.lists(
+        st.one_of(st.integers(-2, 6), st.booleans(), st.floats(), st.text(max_size=2)), max_size=5
+    ),
+    st.integers(),
+    st.text(max_size=3),
+)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Path:
+    return cf.build("qwen3_moe", tmp_path_factory.mktemp("fuzz") / "src", same=False, seed=1)
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.given(keep=st.one_of(st.lists(_entry, max_size=6), _entry))
+def test_any_keep_experts_plans_or_is_refused_in_one_line(qwen, keep):
+    """Whatever ``keep_experts`` holds, planning it either refuses with a SpliceError (a line
+    per problem, each naming keep_experts) or keeps the same count in every MoE layer."""
+    from splice.merge.runner import plan
+
+    recipe = {"merge_method": "passthrough", "models": [{"model": str(qwen)}], "keep_experts": keep}
+    try:
+        p = plan(recipe)
+    except SpliceError as e:
+        assert all("keep_experts" in line for line in str(e).splitlines()), str(e)
+        return
+    k = ArchSpec.load("qwen3_moe").num_experts(p.config)
+    assert [len(v) for v in keep if v is not None] == [k] * 3 if keep is not None else k == 4
