@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,62 +105,75 @@ def score(
     return score_recipes(recipes, zoo, tasks_dir, sizes=True)
 
 
-def pareto(points: list[dict[str, Any]]) -> None:
+def pareto(points: list[dict[str, Any]], axis: str = AXIS) -> None:
     """Mark ``front`` on the points no other point beats: as few or fewer parameters and as
-    high or higher ``zoo_math_lang``, one of them strictly."""
+    high or higher a score on ``axis``, one of them strictly."""
     for p in points:
         p["front"] = not any(
             q["params"] <= p["params"]
-            and q["scores"][AXIS] >= p["scores"][AXIS]
-            and (q["params"] < p["params"] or q["scores"][AXIS] > p["scores"][AXIS])
+            and q["scores"][axis] >= p["scores"][axis]
+            and (q["params"] < p["params"] or q["scores"][axis] > p["scores"][axis])
             for q in points
         )
 
 
-def plot(points: list[dict[str, Any]], path: Path) -> None:
+#: each series of the plot: kind -> (marker, color, legend)
+STYLES = {
+    "search": ("o", "tab:blue", "search (merge + keep genes), one per size weight"),
+    "naive": ("s", "tab:orange", f"naive: {NAIVE}, then prune K by angular distance"),
+}
+
+
+def plot(
+    points: list[dict[str, Any]],
+    path: Path,
+    *,
+    axis: str = AXIS,
+    styles: dict[str, tuple[str, str, str]] = STYLES,
+    title: str = "zoo: merge + prune search vs merge, then prune",
+    legend: str = "upper left",
+) -> None:
+    """Accuracy on ``axis`` against parameters, a series per kind of ``styles`` (the search's
+    tags left of its points, the others' right), and the Pareto front of them all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {
-        "search": ("o", "tab:blue", "search (merge + keep genes), one per size weight"),
-        "naive": ("s", "tab:orange", f"naive: {NAIVE}, then prune K by angular distance"),
-    }
     for kind, (marker, color, label) in styles.items():
         pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["params"])
         xs = [p["params"] / 1e6 for p in pts]
-        ys = [p["scores"][AXIS] for p in pts]
+        ys = [p["scores"][axis] for p in pts]
         ax.plot(xs, ys, marker=marker, color=color, label=label, alpha=0.85,
-                linestyle="-" if kind == "naive" else "none")  # fmt: skip
-        left = kind == "search"  # search tags left of their points, naive ones right
-        for (x, y), tags in _labels(pts).items():
+                linestyle="none" if kind == "search" else "-")  # fmt: skip
+        left = kind == "search"
+        for (x, y), tags in _labels(pts, axis).items():
             ax.annotate(", ".join(tags), (x, y), textcoords="offset points", fontsize=7,
                         xytext=(-6 if left else 6, -3), ha="right" if left else "left")  # fmt: skip
     front = sorted((p for p in points if p["front"]), key=lambda p: p["params"])
-    ax.step([p["params"] / 1e6 for p in front], [p["scores"][AXIS] for p in front], where="post",
-            color="black", linewidth=1, linestyle="--", label="Pareto front (both series)")  # fmt: skip
-    ax.scatter([p["params"] / 1e6 for p in front], [p["scores"][AXIS] for p in front], s=140,
+    ax.step([p["params"] / 1e6 for p in front], [p["scores"][axis] for p in front], where="post",
+            color="black", linewidth=1, linestyle="--", label="Pareto front (all series)")  # fmt: skip
+    ax.scatter([p["params"] / 1e6 for p in front], [p["scores"][axis] for p in front], s=140,
                facecolors="none", edgecolors="black", linewidths=1.2)  # fmt: skip
     ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel(f"accuracy on {AXIS} (report split)")
-    ax.set_title("zoo: merge + prune search vs merge, then prune")
+    ax.set_ylabel(f"accuracy on {axis} (report split)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc=legend)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _labels(pts: list[dict[str, Any]]) -> dict[tuple[float, float], list[str]]:
+def _labels(pts: list[dict[str, Any]], axis: str = AXIS) -> dict[tuple[float, float], list[str]]:
     """Tags by where they are drawn: points with the same parameters within 0.012 of each
     other's accuracy share one label (``w=0.3, w=0.5``)."""
     out: dict[tuple[float, float], list[str]] = {}
     last: tuple[float, float] | None = None
-    for p in sorted(pts, key=lambda p: (p["params"], p["scores"][AXIS])):
-        x, y = p["params"] / 1e6, p["scores"][AXIS]
+    for p in sorted(pts, key=lambda p: (p["params"], p["scores"][axis])):
+        x, y = p["params"] / 1e6, p["scores"][axis]
         if last is not None and last[0] == x and y - last[1] < 0.012:
             out[last].append(p["tag"])
             continue
@@ -186,43 +200,92 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    sys.path.insert(0, str(HERE))
-    from evolve_zoo import REPORT, search, zoo_stamp, zoo_tasks
+def begin(args: argparse.Namespace, fit_task: str) -> tuple[Path, Path | None, dict[str, Any]]:
+    """The zoo (``--zoo``, else the built one), its task folder under ``--out`` (emptied first
+    with ``--fresh``) and the searches' common config: fitness ``fit_task``, the report
+    splits."""
+    from evolve_zoo import REPORT, zoo_tasks
 
     from splice.zoo import default_dir
 
-    args = parser().parse_args(argv)
-    if args.replot:
-        plot(json.loads(args.json.read_text())["points"], args.plot)
-        return 0
-    torch.set_num_threads(1)
     zoo = (args.zoo or default_dir()).resolve()
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tasks_dir, have = zoo_tasks(zoo, args.out.resolve() / "tasks")
-    if "zoo_math_lang_fit" not in have:
-        sys.exit(f"{zoo}: no zoo_math_lang_fit split (zoo v1?); this example needs zoo v2")
+    if fit_task not in have:
+        sys.exit(f"{zoo}: no {fit_task} split (zoo v1?); this example needs zoo v2")
     common: dict[str, Any] = {
-        "tasks": [{"name": "zoo_math_lang_fit", "metric": "acc,none"}],
+        "tasks": [{"name": fit_task, "metric": "acc,none"}],
         "zoo": str(zoo),
         "lm_eval": {"batch_size": 64},
         "report_tasks": list(REPORT),
         **({"tasks_dir": str(tasks_dir)} if tasks_dir else {}),
     }
-    weights = [float(w) for w in args.weights.split(",")]
-    t0 = time.perf_counter()
+    return zoo, tasks_dir, common
+
+
+def sweep(
+    args: argparse.Namespace, config: Callable[[float], dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One search of ``config(w)`` per size weight w of ``--weights``, into ``--out``:
+    (label -> the search's summary with its winner's size and fitness-split scores, label ->
+    the winner's recipe)."""
+    from evolve_zoo import search
+
     runs: dict[str, dict[str, Any]] = {}
     recipes: dict[str, dict[str, Any]] = {}
-    for w in weights:
+    for w in (float(w) for w in args.weights.split(",")):
         label = f"search w={w:g}"
-        r = search(f"w{w:g}", search_config(zoo, common, w, args), args.out)
+        r = search(f"w{w:g}", config(w), args.out)
         best = best_record(Path(r["run"]))
         r.update(size_weight=w, size=best["size"], fit_score=best["scores"])
         runs[label], recipes[label] = r, r["recipe"]
+    return runs, recipes
+
+
+def save(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    zoo: Path,
+    result: dict[str, Any],
+    script: str = "pareto_zoo.py",
+) -> None:
+    """Write ``result`` (with the command, the zoo's stamp and the machine) to ``--json`` and
+    print one row per point."""
+    from evolve_zoo import REPORT, zoo_stamp
+
+    cmd = f"python examples/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {
+        "command": cmd.strip(),
+        "zoo": str(zoo),
+        "zoo_stamp": zoo_stamp(zoo),
+        "threads": 1,
+        "cpus": os.cpu_count(),
+        "load_average_1min_end": round(os.getloadavg()[0], 2),
+        **result,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    for p in result["points"]:
+        front = " front" if p["front"] else ""
+        cells = " ".join(f"{p['scores'][t]:.3f}" for t in REPORT)
+        print(f"{p['label']:<45} {p['params']:>8} {p['size']:.3f} {cells}{front}")
+    print(f"results in {args.json}, plot in {args.plot}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    args = parser().parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.json.read_text())["points"], args.plot)
+        return 0
+    torch.set_num_threads(1)
+    zoo, tasks_dir, common = begin(args, "zoo_math_lang_fit")
+    t0 = time.perf_counter()
+    runs, recipes = sweep(args, lambda w: search_config(zoo, common, w, args))
     search_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     naive = naive_pipeline(zoo, args.out, args.max_prune)
@@ -260,33 +323,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     pareto(points)
     plot(points, args.plot)
-    wall = time.perf_counter() - t0
-    cmd = "python examples/pareto_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
-        "command": cmd.strip(),
-        "zoo": str(zoo),
-        "zoo_stamp": zoo_stamp(zoo),
         "fitness": common["tasks"],
         "axis": AXIS,
         "full_params": full,
         "naive": NAIVE,
-        "threads": 1,
-        "cpus": os.cpu_count(),
-        "load_average_1min_end": round(os.getloadavg()[0], 2),
-        "wall_s": round(wall, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
         "search_s": round(search_s, 1),
         "naive_s": round(naive_s, 1),
         "report_s": round(report_s, 1),
         "points": points,
         "searches": runs,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    for p in points:
-        front = " front" if p["front"] else ""
-        cells = " ".join(f"{p['scores'][t]:.3f}" for t in REPORT)
-        print(f"{p['label']:<45} {p['params']:>8} {p['size']:.3f} {cells}{front}")
-    print(f"wall {wall:.0f} s; results in {args.json}, plot in {args.plot}", file=sys.stderr)
+    save(args, argv, zoo, result)
     return 0
 
 

@@ -491,6 +491,35 @@ def pareto_zoo(src: Sources) -> list[str]:
     return [*table(head, rows, text_columns=3), "", note]
 
 
+def pareto_moe_zoo(src: Sources) -> list[str]:
+    d = src.result("pareto_moe_zoo.json")
+    rows = []
+    for pt in sorted(d["points"], key=lambda p: (-p["experts"], p["kind"] != "moe", p["label"])):
+        model = f"size weight {pt['size_weight']:g}" if pt["kind"] == "search" else pt["label"]
+        rows.append(
+            [
+                pt["kind"],
+                model,
+                str(pt["experts"]),
+                f"{pt['params']:,}",
+                f(pt["size"], 3),
+                *(f(pt["scores"][t]) for t in ZOO_TASKS),
+                "**yes**" if pt["front"] else "",
+            ]
+        )
+    head = ["series", "model", "experts per layer", "parameters", "size", *ZOO_TASKS]
+    head.append(f"front ({d['axis']})")
+    runs = list(d["searches"].values())
+    fevals = ", ".join(sorted({str(r["candidates"]) for r in runs}))
+    note = (
+        f"{len(runs)} searches of {fevals} candidates (fitness {d['fitness'][0]['name']}); the "
+        f"sweep took {f(d['wall_s'] / 60, 1)} min on {d['threads']} thread (searches "
+        f"{f(d['search_s'], 0)} s, pruning {f(d['prune_s'], 0)} s, report scoring "
+        f"{f(d['report_s'], 0)} s)."
+    )
+    return [*table(head, rows, text_columns=3), "", note]
+
+
 def evolve_mergekit(src: Sources) -> list[str]:
     d = src.result("evolve_mergekit.json")
     cols = ["zoo_math_lang", "zoo_math", "zoo_lang"]
@@ -608,6 +637,7 @@ TABLES: dict[str, tuple[Callable[[Sources], list[str]], str]] = {
     "evolve-mergekit": (evolve_mergekit, "python benchmarks/evolve_mergekit.py"),
     "evolve-fitness": (evolve_fitness, "python benchmarks/evolve_fitness.py"),
     "pareto-zoo": (pareto_zoo, "python examples/pareto_zoo.py --fresh"),
+    "pareto-moe-zoo": (pareto_moe_zoo, "python examples/pareto_moe_zoo.py --fresh"),
     "tokensurgeon-zoo": (tokensurgeon_zoo, "python examples/tokensurgeon_zoo.py"),
     "extract-lora": (
         extract_lora,

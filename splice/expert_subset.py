@@ -46,10 +46,6 @@ class ExpertSubset:
         """``K``, the experts every MoE layer keeps."""
         return len(next(iter(self.layers.values())))
 
-    def keeps_all(self) -> bool:
-        """Every expert kept in its own place (the subset changes nothing)."""
-        return all(kept == tuple(range(self.experts)) for kept in self.layers.values())
-
 
 def per_expert(spec: ArchSpec) -> dict[str, int]:
     """The family's router tensors with one entry per expert: layer-relative kind -> axis."""
