@@ -520,10 +520,14 @@ def show_experts(module: torch.nn.Module, plan: Any) -> torch.nn.Module:
         owners[id(owner)] = owner
         parent = module.get_submodule(owner_name.rpartition(".")[0])
         owners[id(parent)] = parent
-    groups = {key: int(plan.config.get(key) or 1) for key in GROUP_KEYS}
+    groups = {  # the expert groups the written config has, where they differ
+        key: plan.config[key]
+        for key in GROUP_KEYS
+        if plan.config.get(key) is not None and plan.config[key] != getattr(cfg, key, None)
+    }
     for m in [module, *owners.values()]:
         changes = {a: k for a in COUNT_ATTRS if getattr(m, a, None) == experts}
-        changes |= {a: groups[c] for a, c in GROUP_ATTRS.items() if hasattr(m, a)}
+        changes |= {a: groups[c] for a, c in GROUP_ATTRS.items() if hasattr(m, a) and c in groups}
         for attr, value in changes.items():
             if getattr(m, attr) != value:
                 full.attrs.append((m, attr, getattr(m, attr)))

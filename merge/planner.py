@@ -572,12 +572,19 @@ def _with_experts(p: MergePlan, spec: ArchSpec) -> MergePlan:
     if keep is None:
         return p
     from splice import expert_subset as xs
+    from splice.mtp import removed_mtp
 
     count = p.config.get(spec.num_layers_key)
     subset = xs.check_subset(keep, spec, p.config, xs.moe_layers_of(p.tasks, spec), int(count))
     config, note = xs.subset_config(p.config, spec, subset)
     warnings = [*p.warnings, *([f"keep_experts: {note}"] if note else [])]
     tasks, removed = xs.subset_tasks(p.tasks, spec, subset)
+    for key, ckpt in p.models.items():  # their experts would no longer match the config's
+        if ckpt.mtp:
+            why = "multi-token prediction: its experts not subset (keep_experts)"
+            removed.setdefault(key, {}).update(removed_mtp(ckpt, why))
+    if any(ckpt.mtp for ckpt in p.models.values()):
+        warnings.append("keep_experts: the multi-token-prediction layers are left out")
     for key, names in removed.items():
         removed[key] = {**p.removed.get(key, {}), **names}
     return replace(

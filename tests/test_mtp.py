@@ -130,6 +130,20 @@ def test_collapse_leaves_it_out_and_says_so(src, tmp_path):
     assert any("multi-token-prediction" in note for note in report.notes)
 
 
+def test_keeping_some_experts_leaves_it_out_and_says_so(src, tmp_path):
+    from splice.merge import run as merge
+
+    cfg = json.loads((src / "config.json").read_text())
+    n, dense = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace", 0)
+    keep = [None if i < dense else [1, 0, 3, 2] for i in range(n)]
+    out = tmp_path / "k"
+    with pytest.warns(UserWarning, match="multi-token-prediction layers are left out"):
+        merge({"merge_method": "passthrough", "models": [{"model": str(src)}],
+               "keep_experts": keep}, out)  # fmt: skip
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_nextn_predict_layers"] == 0 and not layer(tensors(out), n)
+
+
 def test_inspect_shows_it(src, capsys):
     run("inspect", src, "--json")
     data = json.loads(capsys.readouterr().out)
