@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "examples"))
 
+#: the fitness modes, in the order the table shows them
+MODES = ("full", "subset", "irt")
 #: items in the report split zoo_math_lang (its standard error is sqrt(p (1 - p) / N))
 REPORT_ITEMS = 500
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS / "evolve_fitness.json")
     ap.add_argument(
         "--add", type=Path, action="append", default=[],
-        help="a result file of other seeds (same settings) whose runs join these",
+        help="a result file (same settings) whose runs of other seeds or modes join these",
     )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -124,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         r["report"] = round(p, 4)
         r["report_se"] = round(math.sqrt(p * (1 - p) / REPORT_ITEMS), 4)
         del r["recipe"]
-    for path in args.add:  # runs of other seeds, same settings
+    for path in args.add:  # runs of other seeds or modes, same settings
         earlier = json.loads(path.read_text())
         if earlier["fevals"] != args.fevals:
             raise SystemExit(f"{path}: {earlier['fevals']} candidates a run, not {args.fevals}")
-        runs += [r for r in earlier["runs"] if r["mode"] in modes and r["seed"] not in seeds]
+        have = {(r["mode"], r["seed"]) for r in runs}
+        runs += [r for r in earlier["runs"] if (r["mode"], r["seed"]) not in have]
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
     runs.sort(key=lambda r: (r["seed"], modes.index(r["mode"])))
     summary = {}
     for mode in modes:

@@ -13,8 +13,9 @@ standard error ``sqrt(sum_t w_t**2 * se_t**2)``.
 estimate plus ``race_z`` standard errors is below ``bar`` (the best fully scored fitness before
 this generation) stops there, and its estimate is its fitness; the others go on to the whole
 split. ``irt`` (tinyBenchmarks / MERGE³ style): a 2-parameter logistic model
-``P(item i right | candidate j) = sigmoid(a_i * theta_j - b_i)`` fitted once, by maximum a
-posteriori, on every fully scored candidate of generation 0 (the grid); a candidate is scored
+``P(item i right | candidate j) = sigmoid(a_i * theta_j - b_i)`` fitted by maximum a
+posteriori before each generation on every fully scored candidate so far (generation 0, the
+grid, then every candidate that went on to the whole split); a candidate is scored
 first on ``subset`` of the items chosen as anchors (evenly spread over the items' difficulty
 ``b_i / a_i``), its ability ``theta`` fitted on them, and its score on the items not scored
 predicted by the model; it goes on to the whole split under the same rule as racing.

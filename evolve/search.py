@@ -739,26 +739,29 @@ def _run(
 class RaceContext:
     """What cheaper fitness (``search.fitness: subset | irt``) gives a generation's candidates:
     ``bar``, the best fully scored fitness before the generation (``None`` in the first, whose
-    candidates are all fully scored), and, for ``irt``, the item model fitted once on the
-    fully scored candidates of generation 0 (as data: it goes to workers). Called with the
-    state before each generation; ``None`` for ``full``."""
+    candidates are all fully scored), and, for ``irt``, the item model fitted on every fully
+    scored candidate before the generation (refitted when there are more; as data: it goes to
+    workers). Called with the state before each generation; ``None`` for ``full``."""
 
     def __init__(self, config: EvolveConfig) -> None:
         self.s = config.search
         self.irt: dict[str, Any] | None = None
+        self._fitted_on = 0
 
     def __call__(self, state: dict[str, Any]) -> dict[str, Any] | None:
         if self.s.fitness == "full":
             return None
         best = _best(state["records"])
         bar = best["fitness"] if best is not None else None
-        if self.s.fitness == "irt" and self.irt is None and state["generation"] > 0:
+        if self.s.fitness == "irt" and state["generation"] > 0:
             from splice.evolve.fitness import fit_irt, responses
 
-            first = [r for r in state["records"] if r["generation"] == 0]
-            got = responses(first)
-            ids = {col: list(range(v.shape[1])) for col, v in got.items()}
-            self.irt = fit_irt(got, ids, self.s.subset).to_dict()
+            scored = [r for r in state["records"] if r.get("item_scores")]
+            if len(scored) > self._fitted_on:
+                got = responses(scored)
+                ids = {col: list(range(v.shape[1])) for col, v in got.items()}
+                self.irt = fit_irt(got, ids, self.s.subset).to_dict()
+                self._fitted_on = len(scored)
         return {"bar": bar, "irt": self.irt}
 
 

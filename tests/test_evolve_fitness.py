@@ -92,6 +92,35 @@ def test_irt_predicts_a_new_candidate_better_than_a_random_subset():
     assert np.mean(err_irt) < np.mean(err_random)
 
 
+def test_the_item_model_is_refitted_on_every_fully_scored_candidate_so_far():
+    """irt's model before generation g: fitted on the fully scored candidates of generations
+    0 .. g-1 (a stopped one has no item scores); refitted only when there are more, and the
+    same after a resume (a fresh context fits the same records alike)."""
+    from types import SimpleNamespace
+
+    from splice.evolve.search import RaceContext
+
+    y, _a, _b, _theta = synthetic(12, 40)
+
+    def rec(gen: int, i: int, full: bool = True) -> dict:
+        out = {"generation": gen, "fitness": float(y[i].mean()), "error": None}
+        return out | ({"item_scores": {"t": list(y[i])}} if full else {"full": False})
+
+    config = SimpleNamespace(search=SimpleNamespace(fitness="irt", subset=0.25))
+    ctx = RaceContext(config)  # type: ignore[arg-type]
+    gen0 = [rec(0, i) for i in range(4)]
+    assert ctx({"generation": 0, "records": gen0})["irt"] is None  # gen 0 is fully scored
+    first = ctx({"generation": 1, "records": gen0})["irt"]
+    assert first == fit_irt({"t": y[:4]}, {"t": list(range(40))}, 0.25).to_dict()
+    stopped = [*gen0, rec(1, 4, full=False)]
+    assert ctx({"generation": 2, "records": stopped})["irt"] is first  # nothing new: kept
+    more = [*stopped, rec(2, 5), rec(2, 6)]
+    refit = ctx({"generation": 3, "records": more})["irt"]
+    want = fit_irt({"t": y[[0, 1, 2, 3, 5, 6]]}, {"t": list(range(40))}, 0.25).to_dict()
+    assert refit == want and refit != first
+    assert RaceContext(config)({"generation": 3, "records": more})["irt"] == want  # type: ignore[arg-type]
+
+
 # ---- the per-item path and racing on tiny models ----------------------------------------------------
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
