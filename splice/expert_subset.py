@@ -28,6 +28,7 @@ from typing import Any
 from splice.arch import ArchSpec
 from splice.errors import SpliceError
 from splice.execute import TensorTask
+from splice.text import plural
 
 #: config keys of DeepSeek-style expert groups
 GROUP_KEYS = ("n_group", "topk_group")
@@ -70,7 +71,8 @@ def check_subset(
         )
     if len(keep) != num_layers:
         raise SpliceError(
-            f"keep_experts: {len(keep)} entries for an output of {num_layers} layers "
+            f"keep_experts: {plural(len(keep), 'entry', 'entries')} for an output of "
+            f"{plural(num_layers, 'layer')} "
             "(one per output layer, null where a layer has no routed experts)"
         )
     problems: list[str] = []
@@ -103,8 +105,8 @@ def check_subset(
     top_k = spec.experts_per_token(dict(config))
     if counts and top_k is not None and counts[0] < top_k:
         problems.append(
-            f"keep_experts: {counts[0]} experts per layer, fewer than the {top_k} each token "
-            "is routed to"
+            f"keep_experts: {plural(counts[0], 'expert')} per layer, fewer than the {top_k} "
+            "each token is routed to"
         )
     if problems:
         raise SpliceError("\n".join(problems))
