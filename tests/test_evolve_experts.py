@@ -18,11 +18,11 @@ import families
 import family_checks as fc
 import numpy as np
 import pytest
-import test_collapse_families as cf
 import torch
 from conftest import make_tokenizer
 from evolve_helpers import config_dict, write_tasks
 from safetensors.torch import load_file, save_file
+from test_keep_experts import FAMILIES, build_moe
 
 from splice.arch import ArchSpec
 from splice.errors import SpliceError
@@ -34,13 +34,12 @@ pytest.importorskip("cma")
 pytest.importorskip("lm_eval")
 
 torch.set_num_threads(1)
-FAMILIES = [f for f in cf.FORM if ArchSpec.load(f).experts.per_expert]
 IDS = torch.tensor([[1, 5, 9, 14, 3, 22, 7, 11, 30, 2, 17, 8]])
 
 
 def make_trio(root: Path, family: str, **overrides: Any) -> dict[str, Path]:
     """A tiny MoE ``base`` and two fine-tunes of it (every tensor + 0.01 N(0, 1))."""
-    base = cf.build(family, root / "base", same=False, seed=1, **overrides)
+    base = build_moe(family, root / "base", seed=1, **overrides)
     make_tokenizer(96).save_pretrained(base)
     out = {"base": base}
     for i, name in enumerate(["ft1", "ft2"], start=1):
@@ -93,22 +92,25 @@ def fam(request, tmp_path_factory) -> dict[str, Any]:
 
 def test_a_candidate_is_the_model_its_recipe_writes(fam, tasks, tmp_path):
     """Layers and experts pruned, in memory = ``splice merge`` of the recipe; then fewer
-    experts, then every layer and expert kept (each view undoes the last)."""
-    cfg = experts_config(fam["trio"], tasks, "layers+experts")
+    experts, then every layer and expert kept (each view undoes the last). Gemma 4, whose
+    layers differ in shape (its layer maps are refused), prunes experts only."""
+    layers = fam["family"] != "gemma4_text"
+    cfg = experts_config(fam["trio"], tasks, "layers+experts" if layers else "experts")
     g, sources, options = prepare(cfg)
     moe = g.moe
     n, e = g.num_layers, moe.experts
-    assert g.dim == g.merge_dim + n + 1 + len(moe.layers) * e
+    assert g.dim == g.merge_dim + (n if layers else 0) + 1 + len(moe.layers) * e
     assert moe.counts == (2, 3) and e == 4
     cand = Candidates(cfg, g, sources, None, options)  # type: ignore[arg-type]
     rng = np.random.default_rng(3)
     ranks = rng.uniform(0, 1, len(moe.layers) * e)
     keep = [1.0] * n
     keep[moe.layers[0]] = 0.0  # drop the first MoE layer
+    every = [1.0] * n if layers else None
     points = [
-        ("drop", genes(g, keep, 0.1, ranks)),  # 2 experts kept
-        ("three", genes(g, [1.0] * n, 0.4, ranks[::-1])),  # 3 experts, every layer
-        ("all", genes(g, [1.0] * n, 0.9, ranks)),
+        ("drop", genes(g, keep if layers else None, 0.1, ranks)),  # 2 experts kept
+        ("three", genes(g, every, 0.4, ranks[::-1])),  # 3 experts, every layer
+        ("all", genes(g, every, 0.9, ranks)),
     ]
     for what, x in points:
         cand.merge(x)

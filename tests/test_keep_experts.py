@@ -2,7 +2,9 @@
 router the specs describe per expert, against transformers' own modules.
 
 Tiny models (``test_collapse_families.build``: routers sharpened, selection biases not zero,
-DeepSeek-V3 with two expert groups, a dense layer and shared experts where the family has them):
+DeepSeek-V3 with two expert groups, a dense layer and shared experts where the family has them;
+Llama 4's and Gemma 4's own test builds: MoE layers between dense ones, an MoE block beside
+the MLP):
 
 - the reference of a pruned layer is built here by hand on transformers' in-memory model: every
   tensor of the layer's routed-expert block (not the shared experts) indexed by the kept experts
@@ -34,7 +36,21 @@ from splice.merge import run
 
 torch.set_num_threads(1)
 E = cf.E
-FAMILIES = [f for f in cf.FORM if ArchSpec.load(f).experts.per_expert]
+FAMILIES = [
+    f for f in [*cf.FORM, "llama4_text", "gemma4_text"] if ArchSpec.load(f).experts.per_expert
+]
+
+
+def build_moe(family: str, folder: Path, seed: int, **overrides: Any) -> Path:
+    """A tiny random MoE of ``family``: collapse's builds (routers sharpened, selection biases
+    not zero), Llama 4's and Gemma 4's own test builds (tests/families.py, test_gemma4.py)."""
+    if family == "gemma4_text":
+        import test_gemma4
+
+        return test_gemma4.build_text(folder, "moe", seed)
+    if family == "llama4_text":
+        return families.build(family, folder, seed=seed)
+    return cf.build(family, folder, same=False, seed=seed, **overrides)
 
 
 def _model(folder: Path) -> Any:
@@ -51,9 +67,22 @@ def _logits(model: Any) -> torch.Tensor:
 
 
 def _moe_layers(model: Any) -> list[int]:
-    return [
-        i for i, layer in enumerate(model.model.layers) if hasattr(cf.moe_block(layer), "experts")
-    ]
+    return [i for i, layer in enumerate(model.model.layers) if _block(layer) is not None]
+
+
+#: where a layer's routed experts and router live, by family (Gemma 4: beside its MLP)
+MOE_BLOCK = ("mlp.", "block_sparse_moe.", "feed_forward.", "experts.", "router.")
+
+
+def _block(layer: Any) -> Any:
+    """A decoder layer's module holding its routed experts, or None."""
+    for block in (
+        layer,
+        *(getattr(layer, n, None) for n in ("mlp", "block_sparse_moe", "feed_forward")),
+    ):
+        if block is not None and isinstance(getattr(block, "experts", None), torch.nn.Module):
+            return block
+    return None
 
 
 def _reference(source: Any, keep: dict[int, list[int]], one_group: bool = False) -> Any:
@@ -73,7 +102,7 @@ def _reference(source: Any, keep: dict[int, list[int]], one_group: bool = False)
         layer = next((i for i in keep if name.startswith(f"model.layers.{i}.")), None)
         if layer is not None and ".shared_expert" not in name and E in t.shape:
             in_block = name.split(f"model.layers.{layer}.", 1)[1]
-            if in_block.startswith(("mlp.", "block_sparse_moe.")):  # the MoE block
+            if in_block.startswith(MOE_BLOCK):
                 axis = list(t.shape).index(E)
                 t = t.index_select(axis, torch.tensor(keep[layer]))
         state[name] = t
@@ -94,8 +123,8 @@ def fam(request, work) -> dict[str, Any]:
     if not families.known(family):
         pytest.skip(f"transformers has no {family!r}")
     more = {"num_experts_per_tok": 2} if family == "deepseek_v2" else {}  # cf's routes to all
-    a = cf.build(family, work / family / "a", same=False, seed=1, **more)
-    b = cf.build(family, work / family / "b", same=False, seed=2, **more)
+    a = build_moe(family, work / family / "a", seed=1, **more)
+    b = build_moe(family, work / family / "b", seed=2, **more)
     source = _model(a)
     return {"family": family, "a": a, "b": b, "model": source, "moe": _moe_layers(source)}
 
