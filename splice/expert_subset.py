@@ -194,7 +194,7 @@ def subset_tasks(
                 raise SpliceError(f"keep_experts: {task.name} holds every expert in one tensor")
             if p.expert in kept:
                 new = spec.rename(task.name, expert=kept.index(p.expert))
-                out.append(replace(task, name=new, label=f"{task.label} (expert {p.expert})"))
+                out.append(replace(task, name=new))
                 continue
             why = f"expert {p.expert} of output layer {p.layer} not kept (keep_experts)"
             for src in task.sources:
