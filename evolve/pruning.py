@@ -306,7 +306,7 @@ def param_counts(ckpt: Checkpoint) -> tuple[tuple[int, ...], int]:
 def expert_genes(ckpt: Checkpoint, ref: str) -> ExpertGenes:
     """The expert genes' layout over model ``ckpt`` (named ``ref`` in errors): its MoE layers,
     expert count, the counts a candidate may keep and what each layer's experts weigh."""
-    from splice.expert_subset import per_expert
+    from splice.expert_subset import moe_layers_of, per_expert
 
     spec = ckpt.arch
     experts = spec.num_experts(ckpt.config)
@@ -325,13 +325,13 @@ def expert_genes(ckpt: Checkpoint, ref: str) -> ExpertGenes:
             "none can go"
         )
     index = ckpt.layer_index
-    params, layers = [], []
-    for i in range(len(index)):
-        sized = [n for n in index[i] if (p := spec.parse(n)).group == "experts" or p.kind in routed]
-        if any(spec.parse(n).group == "experts" for n in sized):
-            layers.append(i)
-        params.append(sum(ckpt.tensors[n].numel for n in sized))
-    return ExpertGenes(tuple(layers), experts, counts, tuple(params))
+    params = [
+        sum(ckpt.tensors[n].numel for n in index[i]
+            if (p := spec.parse(n)).group == "experts" or p.kind in routed)
+        for i in range(len(index))
+    ]  # fmt: skip
+    layers = tuple(moe_layers_of(ckpt.tensors, spec))
+    return ExpertGenes(layers, experts, counts, tuple(params))
 
 
 def pruned_genome(

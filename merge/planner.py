@@ -574,22 +574,21 @@ def _with_experts(p: MergePlan, spec: ArchSpec) -> MergePlan:
     from splice import expert_subset as xs
     from splice.mtp import removed_mtp
 
-    count = p.config.get(spec.num_layers_key)
-    subset = xs.check_subset(keep, spec, p.config, xs.moe_layers_of(p.tasks, spec), int(count))
+    count = int(p.config[spec.num_layers_key])
+    moe = xs.moe_layers_of((t.name for t in p.tasks), spec)
+    subset = xs.check_subset(keep, spec, p.config, moe, count)
     config, note = xs.subset_config(p.config, spec, subset)
     warnings = [*p.warnings, *([f"keep_experts: {note}"] if note else [])]
-    tasks, removed = xs.subset_tasks(p.tasks, spec, subset)
-    for key, ckpt in p.models.items():  # their experts would no longer match the config's
-        if ckpt.mtp:
-            why = "multi-token prediction: its experts not subset (keep_experts)"
-            removed.setdefault(key, {}).update(removed_mtp(ckpt, why))
-    if any(ckpt.mtp for ckpt in p.models.values()):
+    tasks, dropped = xs.subset_tasks(p.tasks, spec, subset)
+    why = "multi-token prediction: its experts not subset (keep_experts)"
+    mtp = {key: removed_mtp(ckpt, why) for key, ckpt in p.models.items() if ckpt.mtp}
+    if mtp:  # their experts would no longer match the config's count
         warnings.append("keep_experts: the multi-token-prediction layers are left out")
-    for key, names in removed.items():
-        removed[key] = {**p.removed.get(key, {}), **names}
-    return replace(
-        p, tasks=tasks, config=config, warnings=warnings, removed={**p.removed, **removed}
-    )
+    removed = {key: dict(names) for key, names in p.removed.items()}
+    for part in (dropped, mtp):
+        for key, names in part.items():
+            removed.setdefault(key, {}).update(names)
+    return replace(p, tasks=tasks, config=config, warnings=warnings, removed=removed)
 
 
 #: mergekit's name for the one module of a text model

@@ -21,6 +21,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("benchmarks") / "results"
@@ -463,24 +464,29 @@ def evolve_path(src: Sources) -> list[str]:
     return table(head, rows)
 
 
+def _pareto_table(
+    d: dict[str, Any], points: list[dict[str, Any]], column: str, cell: Callable, note: str
+) -> list[str]:
+    """A size-weight sweep's table: per point its series, model, ``column`` (``cell(point)``),
+    parameters, size, the zoo's report splits and whether it is on the front; then ``note``."""
+    rows = [
+        [
+            pt["kind"],
+            f"size weight {pt['size_weight']:g}" if pt["kind"] == "search" else pt["label"],
+            cell(pt),
+            f"{pt['params']:,}",
+            f(pt["size"], 3),
+            *(f(pt["scores"][t]) for t in ZOO_TASKS),
+            "**yes**" if pt["front"] else "",
+        ]
+        for pt in points
+    ]
+    head = ["series", "model", column, "parameters", "size", *ZOO_TASKS, f"front ({d['axis']})"]
+    return [*table(head, rows, text_columns=3), "", note]
+
+
 def pareto_zoo(src: Sources) -> list[str]:
     d = src.result("pareto_zoo.json")
-    rows = []
-    for pt in d["points"]:
-        model = f"size weight {pt['size_weight']:g}" if pt["kind"] == "search" else pt["label"]
-        rows.append(
-            [
-                pt["kind"],
-                model,
-                layer_ranges(pt["layers"]),
-                f"{pt['params']:,}",
-                f(pt["size"], 3),
-                *(f(pt["scores"][t]) for t in ZOO_TASKS),
-                "**yes**" if pt["front"] else "",
-            ]
-        )
-    head = ["series", "model", "layers kept", "parameters", "size", *ZOO_TASKS]
-    head.append(f"front ({d['axis']})")
     runs = list(d["searches"].values())
     note = (
         f"{len(runs)} search{'es' if len(runs) != 1 else ''} of {', '.join(sorted({str(r['candidates']) for r in runs}))} "
@@ -488,27 +494,11 @@ def pareto_zoo(src: Sources) -> list[str]:
         f"(searches {f(d['search_s'], 0)} s, naive merge and prunes {f(d['naive_s'], 0)} s, "
         f"report scoring {f(d['report_s'], 0)} s)."
     )
-    return [*table(head, rows, text_columns=3), "", note]
+    return _pareto_table(d, d["points"], "layers kept", lambda pt: layer_ranges(pt["layers"]), note)
 
 
 def pareto_moe_zoo(src: Sources) -> list[str]:
     d = src.result("pareto_moe_zoo.json")
-    rows = []
-    for pt in sorted(d["points"], key=lambda p: (-p["experts"], p["kind"] != "moe", p["label"])):
-        model = f"size weight {pt['size_weight']:g}" if pt["kind"] == "search" else pt["label"]
-        rows.append(
-            [
-                pt["kind"],
-                model,
-                str(pt["experts"]),
-                f"{pt['params']:,}",
-                f(pt["size"], 3),
-                *(f(pt["scores"][t]) for t in ZOO_TASKS),
-                "**yes**" if pt["front"] else "",
-            ]
-        )
-    head = ["series", "model", "experts per layer", "parameters", "size", *ZOO_TASKS]
-    head.append(f"front ({d['axis']})")
     runs = list(d["searches"].values())
     fevals = ", ".join(sorted({str(r["candidates"]) for r in runs}))
     note = (
@@ -517,7 +507,8 @@ def pareto_moe_zoo(src: Sources) -> list[str]:
         f"{f(d['search_s'], 0)} s, pruning {f(d['prune_s'], 0)} s, report scoring "
         f"{f(d['report_s'], 0)} s)."
     )
-    return [*table(head, rows, text_columns=3), "", note]
+    points = sorted(d["points"], key=lambda p: (-p["experts"], p["kind"] != "moe", p["label"]))
+    return _pareto_table(d, points, "experts per layer", lambda pt: str(pt["experts"]), note)
 
 
 def evolve_mergekit(src: Sources) -> list[str]:

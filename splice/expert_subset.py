@@ -21,7 +21,7 @@ of one. Used by ``splice merge``'s ``keep_experts`` recipe key and by evolve's e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -210,7 +210,6 @@ def subset_tasks(
                     task,
                     shape=tuple(shape),
                     compute=_Select(task.compute, kept, axis),
-                    load_dtype=task.load_dtype,
                     label=f"{task.label} (experts {', '.join(map(str, kept))})",
                 )
             )
@@ -219,8 +218,7 @@ def subset_tasks(
     return out, removed
 
 
-def moe_layers_of(tasks: Sequence[TensorTask], spec: ArchSpec) -> list[int]:
-    """The output layers the tasks write routed experts into."""
-    return sorted(
-        {p.layer for t in tasks if (p := spec.parse(t.name)).group == "experts"}  # type: ignore[misc]
-    )
+def moe_layers_of(names: Iterable[str], spec: ArchSpec) -> list[int]:
+    """The layers holding routed experts among tensors ``names`` (a checkpoint's, or the
+    outputs of a plan's tasks), ascending."""
+    return sorted({p.layer for n in names if (p := spec.parse(n)).group == "experts"})  # type: ignore[misc]

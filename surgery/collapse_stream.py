@@ -60,8 +60,9 @@ def router_name(ckpt: Checkpoint, layer: int, family: Family) -> str:
 
 def moe_layers(ckpt: Checkpoint) -> list[int]:
     """The layers holding routed experts (from the stored tensors, not the config's rules)."""
-    spec = ckpt.arch
-    return sorted({t.layer for n in ckpt.tensors if (t := spec.parse(n)).group == "experts"})  # type: ignore[misc]
+    from splice.expert_subset import moe_layers_of
+
+    return moe_layers_of(ckpt.tensors, ckpt.arch)
 
 
 def layer_experts(ckpt: Checkpoint, layer: int, family: Family) -> Experts:

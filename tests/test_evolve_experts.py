@@ -86,8 +86,7 @@ def fam(request, tmp_path_factory) -> dict[str, Any]:
     family = request.param
     if not families.known(family):
         pytest.skip(f"transformers has no {family!r}")
-    more = {"num_experts_per_tok": 2} if family == "deepseek_v2" else {}  # cf's routes to all
-    return {"family": family, "trio": make_trio(tmp_path_factory.mktemp(family), family, **more)}
+    return {"family": family, "trio": make_trio(tmp_path_factory.mktemp(family), family)}
 
 
 def test_a_candidate_is_the_model_its_recipe_writes(fam, tasks, tmp_path):
@@ -158,7 +157,7 @@ def test_size_counts_the_kept_experts(tmp_path, tasks):
 def test_validation(trio, tasks, tmp_path):
     with pytest.raises(SpliceError, match="has no routed experts"):
         prepare(experts_config(trio, tasks, "experts"))  # the conftest trio is a llama
-    moe = make_trio(tmp_path, "deepseek_v2")  # cf routes every token to all 4
+    moe = make_trio(tmp_path, "deepseek_v2", num_experts_per_tok=4)  # every token to all 4
     with pytest.raises(SpliceError, match="routes every token to all its 4 experts"):
         prepare(experts_config(moe, tasks, "experts"))
     data = config_dict(trio, tasks)
